@@ -1,0 +1,323 @@
+"""The audit metrics of DESIGN §3, each written once, over flat parameter lists.
+
+Sources (file 003, "Reevaluating Theoretical Analysis Methods for Optimization in Deep Learning"):
+
+* ``inst_gap``      eq. 2: ``f(x_t,z_t) − f(y_t,z_t) − ⟨∇f(x_t,z_t), x_t − y_t⟩``; ``y_t = x_{t−1}`` or
+  ``x*``. Non-positive on a convex ``f``; ``−½ dᵀAd`` on ``½xᵀAx + bᵀx`` with ``d = x_t − y_t``.
+* ``inst_smooth``   eq. 4: ``‖∇f(x_t,z_t) − ∇f(y_t,z_t)‖ / ‖x_t − y_t‖``; ≤ L on an L-smooth ``f``.
+* ``loss_diff``     eq. 13: ``f(x_t,z_t) − f(x_{t−1},z_t)``.
+* ``update_corr``   eq. 9: ``⟨∇f(x_{t+1},z_{t+1}), x_{t+1} − x_t⟩``.
+* ``update_corr_rs`` eq. 13: ``⟨∇f(x_{t+1},z_{t+1}), Δ_t⟩`` with ``Δ_t`` the unscaled update.
+* ``avg``/``exp`` gaps eq. 3, ``max``/``exp`` smoothness eq. 5: the streaming aggregates below.
+* ``convexity_ratio`` eq. 6: ``Σ_t ⟨∇F(x_t), x_t − x*⟩ / Σ_t (F(x_t) − F(x*))``.
+
+Parameter-space reductions (dot products, squared norms) are *partial sums* on a sharded model.
+Every function that reduces takes ``reduce``: a callable that sums a 1-D float64 tensor of partial
+sums across ranks in place or returns the summed tensor (e.g. ``torch.distributed.all_reduce``
+wrapped to return its input). Each function calls it once, with all its partials stacked, so a
+metric costs one collective. Results are 0-dim float64 tensors: call ``float()`` when you need a
+Python number (that synchronises with the device).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from moxco import tensors
+from moxco.tensors import ACCUMULATE_DTYPE, TensorList
+
+Reduce = Optional[Callable[[Tensor], Optional[Tensor]]]
+
+EXP_BETA = 0.99  # the audit paper's choice for exp_gap / exp_smooth (file 003, after eq. 3)
+
+
+def _reduced(partials: list[Tensor], reduce: Reduce) -> Tensor:
+    stacked = torch.stack([p.to(ACCUMULATE_DTYPE) for p in partials])
+    if reduce is None:
+        return stacked
+    out = reduce(stacked)
+    return stacked if out is None else out
+
+
+def _scalar(value: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach().to(dtype=ACCUMULATE_DTYPE, device=like.device).reshape(())
+    return torch.tensor(float(value), dtype=ACCUMULATE_DTYPE, device=like.device)
+
+
+def loss_diff(loss: float | Tensor, loss_prev: float | Tensor) -> Tensor:
+    """``loss_diff_t = f(x_t, z_t) − f(x_{t−1}, z_t)`` (audit eq. 13), both losses on batch ``z_t``."""
+    like = loss if isinstance(loss, Tensor) else torch.zeros(())
+    return _scalar(loss, like) - _scalar(loss_prev, like)
+
+
+def inst_gap(
+    loss: float | Tensor,
+    loss_ref: float | Tensor,
+    grad: TensorList,
+    params: TensorList,
+    params_ref: TensorList,
+    *,
+    reduce: Reduce = None,
+) -> Tensor:
+    """Instantaneous convexity gap (audit eq. 2) with respect to a reference point ``y``.
+
+    ``inst_gap = f(x, z) − f(y, z) − ⟨∇f(x, z), x − y⟩`` where ``loss = f(x, z)``,
+    ``loss_ref = f(y, z)``, ``grad = ∇f(x, z)``, ``params = x``, ``params_ref = y``
+    (``y = x_{t−1}`` for ``inst_gap``, ``y = x*`` for ``inst_gap_ref``).
+    """
+    (grad_dot_step,) = _reduced([tensors.dot_diff(grad, params, params_ref)], reduce)
+    return loss_diff(loss, loss_ref).to(grad_dot_step.device) - grad_dot_step
+
+
+def inst_smooth(
+    grad: TensorList,
+    grad_ref: TensorList,
+    params: TensorList,
+    params_ref: TensorList,
+    *,
+    reduce: Reduce = None,
+) -> Tensor:
+    """Instantaneous smoothness (audit eq. 4): ``‖∇f(x,z) − ∇f(y,z)‖ / ‖x − y‖``.
+
+    ``0/0`` (the parameters did not move and neither did the gradient) is NaN, ``c/0`` is +Inf:
+    both are stored as they are, the aggregates below skip NaN.
+    """
+    grad_diff_sq, step_sq = _reduced([tensors.dist_sq(grad, grad_ref), tensors.dist_sq(params, params_ref)], reduce)
+    return grad_diff_sq.sqrt() / step_sq.sqrt()
+
+
+def update_corr(grad_next: TensorList, params_next: TensorList, params: TensorList, *, reduce: Reduce = None) -> Tensor:
+    """Update correlation (audit eq. 9): ``⟨∇f(x_{t+1}, z_{t+1}), x_{t+1} − x_t⟩``, stored at step t+1."""
+    (value,) = _reduced([tensors.dot_diff(grad_next, params_next, params)], reduce)
+    return value
+
+
+def update_corr_rs(grad_next: TensorList, update: TensorList, *, reduce: Reduce = None) -> Tensor:
+    """Update correlation with random scaling (audit eq. 13): ``⟨∇f(x_{t+1}, z_{t+1}), Δ_t⟩``.
+
+    ``Δ_t`` is the update the optimizer proposed, before the random scale ``s_t ~ Exp(1)``;
+    without random scaling ``x_{t+1} − x_t = Δ_t`` and this equals ``update_corr``.
+    """
+    (value,) = _reduced([tensors.dot(grad_next, update)], reduce)
+    return value
+
+
+def grad_norm_sq(grad: TensorList, *, reduce: Reduce = None) -> Tensor:
+    """``grad_norm_sq = ‖g_t‖²`` (MoXCo eq. 6, first term, raw minibatch value)."""
+    (value,) = _reduced([tensors.norm_sq(grad)], reduce)
+    return value
+
+
+def distance(params: TensorList, params_other: TensorList, *, reduce: Reduce = None) -> Tensor:
+    """``‖x − y‖``: ``update_norm`` with ``y = x_t, x = x_{t+1}``; ``distance`` with ``y = x_0``."""
+    (value,) = _reduced([tensors.dist_sq(params, params_other)], reduce)
+    return value.sqrt()
+
+
+# --- streaming aggregates (audit eq. 3 and eq. 5) -------------------------------------------------
+#
+# NaN observations (undefined values such as 0/0) are counted in ``skipped`` and leave the
+# aggregate unchanged; ±Inf (divergence) is taken as it is. ``reset()`` starts a new epoch.
+
+
+class RunningMean:
+    """``avg_t = (1/t) Σ_{i≤t} v_i`` (``avg_gap``, audit eq. 3 left)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.skipped = 0
+        self._sum = 0.0
+
+    def update(self, value: float | Tensor) -> float:
+        value = float(value)
+        if math.isnan(value):
+            self.skipped += 1
+        else:
+            self.count += 1
+            self._sum += value
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return self._sum / self.count if self.count else math.nan
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "skipped": self.skipped, "sum": self._sum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.skipped, self._sum = int(state["count"]), int(state["skipped"]), float(state["sum"])
+
+
+class ExponentialAverage:
+    """``e_t = β e_{t−1} + (1 − β) v_t`` with ``e_0 = 0`` (``exp_gap``/``exp_smooth``, audit eq. 3/5).
+
+    The recursion is the paper's, without bias correction, so early values are pulled towards 0
+    (by the factor ``1 − β^t``); ``β = 0.99`` as in the paper.
+    """
+
+    def __init__(self, beta: float = EXP_BETA) -> None:
+        if not (0.0 < beta < 1.0):
+            raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+        self.beta = beta
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.skipped = 0
+        self._value = 0.0
+
+    def update(self, value: float | Tensor) -> float:
+        value = float(value)
+        if math.isnan(value):
+            self.skipped += 1
+        else:
+            self.count += 1
+            self._value = self.beta * self._value + (1.0 - self.beta) * value
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return self._value if self.count else math.nan
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "count": self.count, "skipped": self.skipped, "value": self._value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+        self.count, self.skipped, self._value = int(state["count"]), int(state["skipped"]), float(state["value"])
+
+
+class RunningMax:
+    """``max_t = max_{i≤t} v_i`` (``max_smooth``, audit eq. 5 left)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.skipped = 0
+        self._value = -math.inf
+
+    def update(self, value: float | Tensor) -> float:
+        value = float(value)
+        if math.isnan(value):
+            self.skipped += 1
+        else:
+            self.count += 1
+            self._value = max(self._value, value)
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return self._value if self.count else math.nan
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "skipped": self.skipped, "value": self._value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.skipped, self._value = int(state["count"]), int(state["skipped"]), float(state["value"])
+
+
+class ConvexityRatio:
+    """Running ``convexity_ratio_T = Σ_t ⟨∇F(x_t), x_t − x*⟩ / Σ_t (F(x_t) − F(x*))`` (audit eq. 6).
+
+    Feed one probe per call: ``F(x_t)``, ``F(x*)`` and ``∇F(x_t)`` on the probe set, the current
+    parameters and the reference ``x*``. Reading (``interpret_convexity_ratio``): > 1 convex-like;
+    (0, 1] convex analysis applies with a 1/K degradation; ≤ 0 strongly non-convex.
+    Not reset at epochs: the ratio is defined over the whole trajectory.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.numerator = 0.0
+        self.denominator = 0.0
+
+    def update(
+        self,
+        loss: float | Tensor,
+        loss_ref: float | Tensor,
+        grad: TensorList,
+        params: TensorList,
+        params_ref: TensorList,
+        *,
+        reduce: Reduce = None,
+    ) -> float:
+        (grad_dot_gap,) = _reduced([tensors.dot_diff(grad, params, params_ref)], reduce)
+        return self.update_terms(float(grad_dot_gap), float(loss) - float(loss_ref))
+
+    def update_terms(self, grad_dot_gap: float, loss_gap: float) -> float:
+        """Add one probe's ``⟨∇F(x_t), x_t − x*⟩`` and ``F(x_t) − F(x*)``; return the ratio."""
+        self.count += 1
+        self.numerator += float(grad_dot_gap)
+        self.denominator += float(loss_gap)
+        return self.value
+
+    @property
+    def value(self) -> float:
+        if self.count == 0:
+            return math.nan
+        if self.denominator == 0.0:
+            return math.nan if self.numerator == 0.0 else math.copysign(math.inf, self.numerator)
+        return self.numerator / self.denominator
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "numerator": self.numerator, "denominator": self.denominator}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+        self.numerator, self.denominator = float(state["numerator"]), float(state["denominator"])
+
+
+def interpret_convexity_ratio(ratio: float) -> str:
+    """The audit paper's reading of a convexity ratio (file 003, §3.2, fig. 3)."""
+    if math.isnan(ratio):
+        return "undefined"
+    if ratio > 1.0:
+        return "convex-like"
+    if ratio > 0.0:
+        return f"convex analysis applies with a {1.0 / ratio:.3g}x degradation"
+    return "strongly non-convex"
+
+
+class GapSmoothAggregates:
+    """The four path aggregates of the audit paper, reset together at an epoch start.
+
+    ``update(inst_gap, inst_smooth)`` returns ``{"avg_gap", "exp_gap", "max_smooth", "exp_smooth"}``.
+    Per the paper (file 003, §2, last paragraph) aggregates are reset at each epoch when the run
+    has epochs (``reset_epoch()``), never otherwise (pretraining).
+    """
+
+    def __init__(self, beta: float = EXP_BETA) -> None:
+        self.avg_gap = RunningMean()
+        self.exp_gap = ExponentialAverage(beta)
+        self.max_smooth = RunningMax()
+        self.exp_smooth = ExponentialAverage(beta)
+
+    def update(self, inst_gap: float | Tensor | None = None, inst_smooth: float | Tensor | None = None) -> dict:
+        out = {}
+        if inst_gap is not None:
+            out["avg_gap"] = self.avg_gap.update(inst_gap)
+            out["exp_gap"] = self.exp_gap.update(inst_gap)
+        if inst_smooth is not None:
+            out["max_smooth"] = self.max_smooth.update(inst_smooth)
+            out["exp_smooth"] = self.exp_smooth.update(inst_smooth)
+        return out
+
+    def reset_epoch(self) -> None:
+        for aggregate in (self.avg_gap, self.exp_gap, self.max_smooth, self.exp_smooth):
+            aggregate.reset()
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).state_dict() for name in ("avg_gap", "exp_gap", "max_smooth", "exp_smooth")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, sub_state in state.items():
+            getattr(self, name).load_state_dict(sub_state)

@@ -1,0 +1,280 @@
+"""Audit metrics against closed forms on quadratics and against finite differences on smooth functions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moxco import metrics, tensors
+
+SHAPES = [(3,), (2, 2), (4, 1)]  # a parameter list with several tensors: 3 + 4 + 4 = 11 numbers
+DIM = sum(int(np.prod(s)) for s in SHAPES)
+
+
+def split(flat: torch.Tensor) -> list[torch.Tensor]:
+    out, i = [], 0
+    for s in SHAPES:
+        n = int(np.prod(s))
+        out.append(flat[i : i + n].reshape(s).clone())
+        i += n
+    return out
+
+
+def flat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+@pytest.fixture
+def quadratic():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(DIM, DIM, generator=gen, dtype=torch.float64)
+    a = m @ m.T / DIM + 0.1 * torch.eye(DIM, dtype=torch.float64)
+    b = torch.randn(DIM, generator=gen, dtype=torch.float64)
+
+    def f(x):
+        return 0.5 * x @ a @ x + b @ x
+
+    def grad(x):
+        return a @ x + b
+
+    return a, b, f, grad, gen
+
+
+def test_inst_gap_on_quadratic_is_minus_half_dAd(quadratic):
+    a, b, f, grad, gen = quadratic
+    for _ in range(5):
+        x_prev = torch.randn(DIM, generator=gen, dtype=torch.float64)
+        x = x_prev + 0.3 * torch.randn(DIM, generator=gen, dtype=torch.float64)
+        d = x - x_prev
+        value = metrics.inst_gap(f(x), f(x_prev), split(grad(x)), split(x), split(x_prev))
+        assert float(value) == pytest.approx(float(-0.5 * d @ a @ d), rel=1e-10, abs=1e-12)
+        assert float(value) <= 0.0  # convex: the gap is never positive
+
+
+def test_inst_smooth_on_quadratic_is_rayleigh_ratio_and_bounded_by_L(quadratic):
+    a, b, f, grad, gen = quadratic
+    lipschitz = float(torch.linalg.eigvalsh(a).max())
+    for _ in range(5):
+        x_prev = torch.randn(DIM, generator=gen, dtype=torch.float64)
+        x = x_prev + torch.randn(DIM, generator=gen, dtype=torch.float64)
+        d = x - x_prev
+        value = float(metrics.inst_smooth(split(grad(x)), split(grad(x_prev)), split(x), split(x_prev)))
+        assert value == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-10)
+        assert value <= lipschitz * (1 + 1e-12)
+    # along the top eigenvector the bound is attained
+    evals, evecs = torch.linalg.eigh(a)
+    x_prev = torch.zeros(DIM, dtype=torch.float64)
+    x = evecs[:, -1] * 0.7
+    value = float(metrics.inst_smooth(split(grad(x)), split(grad(x_prev)), split(x), split(x_prev)))
+    assert value == pytest.approx(float(evals[-1]), rel=1e-10)
+
+
+def test_inst_smooth_zero_step_is_nan_and_gradient_jump_is_inf():
+    x = [torch.ones(3, dtype=torch.float64)]
+    assert math.isnan(float(metrics.inst_smooth(x, x, x, x)))
+    assert float(metrics.inst_smooth([torch.zeros(3, dtype=torch.float64)], x, x, x)) == math.inf
+
+
+def test_update_corr_and_rs_on_quadratic(quadratic):
+    a, b, f, grad, gen = quadratic
+    x = torch.randn(DIM, generator=gen, dtype=torch.float64)
+    proposed = -0.1 * grad(x)  # Δ_t of gradient descent
+    scale = 0.37  # a random-scaling draw s_t
+    x_next = x + scale * proposed
+    g_next = grad(x_next)
+    corr = float(metrics.update_corr(split(g_next), split(x_next), split(x)))
+    corr_rs = float(metrics.update_corr_rs(split(g_next), split(proposed)))
+    assert corr == pytest.approx(float(g_next @ (x_next - x)), rel=1e-12)
+    assert corr_rs == pytest.approx(float(g_next @ proposed), rel=1e-12)
+    assert corr == pytest.approx(scale * corr_rs, rel=1e-12)
+    # without random scaling the two are the same number
+    x_next = x + proposed
+    g_next = grad(x_next)
+    assert float(metrics.update_corr(split(g_next), split(x_next), split(x))) == pytest.approx(
+        float(metrics.update_corr_rs(split(g_next), split(proposed))), rel=1e-12
+    )
+
+
+def test_update_corr_rs_is_unbiased_for_progress_under_random_scaling(quadratic):
+    """Audit eq. 12: E_s[F(x + sΔ) − F(x)] = E_s⟨∇F(x + sΔ), Δ⟩ for s ~ Exp(1)."""
+    a, b, f, grad, gen = quadratic
+    x = torch.randn(DIM, generator=gen, dtype=torch.float64)
+    delta = -0.05 * grad(x)
+    s = torch.empty(200_000, dtype=torch.float64).exponential_(1.0, generator=gen)
+    # on a quadratic both sides are polynomials in s: evaluate exactly per draw, then average
+    g_dot_delta, dad = float(grad(x) @ delta), float(delta @ a @ delta)
+    progress = (s * g_dot_delta + 0.5 * s**2 * dad).mean()
+    corr_rs = torch.stack(
+        [metrics.update_corr_rs(split(grad(x + si * delta)), split(delta)) for si in s[:2000]]
+    ).mean()
+    exact_expectation = g_dot_delta + dad  # E[s] = 1, E[s²] = 2
+    assert float(progress) == pytest.approx(exact_expectation, rel=2e-2)
+    assert float(corr_rs) == pytest.approx(exact_expectation, rel=5e-2)
+
+
+def test_loss_diff_grad_norm_distance():
+    assert float(metrics.loss_diff(torch.tensor(2.5), 1.0)) == 1.5
+    g = [torch.tensor([3.0, 4.0]), torch.tensor([[12.0]])]
+    assert float(metrics.grad_norm_sq(g)) == pytest.approx(169.0)
+    x0 = [torch.zeros(2), torch.zeros(1, 1)]
+    assert float(metrics.distance(g, x0)) == pytest.approx(13.0)
+
+
+def smooth_function(x: torch.Tensor) -> torch.Tensor:
+    """A non-convex smooth test function with a dense, known-by-autograd Hessian."""
+    w = torch.linspace(-1.0, 1.0, DIM * DIM, dtype=torch.float64).reshape(DIM, DIM)
+    return torch.sin(w @ x).sum() + torch.log1p((x**2).sum()) + 0.1 * (x**4).sum()
+
+
+def test_inst_gap_and_smooth_against_finite_differences():
+    gen = torch.Generator().manual_seed(3)
+    x_prev = torch.randn(DIM, generator=gen, dtype=torch.float64)
+    direction = torch.randn(DIM, generator=gen, dtype=torch.float64)
+    direction /= direction.norm()
+
+    def value_and_grad(x):
+        x = x.clone().requires_grad_(True)
+        y = smooth_function(x)
+        (g,) = torch.autograd.grad(y, x)
+        return y.detach(), g
+
+    # Hessian by central finite differences of autograd gradients (independent of autograd's
+    # second-order path)
+    h = 1e-5
+    fd_hessian = torch.stack(
+        [(value_and_grad(x_prev + h * e)[1] - value_and_grad(x_prev - h * e)[1]) / (2 * h) for e in torch.eye(DIM, dtype=torch.float64)]
+    )
+    fd_hessian = 0.5 * (fd_hessian + fd_hessian.T)
+    curvature = float(direction @ fd_hessian @ direction)
+    stretch = float((fd_hessian @ direction).norm())
+    for step in (1e-2, 1e-3):
+        x = x_prev + step * direction
+        f_x, g_x = value_and_grad(x)
+        f_prev, g_prev = value_and_grad(x_prev)
+        gap = float(metrics.inst_gap(f_x, f_prev, split(g_x), split(x), split(x_prev)))
+        # Taylor around x: f(x_prev) = f(x) − ⟨g, d⟩ + ½dᵀHd + O(‖d‖³) ⇒ gap = −½dᵀHd + O(‖d‖³)
+        assert gap / step**2 == pytest.approx(-0.5 * curvature, abs=5 * step)
+        smooth = float(metrics.inst_smooth(split(g_x), split(g_prev), split(x), split(x_prev)))
+        assert smooth == pytest.approx(stretch, abs=5 * step)
+
+
+def test_reduce_sums_partials_like_an_unsharded_model(quadratic):
+    """Two 'ranks' each holding a shard give the unsharded value once partials are summed."""
+    a, b, f, grad, gen = quadratic
+    x_prev = torch.randn(DIM, generator=gen, dtype=torch.float64)
+    x = x_prev + 0.2 * torch.randn(DIM, generator=gen, dtype=torch.float64)
+    g, g_prev = split(grad(x)), split(grad(x_prev))
+    xs, xs_prev = split(x), split(x_prev)
+    full_gap = float(metrics.inst_gap(f(x), f(x_prev), g, xs, xs_prev))
+    full_smooth = float(metrics.inst_smooth(g, g_prev, xs, xs_prev))
+
+    def other_rank(fn):
+        return lambda partials: partials + fn()
+
+    gap_rank0 = metrics.inst_gap(
+        f(x), f(x_prev), g[:1], xs[:1], xs_prev[:1],
+        reduce=other_rank(lambda: torch.stack([tensors.dot_diff(g[1:], xs[1:], xs_prev[1:])])),
+    )
+    smooth_rank0 = metrics.inst_smooth(
+        g[:1], g_prev[:1], xs[:1], xs_prev[:1],
+        reduce=other_rank(lambda: torch.stack([tensors.dist_sq(g[1:], g_prev[1:]), tensors.dist_sq(xs[1:], xs_prev[1:])])),
+    )
+    assert float(gap_rank0) == pytest.approx(full_gap, rel=1e-12)
+    assert float(smooth_rank0) == pytest.approx(full_smooth, rel=1e-12)
+
+    # an in-place reducer (the torch.distributed.all_reduce shape) is supported too
+    def in_place(partials):
+        partials.add_(torch.stack([tensors.dot(g[1:], g[1:])]))
+
+    assert float(metrics.grad_norm_sq(g[:1], reduce=in_place)) == pytest.approx(float(grad(x) @ grad(x)), rel=1e-12)
+
+
+def test_low_precision_parameters_accumulate_in_float64():
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4096, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    exact = sum(float((x.double() ** 2).sum()) for x in xs)
+    assert float(metrics.grad_norm_sq(xs)) == pytest.approx(exact, rel=1e-9)
+
+
+def test_aggregates_match_their_definitions_and_reset_at_epochs():
+    rng = np.random.default_rng(0)
+    gaps, smooths = rng.normal(size=300), rng.exponential(size=300)
+    agg = metrics.GapSmoothAggregates(beta=0.99)
+    ema_gap = ema_smooth = 0.0
+    for i, (gap, smooth) in enumerate(zip(gaps, smooths), start=1):
+        out = agg.update(gap, smooth)
+        ema_gap = 0.99 * ema_gap + 0.01 * gap
+        ema_smooth = 0.99 * ema_smooth + 0.01 * smooth
+        assert out["avg_gap"] == pytest.approx(gaps[:i].mean(), rel=1e-12, abs=1e-15)
+        assert out["exp_gap"] == pytest.approx(ema_gap, rel=1e-12, abs=1e-15)
+        assert out["max_smooth"] == smooths[:i].max()
+        assert out["exp_smooth"] == pytest.approx(ema_smooth, rel=1e-12)
+    agg.reset_epoch()
+    out = agg.update(5.0, 2.0)
+    assert out == {"avg_gap": 5.0, "exp_gap": pytest.approx(0.05), "max_smooth": 2.0, "exp_smooth": pytest.approx(0.02)}
+
+
+def test_aggregates_skip_nan_but_keep_infinity_and_round_trip():
+    agg = metrics.GapSmoothAggregates()
+    agg.update(1.0, 1.0)
+    out = agg.update(math.nan, math.nan)
+    assert out["avg_gap"] == 1.0 and out["max_smooth"] == 1.0
+    assert agg.avg_gap.skipped == 1 and agg.max_smooth.skipped == 1
+    out = agg.update(3.0, math.inf)
+    assert out["avg_gap"] == 2.0 and out["max_smooth"] == math.inf
+    clone = metrics.GapSmoothAggregates()
+    clone.load_state_dict(agg.state_dict())
+    assert clone.update(4.0, 0.5) == agg.update(4.0, 0.5)
+    assert math.isnan(metrics.RunningMean().value)
+
+
+def test_convexity_ratio_is_two_on_a_quadratic_around_its_minimiser(quadratic):
+    """For F = ½xᵀAx + bᵀx and x* = −A⁻¹b: ⟨∇F(x), x − x*⟩ = 2 (F(x) − F(x*)) exactly."""
+    a, b, f, grad, gen = quadratic
+    x_star = -torch.linalg.solve(a, b)
+    ratio = metrics.ConvexityRatio()
+    for _ in range(20):
+        x = x_star + torch.randn(DIM, generator=gen, dtype=torch.float64)
+        value = ratio.update(f(x), f(x_star), split(grad(x)), split(x), split(x_star))
+    assert value == pytest.approx(2.0, rel=1e-9)
+    assert metrics.interpret_convexity_ratio(value) == "convex-like"
+
+
+def test_convexity_ratio_is_negative_on_a_double_well_path():
+    """F(x) = (x² − 1)² with x* = 1: points on the hump between the wells have ⟨F'(x), x − x*⟩ > 0
+    while F(x) − F(x*) > 0 ... and points past the hump on the far well make the sum negative."""
+
+    def F(x):
+        return (x**2 - 1) ** 2
+
+    def dF(x):
+        return 4 * x * (x**2 - 1)
+
+    x_star = torch.tensor([1.0], dtype=torch.float64)
+    ratio = metrics.ConvexityRatio()
+    for x in torch.linspace(-1.2, -0.3, 10, dtype=torch.float64):
+        x = x.reshape(1)
+        value = ratio.update(F(x), F(x_star), [dF(x)], [x], [x_star])
+    # direct evaluation of eq. 6 on the same path
+    xs = torch.linspace(-1.2, -0.3, 10, dtype=torch.float64)
+    expected = float((dF(xs) * (xs - 1)).sum() / (F(xs) - 0).sum())
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert value < 0
+    assert metrics.interpret_convexity_ratio(value) == "strongly non-convex"
+    assert "degradation" in metrics.interpret_convexity_ratio(0.5)
+
+
+def test_tensor_list_validation_messages():
+    with pytest.raises(ValueError, match="length"):
+        tensors.dot([torch.zeros(2)], [])
+    with pytest.raises(ValueError, match="shape"):
+        tensors.dot([torch.zeros(2)], [torch.zeros(3)])
+    with pytest.raises(TypeError, match="tensors"):
+        tensors.as_list([1.0])
+    with pytest.raises(ValueError, match="zero vector"):
+        tensors.normalized([torch.zeros(3)])
+    with pytest.raises(ValueError, match="beta"):
+        metrics.ExponentialAverage(1.0)
