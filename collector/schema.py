@@ -1,0 +1,78 @@
+"""The tables of the moxco store (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+* ``runs``: one row per training run: unique name, status, config (JSON), timestamps, last step.
+* ``metric_points``: the series. Primary key ``(run_id, metric, rank, step)``: a point written
+  twice (a retried batch) is stored once, and the key is the index every range scan uses
+  (``WHERE run_id = ? AND metric = ? AND step BETWEEN ? AND ?``), so appends stay cheap.
+  ``value`` NULL means NaN (SQLite cannot store NaN; ±Inf are stored as they are). ``rank`` is
+  -1 for run-level values and the torch.distributed rank for per-rank ones.
+* ``decisions``: phase-switch decisions with their goodness terms, action, and acknowledgement.
+
+Schema changes go through Alembic migrations in ``migrations/versions`` (``Store`` upgrades on
+open); this module mirrors the latest revision for queries.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+RUN_LEVEL_RANK = -1
+RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+MAX_NAME_LENGTH = 200
+MAX_METRIC_LENGTH = 100
+
+metadata = MetaData()
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(MAX_NAME_LENGTH), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("last_step", BigInteger, nullable=True),
+    UniqueConstraint("name", name="uq_runs_name"),
+)
+
+metric_points = Table(
+    "metric_points",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("metric", String(MAX_METRIC_LENGTH), primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("step", BigInteger, primary_key=True),
+    Column("value", Float, nullable=True),
+    Column("wall_time", Float, nullable=False),
+)
+
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", String(300), primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("action", JSON, nullable=False),
+    Column("goodness", Float, nullable=True),
+    Column("grad_term", Float, nullable=True),
+    Column("sharpness_term", Float, nullable=True),
+    Column("loss_term", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("applied_step", BigInteger, nullable=True),
+    Column("applied_at", Float, nullable=True),
+    Index("ix_decisions_run_step", "run_id", "step"),
+)

@@ -1,0 +1,138 @@
+"""The storage layer on SQLite: migrations from empty, idempotent writes, NaN/Inf, series, decisions."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+from sqlalchemy import inspect
+
+from moxco.collector import Point, StoreError, open_store
+from moxco.policy import Decision
+
+
+@pytest.fixture
+def store(tmp_path):
+    with open_store(f"sqlite:///{tmp_path / 'runs.db'}") as s:
+        yield s
+
+
+def test_migrations_create_the_schema_from_empty(tmp_path):
+    path = tmp_path / "fresh.db"
+    store = open_store(str(path))  # a bare path means a SQLite file
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"runs", "metric_points", "decisions", "alembic_version"} <= tables
+    store.close()
+    # opening again is a no-op upgrade, and the file is in WAL mode
+    open_store(str(path)).close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("select version_num from alembic_version").fetchall() == [("0001",)]
+        assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def test_points_round_trip_with_nan_and_inf_and_duplicates_stored_once(store):
+    store.create_run("gpt2-adamw", {"lr": 3e-4})
+    values = [0.5, math.nan, math.inf, -math.inf, 1e-300]
+    store.write_points("gpt2-adamw", [Point(i, "loss", v, 1000.0 + i) for i, v in enumerate(values)])
+    # a retried batch (same points) and an overlapping one
+    store.write_points("gpt2-adamw", [Point(i, "loss", v, 2000.0) for i, v in enumerate(values)])
+    store.write_points("gpt2-adamw", [(5, "loss", 7.0, 3000.0)])
+    steps, got = store.series("gpt2-adamw", "loss")
+    assert steps.tolist() == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(got, np.array(values + [7.0]))
+    assert store.run("gpt2-adamw").last_step == 5
+
+
+def test_series_range_ranks_latest_and_metric_names(store):
+    store.create_run("r")
+    store.write_points("r", [Point(s, "inst_gap", -s / 10, 0.0) for s in range(100)])
+    store.write_points("r", [Point(s, "sharpness", 2.0 * s, 0.0) for s in range(0, 100, 10)])
+    store.write_points("r", [Point(7, "grad_norm_sq", 3.0, 0.0, rank=1)])
+    steps, values = store.series("r", "inst_gap", start=10, end=19)
+    assert steps.tolist() == list(range(10, 20))
+    np.testing.assert_allclose(values, -steps / 10)
+    assert store.series("r", "grad_norm_sq", rank=1)[1].tolist() == [3.0]
+    assert store.series("r", "grad_norm_sq")[0].size == 0
+    assert store.latest("r") == {"inst_gap": (99, pytest.approx(-9.9)), "sharpness": (90, 180.0)}
+    assert store.metrics("r") == ["grad_norm_sq", "inst_gap", "sharpness"]
+
+
+def test_runs_status_and_config_merge(store):
+    store.create_run("a", {"lr": 1})
+    store.create_run("b")
+    store.set_status("a", "finished")
+    assert [r.name for r in store.runs()] == ["b", "a"]
+    assert [r.name for r in store.runs(status="finished")] == ["a"]
+    resumed = store.create_run("a", {"resumed_at": 10})
+    assert resumed.status == "running" and resumed.config == {"lr": 1, "resumed_at": 10}
+    with pytest.raises(StoreError, match="already exists"):
+        store.create_run("a", exist_ok=False)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 201, None])
+def test_bad_run_names_are_refused_with_a_message(store, name):
+    with pytest.raises(StoreError, match="run name"):
+        store.create_run(name)
+
+
+def test_hostile_names_are_just_data(store):
+    name = "'; DROP TABLE runs; -- ../../etc/passwd ☃"
+    store.create_run(name)
+    store.write_points(name, [Point(0, "loss", 1.0, 0.0)])
+    assert store.series(name, "loss")[1].tolist() == [1.0]
+    assert [r.name for r in store.runs()] == [name]
+
+
+def test_unknown_run_status_and_metric_errors(store):
+    with pytest.raises(StoreError, match="no run named 'ghost'"):
+        store.write_points("ghost", [Point(0, "loss", 1.0, 0.0)])
+    store.create_run("r")
+    with pytest.raises(StoreError, match="status"):
+        store.set_status("r", "exploded")
+    with pytest.raises(StoreError, match="metric name"):
+        store.write_points("r", [Point(0, "", 1.0, 0.0)])
+
+
+def test_decisions_are_idempotent_and_first_acknowledgement_wins(store):
+    store.create_run("r")
+    decision = Decision(step=120, action={"phase": 2, "alpha": 0.1, "beta": 0.1}, goodness=0.91,
+                        grad_term=0.01, sharpness_term=0.05, loss_term=math.nan)
+    ident = store.add_decision("r", decision)
+    assert store.add_decision("r", decision) == ident  # at-least-once delivery: stored once
+    store.acknowledge_decision(ident, applied_step=121)
+    store.acknowledge_decision(ident, applied_step=130)
+    (row,) = store.decisions("r")
+    assert row["id"] == ident and row["step"] == 120 and row["applied_step"] == 121
+    assert row["action"] == {"phase": 2, "alpha": 0.1, "beta": 0.1}
+    assert row["goodness"] == 0.91 and math.isnan(row["loss_term"])
+    with pytest.raises(StoreError, match="no decision"):
+        store.acknowledge_decision("nope", 1)
+
+
+def test_concurrent_writers_and_a_reader_lose_nothing(store):
+    store.create_run("r")
+
+    def writer(metric):
+        for chunk in range(20):
+            store.write_points("r", [Point(chunk * 50 + i, metric, float(i), 0.0) for i in range(50)])
+
+    threads = [threading.Thread(target=writer, args=(m,)) for m in ("loss", "inst_gap", "inst_smooth")]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        store.latest("r")  # reads while writes are in flight (WAL)
+    for t in threads:
+        t.join()
+    for metric in ("loss", "inst_gap", "inst_smooth"):
+        assert store.series("r", metric)[0].tolist() == list(range(1000))
+
+
+def test_large_batch_is_chunked(store):
+    store.create_run("r")
+    n = 23_456
+    store.write_points("r", (Point(i, "loss", float(i), 0.0) for i in range(n)))
+    steps, values = store.series("r", "loss")
+    assert steps.size == n and values[-1] == n - 1
