@@ -1,7 +1,7 @@
 """The ``moxco`` command line.
 
-``moxco demo`` runs the main job: a small training run watched end to end (today a self-check of
-the math library on a real training loop; the agent issue grows it into the attached, stored run).
+``moxco demo`` runs the main job: a small training run with the agent attached, written to the
+embedded SQLite store, summarised and checked against ground truth.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="train a small model and watch it with every moxco metric",
-        description="Train a small MLP on a synthetic regression task and compute every DESIGN §3 "
-        "metric, sharpness, the denoised goodness score and the phase-switch decision; then check "
-        "the numbers against independent ground truth (explicit Hessian, identities).",
+        description="Train a small MLP on a synthetic regression task with the moxco agent attached "
+        "(every DESIGN §3 metric, sharpness, goodness, the phase-switch decision), store the run in "
+        "SQLite, print a summary and check the numbers against independent ground truth.",
     )
     demo.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
     demo.add_argument("--probe-every", type=int, default=10, help="steps between probes (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--csv", metavar="PATH", help="also write every metric point to this CSV file")
+    demo.add_argument("--url", help="store URL (default: $MOXCO_URL, else sqlite:///moxco.db in the working dir)")
+    demo.add_argument("--run", help="run name (default: demo-<timestamp>)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from moxco.demo import run_demo
+        import os
+
+        from moxco.agent.demo import run_demo
 
         if args.steps < 2:
             print("moxco demo: --steps must be at least 2", file=sys.stderr)
@@ -45,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.probe_every < 1:
             print("moxco demo: --probe-every must be at least 1", file=sys.stderr)
             return 2
-        return run_demo(steps=args.steps, probe_every=args.probe_every, seed=args.seed, csv_path=args.csv, quiet=args.quiet)
+        return run_demo(steps=args.steps, probe_every=args.probe_every, seed=args.seed,
+                        url=args.url or os.environ.get("MOXCO_URL"), run=args.run, quiet=args.quiet)
     return 2  # unreachable: argparse requires a command
 
 

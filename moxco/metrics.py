@@ -107,6 +107,14 @@ def update_corr_rs(grad_next: TensorList, update: TensorList, *, reduce: Reduce 
     return value
 
 
+def update_corr_rs_from_update_corr(update_corr_value: Tensor | float, scale: float) -> Tensor | float:
+    """``update_corr_rs`` from ``update_corr`` without a second dot product: ``x_{t+1} − x_t = s_t Δ_t``,
+    so ``⟨g_{t+1}, Δ_t⟩ = ⟨g_{t+1}, x_{t+1} − x_t⟩ / s_t`` (audit eq. 13)."""
+    if not scale > 0:
+        raise ValueError(f"the random scale s_t must be positive, got {scale!r}")
+    return update_corr_value / scale
+
+
 def grad_norm_sq(grad: TensorList, *, reduce: Reduce = None) -> Tensor:
     """``grad_norm_sq = ‖g_t‖²`` (MoXCo eq. 6, first term, raw minibatch value)."""
     (value,) = _reduced([tensors.norm_sq(grad)], reduce)

@@ -8,7 +8,8 @@ never call ``.item()``: the caller decides when to synchronise, and under torch.
 can ``all_reduce`` the partial sums of its shards before reading them (dot products and
 squared norms add up across shards; norms do not, so we always reduce squares).
 
-Python loops here run over tensors (a few hundred), never over elements.
+Python loops here run over tensors (a few hundred), never over elements. The reductions are
+measurements, never part of an autograd graph: they run under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _zero(xs: TensorList) -> Tensor:
     return torch.zeros((), dtype=ACCUMULATE_DTYPE, device=device)
 
 
+@torch.no_grad()
 def dot(xs: TensorList, ys: TensorList) -> Tensor:
     """``⟨x, y⟩ = Σ_i Σ_j x_ij y_ij`` over two parameter lists, accumulated in float64."""
     _check_pair(xs, ys)
@@ -61,6 +63,7 @@ def dot(xs: TensorList, ys: TensorList) -> Tensor:
     return torch.stack(parts).sum()
 
 
+@torch.no_grad()
 def norm_sq(xs: TensorList) -> Tensor:
     """``‖x‖² = Σ_i ‖x_i‖²`` over a parameter list (float64, additive across shards)."""
     if not xs:
@@ -74,6 +77,7 @@ def norm_sq(xs: TensorList) -> Tensor:
     return torch.stack(parts).pow(2).sum()
 
 
+@torch.no_grad()
 def dot_diff(gs: TensorList, xs: TensorList, ys: TensorList) -> Tensor:
     """``⟨g, x − y⟩`` computed tensor by tensor: exact where ``⟨g,x⟩ − ⟨g,y⟩`` would cancel, and
     never more than one parameter-sized temporary alive."""
@@ -88,6 +92,7 @@ def dot_diff(gs: TensorList, xs: TensorList, ys: TensorList) -> Tensor:
     return torch.stack(parts).sum()
 
 
+@torch.no_grad()
 def dist_sq(xs: TensorList, ys: TensorList) -> Tensor:
     """``‖x − y‖²`` computed tensor by tensor (float64, additive across shards)."""
     _check_pair(xs, ys)

@@ -1,0 +1,263 @@
+"""Capture the forward calls of one optimizer step and replay them at other parameters.
+
+The re-evaluation metrics need ``f(y, z_t)`` and ``∇f(y, z_t)`` at ``y = x_{t−1}`` (or ``x*``) on the
+*same* minibatch ``z_t`` the user's step saw. A forward pre-hook records every training-mode call
+of the model since the last optimizer step (several under gradient accumulation) with the RNG
+state it started from; replaying one is ``torch.func.functional_call`` with the other parameters
+substituted and the RNG state restored inside ``torch.random.fork_rng`` (same dropout masks, the
+user's RNG stream untouched), on copies of the buffers (BatchNorm running statistics are not
+updated). The user's parameters and ``.grad`` are never written.
+
+How the loss is found, in order: the model's output is a scalar tensor; it has a ``loss`` field
+(Hugging Face models given labels); it is a tuple whose first item is a scalar. Otherwise the
+user names the criterion at ``attach(..., criterion=nn.CrossEntropyLoss())`` (its calls are
+recorded the same way, its targets replayed), optionally with ``loss_fn(output, *targets)`` when
+the loss is not ``criterion(model(x), y)`` verbatim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _replay_context(call: "ForwardCall") -> contextlib.ExitStack:
+    """The user's forward conditions for a replay: its RNG state (in a forked RNG, so the user's
+    stream is untouched) and its autocast state (bf16 forwards replay in bf16)."""
+    stack = contextlib.ExitStack()
+    devices = [call.cuda_rng[0]] if call.cuda_rng is not None else []
+    stack.enter_context(torch.random.fork_rng(devices=devices))
+    torch.set_rng_state(call.rng_state)
+    if call.cuda_rng is not None:
+        torch.cuda.set_rng_state(call.cuda_rng[1], call.cuda_rng[0])
+    for kind, dtype in call.autocast:
+        stack.enter_context(torch.autocast(kind, dtype=dtype))
+    return stack
+
+
+class CaptureError(RuntimeError):
+    """The step's loss cannot be found or replayed; the message says what to pass to ``attach``."""
+
+
+@dataclass
+class ForwardCall:
+    args: tuple
+    kwargs: dict
+    rng_state: Tensor
+    cuda_rng: Optional[Tuple[int, Tensor]]
+    autocast: Tuple[Tuple[str, torch.dtype], ...] = ()
+    output: Any = None
+    targets: Optional[tuple] = None
+    loss: Optional[Tensor] = None
+
+
+def loss_from_output(output: Any) -> Optional[Tensor]:
+    """The scalar loss carried by a model output, or None (see the module docstring)."""
+    if isinstance(output, Tensor):
+        return output if output.numel() == 1 else None
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, Tensor) and loss.numel() == 1:
+        return loss
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor) and output[0].numel() == 1:
+        return output[0]
+    return None
+
+
+def _device_of(module: nn.Module) -> Optional[torch.device]:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+class StepCapture:
+    """Records the training-mode forward calls between two optimizer steps (see module docstring)."""
+
+    def __init__(self, model: nn.Module, *, criterion: Optional[nn.Module] = None,
+                 loss_fn: Optional[Callable[..., Tensor]] = None) -> None:
+        self.model = model
+        # torch.compile wraps the module; replays run the original eagerly on the same parameters
+        self.replay_module: nn.Module = getattr(model, "_orig_mod", model)
+        self.criterion = criterion
+        self.loss_fn = loss_fn
+        self.calls: List[ForwardCall] = []
+        self.replaying = False
+        self.error: Optional[CaptureError] = None
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+        if criterion is not None:
+            if not isinstance(criterion, nn.Module):
+                raise TypeError("criterion must be an nn.Module (e.g. nn.CrossEntropyLoss()); for a plain function "
+                                "pass loss_fn=... and tell the agent the targets with agent.targets(y)")
+            self._handles.append(criterion.register_forward_hook(self._after_criterion))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+    # --- hooks (on the training thread; cheap: references and an RNG snapshot) -------------------
+
+    def _recording(self) -> bool:
+        return not self.replaying and self.model.training and torch.is_grad_enabled()
+
+    def _before_forward(self, module, args, kwargs):
+        if not self._recording():
+            return None
+        device = _device_of(self.replay_module)
+        cuda_rng = None
+        if device is not None and device.type == "cuda":
+            cuda_rng = (device.index if device.index is not None else torch.cuda.current_device(),
+                        torch.cuda.get_rng_state(device))
+        autocast = tuple((kind, torch.get_autocast_dtype(kind)) for kind in AUTOCAST_DEVICES
+                         if torch.is_autocast_enabled(kind))
+        self.calls.append(ForwardCall(args, kwargs, torch.get_rng_state(), cuda_rng, autocast))
+        return None
+
+    def _after_forward(self, module, args, kwargs, output):
+        if not self._recording() or not self.calls:
+            return None
+        call = self.calls[-1]
+        call.output = output
+        loss = loss_from_output(output)
+        if loss is not None:
+            call.loss = loss.detach()
+        return None
+
+    def _after_criterion(self, module, args, output):
+        # a hook runs inside the user's forward: it records, it never raises
+        if not self._recording() or not self.calls:
+            return None
+        call = next((c for c in self.calls if c.targets is None), None)
+        if call is None:
+            return None
+        if self.loss_fn is None and (not args or args[0] is not call.output):
+            self.error = CaptureError(
+                "the criterion was not called on the model's output itself (e.g. criterion(out.view(-1, V), y)); "
+                "pass attach(..., loss_fn=lambda output, *targets: ...) to say how the loss is formed")
+            return None
+        call.targets = tuple(args[1:])
+        call.loss = output.detach()
+        return None
+
+    def set_targets(self, *targets: Any) -> None:
+        """Tell the agent the targets of the latest forward call (plain-function losses)."""
+        if not self.calls:
+            raise CaptureError("agent.targets(...) must follow the model's forward call")
+        call = self.calls[-1]
+        call.targets = targets
+        if self.loss_fn is None:
+            raise CaptureError("agent.targets(...) needs attach(..., loss_fn=...) to know how the loss is formed")
+        with torch.no_grad():
+            call.loss = self.loss_fn(call.output, *targets).detach()
+
+    # --- reading and replaying -------------------------------------------------------------------
+
+    def has_batch(self) -> bool:
+        return bool(self.calls) and all(c.loss is not None for c in self.calls)
+
+    def step_loss(self) -> Tensor:
+        """``f(x_t, z_t)``: the mean of the recorded losses of this step's forward calls."""
+        if self.error is not None:
+            raise self.error
+        if not self.calls:
+            raise CaptureError("no training-mode forward call of the model was seen before optimizer.step()")
+        losses = [c.loss for c in self.calls]
+        if any(l is None for l in losses):
+            raise CaptureError(
+                "cannot find the loss: the model's output is not a scalar and has no .loss; pass "
+                "attach(..., criterion=your_loss_module) (and loss_fn=... if the loss is not criterion(output, target))")
+        return torch.stack([l.to(torch.float64) for l in losses]).mean()
+
+    def _loss_of(self, call: ForwardCall, output: Any) -> Tensor:
+        if call.targets is not None:
+            fn = self.loss_fn if self.loss_fn is not None else self.criterion
+            return fn(output, *call.targets)
+        loss = loss_from_output(output)
+        if loss is None:
+            raise CaptureError("the replayed output carries no loss")
+        return loss
+
+    def replay(self, calls: Sequence[ForwardCall], named_params: Dict[str, Tensor], *, with_grad: bool,
+               grad_wrt: Optional[Sequence[Tensor]] = None) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        """Mean loss of ``calls`` at the parameters ``named_params`` and, if ``with_grad``, its
+        gradient with respect to ``grad_wrt`` (tensors appearing in ``named_params``).
+
+        Calls are replayed one at a time and their gradients summed, so the peak memory is one
+        forward graph, as in the user's accumulation loop.
+        """
+        module = self.replay_module
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        total_loss: Optional[Tensor] = None
+        total_grad: Optional[List[Tensor]] = None
+        self.replaying = True
+        try:
+            for call in calls:
+                with _replay_context(call), torch.set_grad_enabled(with_grad):
+                    output = torch.func.functional_call(module, {**buffers, **named_params}, call.args, call.kwargs,
+                                                        strict=False)
+                    loss = self._loss_of(call, output) / len(calls)
+                if with_grad:
+                    grads = torch.autograd.grad(loss, list(grad_wrt), allow_unused=True)
+                    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, grad_wrt)]
+                    total_grad = grads if total_grad is None else [a + b for a, b in zip(total_grad, grads)]
+                loss = loss.detach().to(torch.float64)
+                total_loss = loss if total_loss is None else total_loss + loss
+        finally:
+            self.replaying = False
+        return total_loss, total_grad
+
+    def replay_graph(self, calls: Sequence[ForwardCall], named_params: Dict[str, Tensor]) -> Tensor:
+        """Differentiable mean loss of ``calls`` at ``named_params`` (graphs kept: for HVPs)."""
+        module = self.replay_module
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        losses = []
+        for call in calls:
+            with _replay_context(call), torch.enable_grad():
+                output = torch.func.functional_call(module, {**buffers, **named_params}, call.args, call.kwargs,
+                                                    strict=False)
+                losses.append(self._loss_of(call, output))
+        return torch.stack(losses).mean()
+
+    @staticmethod
+    def batch_size(calls: Sequence[ForwardCall]) -> int:
+        """Samples in ``calls``: the leading dimension of the first tensor argument of each call."""
+        return sum(_leading_dim(call) or 0 for call in calls)
+
+    @staticmethod
+    def split_calls(calls: Sequence[ForwardCall], parts: int) -> Optional[List[List[ForwardCall]]]:
+        """Split the step's batch into ``parts`` disjoint pieces along dim 0 (every tensor argument
+        and target with the batch's leading size is split the same way), or None when that is not
+        possible (fewer samples than parts, or no batch dimension to split)."""
+        pieces: List[List[ForwardCall]] = [[] for _ in range(parts)]
+        for call in calls:
+            size = _leading_dim(call)
+            if size is None or size < parts:
+                return None
+            bounds = [round(i * size / parts) for i in range(parts + 1)]
+            for k in range(parts):
+                cut = slice(bounds[k], bounds[k + 1])
+                take = lambda x: x[cut] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == size else x
+                pieces[k].append(ForwardCall(
+                    tuple(take(a) for a in call.args), {n: take(v) for n, v in call.kwargs.items()},
+                    call.rng_state, call.cuda_rng, call.autocast, None,
+                    None if call.targets is None else tuple(take(t) for t in call.targets), None))
+        return pieces
+
+
+def _leading_dim(call: ForwardCall) -> Optional[int]:
+    for value in (*call.args, *call.kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None

@@ -1,0 +1,394 @@
+"""``attach(model, optimizer)``: what the agent hooks, what it keeps, what it computes when.
+
+Hooks (all removable, none on the user's tensors):
+
+* model forward pre/post hooks: record this step's forward calls (``capture.StepCapture``);
+* optimizer step pre-hook, at ``x_t`` with ``g_t`` in ``.grad``:
+  - free metrics every step: ``loss``, ``grad_norm_sq``, ``distance``, ``update_corr``,
+    ``update_corr_rs`` (dot products with the one parameter copy the agent keeps, ``x_{t−1}``);
+  - every ``reeval_every`` steps: the batch replayed at ``x_{t−1}`` (``loss_diff``, ``inst_gap``,
+    ``inst_smooth``) and, with a reference, at ``x*`` (``inst_gap_ref``, ``inst_smooth_ref``);
+  - every ``probe_every`` steps: ``sharpness`` (warm-started power iteration on the cached
+    batch), the three-way split sums for the denoised gradient norm, ``convexity_ratio``;
+  - then ``x_{t−1} ← x_t`` (in place);
+* optimizer step post-hook, at ``x_{t+1}``: random scaling ``x_{t+1} = x_t + s_t Δ_t`` if asked,
+  ``update_norm``; a pending decision is applied here, at the step boundary.
+
+Values leave the training thread as unread 0-dim tensors on a bounded queue
+(``writer.MetricWriter``); the writer thread reads them, keeps the aggregates, the ALIGATOR
+denoisers, goodness and the policy, and writes through the store. Every piece of agent work runs
+under ``_guard``: an exception disables that metric group, is logged once and stored with the run,
+and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moxco import metrics, tensors
+from moxco.agent.capture import StepCapture
+from moxco.agent.gradients import RawGradient
+from moxco.agent.writer import GoodnessSettings, MetricWriter, StepRecord
+from moxco.aligator import split_sums
+from moxco.collector.storage import Store, open_store
+from moxco.goodness import eos_sharpness
+from moxco.hessian import Sharpness
+from moxco.policy import Decision, DecisionPolicy, PolicyConfig
+
+log = logging.getLogger("moxco.agent")
+
+GROUPS = ("free", "reeval", "reference", "probe", "writer", "store", "decision", "capture")
+ADJECTIVES = ("brisk", "calm", "deft", "eager", "fleet", "keen", "lucid", "nimble", "quiet", "steady", "swift", "vivid")
+NOUNS = ("basin", "cliff", "delta", "fjord", "glade", "mesa", "ridge", "saddle", "slope", "valley", "vale", "summit")
+
+
+def default_run_name() -> str:
+    """A readable, unique-enough run name: ``adjective-noun-YYYYmmdd-HHMMSS``."""
+    rng = random.Random()
+    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def default_url() -> str:
+    return os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
+
+
+def _load_reference(reference: Any, named: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``x*`` from a state_dict or a checkpoint path, as detached copies matching ``named``."""
+    if isinstance(reference, (str, os.PathLike)):
+        reference = torch.load(reference, map_location="cpu", weights_only=True)
+        if isinstance(reference, Mapping) and "model" in reference and isinstance(reference["model"], Mapping):
+            reference = reference["model"]
+    if not isinstance(reference, Mapping):
+        raise TypeError(f"reference must be a state_dict or a checkpoint path, got {type(reference).__name__}")
+    missing = [n for n in named if n not in reference]
+    if missing:
+        raise ValueError(f"reference is missing parameters {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    out = {}
+    for name, p in named.items():
+        ref = reference[name]
+        if ref.shape != p.shape:
+            raise ValueError(f"reference parameter {name!r} has shape {tuple(ref.shape)}, the model {tuple(p.shape)}")
+        out[name] = ref.detach().to(device=p.device, dtype=p.dtype).clone()
+    return out
+
+
+class Agent:
+    """The attached agent. Use ``attach(...)`` to create one; ``close()`` (or ``with``) flushes."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[str] = None,
+                 run: Optional[str] = None, reeval_every: int = 10, probe_every: int = 100,
+                 reference: Any = None, random_scaling: bool = False, criterion: Optional[nn.Module] = None,
+                 loss_fn: Optional[Callable[..., Tensor]] = None, sharpness_iters: int = 1,
+                 goodness: Optional[GoodnessSettings | Mapping[str, Any]] = None,
+                 policy: Optional[PolicyConfig | Mapping[str, Any]] = None,
+                 on_decision: Optional[Callable[[Decision], Any]] = None, track_distance: bool = True,
+                 start_step: int = 0, seed: Optional[int] = None, config: Optional[Mapping[str, Any]] = None,
+                 scaler: Any = None, store: Optional[Store] = None) -> None:
+        for name, value in (("reeval_every", reeval_every), ("probe_every", probe_every), ("start_step", start_step)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(sharpness_iters, int) or sharpness_iters < 1:
+            raise ValueError(f"sharpness_iters must be a positive integer, got {sharpness_iters!r}")
+        self.model, self.optimizer = model, optimizer
+        self.reeval_every, self.probe_every = reeval_every, probe_every
+        self.random_scaling = bool(random_scaling)
+        self.on_decision = on_decision
+        self.step = start_step
+        self.run = run or default_run_name()
+        self.errors: Dict[str, str] = {}
+        self._closed = False
+
+        # parameters in the optimizer's order, named through the model (for functional replays)
+        names = {id(p): n for n, p in getattr(model, "_orig_mod", model).named_parameters()}
+        self.params: List[Tensor] = [p for group in optimizer.param_groups for p in group["params"]]
+        unknown = [i for i, p in enumerate(self.params) if id(p) not in names]
+        if unknown:
+            raise ValueError("the optimizer holds parameters that are not the model's (first at position "
+                             f"{unknown[0]}); attach the model whose parameters the optimizer updates")
+        self.names = [names[id(p)] for p in self.params]
+
+        self.capture = StepCapture(model, criterion=criterion, loss_fn=loss_fn)
+        self.raw_gradient = RawGradient(self.params, scaler)
+        self._step_grads: Optional[List[Tensor]] = None
+        self._prev: Optional[List[Tensor]] = None  # x_{t−1} (the one copy free metrics need)
+        self._x0: Optional[List[Tensor]] = tensors.clone(self.params) if track_distance else None
+        self._scale = 1.0  # s_{t−1}
+        self._reference = None
+        if reference is not None:
+            ref = _load_reference(reference, dict(zip(self.names, self.params)))
+            self._reference = [ref[n] for n in self.names]
+            self._convexity = metrics.ConvexityRatio()
+        self._generator = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**62))
+        # the agent draws its random numbers from its own generator: the user's RNG stream is untouched
+        self._sharpness = Sharpness(self.params, iters_per_call=sharpness_iters, cold_iters=max(sharpness_iters, 20),
+                                    generator=self._generator)
+        self._pending: Optional[tuple[str, Decision]] = None
+        self._pending_lock = threading.Lock()
+        self._epoch_start = False
+        self.phase = 1
+
+        goodness_settings = goodness if isinstance(goodness, GoodnessSettings) else GoodnessSettings(**dict(goodness or {}))
+        policy_config = policy if isinstance(policy, PolicyConfig) else (PolicyConfig(**dict(policy)) if policy else PolicyConfig())
+        self.goodness_settings = goodness_settings
+        self.store = store if store is not None else open_store(url or default_url())
+        self.store.create_run(self.run, {
+            "optimizer": type(optimizer).__name__,
+            "hyperparameters": {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))},
+            "reeval_every": reeval_every, "probe_every": probe_every, "random_scaling": self.random_scaling,
+            "reference": reference is not None, "start_step": start_step,
+            "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(), **dict(config or {}),
+        })
+        self.writer = MetricWriter(self.store, self.run, policy=DecisionPolicy(policy_config),
+                                   goodness_settings=goodness_settings, sharpness_target=self._sharpness_target,
+                                   on_decision=self._receive_decision, on_error=self._record_error)
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+
+    # --- user-facing ---------------------------------------------------------------------------
+
+    def epoch(self) -> None:
+        """Declare an epoch start: the gap/smoothness aggregates reset (audit paper §2)."""
+        self._epoch_start = True
+
+    def targets(self, *targets: Any) -> None:
+        """For plain-function losses: tell the agent the targets of the latest forward call."""
+        self._guard("capture", self.capture.set_targets, *targets)
+
+    def decisions(self) -> List[Dict[str, Any]]:
+        return self.store.decisions(self.run)
+
+    def close(self, status: str = "finished") -> None:
+        """Remove the hooks, flush every queued point, mark the run ``status``."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._hooks:
+            handle.remove()
+        self.capture.remove()
+        self.raw_gradient.remove()
+        self.writer.close()
+        try:
+            self.store.set_status(self.run, status)
+        except Exception as exc:  # the store may be gone; closing must not raise into the job
+            self._record_error("store", exc)
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("failed" if exc_type is not None else "finished")
+
+    # --- failure isolation ---------------------------------------------------------------------
+
+    def _record_error(self, group: str, exc: BaseException) -> None:
+        if group in self.errors:
+            return
+        message = f"{type(exc).__name__}: {exc}"
+        self.errors[group] = message
+        log.warning("moxco: %s metrics disabled for run %r after an error: %s\n%s", group, self.run, message,
+                    "".join(traceback.format_exception(exc)[-3:]))
+        try:
+            self.store.create_run(self.run, {"errors": dict(self.errors)})
+        except Exception:
+            pass
+
+    def _guard(self, group: str, fn: Callable, *args, **kwargs):
+        if group in self.errors:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self._record_error(group, exc)
+            return None
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def _grads(self) -> List[Tensor]:
+        """``g_t``: ``.grad`` as autograd left it (AMP scale removed, before clipping)."""
+        if self._step_grads is None:
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            self._step_grads = grads
+        return self._step_grads
+
+    def _recover_raw_gradient(self, values: Dict[str, Any]) -> None:
+        if not self.raw_gradient.modified():
+            return
+        m, ratios = self.raw_gradient.multiplier()
+        # one transient copy on steps where the user rescaled .grad in place (clipping, AMP)
+        self._step_grads = tensors.scale(self._grads(), m)
+        values["_grad_rescale_ratios"] = ratios
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._closed:
+            return
+        values: Dict[str, Any] = {}
+        probe: Optional[Dict[str, Any]] = None
+        self._step_grads = None
+        with torch.no_grad():
+            self._guard("free", self._recover_raw_gradient, values)
+        with torch.no_grad():
+            self._guard("free", self._free_metrics, values)
+        if self._prev is not None and self._due(self.reeval_every) and self.capture.has_batch():
+            self._guard("reeval", self._reeval, values)
+        if self._reference is not None and self._due(self.reeval_every) and self.capture.has_batch():
+            self._guard("reference", self._reeval_reference, values)
+        if self._due(self.probe_every) and self.capture.has_batch():
+            probe = {}
+            self._guard("probe", self._probe, probe, values)
+        with torch.no_grad():
+            if self._prev is None:
+                self._prev = tensors.clone(self.params)
+            else:
+                tensors.copy_(self._prev, self.params)
+        record = StepRecord(self.step, values, epoch_start=self._epoch_start, probe=probe)
+        self._epoch_start = False
+        self._step_grads = None
+        self.raw_gradient.clear()
+        self.writer.submit(record)
+
+    def _free_metrics(self, values: Dict[str, Any]) -> None:
+        grads = self._grads()
+        values["loss"] = self.capture.step_loss()
+        values["grad_norm_sq"] = metrics.grad_norm_sq(grads)
+        if self._x0 is not None:
+            values["distance"] = metrics.distance(self.params, self._x0)
+        if self._prev is not None:
+            corr = metrics.update_corr(grads, self.params, self._prev)
+            values["update_corr"] = corr
+            values["update_corr_rs"] = metrics.update_corr_rs_from_update_corr(corr, self._scale)
+
+    def _named(self, tensors_: Sequence[Tensor]) -> Dict[str, Tensor]:
+        return dict(zip(self.names, tensors_))
+
+    def _replay_with_grad(self, point: Sequence[Tensor]):
+        leaves = [t.detach().requires_grad_(True) for t in point]
+        loss, grads = self.capture.replay(self.capture.calls, self._named(leaves), with_grad=True, grad_wrt=leaves)
+        return loss, grads
+
+    def _reeval(self, values: Dict[str, Any]) -> None:
+        loss_prev, grad_prev = self._replay_with_grad(self._prev)
+        loss, grads = values.get("loss", self.capture.step_loss()), self._grads()
+        values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
+        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev)
+        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev)
+
+    def _reeval_reference(self, values: Dict[str, Any]) -> None:
+        loss_ref, grad_ref = self._replay_with_grad(self._reference)
+        loss, grads = values.get("loss", self.capture.step_loss()), self._grads()
+        values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference)
+        values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference)
+
+    def _probe(self, probe: Dict[str, Any], values: Dict[str, Any]) -> None:
+        calls = list(self.capture.calls)
+        current = self._named(self.params)
+
+        def loss_fn():
+            self.capture.replaying = True
+            try:
+                return self.capture.replay_graph(calls, current)
+            finally:
+                self.capture.replaying = False
+
+        probe["sharpness"] = torch.tensor(self._sharpness(loss_fn))
+        thirds = self.capture.split_calls(calls, 3)
+        if thirds is not None:
+            split_grads = []
+            for part in thirds:
+                _, grads = self.capture.replay(part, current, with_grad=True, grad_wrt=self.params)
+                split_grads.append(grads)
+            probe["split_sums"] = split_sums(*split_grads)
+            probe["split_sizes"] = [self.capture.batch_size(part) for part in thirds]
+        if self._reference is not None:
+            # F and ∇F on the probe batch (the step's batch): F(x_t) and g_t are the step's own
+            loss_ref, _ = self.capture.replay(calls, self._named(self._reference), with_grad=False)
+            values["convexity_ratio"] = self._convexity.update(
+                self.capture.step_loss(), loss_ref, self._grads(), self.params, self._reference)
+        values["phase"] = self.phase
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._closed:
+            return
+        values: Dict[str, Any] = {}
+        with torch.no_grad():
+            self._guard("free", self._after_step_metrics, values)
+        if values:
+            self.writer.submit(StepRecord(self.step, values))
+        self.capture.clear()
+        self.step += 1
+        self._guard("decision", self._apply_pending_decision)
+
+    def _after_step_metrics(self, values: Dict[str, Any]) -> None:
+        if self._prev is None:
+            return
+        if self.random_scaling:
+            # x_{t+1} = x_t + s_t Δ_t, s_t ~ Exp(1): lerp from the proposed point towards x_t by 1 − s_t
+            self._scale = float(torch.empty(()).exponential_(1.0, generator=self._generator))
+            torch._foreach_lerp_(self.params, self._prev, 1.0 - self._scale)
+        values["update_norm"] = metrics.distance(self.params, self._prev)
+
+    # --- decisions -----------------------------------------------------------------------------
+
+    def _sharpness_target(self) -> Optional[float]:
+        s = self.goodness_settings
+        if s.sharpness_target is not None:
+            return s.sharpness_target
+        group = self.optimizer.param_groups[0]
+        lr = group.get("lr")
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            return None
+        alpha = group.get("alpha", group.get("momentum", 0.0)) or 0.0
+        beta = group.get("beta", 0.0) if isinstance(group.get("beta", 0.0), (int, float)) else 0.0
+        try:
+            return s.k * eos_sharpness(float(lr), float(alpha), float(beta))
+        except ValueError:
+            return None
+
+    def _receive_decision(self, ident: str, decision: Decision) -> None:
+        with self._pending_lock:
+            self._pending = (ident, decision)
+
+    def _apply_pending_decision(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        ident, decision = pending
+        action = dict(decision.action)
+        commit = getattr(self.optimizer, "commit", None)
+        if callable(commit):
+            commit(**{k: v for k, v in action.items() if k != "phase"})
+        elif self.on_decision is not None:
+            self.on_decision(decision)
+        else:
+            log.warning("moxco: decision %s for run %r has no optimizer.commit and no on_decision callback; "
+                        "it is recorded but not applied", ident, self.run)
+            return
+        self.store.acknowledge_decision(ident, applied_step=self.step)
+        self.phase = int(action.get("phase", 2))
+        self.writer.submit(StepRecord(self.step, {"phase": self.phase}))
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Agent:
+    """Attach the moxco agent to a training loop: ``moxco.agent.attach(model, opt)``.
+
+    Options: ``url`` (default ``$MOXCO_URL``, else ``sqlite:///moxco.db`` in the working dir),
+    ``run`` (default a generated readable name), ``reeval_every`` (10; 0 = off), ``probe_every``
+    (100; 0 = off), ``reference`` (``x*``: state_dict or checkpoint path), ``random_scaling``
+    (False), ``criterion`` / ``loss_fn`` (for a plain model + criterion loop), ``goodness``,
+    ``policy``, ``on_decision``, ``sharpness_iters``, ``start_step``, ``seed``, ``config``.
+    """
+    return Agent(model, optimizer, **options)

@@ -1,0 +1,198 @@
+"""The background side of the agent: turns step records into stored points, off the training thread.
+
+The training thread hands each step's values (0-dim tensors, not yet read) to ``submit``, which
+never blocks: the queue is bounded and, when it is full, the record is counted as dropped and a
+warning is logged once (issue 8 adds a disk spool). The writer thread reads the tensors (the only
+place a device synchronisation happens), updates the running aggregates, the ALIGATOR denoisers,
+the goodness score and the decision policy, and writes batches of points through the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from torch import Tensor
+
+from moxco import metrics
+from moxco.aligator import Aligator, GradNormSqEstimator
+from moxco.collector.storage import Point, Store
+from moxco.goodness import goodness
+from moxco.policy import Decision, DecisionPolicy, decision_id
+
+log = logging.getLogger("moxco.agent")
+
+FLUSH_SECONDS = 0.25
+GRADIENT_METRICS = ("grad_norm_sq", "update_corr", "update_corr_rs", "inst_gap", "inst_smooth", "inst_gap_ref",
+                    "inst_smooth_ref", "convexity_ratio")
+UNIFORM_TOLERANCE = 1e-4
+FLUSH_POINTS = 2000
+
+
+@dataclass
+class StepRecord:
+    step: int
+    values: Dict[str, Any]
+    wall_time: float = field(default_factory=time.time)
+    epoch_start: bool = False
+    probe: Optional[Dict[str, Any]] = None  # sharpness, split sums for the grad-norm estimator
+
+
+@dataclass(frozen=True)
+class GoodnessSettings:
+    """How the agent scores goodness (MoXCo eq. 6): see ``moxco.goodness.goodness``."""
+
+    tau: float = 1.0
+    sharpness_target: Optional[float] = None  # None: k · eos_sharpness(optimizer's lr, α, β)
+    k: float = 1.0
+    loss_target: float = 0.0
+    form: str = "eos"
+
+
+def _uniform(ratios: Tensor) -> bool:
+    """Whether per-parameter rescaling factors are one common factor (relative spread ≤ 1e-4)."""
+    ratios = ratios.detach().cpu().double()
+    if ratios.numel() == 0:
+        return True
+    low, high = float(ratios.min()), float(ratios.max())
+    return high - low <= UNIFORM_TOLERANCE * max(abs(high), 1e-300)
+
+
+def _read(value: Any) -> float:
+    if isinstance(value, Tensor):
+        return float(value.detach().cpu())
+    return float(value)
+
+
+class MetricWriter:
+    """Owns the store connection, the aggregates, the denoisers, goodness and the policy."""
+
+    def __init__(self, store: Store, run: str, *, policy: Optional[DecisionPolicy], goodness_settings: GoodnessSettings,
+                 sharpness_target: Callable[[], Optional[float]], on_decision: Callable[[str, Decision], None],
+                 on_error: Callable[[str, BaseException], None], queue_size: int = 10_000) -> None:
+        self.store, self.run = store, run
+        self.policy = policy
+        self.goodness_settings = goodness_settings
+        self.sharpness_target = sharpness_target
+        self.on_decision = on_decision
+        self.on_error = on_error
+        self.aggregates = metrics.GapSmoothAggregates()
+        self.loss_denoiser = Aligator()
+        self.grad_norm_estimator = GradNormSqEstimator()
+        self.dropped = 0
+        self.written = 0
+        self._queue: "queue.Queue[Optional[StepRecord]]" = queue.Queue(maxsize=queue_size)
+        self._buffer: List[Point] = []
+        self._last_flush = time.monotonic()
+        self._disabled: set[str] = set()
+        self._warned: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name=f"moxco-writer[{run}]", daemon=True)
+        self._thread.start()
+
+    # --- training thread -------------------------------------------------------------------------
+
+    def submit(self, record: StepRecord) -> bool:
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            if self.dropped == 0:
+                log.warning("moxco: the writer queue is full; step records are being dropped (run %r)", self.run)
+            self.dropped += 1
+            return False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush everything queued and stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # --- writer thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                record = self._queue.get(timeout=FLUSH_SECONDS)
+            except queue.Empty:
+                self._flush()
+                continue
+            if record is None:
+                self._flush()
+                return
+            try:
+                self._absorb(record)
+            except Exception as exc:  # never let one bad record stop the thread
+                self.on_error("writer", exc)
+            if len(self._buffer) >= FLUSH_POINTS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+                self._flush()
+
+    def _emit(self, step: int, name: str, value: float, wall_time: float) -> None:
+        self._buffer.append(Point(step, name, value, wall_time))
+
+    def _absorb(self, record: StepRecord) -> None:
+        step, wall = record.step, record.wall_time
+        if record.epoch_start:
+            self.aggregates.reset_epoch()
+        ratios = record.values.pop("_grad_rescale_ratios", None)
+        values = {name: _read(value) for name, value in record.values.items()}
+        if ratios is not None and not _uniform(ratios):
+            # .grad was changed non-uniformly after backward (e.g. clip_grad_value_): g_t cannot be
+            # recovered, so the metrics that use it are left out for this step rather than wrong
+            if "nonuniform_gradient" not in self._warned:
+                self._warned.add("nonuniform_gradient")
+                log.warning("moxco: .grad was modified non-uniformly after backward (clip_grad_value_?); "
+                            "gradient-based metrics are skipped on such steps (run %r)", self.run)
+            for name in GRADIENT_METRICS:
+                values.pop(name, None)
+        for name, value in values.items():
+            self._emit(step, name, value, wall)
+        for name, value in self.aggregates.update(values.get("inst_gap"), values.get("inst_smooth")).items():
+            self._emit(step, name, value, wall)
+        if "loss" in values:
+            self.loss_denoiser.update(values["loss"])
+        if record.probe is not None:
+            self._probe(step, record.probe, values, wall)
+
+    def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:
+        from moxco.aligator import split_terms
+
+        sharpness = _read(probe["sharpness"]) if "sharpness" in probe else math.nan
+        if "sharpness" in probe:
+            self._emit(step, "sharpness", sharpness, wall)
+        if "split_sums" in probe:
+            grad_sq = self.grad_norm_estimator.update_terms(*split_terms(probe["split_sums"].cpu(), probe.get("split_sizes")))
+        else:
+            grad_sq = values.get("grad_norm_sq", math.nan)
+        target = self.sharpness_target()
+        if target is None or math.isnan(sharpness) or "goodness" in self._disabled:
+            return
+        s = self.goodness_settings
+        score = goodness(max(grad_sq, 0.0) if not math.isnan(grad_sq) else grad_sq, sharpness,
+                         self.loss_denoiser.estimate, tau=s.tau, sharpness_target=target,
+                         loss_target=s.loss_target, form=s.form)
+        for name, value in zip(("goodness", "goodness_grad_term", "goodness_sharpness_term", "goodness_loss_term"), score):
+            self._emit(step, name, value, wall)
+        if self.policy is not None:
+            decision = self.policy.observe(step, score)
+            if decision is not None:
+                self._flush()
+                ident = self.store.add_decision(self.run, decision)
+                self.on_decision(ident, decision)
+
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, []
+        try:
+            self.written += self.store.write_points(self.run, batch)
+        except Exception as exc:
+            self.on_error("store", exc)
+            self._buffer = batch + self._buffer  # keep them for the next flush: nothing lost
+            if len(self._buffer) > 50 * FLUSH_POINTS:  # bounded memory while the store is away
+                self.dropped += len(self._buffer) - 50 * FLUSH_POINTS
+                self._buffer = self._buffer[-50 * FLUSH_POINTS :]

@@ -1,0 +1,135 @@
+"""The agent under gradient clipping, AMP (GradScaler, bf16 autocast) and torch.compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moxco.agent
+from moxco.collector import open_store
+
+from tests.agent.test_agent import Quadratic, make_quadratic
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+def flat_params(model):
+    return torch.cat([model.head.detach(), model.tail.detach().reshape(-1)]).clone()
+
+
+def test_clip_grad_norm_metrics_use_the_raw_gradient_and_the_update_is_what_the_optimizer_did(url):
+    a, b, x0 = make_quadratic(6)
+    model = Quadratic(a, b, x0 * 10).double()  # far from the minimum: clipping is active
+    lr, max_norm = 0.05, 0.5
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    agent = moxco.agent.attach(model, opt, url=url, run="clip", reeval_every=1, probe_every=0)
+    grad = lambda x: a @ x + b
+    xs = [flat_params(model)]
+    for _ in range(15):
+        model(torch.zeros(1, dtype=torch.float64)).backward()
+        total = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        assert total > max_norm
+        opt.step()
+        opt.zero_grad()
+        xs.append(flat_params(model))
+    agent.close()
+    assert agent.errors == {}
+    store = open_store(url)
+    grad_sq = store.series("clip", "grad_norm_sq")[1]
+    updates = store.series("clip", "update_norm")[1]
+    gaps = store.series("clip", "inst_gap")[1]
+    for t in range(15):
+        g = grad(xs[t])
+        assert grad_sq[t] == pytest.approx(float(g @ g), rel=1e-9)  # raw, not clipped
+        assert updates[t] == pytest.approx(lr * max_norm, rel=1e-6)  # Δ_t: what the optimizer did
+    for t in range(1, 15):
+        d = xs[t] - xs[t - 1]
+        assert gaps[t - 1] == pytest.approx(float(-0.5 * d @ a @ d), rel=1e-6)
+
+
+def test_grad_scaler_scale_is_removed_from_g_t(url):
+    a, b, x0 = make_quadratic(7)
+    model = Quadratic(a, b, x0).float()
+    model.a, model.b = a.float(), b.float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    agent = moxco.agent.attach(model, opt, url=url, run="scaler", reeval_every=1, probe_every=0, scaler=scaler)
+    xs = [flat_params(model).double()]
+    for _ in range(8):
+        scaler.scale(model(torch.zeros(1))).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        xs.append(flat_params(model).double())
+    agent.close()
+    grad_sq = open_store(url).series("scaler", "grad_norm_sq")[1]
+    for t in range(8):
+        g = a @ xs[t] + b
+        assert grad_sq[t] == pytest.approx(float(g @ g), rel=1e-4)
+
+
+def test_clip_grad_value_is_detected_and_gradient_metrics_are_skipped(url, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    criterion = nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = moxco.agent.attach(model, opt, url=url, run="clipvalue", reeval_every=1, probe_every=0, criterion=criterion)
+    for _ in range(5):
+        criterion(model(torch.randn(16, 4) * 10), torch.randn(16, 1) * 10).backward()
+        nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    store = open_store(url)
+    assert store.series("clipvalue", "loss")[0].size == 5
+    assert store.series("clipvalue", "grad_norm_sq")[0].size == 0
+    assert any("non-uniformly" in r.message for r in caplog.records)
+
+
+def test_bf16_autocast_forward_is_replayed_under_autocast(url):
+    """lr = 0 keeps x_{t−1} = x_t: the replayed bf16 loss must equal the user's bf16 loss exactly."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1))
+    criterion = nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = moxco.agent.attach(model, opt, url=url, run="bf16", reeval_every=1, probe_every=0, criterion=criterion,
+                               loss_fn=lambda output, target: criterion(output.float(), target))
+    for _ in range(4):
+        x, y = torch.randn(32, 16), torch.randn(32, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x)
+            assert output.dtype == torch.bfloat16
+            loss = criterion(output.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    assert agent.errors == {}
+    np.testing.assert_array_equal(open_store(url).series("bf16", "loss_diff")[1], 0.0)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compiled_model(url, backend):
+    torch.manual_seed(2)
+    base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    model = torch.compile(base, backend=backend)
+    criterion = nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    agent = moxco.agent.attach(model, opt, url=url, run=f"compiled-{backend}", reeval_every=1, probe_every=2,
+                               criterion=criterion)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    for _ in range(6):
+        criterion(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    assert agent.errors == {}
+    store = open_store(url)
+    assert store.series(f"compiled-{backend}", "inst_smooth")[0].size == 5
+    assert store.series(f"compiled-{backend}", "sharpness")[0].size == 3
+    assert np.all(np.isfinite(store.series(f"compiled-{backend}", "inst_gap")[1]))
