@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from moxco.agent.distributed import unwrap
+
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -82,8 +84,9 @@ class StepCapture:
     def __init__(self, model: nn.Module, *, criterion: Optional[nn.Module] = None,
                  loss_fn: Optional[Callable[..., Tensor]] = None) -> None:
         self.model = model
-        # torch.compile wraps the module; replays run the original eagerly on the same parameters
-        self.replay_module: nn.Module = getattr(model, "_orig_mod", model)
+        # torch.compile and DDP wrap the module; replays run the original eagerly on the same
+        # parameters (and outside DDP's gradient synchronisation)
+        self.replay_module: nn.Module = unwrap(model)
         self.criterion = criterion
         self.loss_fn = loss_fn
         self.calls: List[ForwardCall] = []

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from moxco import metrics, tensors
 from moxco.agent.capture import StepCapture
+from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
 from moxco.agent.writer import GoodnessSettings, MetricWriter, StepRecord
 from moxco.aligator import split_sums
@@ -105,12 +106,15 @@ class Agent:
         self.random_scaling = bool(random_scaling)
         self.on_decision = on_decision
         self.step = start_step
-        self.run = run or default_run_name()
+        self.group = DataParallelGroup()
+        # every rank must agree on the run name and on the agent's random numbers
+        self.run = self.group.broadcast(run or default_run_name())
+        seed = self.group.broadcast(seed if seed is not None else random.randrange(2**62))
         self.errors: Dict[str, str] = {}
         self._closed = False
 
         # parameters in the optimizer's order, named through the model (for functional replays)
-        names = {id(p): n for n, p in getattr(model, "_orig_mod", model).named_parameters()}
+        names = {id(p): n for n, p in unwrap(model).named_parameters()}
         self.params: List[Tensor] = [p for group in optimizer.param_groups for p in group["params"]]
         unknown = [i for i, p in enumerate(self.params) if id(p) not in names]
         if unknown:
@@ -129,11 +133,12 @@ class Agent:
             ref = _load_reference(reference, dict(zip(self.names, self.params)))
             self._reference = [ref[n] for n in self.names]
             self._convexity = metrics.ConvexityRatio()
-        self._generator = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**62))
+        self._generator = torch.Generator().manual_seed(seed)
         # the agent draws its random numbers from its own generator: the user's RNG stream is untouched
         self._sharpness = Sharpness(self.params, iters_per_call=sharpness_iters, cold_iters=max(sharpness_iters, 20),
-                                    generator=self._generator)
-        self._pending: Optional[tuple[str, Decision]] = None
+                                    generator=self._generator, hv_mean=self.group.mean if self.group.active else None)
+        self._incoming: Optional[tuple[str, Decision]] = None  # set by the writer thread (rank 0)
+        self._pending: Optional[tuple[str, Decision]] = None  # to apply at the next step boundary
         self._pending_lock = threading.Lock()
         self._epoch_start = False
         self.phase = 1
@@ -141,19 +146,28 @@ class Agent:
         goodness_settings = goodness if isinstance(goodness, GoodnessSettings) else GoodnessSettings(**dict(goodness or {}))
         policy_config = policy if isinstance(policy, PolicyConfig) else (PolicyConfig(**dict(policy)) if policy else PolicyConfig())
         self.goodness_settings = goodness_settings
+        self.store = None
+        self.writer: Optional[MetricWriter] = None
+        if self.group.is_writer:  # one writer per job: rank 0
+            self._open_writer(store, url, optimizer, reeval_every, probe_every, reference, start_step,
+                              goodness_settings, policy_config, config)
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+
+    def _open_writer(self, store, url, optimizer, reeval_every, probe_every, reference, start_step,
+                     goodness_settings, policy_config, config) -> None:
         self.store = store if store is not None else open_store(url or default_url())
         self.store.create_run(self.run, {
             "optimizer": type(optimizer).__name__,
             "hyperparameters": {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))},
             "reeval_every": reeval_every, "probe_every": probe_every, "random_scaling": self.random_scaling,
             "reference": reference is not None, "start_step": start_step,
-            "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(), **dict(config or {}),
+            "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(),
+            "world_size": self.group.world, **dict(config or {}),
         })
         self.writer = MetricWriter(self.store, self.run, policy=DecisionPolicy(policy_config),
                                    goodness_settings=goodness_settings, sharpness_target=self._sharpness_target,
                                    on_decision=self._receive_decision, on_error=self._record_error)
-        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
-                       optimizer.register_step_post_hook(self._after_step)]
 
     # --- user-facing ---------------------------------------------------------------------------
 
@@ -166,7 +180,11 @@ class Agent:
         self._guard("capture", self.capture.set_targets, *targets)
 
     def decisions(self) -> List[Dict[str, Any]]:
-        return self.store.decisions(self.run)
+        return self.store.decisions(self.run) if self.store is not None else []
+
+    def _submit(self, record: StepRecord) -> None:
+        if self.writer is not None:
+            self.writer.submit(record)
 
     def close(self, status: str = "finished") -> None:
         """Remove the hooks, flush every queued point, mark the run ``status``."""
@@ -177,6 +195,8 @@ class Agent:
             handle.remove()
         self.capture.remove()
         self.raw_gradient.remove()
+        if self.writer is None:
+            return
         self.writer.close()
         try:
             self.store.set_status(self.run, status)
@@ -199,7 +219,8 @@ class Agent:
         log.warning("moxco: %s metrics disabled for run %r after an error: %s\n%s", group, self.run, message,
                     "".join(traceback.format_exception(exc)[-3:]))
         try:
-            self.store.create_run(self.run, {"errors": dict(self.errors)})
+            if self.store is not None:
+                self.store.create_run(self.run, {"errors": dict(self.errors)})
         except Exception:
             pass
 
@@ -249,6 +270,9 @@ class Agent:
         if self._due(self.probe_every) and self.capture.has_batch():
             probe = {}
             self._guard("probe", self._probe, probe, values)
+        if self.group.active and self._due(self.probe_every):
+            # decisions come from rank 0's policy; every rank applies them at the same step boundary
+            self._guard("decision", self._share_decision)
         with torch.no_grad():
             if self._prev is None:
                 self._prev = tensors.clone(self.params)
@@ -258,11 +282,11 @@ class Agent:
         self._epoch_start = False
         self._step_grads = None
         self.raw_gradient.clear()
-        self.writer.submit(record)
+        self._submit(record)
 
     def _free_metrics(self, values: Dict[str, Any]) -> None:
         grads = self._grads()
-        values["loss"] = self.capture.step_loss()
+        values["loss"] = self._step_loss()
         values["grad_norm_sq"] = metrics.grad_norm_sq(grads)
         if self._x0 is not None:
             values["distance"] = metrics.distance(self.params, self._x0)
@@ -271,24 +295,29 @@ class Agent:
             values["update_corr"] = corr
             values["update_corr_rs"] = metrics.update_corr_rs_from_update_corr(corr, self._scale)
 
+    def _step_loss(self) -> Tensor:
+        """``f(x_t, z_t)`` over the global batch (the mean of the ranks' losses under DDP)."""
+        return self.group.mean_scalar(self.capture.step_loss())
+
     def _named(self, tensors_: Sequence[Tensor]) -> Dict[str, Tensor]:
         return dict(zip(self.names, tensors_))
 
     def _replay_with_grad(self, point: Sequence[Tensor]):
         leaves = [t.detach().requires_grad_(True) for t in point]
         loss, grads = self.capture.replay(self.capture.calls, self._named(leaves), with_grad=True, grad_wrt=leaves)
-        return loss, grads
+        averaged = self.group.mean([loss.reshape(1), *grads])
+        return averaged[0].reshape(()), averaged[1:]
 
     def _reeval(self, values: Dict[str, Any]) -> None:
         loss_prev, grad_prev = self._replay_with_grad(self._prev)
-        loss, grads = values.get("loss", self.capture.step_loss()), self._grads()
+        loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
         values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev)
         values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev)
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
         loss_ref, grad_ref = self._replay_with_grad(self._reference)
-        loss, grads = values.get("loss", self.capture.step_loss()), self._grads()
+        loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference)
         values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference)
 
@@ -303,20 +332,20 @@ class Agent:
             finally:
                 self.capture.replaying = False
 
-        probe["sharpness"] = torch.tensor(self._sharpness(loss_fn))
+        probe["sharpness"] = torch.tensor(self._sharpness(loss_fn), dtype=torch.float64)
         thirds = self.capture.split_calls(calls, 3)
         if thirds is not None:
             split_grads = []
-            for part in thirds:
+            for part in thirds:  # under DDP, the k-th thirds of all ranks form a third of the global batch
                 _, grads = self.capture.replay(part, current, with_grad=True, grad_wrt=self.params)
-                split_grads.append(grads)
+                split_grads.append(self.group.mean(grads))
             probe["split_sums"] = split_sums(*split_grads)
-            probe["split_sizes"] = [self.capture.batch_size(part) for part in thirds]
+            probe["split_sizes"] = [self.capture.batch_size(part) * self.group.world for part in thirds]
         if self._reference is not None:
             # F and ∇F on the probe batch (the step's batch): F(x_t) and g_t are the step's own
             loss_ref, _ = self.capture.replay(calls, self._named(self._reference), with_grad=False)
             values["convexity_ratio"] = self._convexity.update(
-                self.capture.step_loss(), loss_ref, self._grads(), self.params, self._reference)
+                self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference)
         values["phase"] = self.phase
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -326,7 +355,7 @@ class Agent:
         with torch.no_grad():
             self._guard("free", self._after_step_metrics, values)
         if values:
-            self.writer.submit(StepRecord(self.step, values))
+            self._submit(StepRecord(self.step, values))
         self.capture.clear()
         self.step += 1
         self._guard("decision", self._apply_pending_decision)
@@ -359,11 +388,21 @@ class Agent:
 
     def _receive_decision(self, ident: str, decision: Decision) -> None:
         with self._pending_lock:
-            self._pending = (ident, decision)
+            self._incoming = (ident, decision)
+
+    def _take_incoming(self) -> Optional[tuple[str, Decision]]:
+        with self._pending_lock:
+            incoming, self._incoming = self._incoming, None
+        return incoming
+
+    def _share_decision(self) -> None:
+        self._pending = self.group.broadcast(self._take_incoming())
 
     def _apply_pending_decision(self) -> None:
-        with self._pending_lock:
+        if self.group.active:
             pending, self._pending = self._pending, None
+        else:
+            pending = self._take_incoming()
         if pending is None:
             return
         ident, decision = pending
@@ -377,9 +416,10 @@ class Agent:
             log.warning("moxco: decision %s for run %r has no optimizer.commit and no on_decision callback; "
                         "it is recorded but not applied", ident, self.run)
             return
-        self.store.acknowledge_decision(ident, applied_step=self.step)
+        if self.store is not None:
+            self.store.acknowledge_decision(ident, applied_step=self.step)
         self.phase = int(action.get("phase", 2))
-        self.writer.submit(StepRecord(self.step, {"phase": self.phase}))
+        self._submit(StepRecord(self.step, {"phase": self.phase}))
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Agent:

@@ -38,6 +38,9 @@ Reduce = Optional[Callable[[Tensor], Optional[Tensor]]]
 __all__ = ["EigenResult", "Sharpness", "hvp", "power_iteration", "top_eigenvalue"]
 
 
+HvMean = Optional[Callable[[List[Tensor]], List[Tensor]]]
+
+
 class EigenResult(NamedTuple):
     """What ``power_iteration`` found.
 
@@ -186,6 +189,7 @@ def _power(
     shift: float,
     reuse_graph: bool,
     reduce: Reduce,
+    hv_mean: HvMean = None,
 ) -> tuple[EigenResult, Optional[List[Tensor]]]:
     """Power iteration from the unit vector ``v``; also returns the next iterate
     ``(H − σI)v/‖(H − σI)v‖`` (the warm start for a following call), or ``None`` after a NaN."""
@@ -205,6 +209,8 @@ def _power(
                 hv = _hessian_times(grads_k, params, v, retain_graph=False)
                 del grads_k
             hvps += 1
+            if hv_mean is not None:  # data-parallel: the HVP of the global batch is the ranks' mean
+                hv = hv_mean(hv)
             if shift:  # iterate on (H − σI); its squared norm joins the same collective
                 w = tensors.add_scaled(hv, v, -shift)
                 lam, hv_sq, w_sq = _reduced([tensors.dot(v, hv), tensors.norm_sq(hv), tensors.norm_sq(w)], reduce).tolist()
@@ -240,6 +246,7 @@ def power_iteration(
     shift: float = 0.0,
     reuse_graph: bool = False,
     reduce: Reduce = None,
+    hv_mean: HvMean = None,
 ) -> EigenResult:
     """Dominant eigenpair of ``H = ∇²f(θ)`` by power iteration on Hessian-vector products.
 
@@ -266,6 +273,8 @@ def power_iteration(
     the call (PyHessian's trick: each HVP is then only the double backward) at the cost of keeping
     that graph in memory until the function returns; only for a deterministic ``loss_fn``.
     ``reduce`` sums the float64 partial sums ``[vᵀHv, ‖Hv‖²]`` across ranks (sharded parameters).
+    ``hv_mean`` averages each HVP over data-parallel ranks (replicated parameters, each rank
+    holding part of the batch): ``H v`` of the global batch is the mean of the ranks' ``H_r v``.
 
     A non-finite loss or HVP (a diverged model) stops the iteration and returns NaN.
     """
@@ -276,7 +285,8 @@ def power_iteration(
         raise ValueError(f"shift must be a finite number, got {shift!r}")
     v = _start_vector(v0, params, generator, reduce)
     result, _ = _power(
-        loss_fn, params, v, iters=iters, tol=tol, shift=float(shift), reuse_graph=reuse_graph, reduce=reduce
+        loss_fn, params, v, iters=iters, tol=tol, shift=float(shift), reuse_graph=reuse_graph, reduce=reduce,
+        hv_mean=hv_mean,
     )
     return result
 
@@ -335,7 +345,7 @@ class Sharpness:
     ``loss_fn`` may draw a new minibatch per call (stochastic HVPs). A non-finite loss or HVP
     (diverged training) returns NaN and drops the vector, so the next finite probe restarts cold
     instead of staying poisoned. ``state_dict()``/``load_state_dict()`` resume the vector and
-    counters. ``reuse_graph`` and ``reduce`` are passed to ``power_iteration``.
+    counters. ``reuse_graph``, ``reduce`` and ``hv_mean`` are passed to ``power_iteration``.
 
     Attributes: ``eigenvalue`` (latest estimate, NaN before the first call), ``eigenvector`` (the
     warm start of the next call, a unit vector list or ``None``), ``hvps`` (total HVPs spent),
@@ -352,6 +362,7 @@ class Sharpness:
         cold_iters: int | None = None,
         reuse_graph: bool = False,
         reduce: Reduce = None,
+        hv_mean: HvMean = None,
     ) -> None:
         self.params = _check_params(params)
         self.iters_per_call = _check_iters(iters_per_call, "iters_per_call")
@@ -360,6 +371,7 @@ class Sharpness:
         self.generator = generator
         self.reuse_graph = bool(reuse_graph)
         self.reduce = reduce
+        self.hv_mean = hv_mean
         self.hvps = 0
         self.calls = 0
         self.last: Optional[EigenResult] = None
@@ -389,6 +401,7 @@ class Sharpness:
             shift=0.0,
             reuse_graph=self.reuse_graph,
             reduce=self.reduce,
+            hv_mean=self.hv_mean,
         )
         self.calls += 1
         self.hvps += result.hvps

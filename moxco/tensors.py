@@ -64,17 +64,28 @@ def dot(xs: TensorList, ys: TensorList) -> Tensor:
 
 
 @torch.no_grad()
+def norms_sq(xs: TensorList) -> Tensor:
+    """``[‖x_1‖², ‖x_2‖², …]``: the squared norm of every tensor of the list (float64, shape (n,))."""
+    if not xs:
+        return torch.zeros(0, dtype=ACCUMULATE_DTYPE)
+    # One fused kernel for the common fp32/fp64 case; low-precision tensors (bf16, fp16) are
+    # reduced with a float64 accumulator (foreach kernels accumulate them in their own dtype).
+    wide = [i for i, x in enumerate(xs) if x.dtype in (torch.float32, torch.float64)]
+    norms: List[Tensor] = [None] * len(xs)  # type: ignore[list-item]
+    if wide:
+        for i, n in zip(wide, torch._foreach_norm([xs[i] for i in wide], 2)):
+            norms[i] = n.to(ACCUMULATE_DTYPE)
+    for i, x in enumerate(xs):
+        if norms[i] is None:
+            norms[i] = torch.linalg.vector_norm(x, dtype=ACCUMULATE_DTYPE)
+    return torch.stack(norms).pow(2)
+
+
 def norm_sq(xs: TensorList) -> Tensor:
     """``‖x‖² = Σ_i ‖x_i‖²`` over a parameter list (float64, additive across shards)."""
     if not xs:
         return _zero(xs)
-    # One fused kernel for the common fp32/fp64 case; low-precision tensors (bf16, fp16) are
-    # reduced with a float64 accumulator (foreach kernels accumulate them in their own dtype).
-    wide = [x for x in xs if x.dtype in (torch.float32, torch.float64)]
-    narrow = [x for x in xs if x.dtype not in (torch.float32, torch.float64)]
-    parts = [n.to(ACCUMULATE_DTYPE) for n in torch._foreach_norm(wide, 2)] if wide else []
-    parts += [torch.linalg.vector_norm(x, dtype=ACCUMULATE_DTYPE) for x in narrow]
-    return torch.stack(parts).pow(2).sum()
+    return norms_sq(xs).sum()
 
 
 @torch.no_grad()

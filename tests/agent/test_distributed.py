@@ -1,0 +1,74 @@
+"""DDP with 2 ranks (gloo, CPU) stores the same metrics as one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import moxco.agent
+from moxco.collector import open_store
+
+GLOBAL_BATCH, STEPS = 32, 12
+COMPARED = ("loss", "grad_norm_sq", "distance", "update_norm", "update_corr", "update_corr_rs", "loss_diff",
+            "inst_gap", "inst_smooth", "avg_gap", "max_smooth", "inst_gap_ref", "inst_smooth_ref", "convexity_ratio",
+            "sharpness")
+
+
+def make_model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(GLOBAL_BATCH, 6, generator=gen, dtype=torch.float64),
+                torch.randn(GLOBAL_BATCH, 1, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
+    reference = {k: v + 0.1 for k, v in model.state_dict().items()}
+    return model, batches, reference
+
+
+def train(model, batches, url, run, reference, rank=0, world=1):
+    criterion = nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    agent = moxco.agent.attach(model, opt, url=url, run=run, reeval_every=1, probe_every=3, criterion=criterion,
+                               reference=reference, seed=5, sharpness_iters=2)
+    share = GLOBAL_BATCH // world
+    for x, y in batches:
+        local = slice(rank * share, (rank + 1) * share)
+        criterion(model(x[local]), y[local]).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    return agent.errors
+
+
+def _worker(rank, world, init_file, url):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, batches, reference = make_model_and_data()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        errors = train(ddp, batches, url, "ddp", reference, rank, world)
+        assert errors == {}, errors
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_ddp_equals_single_process(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), url), nprocs=2, join=True)
+    model, batches, reference = make_model_and_data()
+    assert train(model, batches, url, "single", reference) == {}
+
+    store = open_store(url)
+    assert {r.name for r in store.runs()} == {"ddp", "single"}  # rank 1 wrote nothing of its own
+    assert store.run("ddp").config["world_size"] == 2
+    for metric in COMPARED:
+        steps_ddp, ddp_values = store.series("ddp", metric)
+        steps_single, single_values = store.series("single", metric)
+        assert steps_ddp.size > 0, metric
+        np.testing.assert_array_equal(steps_ddp, steps_single, err_msg=metric)
+        np.testing.assert_allclose(ddp_values, single_values, rtol=1e-9, atol=1e-12, err_msg=metric)
