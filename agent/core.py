@@ -297,26 +297,50 @@ class Agent:
 
     def _step_loss(self) -> Tensor:
         """``f(x_t, z_t)`` over the global batch (the mean of the ranks' losses under DDP)."""
-        return self.group.mean_scalar(self.capture.step_loss())
+        local = self._local("free", self.capture.step_loss, lambda: torch.tensor(math.nan, dtype=torch.float64))
+        return self.group.mean_scalar(local)
 
     def _named(self, tensors_: Sequence[Tensor]) -> Dict[str, Tensor]:
         return dict(zip(self.names, tensors_))
 
-    def _replay_with_grad(self, point: Sequence[Tensor]):
-        leaves = [t.detach().requires_grad_(True) for t in point]
-        loss, grads = self.capture.replay(self.capture.calls, self._named(leaves), with_grad=True, grad_wrt=leaves)
+    def _local(self, group: str, compute: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        """Run a rank-local computation that precedes a collective.
+
+        In one process an exception propagates to ``_guard`` (the group is disabled). Under DDP a
+        rank must never skip a collective the others enter (they would wait forever), so a local
+        failure is recorded and replaced by NaN values of the same shapes: every rank then stores
+        NaN for that metric, visibly, and training goes on.
+        """
+        if not self.group.active:
+            return compute()
+        try:
+            return compute()
+        except Exception as exc:
+            self._record_error(f"{group} (rank {self.group.rank})", exc)
+            return fallback()
+
+    def _nan_like_params(self) -> List[Tensor]:
+        return [torch.full_like(p, math.nan) for p in self.params]
+
+    def _replay_with_grad(self, point: Sequence[Tensor], group: str):
+        def compute():
+            leaves = [t.detach().requires_grad_(True) for t in point]
+            return self.capture.replay(self.capture.calls, self._named(leaves), with_grad=True, grad_wrt=leaves)
+
+        nan = lambda: (torch.tensor(math.nan, dtype=torch.float64), self._nan_like_params())
+        loss, grads = self._local(group, compute, nan)
         averaged = self.group.mean([loss.reshape(1), *grads])
         return averaged[0].reshape(()), averaged[1:]
 
     def _reeval(self, values: Dict[str, Any]) -> None:
-        loss_prev, grad_prev = self._replay_with_grad(self._prev)
+        loss_prev, grad_prev = self._replay_with_grad(self._prev, "reeval")
         loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
         values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev)
         values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev)
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
-        loss_ref, grad_ref = self._replay_with_grad(self._reference)
+        loss_ref, grad_ref = self._replay_with_grad(self._reference, "reference")
         loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference)
         values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference)
@@ -325,25 +349,32 @@ class Agent:
         calls = list(self.capture.calls)
         current = self._named(self.params)
 
-        def loss_fn():
+        def replay():
             self.capture.replaying = True
             try:
                 return self.capture.replay_graph(calls, current)
             finally:
                 self.capture.replaying = False
 
+        def loss_fn():  # a NaN curvature on a failing rank turns every rank's HVP into NaN
+            return self._local("probe", replay, lambda: sum((p.square() * math.nan).sum() for p in self.params))
+
         probe["sharpness"] = torch.tensor(self._sharpness(loss_fn), dtype=torch.float64)
         thirds = self.capture.split_calls(calls, 3)
         if thirds is not None:
             split_grads = []
             for part in thirds:  # under DDP, the k-th thirds of all ranks form a third of the global batch
-                _, grads = self.capture.replay(part, current, with_grad=True, grad_wrt=self.params)
+                _, grads = self._local(
+                    "probe", lambda: self.capture.replay(part, current, with_grad=True, grad_wrt=self.params),
+                    lambda: (None, self._nan_like_params()))
                 split_grads.append(self.group.mean(grads))
             probe["split_sums"] = split_sums(*split_grads)
             probe["split_sizes"] = [self.capture.batch_size(part) * self.group.world for part in thirds]
         if self._reference is not None:
             # F and ∇F on the probe batch (the step's batch): F(x_t) and g_t are the step's own
-            loss_ref, _ = self.capture.replay(calls, self._named(self._reference), with_grad=False)
+            loss_ref, _ = self._local(
+                "probe", lambda: self.capture.replay(calls, self._named(self._reference), with_grad=False),
+                lambda: (torch.tensor(math.nan, dtype=torch.float64), None))
             values["convexity_ratio"] = self._convexity.update(
                 self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference)
         values["phase"] = self.phase

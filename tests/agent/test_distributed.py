@@ -72,3 +72,42 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
         assert steps_ddp.size > 0, metric
         np.testing.assert_array_equal(steps_ddp, steps_single, err_msg=metric)
         np.testing.assert_allclose(ddp_values, single_values, rtol=1e-9, atol=1e-12, err_msg=metric)
+
+
+def _faulty_worker(rank, world, init_file, url):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, batches, _ = make_model_and_data()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        criterion = nn.MSELoss()
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        agent = moxco.agent.attach(ddp, opt, url=url, run="ddp-faulty", reeval_every=1, probe_every=3,
+                                   criterion=criterion, seed=5)
+        if rank == 1:  # a failure on one rank only, inside the groups that hold collectives
+            def boom(*args, **kwargs):
+                raise RuntimeError("injected on rank 1")
+            agent.capture.replay = boom
+            agent.capture.replay_graph = boom
+        share = GLOBAL_BATCH // world
+        for x, y in batches:
+            local = slice(rank * share, (rank + 1) * share)
+            criterion(ddp(x[local]), y[local]).backward()
+            opt.step()
+            opt.zero_grad()
+        agent.close()
+        if rank == 1:
+            assert set(agent.errors) == {"reeval (rank 1)", "probe (rank 1)"}, agent.errors
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_a_failure_on_one_rank_neither_hangs_nor_hides(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    mp.spawn(_faulty_worker, args=(2, str(tmp_path / "init"), url), nprocs=2, join=True)
+    store = open_store(url)
+    assert store.series("ddp-faulty", "loss")[0].size == STEPS
+    assert np.all(np.isfinite(store.series("ddp-faulty", "loss")[1]))
+    gaps = store.series("ddp-faulty", "inst_gap")[1]
+    assert gaps.size == STEPS - 1 and np.all(np.isnan(gaps))  # stored as NaN on every step, not lost
+    assert np.all(np.isnan(store.series("ddp-faulty", "sharpness")[1]))
