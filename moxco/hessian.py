@@ -14,7 +14,8 @@ Implements the ``sharpness`` metric of DESIGN §3, i.e. MoXCo Algorithm 2 and it
 Vectors are lists of tensors shaped like the parameters, never one concatenated vector, so the
 same code runs on FSDP shards: the two reductions per iteration (``vᵀHv`` and ``‖Hv‖²``) are
 partial sums that a ``reduce`` callable (e.g. an ``all_reduce``) sums across ranks, one
-collective per HVP, as in ``moxco.metrics``.
+collective per HVP, as in ``moxco.metrics``. Under data parallelism (replicated parameters, the
+batch split across ranks) ``hv_mean`` averages each local ``H v`` across ranks first.
 
 Power iteration converges to the eigenvalue of largest *magnitude*. Near a minimum that is the
 top eigenvalue; where a negative eigenvalue dominates (e.g. at a saddle early in training) it
@@ -34,11 +35,9 @@ from moxco.tensors import ACCUMULATE_DTYPE, TensorList
 
 LossFn = Callable[[], Tensor]
 Reduce = Optional[Callable[[Tensor], Optional[Tensor]]]
+HvMean = Optional[Callable[[List[Tensor]], List[Tensor]]]
 
 __all__ = ["EigenResult", "Sharpness", "hvp", "power_iteration", "top_eigenvalue"]
-
-
-HvMean = Optional[Callable[[List[Tensor]], List[Tensor]]]
 
 
 class EigenResult(NamedTuple):
@@ -213,7 +212,8 @@ def _power(
                 hv = hv_mean(hv)
             if shift:  # iterate on (H − σI); its squared norm joins the same collective
                 w = tensors.add_scaled(hv, v, -shift)
-                lam, hv_sq, w_sq = _reduced([tensors.dot(v, hv), tensors.norm_sq(hv), tensors.norm_sq(w)], reduce).tolist()
+                partials = [tensors.dot(v, hv), tensors.norm_sq(hv), tensors.norm_sq(w)]
+                lam, hv_sq, w_sq = _reduced(partials, reduce).tolist()
             else:
                 w = hv
                 lam, hv_sq = _reduced([tensors.dot(v, hv), tensors.norm_sq(hv)], reduce).tolist()
@@ -302,6 +302,7 @@ def top_eigenvalue(
     shift: float = 0.0,
     reuse_graph: bool = False,
     reduce: Reduce = None,
+    hv_mean: HvMean = None,
 ) -> tuple[float, List[Tensor]]:
     """``(λ, v)`` with ``λ = vᵀ∇²f(θ)v`` for the unit ``v`` power iteration converged to.
 
@@ -321,6 +322,7 @@ def top_eigenvalue(
         shift=shift,
         reuse_graph=reuse_graph,
         reduce=reduce,
+        hv_mean=hv_mean,
     )
     return result.eigenvalue, result.eigenvector
 
