@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from moxco import metrics, tensors
+from moxco.names import OPTIMIZER_METRICS
 from moxco.agent.capture import StepCapture
 from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
@@ -377,7 +378,22 @@ class Agent:
                 lambda: (torch.tensor(math.nan, dtype=torch.float64), None))
             values["convexity_ratio"] = self._convexity.update(
                 self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference)
+        self._guard("optimizer", self._optimizer_state, values)
         values["phase"] = self.phase
+
+    def _optimizer_state(self, values: Dict[str, Any]) -> None:
+        """The optimizer's own state on the probe cadence, for the moxco.optim optimizers (their
+        ``hyperparameters()``: phase, current α, β, lr, critical-momenta buffer statistics)."""
+        describe = getattr(self.optimizer, "hyperparameters", None)
+        if not callable(describe):
+            return
+        state = describe()
+        for key in OPTIMIZER_METRICS:
+            value = state.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[key] = float(value)
+        if state.get("phase") in (1, 2):
+            self.phase = int(state["phase"])
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._closed:
@@ -403,9 +419,16 @@ class Agent:
     # --- decisions -----------------------------------------------------------------------------
 
     def _sharpness_target(self) -> Optional[float]:
+        """``λ_target``: the user's, else ``k · λ_EOS`` with the optimizer's own η, α, β (MoXCo
+        Theorem 2): ``optimizer.eos_sharpness()`` for moxco.optim.MoXCo, else from param group 0
+        (heavy-ball momentum as α)."""
         s = self.goodness_settings
         if s.sharpness_target is not None:
             return s.sharpness_target
+        own = getattr(self.optimizer, "eos_sharpness", None)
+        if callable(own):
+            value = float(own())
+            return s.k * value if math.isfinite(value) and value > 0 else None
         group = self.optimizer.param_groups[0]
         lr = group.get("lr")
         if not isinstance(lr, (int, float)) or lr <= 0:

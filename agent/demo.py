@@ -1,11 +1,13 @@
 """``moxco demo``: a small training run with the agent attached, stored in the embedded SQLite store.
 
-A 2-layer tanh MLP learns a noisy teacher network with SGD + heavy-ball momentum, the agent
-attached with ``moxco.agent.attach(model, opt, criterion=...)`` (re-evaluation every step, probes
-every ``probe_every`` steps). The MoXCo policy watches the goodness score and the decision is
-applied through ``on_decision`` (momentum → the action's α: the commit phase). At the end the
-run is read back from the store, summarised, and checked against independent ground truth
-(explicit Hessian, identities); the exit code is non-zero if a check fails.
+A 2-layer tanh MLP learns a noisy teacher network with the MoXCo optimizer (inertial exploration
+around SGD, ``moxco.optim.MoXCo``), the agent attached with
+``moxco.agent.attach(model, opt, criterion=...)`` (re-evaluation every step, probes every
+``probe_every`` steps). The policy watches the goodness score against the optimizer's own
+edge-of-stability bound and its decision reaches ``opt.commit(...)``: Phase 2, less inertia,
+hypergradient step size. At the end the run is read back from the store, summarised, and checked
+against independent ground truth (explicit Hessian, identities); the exit code is non-zero if a
+check fails.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 import moxco.agent
 from moxco.collector import open_store
-from moxco.policy import Decision
+from moxco.optim import MoXCo
 
 NOISE_STD = 0.1
 
@@ -84,22 +86,16 @@ def explicit_top_eigenvalue(model: nn.Module, state: dict, inputs: torch.Tensor,
 def run_demo(steps: int = 300, probe_every: int = 10, seed: int = 0, url: Optional[str] = None,
              run: Optional[str] = None, quiet: bool = False) -> int:
     model, inputs, targets = make_task(seed)
-    lr, momentum, batch_size = 0.05, 0.9, 96
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    batch_size = 96
+    opt = MoXCo(model.parameters(), torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, seed=seed)
     criterion = nn.MSELoss()
-    applied: List[Tuple[int, Decision]] = []
-
-    def commit(decision: Decision) -> None:  # the phase switch for a plain SGD: less momentum
-        for group in opt.param_groups:
-            group["momentum"] = decision.action["alpha"]
-        applied.append((agent.step, decision))
 
     url = url or f"sqlite:///{Path.cwd() / 'moxco.db'}"
     run = run or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     agent = moxco.agent.attach(
         model, opt, url=url, run=run, reeval_every=1, probe_every=probe_every, criterion=criterion,
-        sharpness_iters=5, seed=seed, on_decision=commit,
-        goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},  # λ bound: 2(1+μ)/η (heavy ball)
+        sharpness_iters=10, seed=seed,
+        goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},  # λ bound: opt.eos_sharpness()
         policy={"threshold": 0.9, "consecutive": 3, "min_step": 50},
         config={"task": "teacher-student regression", "batch_size": batch_size},
     )
@@ -120,10 +116,10 @@ def run_demo(steps: int = 300, probe_every: int = 10, seed: int = 0, url: Option
 
     with torch.no_grad():
         full_loss = float(criterion(model(inputs), targets))
-    return _report(url, run, agent, model, last_probe, full_loss, applied)
+    return _report(url, run, agent, model, opt, last_probe, full_loss)
 
 
-def _report(url, run, agent, model, last_probe, full_loss, applied) -> int:
+def _report(url, run, agent, model, opt, last_probe, full_loss) -> int:
     store = open_store(url)
     names = store.metrics(run)
     print(f"\nmoxco demo: run {run!r} stored in {url}")
@@ -154,9 +150,9 @@ def _report(url, run, agent, model, last_probe, full_loss, applied) -> int:
     checks.append(("ALIGATOR loss closer to the full-data loss than raw minibatch losses",
                    abs(denoised - full_loss) < np.abs(raw - full_loss).mean(),
                    f"{abs(denoised - full_loss):.2e} vs {np.abs(raw - full_loss).mean():.2e}"))
-    checks.append(("the policy's decision was stored, applied and acknowledged",
-                   len(decisions) == 1 and len(applied) == 1 and decisions[0]["applied_step"] == applied[0][0],
-                   f"{len(decisions)} decision(s), {len(applied)} applied"))
+    checks.append(("the policy's decision was stored, committed by the optimizer and acknowledged",
+                   len(decisions) == 1 and opt.phase == 2 and decisions[0]["applied_step"] == opt.hyperparameters()["committed_at"],
+                   f"{len(decisions)} decision(s), optimizer phase {opt.phase}"))
     checks.append(("no agent errors", not agent.errors, str(agent.errors or "none")))
     print("\nself-check against ground truth")
     for label, ok, detail in checks:

@@ -23,6 +23,7 @@ from moxco import metrics
 from moxco.aligator import Aligator, GradNormSqEstimator
 from moxco.collector.storage import Point, Store
 from moxco.goodness import goodness
+from moxco.names import GOODNESS_TERM_METRICS
 from moxco.policy import Decision, DecisionPolicy, decision_id
 
 log = logging.getLogger("moxco.agent")
@@ -174,7 +175,7 @@ class MetricWriter:
         score = goodness(max(grad_sq, 0.0) if not math.isnan(grad_sq) else grad_sq, sharpness,
                          self.loss_denoiser.estimate, tau=s.tau, sharpness_target=target,
                          loss_target=s.loss_target, form=s.form)
-        for name, value in zip(("goodness", "goodness_grad_term", "goodness_sharpness_term", "goodness_loss_term"), score):
+        for name, value in zip(("goodness",) + GOODNESS_TERM_METRICS, score):
             self._emit(step, name, value, wall)
         if self.policy is not None:
             decision = self.policy.observe(step, score)

@@ -10,5 +10,10 @@ REEVAL_METRICS = ("loss_diff", "inst_gap", "inst_smooth", "avg_gap", "exp_gap", 
 REFERENCE_METRICS = ("inst_gap_ref", "inst_smooth_ref", "convexity_ratio")
 # Probe cadence.
 PROBE_METRICS = ("sharpness", "goodness", "phase")
+# The three bracketed terms of the goodness score (MoXCo eq. 6), stored beside it.
+GOODNESS_TERM_METRICS = ("goodness_grad_term", "goodness_sharpness_term", "goodness_loss_term")
+# The moxco.optim optimizers' own state, recorded on the probe cadence.
+OPTIMIZER_METRICS = ("lr", "alpha", "beta", "buffer_variance", "buffer_cosine")
 
-ALL_METRICS = FREE_METRICS + REEVAL_METRICS + REFERENCE_METRICS + PROBE_METRICS
+ALL_METRICS = (FREE_METRICS + REEVAL_METRICS + REFERENCE_METRICS + PROBE_METRICS + GOODNESS_TERM_METRICS
+               + OPTIMIZER_METRICS)

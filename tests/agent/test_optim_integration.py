@@ -1,0 +1,74 @@
+"""The agent with the papers' optimizers: their state is recorded, λ_target comes from their own
+η, α, β, and the policy's decision reaches ``MoXCo.commit``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moxco.agent
+from moxco.collector import open_store
+from moxco.goodness import eos_sharpness
+from moxco.optim import MoXCo, SGDCM
+
+
+def regression(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 4, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.05 * torch.randn(256, 1, generator=gen)
+    torch.manual_seed(seed)
+    return nn.Linear(4, 1), x, y
+
+
+def test_moxco_optimizer_state_target_and_commit(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    model, x, y = regression()
+    criterion = nn.MSELoss()
+    opt = MoXCo(model.parameters(), torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, seed=0)
+    assert opt.eos_sharpness() == pytest.approx(eos_sharpness(0.05, 0.9, 0.5))
+    agent = moxco.agent.attach(model, opt, url=url, run="moxco", reeval_every=1, probe_every=5, criterion=criterion,
+                               goodness={"tau": 1.0, "loss_target": 0.0025, "form": "eos"},
+                               policy={"threshold": 0.9, "consecutive": 2, "min_step": 20,
+                                       "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}})
+    assert agent._sharpness_target() == pytest.approx(opt.eos_sharpness())
+    for _ in range(150):
+        criterion(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    assert agent.errors == {}
+    assert opt.phase == 2
+
+    store = open_store(url)
+    (decision,) = store.decisions("moxco")
+    assert decision["applied_step"] is not None and decision["applied_step"] > decision["step"]
+    steps, alpha = store.series("moxco", "alpha")
+    assert alpha[steps < decision["step"]].max() == pytest.approx(0.9)
+    assert alpha[steps > decision["applied_step"]].max() == pytest.approx(0.1)
+    phase_steps, phase = store.series("moxco", "phase")
+    assert set(phase[phase_steps <= decision["step"]]) == {1.0} and phase[-1] == 2.0
+    assert np.all(store.series("moxco", "lr")[1] > 0)
+
+
+def test_critical_momenta_buffer_statistics_are_recorded(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    model, x, y = regression(1)
+    criterion = nn.MSELoss()
+    opt = SGDCM(model.parameters(), lr=0.02, momentum=0.9)
+    agent = moxco.agent.attach(model, opt, url=url, run="cm", reeval_every=0, probe_every=4, criterion=criterion)
+    for _ in range(40):
+        criterion(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    assert agent.errors == {}
+    store = open_store(url)
+    variance = store.series("cm", "buffer_variance")[1]
+    cosine = store.series("cm", "buffer_cosine")[1]
+    assert variance.size == 10 and np.all(variance[np.isfinite(variance)] >= 0)
+    finite = cosine[np.isfinite(cosine)]
+    assert finite.size > 0 and np.all(np.abs(finite) <= 1 + 1e-9)
