@@ -1,16 +1,34 @@
 """The ``moxco`` command line.
 
-``moxco demo`` runs the main job: a small training run with the agent attached, written to the
-embedded SQLite store, summarised and checked against ground truth.
+Each area of the product registers its own subcommands from its own module, so the parser is
+assembled here and nothing heavy is imported until a command runs (``moxco demo`` never imports
+FastAPI). A command module exposes ``register(subparsers)``; each subparser it adds sets
+``func=callable(args) -> int`` through ``set_defaults``. Modules whose optional dependencies are
+missing (an install without the ``collector`` extra, say) still register their commands: the
+import error is reported when such a command runs, with the extra to install.
+
+* ``moxco demo``: the main job (``moxco.agent.demo``).
+* ``moxco serve``, ``db``, ``token``, ``decide``: the collector service (``moxco.collector.cli``).
+* ``moxco audit``: post-hoc assumption audits (``moxco.audit.cli``).
+* ``moxco dashboards``: Grafana dashboards as code (``moxco.dashboards.cli``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Optional, Sequence
 
 from moxco import __version__
+
+# (module, the extra that provides its dependencies)
+COMMAND_MODULES = (
+    ("moxco.agent.demo_cli", None),
+    ("moxco.collector.cli", "collector"),
+    ("moxco.audit.cli", None),
+    ("moxco.dashboards.cli", "dashboards"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,39 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moxco {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    demo = commands.add_parser(
-        "demo",
-        help="train a small model and watch it with every moxco metric",
-        description="Train a small MLP on a synthetic regression task with the moxco agent attached "
-        "(every DESIGN §3 metric, sharpness, goodness, the phase-switch decision), store the run in "
-        "SQLite, print a summary and check the numbers against independent ground truth.",
-    )
-    demo.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
-    demo.add_argument("--probe-every", type=int, default=10, help="steps between probes (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--url", help="store URL (default: $MOXCO_URL, else sqlite:///moxco.db in the working dir)")
-    demo.add_argument("--run", help="run name (default: demo-<timestamp>)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    for module_name, _extra in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+                continue  # that area does not exist (yet) in this install
+            raise
+        module.register(commands)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        import os
-
-        from moxco.agent.demo import run_demo
-
-        if args.steps < 2:
-            print("moxco demo: --steps must be at least 2", file=sys.stderr)
-            return 2
-        if args.probe_every < 1:
-            print("moxco demo: --probe-every must be at least 1", file=sys.stderr)
-            return 2
-        return run_demo(steps=args.steps, probe_every=args.probe_every, seed=args.seed,
-                        url=args.url or os.environ.get("MOXCO_URL"), run=args.run, quiet=args.quiet)
-    return 2  # unreachable: argparse requires a command
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
