@@ -9,7 +9,7 @@ import error is reported when such a command runs, with the extra to install.
 
 * ``moxco demo``: the main job (``moxco.agent.demo``).
 * ``moxco serve``, ``db``, ``token``, ``decide``: the collector service (``moxco.collector.cli``).
-* ``moxco audit``: post-hoc assumption audits (``moxco.audit.cli``).
+* ``moxco audit``: post-hoc assumption audits (``moxco.collector.audit.cli``).
 * ``moxco dashboards``: Grafana dashboards as code (``moxco.dashboards.cli``).
 """
 
@@ -26,7 +26,7 @@ from moxco import __version__
 COMMAND_MODULES = (
     ("moxco.agent.demo_cli", None),
     ("moxco.collector.cli", "collector"),
-    ("moxco.audit.cli", None),
+    ("moxco.collector.audit.cli", None),
     ("moxco.dashboards.cli", "dashboards"),
 )
 
