@@ -376,7 +376,7 @@ class Sharpness:
         self.hv_mean = hv_mean
         self.hvps = 0
         self.calls = 0
-        self.last: Optional[EigenResult] = None
+        self.last: Optional[EigenResult] = None  # the last probe's figures (eigenvector not kept)
         self.reset()
 
     def reset(self) -> None:
@@ -407,7 +407,9 @@ class Sharpness:
         )
         self.calls += 1
         self.hvps += result.hvps
-        self.last = result
+        # the Rayleigh vector is one power step behind ``nxt``: not kept, so the tracker holds one
+        # parameter-sized vector between calls (DESIGN §6 memory budget)
+        self.last = result._replace(eigenvector=None)
         self.eigenvalue = result.eigenvalue
         self._vector = nxt
         return self.eigenvalue
