@@ -169,6 +169,8 @@ class MetricWriter:
         else:
             grad_sq = values.get("grad_norm_sq", math.nan)
         target = self.sharpness_target()
+        if target is not None:
+            self._emit(step, "sharpness_target", float(target), wall)
         if target is None or math.isnan(sharpness) or "goodness" in self._disabled:
             return
         s = self.goodness_settings

@@ -12,8 +12,11 @@ REFERENCE_METRICS = ("inst_gap_ref", "inst_smooth_ref", "convexity_ratio")
 PROBE_METRICS = ("sharpness", "goodness", "phase")
 # The three bracketed terms of the goodness score (MoXCo eq. 6), stored beside it.
 GOODNESS_TERM_METRICS = ("goodness_grad_term", "goodness_sharpness_term", "goodness_loss_term")
+# λ_target of the goodness score (the user's, else k·λ_EOS from the optimizer), stored at every
+# probe so dashboards and alerts can draw sharpness against it.
+SHARPNESS_TARGET_METRICS = ("sharpness_target",)
 # The moxco.optim optimizers' own state, recorded on the probe cadence.
 OPTIMIZER_METRICS = ("lr", "alpha", "beta", "buffer_variance", "buffer_cosine")
 
 ALL_METRICS = (FREE_METRICS + REEVAL_METRICS + REFERENCE_METRICS + PROBE_METRICS + GOODNESS_TERM_METRICS
-               + OPTIMIZER_METRICS)
+               + SHARPNESS_TARGET_METRICS + OPTIMIZER_METRICS)

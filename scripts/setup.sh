@@ -17,3 +17,23 @@ if [ -n "$extras" ]; then
 else
   "${pip[@]}" -e .
 fi
+
+# --- system packages for the test suite ---
+# Real servers and tools the tests start (tests fail, never skip, without them): postgresql
+# (the collector's PostgreSQL backend), prometheus (a real scraper, promtool for the rules and
+# config), chromium (headless browser tests of the pages and audit reports). Installed with
+# apt-get, only when the dev extra is requested and a package is missing. Add further packages
+# to this one list.
+APT_PACKAGES=(postgresql prometheus chromium)
+if [[ ",$extras," == *",dev,"* ]] && command -v apt-get >/dev/null; then
+  missing=()
+  for package in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    sudo=(); [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+# --- end of system packages ---

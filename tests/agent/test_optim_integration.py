@@ -52,6 +52,16 @@ def test_moxco_optimizer_state_target_and_commit(tmp_path):
     phase_steps, phase = store.series("moxco", "phase")
     assert set(phase[phase_steps <= decision["step"]]) == {1.0} and phase[-1] == 2.0
     assert np.all(store.series("moxco", "lr")[1] > 0)
+    # λ_target follows the optimizer's own η, α, β through the phase switch (hypergradient lr too)
+    target_steps, target = store.series("moxco", "sharpness_target")
+    assert np.array_equal(target_steps, steps)
+    lr_steps, lr = store.series("moxco", "lr")
+    beta = store.series("moxco", "beta")[1]
+    before = target_steps < decision["step"]
+    assert target[before] == pytest.approx(np.full(before.sum(), eos_sharpness(0.05, 0.9, 0.5)))
+    after = target_steps > decision["applied_step"]
+    assert after.sum() > 0
+    assert target[after] == pytest.approx([eos_sharpness(l, a, b) for l, a, b in zip(lr[after], alpha[after], beta[after])])
 
 
 def test_critical_momenta_buffer_statistics_are_recorded(tmp_path):

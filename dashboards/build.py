@@ -1,0 +1,520 @@
+"""The moxco Grafana dashboards, written as code with the Grafana Foundation SDK's typed builders.
+
+Two dashboards:
+
+* ``moxco-live-run`` (**moxco · live run**): one run (variable ``run`` from
+  ``label_values(moxco_run_step, run)``), the MoXCo story top to bottom: where the run is now,
+  loss and gradient norm, sharpness against ``λ_target`` (the EOS bound, DESIGN §3), goodness
+  against the threshold C and its three terms, the phase, the optimizer's state, the audit metrics
+  (gaps, smoothness, update correlations, convexity ratio, distance), and the run's full history
+  from the store.
+* ``moxco-compare-runs`` (**moxco · compare runs**): several runs side by side (multi-select
+  ``run``), with a summary table from the store.
+
+Live panels query Prometheus (the collector's ``/metrics``: ``moxco_<metric>{run}`` gauges,
+docs/api.md); since several collector workers expose the same gauges, every query aggregates
+``max by (run)`` so a run is one line whatever the number of workers. Full history, the decision
+table and the decision annotations query the PostgreSQL store (``runs``, ``metric_points``,
+``decisions``: collector/schema.py) through Grafana's PostgreSQL datasource.
+
+``python -m moxco.dashboards.build`` (or ``moxco dashboards build``) writes the JSON to
+``dashboards/json/`` and the Kubernetes ConfigMap that carries it to
+``deploy/k8s/grafana-dashboards.yaml`` (and the alert rules' to ``deploy/k8s/prometheus-rules.yaml``);
+``--check`` exits 1 when the committed files are stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders import common as cb
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as cm
+from grafana_foundation_sdk.models import dashboard as dm
+
+from moxco.dashboards.sdk import AnnotationBuilder, SQLQueryBuilder
+
+# --- datasources: fixed uids, so provisioning, push and the dashboards agree --------------------
+
+PROMETHEUS_UID = "moxco-prometheus"
+PROMETHEUS_TYPE = "prometheus"
+POSTGRES_UID = "moxco-postgres"
+POSTGRES_TYPE = "grafana-postgresql-datasource"  # Grafana ≥ 10.3's id of the core PostgreSQL plugin
+
+PROMETHEUS = dm.DataSourceRef(type_val=PROMETHEUS_TYPE, uid=PROMETHEUS_UID)
+POSTGRES = dm.DataSourceRef(type_val=POSTGRES_TYPE, uid=POSTGRES_UID)
+
+LIVE_UID = "moxco-live-run"
+COMPARE_UID = "moxco-compare-runs"
+TAGS = ["moxco"]
+DEFAULT_THRESHOLD_C = "0.85"  # moxco.policy.PolicyConfig's default threshold
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+JSON_DIR = Path(__file__).resolve().parent / "json"
+K8S_CONFIGMAP = REPO_ROOT / "deploy" / "k8s" / "grafana-dashboards.yaml"
+ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "rules" / "moxco-alerts.yml"
+K8S_RULES_CONFIGMAP = REPO_ROOT / "deploy" / "k8s" / "prometheus-rules.yaml"
+
+# --- small builders ------------------------------------------------------------------------------
+
+
+class _Ids:
+    """Hands out panel ids 1, 2, … within one dashboard (Grafana wants them unique)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def prom(expr: str, legend: str, ref: str) -> prometheus.Dataquery:
+    """A range query on the moxco Prometheus datasource."""
+    return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).range().datasource(PROMETHEUS)
+
+
+def prom_instant(expr: str, ref: str = "A") -> prometheus.Dataquery:
+    """An instant query (stat panels): the latest value only."""
+    return prometheus.Dataquery().expr(expr).legend_format("__auto").ref_id(ref).instant().datasource(PROMETHEUS)
+
+
+def sql(query: str, ref: str = "A", fmt: str = "time_series") -> SQLQueryBuilder:
+    """A raw-SQL query on the moxco PostgreSQL datasource (the collector's store)."""
+    return SQLQueryBuilder().ref_id(ref).raw_sql(" ".join(query.split())).format(fmt).datasource(POSTGRES)
+
+
+def _legend(mode: cm.LegendDisplayMode = cm.LegendDisplayMode.LIST, calcs: Sequence[str] = ()) -> cb.VizLegendOptions:
+    return (cb.VizLegendOptions().display_mode(mode).placement(cm.LegendPlacement.BOTTOM).show_legend(True)
+            .calcs(list(calcs)))
+
+
+def _tooltip() -> cb.VizTooltipOptions:
+    return cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.NONE)
+
+
+def _thresholds(*steps: tuple) -> db.ThresholdsConfig:
+    """Absolute thresholds from ``(value, color)`` pairs; the first value is None (the base)."""
+    return db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(
+        [dm.Threshold(value=v, color=c) for v, c in steps])
+
+
+def _dashed(color: str) -> List[dm.DynamicConfigValue]:
+    return [dm.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
+            dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color})]
+
+
+def series_panel(ids: _Ids, title: str, description: str, targets: Iterable, *, unit: str = "short",
+                 log: bool = False, span: int = 12, height: int = 8, step_line: bool = False,
+                 legend: Optional[cb.VizLegendOptions] = None, datasource: dm.DataSourceRef = PROMETHEUS,
+                 ) -> timeseries.Panel:
+    """A time-series panel; ``log`` uses a symmetric log axis (the values can be ≤ 0 or span decades)."""
+    panel = (timeseries.Panel().id(ids()).title(title).description(description).datasource(datasource)
+             .targets(list(targets)).unit(unit).span(span).height(height)
+             .legend(legend or _legend()).tooltip(_tooltip())
+             .line_width(1).fill_opacity(0).show_points(cm.VisibilityMode.NEVER).span_nulls(False)
+             .line_interpolation(cm.LineInterpolation.STEP_AFTER if step_line else cm.LineInterpolation.LINEAR))
+    if log:
+        panel = panel.scale_distribution(cb.ScaleDistributionConfig().type(cm.ScaleDistribution.SYMLOG).log(10))
+    return panel
+
+
+def stat_panel(ids: _Ids, title: str, description: str, expr: str, *, unit: str = "short",
+               thresholds: Optional[db.ThresholdsConfig] = None, mappings: Optional[list] = None,
+               decimals: Optional[float] = None, span: int = 4) -> stat.Panel:
+    """A single-number panel on the latest value of ``expr``."""
+    panel = (stat.Panel().id(ids()).title(title).description(description).datasource(PROMETHEUS)
+             .with_target(prom_instant(expr)).unit(unit).span(span).height(4)
+             .graph_mode(cm.BigValueGraphMode.NONE).color_mode(cm.BigValueColorMode.BACKGROUND)
+             .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+             .thresholds(thresholds or _thresholds((None, "blue"))).no_value("–"))
+    if mappings:
+        panel = panel.mappings(mappings)
+    if decimals is not None:
+        panel = panel.decimals(decimals)
+    return panel
+
+
+# --- PromQL --------------------------------------------------------------------------------------
+
+
+def gauge(metric: str, selector: str) -> str:
+    """``max by (run) (moxco_<metric>{selector})``: one series per run however many workers expose
+    it (``max`` keeps a NaN only when every worker reports NaN, i.e. when the run's value is NaN)."""
+    return f"max by (run) (moxco_{metric}{{{selector}}})"
+
+
+# --- SQL on the store (collector/schema.py) ------------------------------------------------------
+
+
+def history_sql(metric: str) -> str:
+    """Per time bucket, the min and max of a run-level metric over the run's whole stored history
+    (NaN is stored as NULL and so skipped; extremes survive the bucketing)."""
+    return f"""
+        SELECT $__unixEpochGroupAlias(p.wall_time, $__interval), min(p.value) AS "min", max(p.value) AS "max"
+        FROM metric_points p JOIN runs r ON r.id = p.run_id
+        WHERE r.name = ${{run:sqlstring}} AND p.metric = '{metric}' AND p.rank = -1
+          AND $__unixEpochFilter(p.wall_time)
+        GROUP BY 1 ORDER BY 1"""
+
+
+DECISIONS_ANNOTATION_SQL = """
+    SELECT to_timestamp(d.created_at) AS "time",
+           'decision (' || d.source || ') at step ' || d.step || ': ' || CAST(d.action AS TEXT)
+           || ', goodness ' || COALESCE(CAST(ROUND(CAST(d.goodness AS NUMERIC), 3) AS TEXT), 'n/a')
+           || COALESCE(', applied at step ' || d.applied_step, ', not applied yet') AS "text",
+           r.name AS "tags"
+    FROM decisions d JOIN runs r ON r.id = d.run_id
+    WHERE r.name IN (${run:sqlstring}) AND $__unixEpochFilter(d.created_at)
+    ORDER BY 1"""
+
+DECISIONS_TABLE_SQL = """
+    SELECT to_timestamp(d.created_at) AS "time", d.step AS "step", d.source AS "source",
+           d.goodness AS "goodness", d.grad_term AS "grad term", d.sharpness_term AS "sharpness term",
+           d.loss_term AS "loss term", CAST(d.action AS TEXT) AS "action",
+           d.applied_step AS "applied at step"
+    FROM decisions d JOIN runs r ON r.id = d.run_id
+    WHERE r.name = ${run:sqlstring}
+    ORDER BY d.step"""
+
+
+def _latest(metric: str) -> str:
+    return (f"(SELECT p.value FROM metric_points p WHERE p.run_id = r.id AND p.metric = '{metric}' "
+            f"AND p.rank = -1 ORDER BY p.step DESC LIMIT 1)")
+
+
+def _agg(fn: str, metric: str) -> str:
+    return (f"(SELECT {fn}(p.value) FROM metric_points p WHERE p.run_id = r.id AND p.metric = '{metric}' "
+            f"AND p.rank = -1)")
+
+
+RUNS_SUMMARY_SQL = f"""
+    SELECT r.name AS "run", r.status AS "status", r.last_step AS "last step",
+           {_latest('phase')} AS "phase",
+           {_latest('loss')} AS "last loss", {_agg('min', 'loss')} AS "min loss",
+           {_latest('goodness')} AS "last goodness", {_agg('max', 'sharpness')} AS "max sharpness",
+           {_latest('convexity_ratio')} AS "convexity ratio",
+           (SELECT count(*) FROM decisions d WHERE d.run_id = r.id) AS "decisions"
+    FROM runs r
+    WHERE r.name IN (${{run:sqlstring}})
+    ORDER BY r.name"""
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+PHASE_MAPPINGS = [dm.ValueMap(options={
+    "1": dm.ValueMappingResult(text="1 · explore", color="blue", index=0),
+    "2": dm.ValueMappingResult(text="2 · commit", color="green", index=1),
+})]
+
+
+def run_variable(multi: bool) -> db.QueryVariable:
+    """``run``: the runs the collector exposes now (its ``moxco_run_step`` gauge)."""
+    variable = (db.QueryVariable("run").label("run").datasource(PROMETHEUS)
+                .query("label_values(moxco_run_step, run)")
+                .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+                .description("Runs the collector reports as running (label_values(moxco_run_step, run))."))
+    if multi:
+        variable = variable.multi(True).include_all(True)
+    return variable
+
+
+def threshold_variable() -> db.TextBoxVariable:
+    """``C``: the goodness threshold the run's decision policy uses (docs/metrics.md, Decisions)."""
+    return (db.TextBoxVariable("C").label("goodness threshold C").default_value(DEFAULT_THRESHOLD_C)
+            .description("The decision policy's goodness threshold C (PolicyConfig.threshold, default 0.85)."))
+
+
+def decision_annotations(selector: str) -> List[AnnotationBuilder]:
+    """Decision markers (from the store, with their goodness and action) and phase changes (from
+    Prometheus, so they show without PostgreSQL too). A Prometheus-only decision marker is there,
+    off by default, for setups without the PostgreSQL datasource."""
+    return [
+        AnnotationBuilder("Decisions").datasource(POSTGRES).icon_color("orange")
+        .sql_target(sql(DECISIONS_ANNOTATION_SQL, ref="Decisions", fmt="table")),
+        AnnotationBuilder("Phase changes").datasource(PROMETHEUS).icon_color("purple")
+        .expr(f"max by (run) (changes(moxco_phase{{{selector}}}[2m])) > 0")
+        .extra(titleFormat="phase changed", textFormat="run {{run}}", tagKeys="run", step="60s"),
+        AnnotationBuilder("Decisions (Prometheus)").datasource(PROMETHEUS).icon_color("yellow").enable(False)
+        .expr(f"max by (run) (changes(moxco_decisions_total{{{selector}}}[2m])) > 0")
+        .extra(titleFormat="decision", textFormat="run {{run}}", tagKeys="run", step="60s"),
+    ]
+
+
+def _dashboard(uid: str, title: str, description: str) -> db.Dashboard:
+    return (db.Dashboard(title).uid(uid).description(description).tags(TAGS).editable()
+            .refresh("10s").time("now-1h", "now").timezone("browser")
+            .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+            .timepicker(db.TimePicker().refresh_intervals(["5s", "10s", "30s", "1m", "5m", "15m"])))
+
+
+# --- the live-run dashboard ----------------------------------------------------------------------
+
+
+def live_run() -> db.Dashboard:
+    """The one-run dashboard (uid ``moxco-live-run``)."""
+    ids = _Ids()
+    sel = 'run="$run"'
+    g = lambda metric: gauge(metric, sel)  # noqa: E731
+
+    d = _dashboard(LIVE_UID, "moxco · live run",
+                   "One training run as the moxco agent sees it: loss, gradient norm, sharpness against "
+                   "the EOS bound, the MoXCo goodness score against C with its three terms, phase and "
+                   "decisions, and the convexity/smoothness audit metrics.")
+    d = d.with_variable(run_variable(multi=False)).with_variable(threshold_variable())
+    for annotation in decision_annotations(sel):
+        d = d.annotation(annotation)
+
+    # Where the run is now.
+    d = d.with_row(db.Row("Now").id(ids()))
+    d = d.with_panel(stat_panel(ids, "Step", "Last step the collector received (moxco_run_step).",
+                                f"max(moxco_run_step{{{sel}}})", decimals=0))
+    d = d.with_panel(stat_panel(ids, "Phase", "MoXCo phase: 1 explores, 2 commits (after a decision).",
+                                f"max(moxco_phase{{{sel}}})", mappings=PHASE_MAPPINGS, decimals=0))
+    d = d.with_panel(stat_panel(
+        ids, "Goodness", "Latest MoXCo goodness score (eq. 6); green at or above the default threshold C = 0.85.",
+        f"max(moxco_goodness{{{sel}}})", unit="none", decimals=3,
+        thresholds=_thresholds((None, "red"), (0.5, "orange"), (0.85, "green"))))
+    d = d.with_panel(stat_panel(
+        ids, "Sharpness / λ_target", "λ̂ / λ_target: above 100 % the run is sharper than the edge-of-stability "
+        "target (k·λ_EOS, MoXCo Theorem 2).",
+        f"max(moxco_sharpness{{{sel}}}) / max(moxco_sharpness_target{{{sel}}})", unit="percentunit",
+        thresholds=_thresholds((None, "green"), (0.9, "orange"), (1.0, "red"))))
+    d = d.with_panel(stat_panel(ids, "Decisions", "Phase-switch decisions taken for the run so far.",
+                                f"max(moxco_decisions_total{{{sel}}})", decimals=0))
+    d = d.with_panel(stat_panel(
+        ids, "Since last ingest", "Seconds since the agent's last batch reached the collector.",
+        f"time() - max(moxco_run_last_ingest_timestamp_seconds{{{sel}}})", unit="s", decimals=0,
+        thresholds=_thresholds((None, "green"), (120, "orange"), (600, "red"))))
+
+    # Training signal.
+    d = d.with_row(db.Row("Training").id(ids()))
+    d = d.with_panel(series_panel(ids, "Loss", "Minibatch loss f(x_t, z_t). NaN/Inf show as gaps and fire "
+                                  "the MoxcoLossNotFinite alert.", [prom(g("loss"), "loss", "A")], span=8))
+    d = d.with_panel(series_panel(ids, "Squared gradient norm", "‖g_t‖², the raw minibatch value (biased up by "
+                                  "gradient noise; goodness uses the ALIGATOR estimate).",
+                                  [prom(g("grad_norm_sq"), "‖g‖²", "A")], log=True, span=8))
+    d = d.with_panel(series_panel(ids, "Update norm and distance", "‖x_{t+1} − x_t‖ and how far the run has "
+                                  "travelled, ‖x_t − x_0‖.",
+                                  [prom(g("update_norm"), "update ‖Δx‖", "A"),
+                                   prom(g("distance"), "distance ‖x − x₀‖", "B")], log=True, span=8))
+
+    # MoXCo.
+    d = d.with_row(db.Row("MoXCo: sharpness, goodness, phase").id(ids()))
+    d = d.with_panel(series_panel(
+        ids, "Sharpness vs λ_target (EOS)", "Top Hessian eigenvalue λ̂ (power iteration) against the target "
+        "k·λ_EOS, λ_EOS = 2(1+α)/(η(1+2β)). Above the dashed line for long: MoxcoSharpnessAboveEOS.",
+        [prom(g("sharpness"), "λ̂ sharpness", "A"), prom(g("sharpness_target"), "λ_target", "B")])
+        .override_by_name("λ_target", _dashed("red")))
+    d = d.with_panel(series_panel(
+        ids, "Goodness vs threshold C", "MoXCo goodness score in [0, 1]; the policy decides when it stays at or "
+        "above C (dashed) for `consecutive` probes.",
+        [prom(g("goodness"), "goodness", "A"), prom("vector($C)", "C", "B")], unit="none")
+        .min(0).max(1).override_by_name("C", _dashed("green")))
+    d = d.with_panel(series_panel(
+        ids, "Goodness terms", "The three bracketed terms of eq. 6: ĝ² (gradient), |λ̂/λ_target − 1| "
+        "(sharpness), |f̂ − f_target| (loss). Goodness = exp(−τ · their sum).",
+        [prom(g("goodness_grad_term"), "gradient ĝ²", "A"),
+         prom(g("goodness_sharpness_term"), "sharpness |λ̂/λ_target − 1|", "B"),
+         prom(g("goodness_loss_term"), "loss |f̂ − f_target|", "C")], log=True, span=8))
+    d = d.with_panel(series_panel(ids, "Phase", "1 explore, 2 commit.", [prom(g("phase"), "phase", "A")],
+                                  unit="none", span=8, step_line=True).min(1).max(2).decimals(0))
+    d = d.with_panel(series_panel(ids, "Optimizer state", "The moxco.optim optimizer's lr, α and β (they change "
+                                  "when a decision is applied).",
+                                  [prom(g("lr"), "lr", "A"), prom(g("alpha"), "α", "B"), prom(g("beta"), "β", "C")],
+                                  log=True, span=8, step_line=True))
+
+    # The audit metrics.
+    d = d.with_row(db.Row("Audit: convexity and smoothness along the path").id(ids()))
+    d = d.with_panel(series_panel(
+        ids, "Convexity gap", "inst_gap = f(x_t) − f(x_{t−1}) − ⟨g_t, x_t − x_{t−1}⟩ (≤ 0 when convex along the "
+        "step), its running mean avg_gap and EMA exp_gap: a mostly convex path keeps them ≤ 0.",
+        [prom(g("inst_gap"), "inst_gap", "A"), prom(g("avg_gap"), "avg_gap", "B"), prom(g("exp_gap"), "exp_gap", "C")],
+        log=True))
+    d = d.with_panel(series_panel(
+        ids, "Smoothness", "inst_smooth = ‖g_t − ∇f(x_{t−1})‖ / ‖x_t − x_{t−1}‖ (≤ L when L-smooth), its running "
+        "max and EMA: global against local smoothness.",
+        [prom(g("inst_smooth"), "inst_smooth", "A"), prom(g("max_smooth"), "max_smooth", "B"),
+         prom(g("exp_smooth"), "exp_smooth", "C")], log=True))
+    d = d.with_panel(series_panel(
+        ids, "Update correlation and progress", "update_corr = ⟨g_{t+1}, x_{t+1} − x_t⟩ (the descent lemma "
+        "predicts < 0), update_corr_rs = ⟨g_{t+1}, Δ_t⟩, and loss_diff on the same batch.",
+        [prom(g("update_corr"), "update_corr", "A"), prom(g("update_corr_rs"), "update_corr_rs", "B"),
+         prom(g("loss_diff"), "loss_diff", "C")], log=True))
+    d = d.with_panel(series_panel(
+        ids, "Convexity ratio", "Σ⟨∇F(x_t), x_t − x*⟩ / Σ(F(x_t) − F(x*)): > 1 convex-like, (0, 1] convex analysis "
+        "applies with a 1/K slow-down, ≤ 0 strongly non-convex. Needs a reference x*.",
+        [prom(g("convexity_ratio"), "convexity_ratio", "A")], unit="none")
+        .thresholds(_thresholds((None, "red"), (0, "orange"), (1, "green")))
+        .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphTresholdsStyleMode.DASHED)))
+
+    # Full history from the store (collapsed: it queries PostgreSQL).
+    history = db.Row("Full history (PostgreSQL store)").id(ids())
+    for metric, title in (("loss", "Loss (history)"), ("goodness", "Goodness (history)"),
+                          ("sharpness", "Sharpness (history)")):
+        history = history.with_panel(series_panel(
+            ids, title, f"Every stored {metric} point of the run, min and max per time bucket (NaN points are "
+            "stored as NULL and skipped).", [sql(history_sql(metric))], datasource=POSTGRES, span=8,
+            log=metric != "goodness"))
+    history = history.with_panel(
+        table.Panel().id(ids()).title("Decisions").description(
+            "The run's phase-switch decisions: the goodness and its three terms when it fired, the action, "
+            "and the step the agent applied it at.")
+        .datasource(POSTGRES).with_target(sql(DECISIONS_TABLE_SQL, fmt="table")).span(24).height(8))
+    d = d.with_row(history)
+    return d
+
+
+# --- the compare-runs dashboard ------------------------------------------------------------------
+
+
+def compare_runs() -> db.Dashboard:
+    """Several runs side by side (uid ``moxco-compare-runs``)."""
+    ids = _Ids()
+    sel = 'run=~"$run"'
+    legend = _legend(cm.LegendDisplayMode.TABLE, ["lastNotNull", "min", "max"])
+
+    def panel(title: str, description: str, metric: str, **kw) -> timeseries.Panel:
+        return series_panel(ids, title, description, [prom(gauge(metric, sel), "{{run}}", "A")],
+                            legend=legend, **kw)
+
+    d = _dashboard(COMPARE_UID, "moxco · compare runs",
+                   "Several moxco runs side by side: the same MoXCo and audit panels, one line per run.")
+    d = d.with_variable(run_variable(multi=True)).with_variable(threshold_variable())
+    for annotation in decision_annotations(sel):
+        d = d.annotation(annotation)
+
+    d = d.with_row(db.Row("Runs").id(ids()))
+    d = d.with_panel(
+        table.Panel().id(ids()).title("Runs (store)").description(
+            "One row per selected run from the store: status, last step, phase, loss, goodness, the largest "
+            "sharpness seen, the convexity ratio and the number of decisions.")
+        .datasource(POSTGRES).with_target(sql(RUNS_SUMMARY_SQL, fmt="table")).span(24).height(6))
+
+    d = d.with_row(db.Row("Training").id(ids()))
+    d = d.with_panel(panel("Loss", "Minibatch loss per run.", "loss"))
+    d = d.with_panel(panel("Squared gradient norm", "‖g_t‖² per run.", "grad_norm_sq", log=True))
+
+    d = d.with_row(db.Row("MoXCo").id(ids()))
+    d = d.with_panel(series_panel(
+        ids, "Sharpness / λ_target", "λ̂ / λ_target per run: above 1 (dashed) a run is past its edge-of-stability "
+        "target.", [prom(f"{gauge('sharpness', sel)} / {gauge('sharpness_target', sel)}", "{{run}}", "A"),
+                    prom("vector(1)", "EOS", "B")], legend=legend, unit="none")
+        .override_by_name("EOS", _dashed("red")))
+    d = d.with_panel(series_panel(
+        ids, "Goodness vs threshold C", "Goodness per run against the threshold C (dashed).",
+        [prom(gauge("goodness", sel), "{{run}}", "A"), prom("vector($C)", "C", "B")], legend=legend, unit="none")
+        .min(0).max(1).override_by_name("C", _dashed("green")))
+    d = d.with_panel(panel("Phase", "1 explore, 2 commit.", "phase", unit="none", step_line=True, span=8)
+                     .min(1).max(2).decimals(0))
+    d = d.with_panel(panel("Distance ‖x − x₀‖", "How far each run has travelled from its start.", "distance",
+                           log=True, span=8))
+    d = d.with_panel(panel("Convexity ratio", "> 1 convex-like, (0, 1] convex analysis applies, ≤ 0 strongly "
+                           "non-convex.", "convexity_ratio", unit="none", span=8))
+
+    d = d.with_row(db.Row("Audit").id(ids()))
+    d = d.with_panel(panel("Convexity gap (EMA)", "exp_gap per run: ≤ 0 on a mostly convex path.", "exp_gap",
+                           log=True, span=8))
+    d = d.with_panel(panel("Smoothness (EMA)", "exp_smooth per run: the local smoothness level.", "exp_smooth",
+                           log=True, span=8))
+    d = d.with_panel(panel("Update correlation", "update_corr per run: < 0 on average when the descent lemma "
+                           "holds.", "update_corr", log=True, span=8))
+    return d
+
+
+# --- output --------------------------------------------------------------------------------------
+
+DASHBOARDS: Dict[str, Callable[[], db.Dashboard]] = {
+    f"{LIVE_UID}.json": live_run,
+    f"{COMPARE_UID}.json": compare_runs,
+}
+
+
+def to_dict(dashboard: db.Dashboard) -> dict:
+    """The dashboard model as plain JSON data (through the SDK's encoder)."""
+    return json.loads(json.dumps(dashboard.build(), cls=JSONEncoder))
+
+
+def render(dashboard: db.Dashboard) -> str:
+    """The committed text of a dashboard: 2-space indented JSON, non-ASCII kept, final newline."""
+    return json.dumps(to_dict(dashboard), indent=2, ensure_ascii=False) + "\n"
+
+
+def configmap(name: str, files: Dict[str, str], source: str) -> str:
+    """A Kubernetes ConfigMap carrying ``files`` (deploy/k8s), as YAML with each file in a literal
+    block, so the cluster gets byte-for-byte the committed files."""
+    lines = [
+        f"# Generated by `python -m moxco.dashboards.build`: do not edit; the source is {source}.",
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata:",
+        f"  name: {name}",
+        "  namespace: moxco",
+        "  labels:",
+        "    app.kubernetes.io/part-of: moxco",
+        "data:",
+    ]
+    for key, text in sorted(files.items()):
+        lines.append(f"  {key}: |")
+        lines.extend(("    " + line) if line else "" for line in text.rstrip("\n").split("\n"))
+    return "\n".join(lines) + "\n"
+
+
+def generate() -> Dict[Path, str]:
+    """Every generated file, path → text."""
+    rendered = {name: render(factory()) for name, factory in DASHBOARDS.items()}
+    files = {JSON_DIR / name: text for name, text in rendered.items()}
+    files[K8S_CONFIGMAP] = configmap("grafana-dashboards", rendered, "dashboards/build.py")
+    if ALERT_RULES.exists():  # a checkout; an installed package has no deploy/
+        files[K8S_RULES_CONFIGMAP] = configmap("prometheus-rules", {ALERT_RULES.name: ALERT_RULES.read_text("utf-8")},
+                                               "deploy/prometheus/rules/moxco-alerts.yml")
+    return files
+
+
+def stale_files() -> List[Path]:
+    """Generated files whose committed text differs from what the code generates now."""
+    return [path for path, text in generate().items()
+            if not path.exists() or path.read_text(encoding="utf-8") != text]
+
+
+def write_all() -> List[Path]:
+    """Regenerate every file; returns the ones that changed."""
+    changed = stale_files()
+    for path, text in generate().items():
+        if path in changed:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    return changed
+
+
+def run(check: bool = False, out=None) -> int:
+    """``build`` (and ``build --check``): exit status 0, or 1 when ``check`` finds stale files."""
+    out = out or sys.stdout
+    if check:
+        stale = stale_files()
+        for path in stale:
+            print(f"stale: {path.relative_to(REPO_ROOT)} (run `moxco dashboards build`)", file=out)
+        if not stale:
+            print("dashboards are up to date", file=out)
+        return 1 if stale else 0
+    changed = write_all()
+    for path in generate():
+        state = "written" if path in changed else "unchanged"
+        print(f"{state}: {path.relative_to(REPO_ROOT)}", file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moxco.dashboards.build", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed JSON is stale; write nothing")
+    args = parser.parse_args(argv)
+    return run(check=args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
