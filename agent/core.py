@@ -41,9 +41,11 @@ from moxco.names import OPTIMIZER_METRICS
 from moxco.agent.capture import StepCapture
 from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
+from moxco.agent.transport import open_sink
+from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
 from moxco.agent.writer import GoodnessSettings, MetricWriter, StepRecord
 from moxco.aligator import split_sums
-from moxco.collector.storage import Store, open_store
+from moxco.collector.storage import Store
 from moxco.goodness import eos_sharpness
 from moxco.hessian import Sharpness
 from moxco.policy import Decision, DecisionPolicy, PolicyConfig
@@ -96,7 +98,8 @@ class Agent:
                  policy: Optional[PolicyConfig | Mapping[str, Any]] = None,
                  on_decision: Optional[Callable[[Decision], Any]] = None, track_distance: bool = True,
                  start_step: int = 0, seed: Optional[int] = None, config: Optional[Mapping[str, Any]] = None,
-                 scaler: Any = None, store: Optional[Store] = None) -> None:
+                 scaler: Any = None, store: Optional[Store] = None, token: Optional[str] = None,
+                 transport: Optional[Mapping[str, Any]] = None) -> None:
         for name, value in (("reeval_every", reeval_every), ("probe_every", probe_every), ("start_step", start_step)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -122,23 +125,33 @@ class Agent:
             raise ValueError("the optimizer holds parameters that are not the model's (first at position "
                              f"{unknown[0]}); attach the model whose parameters the optimizer updates")
         self.names = [names[id(p)] for p in self.params]
+        # FSDP: the agent works on the local shards and sums partial sums over ranks (agent.sharded)
+        self.shards = (ShardedParams(model, self.params, self.names, self.group)
+                       if uses_fsdp2(model) or uses_fsdp1(model) else None)
+        self._reduce = self.shards.reduce if self.shards is not None else None
+        if self.shards is not None:
+            self.params = self.shards.local()
 
         self.capture = StepCapture(model, criterion=criterion, loss_fn=loss_fn)
-        self.raw_gradient = RawGradient(self.params, scaler)
+        self.raw_gradient = (ShardedRawGradient(self.shards, scaler) if self.shards is not None
+                             else RawGradient(self.params, scaler))
         self._step_grads: Optional[List[Tensor]] = None
         self._prev: Optional[List[Tensor]] = None  # x_{t−1} (the one copy free metrics need)
         self._x0: Optional[List[Tensor]] = tensors.clone(self.params) if track_distance else None
         self._scale = 1.0  # s_{t−1}
         self._reference = None
         if reference is not None:
-            ref = _load_reference(reference, dict(zip(self.names, self.params)))
-            self._reference = [ref[n] for n in self.names]
+            owners = self.shards.owners if self.shards is not None else self.params
+            ref = _load_reference(reference, dict(zip(self.names, owners)))
+            self._reference = self.shards.shard_full(ref) if self.shards is not None else [ref[n] for n in self.names]
             self._convexity = metrics.ConvexityRatio()
         self._generator = torch.Generator().manual_seed(seed)
         # the agent draws its random numbers from its own generator: the user's RNG stream is untouched
-        self._sharpness = Sharpness(self.params, iters_per_call=sharpness_iters, cold_iters=max(sharpness_iters, 20),
+        hvp_params = self.shards.owners if self.shards is not None else self.params  # (no HVPs under FSDP)
+        self._sharpness = Sharpness(hvp_params, iters_per_call=sharpness_iters, cold_iters=max(sharpness_iters, 20),
                                     generator=self._generator, hv_mean=self.group.mean if self.group.active else None)
-        self._incoming: Optional[tuple[str, Decision]] = None  # set by the writer thread (rank 0)
+        self._incoming: List[tuple[str, Decision]] = []  # from the writer or sender thread (rank 0)
+        self._applied: set[str] = set()  # decision ids applied: delivery is at-least-once
         self._pending: Optional[tuple[str, Decision]] = None  # to apply at the next step boundary
         self._pending_lock = threading.Lock()
         self._epoch_start = False
@@ -148,16 +161,21 @@ class Agent:
         policy_config = policy if isinstance(policy, PolicyConfig) else (PolicyConfig(**dict(policy)) if policy else PolicyConfig())
         self.goodness_settings = goodness_settings
         self.store = None
+        self._owns_store = store is None
         self.writer: Optional[MetricWriter] = None
         if self.group.is_writer:  # one writer per job: rank 0
             self._open_writer(store, url, optimizer, reeval_every, probe_every, reference, start_step,
-                              goodness_settings, policy_config, config)
+                              goodness_settings, policy_config, config, token, transport)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
+        if self.shards is not None and probe_every:
+            self._record_error("sharpness", RuntimeError(SHARPNESS_UNSUPPORTED))  # once, stored with the run
 
     def _open_writer(self, store, url, optimizer, reeval_every, probe_every, reference, start_step,
-                     goodness_settings, policy_config, config) -> None:
-        self.store = store if store is not None else open_store(url or default_url())
+                     goodness_settings, policy_config, config, token=None, transport=None) -> None:
+        # an http(s):// URL gives the HTTP transport (agent.transport), anything else the embedded store
+        self.store = store if store is not None else open_sink(
+            url or default_url(), self.run, token=token, on_decision=self._receive_decision, **dict(transport or {}))
         self.store.create_run(self.run, {
             "optimizer": type(optimizer).__name__,
             "hyperparameters": {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))},
@@ -166,7 +184,9 @@ class Agent:
             "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(),
             "world_size": self.group.world, **dict(config or {}),
         })
-        self.writer = MetricWriter(self.store, self.run, policy=DecisionPolicy(policy_config),
+        # over HTTP the collector runs the policy (it got policy_config with the run): never both
+        remote = getattr(self.store, "decides_remotely", False)
+        self.writer = MetricWriter(self.store, self.run, policy=None if remote else DecisionPolicy(policy_config),
                                    goodness_settings=goodness_settings, sharpness_target=self._sharpness_target,
                                    on_decision=self._receive_decision, on_error=self._record_error)
 
@@ -203,6 +223,11 @@ class Agent:
             self.store.set_status(self.run, status)
         except Exception as exc:  # the store may be gone; closing must not raise into the job
             self._record_error("store", exc)
+        if self._owns_store:
+            try:  # the HTTP sink flushes (bounded by its close_timeout) and leaves the rest spooled
+                self.store.close()
+            except Exception as exc:
+                self._record_error("store", exc)
 
     def __enter__(self) -> "Agent":
         return self
@@ -241,6 +266,8 @@ class Agent:
 
     def _grads(self) -> List[Tensor]:
         """``g_t``: ``.grad`` as autograd left it (AMP scale removed, before clipping)."""
+        if self._step_grads is None and self.shards is not None:
+            self._step_grads = self.shards.grads()
         if self._step_grads is None:
             grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
             self._step_grads = grads
@@ -260,6 +287,8 @@ class Agent:
         values: Dict[str, Any] = {}
         probe: Optional[Dict[str, Any]] = None
         self._step_grads = None
+        if self.shards is not None:
+            self.params = self.shards.local()  # FSDP's lazy init may replace the shard tensors
         with torch.no_grad():
             self._guard("free", self._recover_raw_gradient, values)
         with torch.no_grad():
@@ -288,11 +317,11 @@ class Agent:
     def _free_metrics(self, values: Dict[str, Any]) -> None:
         grads = self._grads()
         values["loss"] = self._step_loss()
-        values["grad_norm_sq"] = metrics.grad_norm_sq(grads)
+        values["grad_norm_sq"] = metrics.grad_norm_sq(grads, reduce=self._reduce)
         if self._x0 is not None:
-            values["distance"] = metrics.distance(self.params, self._x0)
+            values["distance"] = metrics.distance(self.params, self._x0, reduce=self._reduce)
         if self._prev is not None:
-            corr = metrics.update_corr(grads, self.params, self._prev)
+            corr = metrics.update_corr(grads, self.params, self._prev, reduce=self._reduce)
             values["update_corr"] = corr
             values["update_corr_rs"] = metrics.update_corr_rs_from_update_corr(corr, self._scale)
 
@@ -320,10 +349,18 @@ class Agent:
             self._record_error(f"{group} (rank {self.group.rank})", exc)
             return fallback()
 
+    def _rank_error(self, group: str) -> Callable[[BaseException], None]:
+        """Records a rank-local failure whose collectives still run (the metric becomes NaN)."""
+        return lambda exc: self._record_error(f"{group} (rank {self.group.rank})" if self.group.active else group, exc)
+
     def _nan_like_params(self) -> List[Tensor]:
         return [torch.full_like(p, math.nan) for p in self.params]
 
     def _replay_with_grad(self, point: Sequence[Tensor], group: str):
+        if self.shards is not None:  # through the FSDP module; its reduce-scatter averages the gradient
+            loss, grads = self.shards.replay(self.capture, self.capture.calls, point, with_grad=True,
+                                             on_error=self._rank_error(group))
+            return self.group.mean_scalar(loss), grads
         def compute():
             leaves = [t.detach().requires_grad_(True) for t in point]
             return self.capture.replay(self.capture.calls, self._named(leaves), with_grad=True, grad_wrt=leaves)
@@ -337,14 +374,16 @@ class Agent:
         loss_prev, grad_prev = self._replay_with_grad(self._prev, "reeval")
         loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
-        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev)
-        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev)
+        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev, reduce=self._reduce)
+        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev, reduce=self._reduce)
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
         loss_ref, grad_ref = self._replay_with_grad(self._reference, "reference")
         loss, grads = values.get("loss", self._step_loss()), self._grads()
-        values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference)
-        values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference)
+        values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference,
+                                                  reduce=self._reduce)
+        values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference,
+                                                        reduce=self._reduce)
 
     def _probe(self, probe: Dict[str, Any], values: Dict[str, Any]) -> None:
         calls = list(self.capture.calls)
@@ -360,26 +399,41 @@ class Agent:
         def loss_fn():  # a NaN curvature on a failing rank turns every rank's HVP into NaN
             return self._local("probe", replay, lambda: sum((p.square() * math.nan).sum() for p in self.params))
 
-        probe["sharpness"] = torch.tensor(self._sharpness(loss_fn), dtype=torch.float64)
+        if self.shards is None:  # no double backward through FSDP (agent.sharded)
+            probe["sharpness"] = torch.tensor(self._sharpness(loss_fn), dtype=torch.float64)
         thirds = self.capture.split_calls(calls, 3)
         if thirds is not None:
             split_grads = []
             for part in thirds:  # under DDP, the k-th thirds of all ranks form a third of the global batch
+                if self.shards is not None:  # FSDP's reduce-scatter already averages over ranks
+                    split_grads.append(self.shards.replay(self.capture, part, None, with_grad=True,
+                                                          on_error=self._rank_error("probe"))[1])
+                    continue
                 _, grads = self._local(
                     "probe", lambda: self.capture.replay(part, current, with_grad=True, grad_wrt=self.params),
                     lambda: (None, self._nan_like_params()))
                 split_grads.append(self.group.mean(grads))
-            probe["split_sums"] = split_sums(*split_grads)
+            probe["split_sums"] = split_sums(*split_grads, reduce=self._reduce)
             probe["split_sizes"] = [self.capture.batch_size(part) * self.group.world for part in thirds]
         if self._reference is not None:
             # F and ∇F on the probe batch (the step's batch): F(x_t) and g_t are the step's own
-            loss_ref, _ = self._local(
-                "probe", lambda: self.capture.replay(calls, self._named(self._reference), with_grad=False),
-                lambda: (torch.tensor(math.nan, dtype=torch.float64), None))
+            if self.shards is not None:
+                loss_ref, _ = self.shards.replay(self.capture, calls, self._reference, with_grad=False,
+                                                 on_error=self._rank_error("probe"))
+            else:
+                loss_ref, _ = self._local(
+                    "probe", lambda: self.capture.replay(calls, self._named(self._reference), with_grad=False),
+                    lambda: (torch.tensor(math.nan, dtype=torch.float64), None))
             values["convexity_ratio"] = self._convexity.update(
-                self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference)
+                self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference,
+                reduce=self._reduce)
         self._guard("optimizer", self._optimizer_state, values)
         values["phase"] = self.phase
+        # λ_target read here, with the optimizer state of this step (the hypergradient changes lr
+        # every step): the writer thread must not read the live optimizer
+        target = self._sharpness_target()
+        if target is not None:
+            probe["sharpness_target"] = float(target)
 
     def _optimizer_state(self, values: Dict[str, Any]) -> None:
         """The optimizer's own state on the probe cadence, for the moxco.optim optimizers (their
@@ -414,7 +468,7 @@ class Agent:
             # x_{t+1} = x_t + s_t Δ_t, s_t ~ Exp(1): lerp from the proposed point towards x_t by 1 − s_t
             self._scale = float(torch.empty(()).exponential_(1.0, generator=self._generator))
             torch._foreach_lerp_(self.params, self._prev, 1.0 - self._scale)
-        values["update_norm"] = metrics.distance(self.params, self._prev)
+        values["update_norm"] = metrics.distance(self.params, self._prev, reduce=self._reduce)
 
     # --- decisions -----------------------------------------------------------------------------
 
@@ -441,13 +495,14 @@ class Agent:
             return None
 
     def _receive_decision(self, ident: str, decision: Decision) -> None:
+        """Queue a decision for the next step boundary (a redelivered or applied id is ignored)."""
         with self._pending_lock:
-            self._incoming = (ident, decision)
+            if ident not in self._applied and all(ident != queued for queued, _ in self._incoming):
+                self._incoming.append((ident, decision))
 
     def _take_incoming(self) -> Optional[tuple[str, Decision]]:
         with self._pending_lock:
-            incoming, self._incoming = self._incoming, None
-        return incoming
+            return self._incoming.pop(0) if self._incoming else None
 
     def _share_decision(self) -> None:
         self._pending = self.group.broadcast(self._take_incoming())
@@ -457,7 +512,7 @@ class Agent:
             pending, self._pending = self._pending, None
         else:
             pending = self._take_incoming()
-        if pending is None:
+        if pending is None or pending[0] in self._applied:
             return
         ident, decision = pending
         action = dict(decision.action)
@@ -470,6 +525,7 @@ class Agent:
             log.warning("moxco: decision %s for run %r has no optimizer.commit and no on_decision callback; "
                         "it is recorded but not applied", ident, self.run)
             return
+        self._applied.add(ident)
         if self.store is not None:
             self.store.acknowledge_decision(ident, applied_step=self.step)
         self.phase = int(action.get("phase", 2))
@@ -479,7 +535,9 @@ class Agent:
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Agent:
     """Attach the moxco agent to a training loop: ``moxco.agent.attach(model, opt)``.
 
-    Options: ``url`` (default ``$MOXCO_URL``, else ``sqlite:///moxco.db`` in the working dir),
+    Options: ``url`` (default ``$MOXCO_URL``, else ``sqlite:///moxco.db`` in the working dir; an
+    ``http(s)://`` URL sends to a collector through ``agent.transport.HttpSink``, with ``token``
+    (default ``$MOXCO_TOKEN``) and ``transport`` options such as ``spool_dir``),
     ``run`` (default a generated readable name), ``reeval_every`` (10; 0 = off), ``probe_every``
     (100; 0 = off), ``reference`` (``x*``: state_dict or checkpoint path), ``random_scaling``
     (False), ``criterion`` / ``loss_fn`` (for a plain model + criterion loop), ``goodness``,

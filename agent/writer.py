@@ -168,7 +168,7 @@ class MetricWriter:
             grad_sq = self.grad_norm_estimator.update_terms(*split_terms(probe["split_sums"].cpu(), probe.get("split_sizes")))
         else:
             grad_sq = values.get("grad_norm_sq", math.nan)
-        target = self.sharpness_target()
+        target = probe["sharpness_target"] if "sharpness_target" in probe else self.sharpness_target()
         if target is not None:
             self._emit(step, "sharpness_target", float(target), wall)
         if target is None or math.isnan(sharpness) or "goodness" in self._disabled:

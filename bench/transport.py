@@ -1,0 +1,100 @@
+"""Throughput of the agent's HTTP transport (``agent.transport.HttpSink``) to a local collector.
+
+Starts ``moxco serve`` on a temporary SQLite store (no auth, loopback), then writes ``--points``
+points through one ``HttpSink`` the way the agent's writer does (``write_points`` calls of
+``--chunk`` points: 12 metrics per step, steps in order), as fast as the caller can, and waits for
+``flush``. Reports:
+
+* sustained points/s: points over the time from the first write to the last batch acknowledged;
+* the caller's cost: ``write_points`` latency per call (p50/p99/max) and per point. This is what
+  the writer thread pays; the training thread never calls the sink;
+* the sink's counters (batches, duplicates, spooled/dropped: all 0 on a healthy collector).
+
+Run: ``.venv/bin/python bench/transport.py [--points 1000000] [--chunk 2000] [--batch-points 5000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from moxco.agent.transport import HttpSink
+from moxco.collector.storage import Point
+
+METRICS = ("loss", "grad_norm_sq", "distance", "update_corr", "update_corr_rs", "update_norm", "loss_diff",
+           "inst_gap", "inst_smooth", "avg_gap", "exp_gap", "max_smooth")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=1_000_000)
+    parser.add_argument("--chunk", type=int, default=2000, help="points per write_points call (the writer's flush)")
+    parser.add_argument("--batch-points", type=int, default=5000)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "moxco.cli", "serve", "--url", f"sqlite:///{tmp}/bench.db",
+                                   "--port", str(port), "--no-auth", "--log-level", "warning"])
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the collector did not start")
+                    time.sleep(0.1)
+            sink = HttpSink(url, "bench", spool_dir=Path(tmp) / "spool", batch_points=args.batch_points,
+                            max_memory_points=max(200_000, 4 * args.batch_points))
+            sink.create_run("bench", {"policy": None})
+            sink.flush(30)
+            steps = args.points // len(METRICS)
+            wall = 1.7e9
+            calls = []
+            started = time.perf_counter()
+            chunk_steps = max(1, args.chunk // len(METRICS))
+            for first in range(0, steps, chunk_steps):
+                batch = [Point(s, m, 0.5 * s, wall + s) for s in range(first, min(steps, first + chunk_steps))
+                         for m in METRICS]
+                t = time.perf_counter()
+                sink.write_points("bench", batch)
+                calls.append(time.perf_counter() - t)
+            enqueued = time.perf_counter() - started
+            ok = sink.flush(600)
+            delivered = time.perf_counter() - started
+            sink.close()
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    n = sink.stats.points_sent
+    lat = np.array(calls) * 1e3
+    print(f"HttpSink → moxco serve (SQLite, loopback): {n} points in {delivered:.2f} s "
+          f"= {n / delivered:,.0f} points/s sustained ({'all delivered' if ok else 'NOT all delivered'})")
+    print(f"  enqueue side: {len(calls)} write_points calls of ~{args.chunk} points in {enqueued:.2f} s; "
+          f"per call p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms, max {lat.max():.2f} ms "
+          f"({1e6 * enqueued / max(n, 1):.2f} µs/point)")
+    print(f"  stats: {asdict(sink.stats)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""The agent's HTTP transport against a real collector (``moxco serve`` in a subprocess).
+
+What must hold: points arrive exactly once; a collector killed (SIGKILL) and restarted mid-run
+costs the training job nothing (no step waits on the network, nothing is dropped) and loses no
+point; the spool replays in order, also from an earlier process; a full spool counts what it
+drops; a 4xx batch is logged with the server's message and not retried; decisions taken by the
+collector reach ``optimizer.commit`` once, at a step boundary, and are acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moxco.agent
+from moxco.agent.demo import NOISE_STD, make_task
+from moxco.agent.transport import HttpSink, Spool
+from moxco.collector import open_store
+from moxco.collector.storage import Point
+from moxco.optim import MoXCo
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``predicate``; the timeout only turns a hang into a failure (no timing is asserted)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Collector:
+    """``moxco serve`` on a SQLite file, as a subprocess that can be killed and started again."""
+
+    def __init__(self, directory: Path, auth: bool = False) -> None:
+        self.auth = auth
+        self.db = f"sqlite:///{directory / 'collector.db'}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = directory / "collector.log"
+        self.process = None
+
+    def start(self) -> "Collector":
+        command = [sys.executable, "-m", "moxco.cli", "serve", "--url", self.db, "--host", "127.0.0.1",
+                   "--port", str(self.port)] + ([] if self.auth else ["--no-auth"])
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.healthy, 60, "the collector to start")
+        return self
+
+    def healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the collector exited with {self.process.returncode}: {self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def store(self):
+        return open_store(self.db)
+
+
+@pytest.fixture
+def collector(tmp_path):
+    c = Collector(tmp_path).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(autouse=True)
+def private_spool(tmp_path, monkeypatch):
+    """Never touch ~/.cache in tests: the default spool root goes under tmp_path."""
+    monkeypatch.setenv("MOXCO_SPOOL", str(tmp_path / "spool-root"))
+    monkeypatch.delenv("MOXCO_TOKEN", raising=False)
+
+
+def register(sink: HttpSink, run: str, **config) -> None:
+    sink.create_run(run, {"policy": None, **config})
+
+
+def points(metric_steps, value=lambda m, s: float(s)):
+    return [Point(step, metric, value(metric, step), 1.7e9 + step) for metric, step in metric_steps]
+
+
+def stored(store, run, metrics):
+    return {m: store.series(run, m) for m in metrics}
+
+
+# --- the sink alone ----------------------------------------------------------------------------------
+
+
+def test_points_arrive_exactly_once_with_nonfinite_values(collector, tmp_path):
+    sink = HttpSink(collector.url, "once", spool_dir=tmp_path / "spool", batch_points=700)
+    register(sink, "once")
+    special = {3: math.nan, 4: math.inf, 5: -math.inf}
+    metrics = ("loss", "grad_norm_sq", "goodness")
+    sent = 0
+    for chunk in range(10):  # 10 writes of 300 points: batches of ≥ 700 points, never splitting a write
+        batch = points([(m, s) for s in range(chunk * 100, chunk * 100 + 100) for m in metrics],
+                       value=lambda m, s: special.get(s, s * 0.5) if m == "loss" else float(s))
+        sent += sink.write_points("once", batch)
+    assert sink.flush(60)
+    sink.close()
+
+    assert sink.stats.points_sent == sent == 3000
+    assert sink.stats.duplicate_batches == 0 and sink.stats.points_dropped == 0 and sink.stats.points_rejected == 0
+    assert sink.stats.batches_sent >= 4  # cut at ≥ 700 points, never inside a write: at most 900 each
+    store = collector.store()
+    for metric, (steps, values) in stored(store, "once", metrics).items():
+        np.testing.assert_array_equal(steps, np.arange(1000))
+        expected = np.array([special.get(s, s * 0.5) if metric == "loss" else float(s) for s in range(1000)])
+        np.testing.assert_array_equal(values, expected)  # NaN == NaN and ±Inf survive the wire
+    assert not (tmp_path / "spool").exists()  # all delivered: the spool directory is cleaned up
+
+
+def test_spool_replays_in_order_also_from_an_earlier_process(collector, tmp_path):
+    """An agent that never reached the collector leaves a spool; the next agent with the same run
+    name sends it first. Order is visible in the store because the first write of a key wins."""
+    spool = tmp_path / "spool"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    first = HttpSink(dead, "replay", spool_dir=spool, batch_points=50, max_backoff=0.2)
+    register(first, "replay", session="first")
+    first.write_points("replay", points([("loss", s) for s in range(50)], value=lambda m, s: 1.0))
+    first.write_points("replay", points([("loss", s) for s in range(100)], value=lambda m, s: 2.0))
+    wait_until(lambda: first.stats.points_spooled >= 50, what="the first batches to be spooled")
+    first.set_status("replay", "interrupted")
+    first.close(timeout=1)
+    assert first.stats.points_sent == 0 and first.stats.points_dropped == 0
+    assert list(spool.glob("*.seg")), "close must leave the undelivered data on disk"
+
+    second = HttpSink(collector.url, "replay", spool_dir=spool, batch_points=50)
+    assert second.stats.spool_leftover
+    register(second, "replay", session="second")
+    second.write_points("replay", points([("loss", s) for s in range(150)], value=lambda m, s: 3.0))
+    assert second.flush(60)
+    second.close()
+
+    steps, values = collector.store().series("replay", "loss")
+    np.testing.assert_array_equal(steps, np.arange(150))
+    # steps 0-49 first came with 1.0, 50-99 with 2.0 (the first process, in its order), 100-149 with 3.0
+    np.testing.assert_array_equal(values, np.repeat([1.0, 2.0, 3.0], 50))
+    run = collector.store().run("replay")
+    assert run.config["session"] == "second" and run.status == "running"  # the leftover registration went first
+    assert not list(spool.glob("*.seg"))
+
+
+def test_full_spool_drops_counts_and_warns_once(collector, tmp_path, caplog):
+    spool = tmp_path / "spool"
+    dead = f"http://127.0.0.1:{free_port()}"
+    cap = 64 * 1024
+    sink = HttpSink(dead, "capped", spool_dir=spool, spool_max_bytes=cap, batch_points=200,
+                    max_memory_points=400, max_backoff=0.2)
+    register(sink, "capped")
+    with caplog.at_level(logging.WARNING, logger="moxco.agent.transport"):
+        for chunk in range(40):  # 8000 points ≈ 400 KB of JSON: far more than the cap
+            sink.write_points("capped", points([("loss", s) for s in range(chunk * 200, chunk * 200 + 200)]))
+        sink.close(timeout=1)
+    s = sink.stats
+    assert s.points_enqueued == 8000
+    assert s.points_dropped > 0 and s.points_spooled > 0
+    assert s.points_spooled + s.points_dropped == s.points_enqueued  # every point is accounted for
+    # the cap binds point batches; tiny control envelopes (registration, status) always go in
+    assert sum(p.stat().st_size for p in spool.glob("*.seg")) <= cap + 4096
+    assert len([r for r in caplog.records if "is full" in r.getMessage()]) == 1
+    assert any(f"{s.points_dropped} points dropped" in r.getMessage() for r in caplog.records)
+
+    replay = HttpSink(collector.url, "capped", spool_dir=spool)
+    assert replay.flush(60)
+    replay.close()
+    steps, _ = collector.store().series("capped", "loss")
+    assert steps.size == s.points_spooled  # exactly what was spooled arrives, nothing more, nothing less
+    np.testing.assert_array_equal(steps, np.arange(steps.size))  # the oldest were kept, in order
+    assert collector.store().run("capped").config["transport"]["points_dropped"] == s.points_dropped
+
+
+def test_a_rejected_batch_is_logged_with_the_server_message_and_not_retried(collector, tmp_path, caplog):
+    sink = HttpSink(collector.url, "bad", spool_dir=tmp_path / "spool", batch_points=10)
+    register(sink, "bad")
+    with caplog.at_level(logging.ERROR, logger="moxco.agent.transport"):
+        sink.write_points("bad", points([("loss", s) for s in range(10)]))
+        assert sink.flush(60)
+        sink.write_points("bad", [Point(10, "x" * 500, 1.0, 1.7e9)] + points([("loss", s) for s in range(10, 19)]))
+        assert sink.flush(60)  # the refused batch does not block what follows
+        sink.write_points("bad", points([("loss", s) for s in range(20, 30)]))
+        assert sink.flush(60)
+    sink.close()
+    assert sink.stats.points_rejected == 10 and sink.stats.failed_requests == 0
+    assert sink.stats.batches_sent == 2
+    (record,) = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert re.search(r"with 4\d\d: .*metric", record.getMessage()) and "not retried" in record.getMessage()
+    steps, _ = collector.store().series("bad", "loss")
+    np.testing.assert_array_equal(steps, np.r_[0:10, 20:30])
+
+
+def test_decisions_are_handed_over_once_and_acks_survive_a_restart(collector, tmp_path):
+    """Pending decisions are redelivered until acknowledged; the sink hands each id over once,
+    and an acknowledgement spooled while the collector was down is not undone by a new agent."""
+    spool = tmp_path / "spool"
+    received = []
+    sink = HttpSink(collector.url, "ops", spool_dir=spool, poll_every=0.05,
+                    on_decision=lambda ident, decision: received.append((ident, decision)))
+    register(sink, "ops")
+    sink.write_points("ops", points([("loss", s) for s in range(5)]))
+    assert sink.flush(60)
+    collector.post("/api/v1/runs/ops/decisions", {"action": {"phase": 2, "alpha": 0.2}, "step": 3})
+    wait_until(lambda: received, what="the operator decision")
+    requests = sink.stats.requests
+    wait_until(lambda: sink.stats.requests >= requests + 5, what="more polls")  # redelivered every poll
+    assert len(received) == 1
+    ident, decision = received[0]
+    assert decision.action == {"phase": 2, "alpha": 0.2} and decision.step == 3 and decision.source == "operator"
+
+    collector.kill()
+    sink.acknowledge_decision(ident, applied_step=7)
+    sink.close(timeout=1)  # the ack cannot go: it stays in the spool
+
+    collector.start()
+    again = []
+    resumed = HttpSink(collector.url, "ops", spool_dir=spool, poll_every=0.05,
+                       on_decision=lambda i, d: again.append(i))
+    assert resumed.flush(60)
+    requests = resumed.stats.requests
+    wait_until(lambda: resumed.stats.requests >= requests + 3, what="polls after the replay")
+    resumed.close()
+    assert again == []
+    (row,) = collector.store().decisions("ops")
+    assert row["applied_step"] == 7
+
+
+def test_spool_segments_rotate_and_a_torn_last_line_is_skipped(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    envelopes = [{"kind": "batch", "id": f"b{i}", "body": {"points": [["loss", i, 1.0, 0.0]]}, "points": 1}
+                 for i in range(10)]
+    assert spool.append(envelopes) == []
+    spool.close()
+    segments = sorted(tmp_path.glob("*.seg"))
+    assert len(segments) > 1
+    with open(segments[-1], "ab") as f:
+        f.write(b'{"kind": "batch", "id": "torn"')  # a crash in the middle of a write
+    reopened = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    assert reopened.leftover
+    seen = []
+    while reopened.peek() is not None:
+        seen.append(reopened.peek()["id"])
+        reopened.pop()
+    assert seen == [f"b{i}" for i in range(10)] and reopened.skipped_lines == 1
+    assert not list(tmp_path.glob("*.seg")) and not reopened
+
+
+def test_token_from_the_environment_and_a_wrong_token_keeps_the_data(tmp_path, monkeypatch, caplog):
+    """With auth on, $MOXCO_TOKEN is sent as a bearer token; a refused token (401) is an error in
+    the log with the server's message, and the points stay in the spool for an agent with the
+    right token, instead of being dropped."""
+    collector = Collector(tmp_path, auth=True)
+    _, secret = collector.store().create_token("trainer", ["ingest"])
+    collector.start()
+    try:
+        spool = tmp_path / "spool"
+        monkeypatch.setenv("MOXCO_TOKEN", "mox_wrong")
+        with caplog.at_level(logging.ERROR, logger="moxco.agent.transport"):
+            wrong = HttpSink(collector.url, "authed", spool_dir=spool, max_backoff=0.2)
+            register(wrong, "authed")
+            wrong.write_points("authed", points([("loss", s) for s in range(100)]))
+            wait_until(lambda: wrong.stats.points_spooled == 100, what="the refused points to be spooled")
+            wrong.close(timeout=1)
+        assert wrong.stats.points_sent == 0 and wrong.stats.points_dropped == 0
+        assert any("401" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+
+        monkeypatch.setenv("MOXCO_TOKEN", secret)
+        right = HttpSink(collector.url, "authed", spool_dir=spool)
+        right.write_points("authed", points([("loss", s) for s in range(100, 150)]))
+        assert right.flush(60)
+        right.close()
+        np.testing.assert_array_equal(collector.store().series("authed", "loss")[0], np.arange(150))
+    finally:
+        collector.stop()
+
+
+# --- the agent over HTTP -----------------------------------------------------------------------------
+
+
+class SocketSpy:
+    """Records which threads touch sockets (connect, send, receive) while ``watching`` is set."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.threads = Counter()
+        self.watching = False
+        for name in ("connect", "connect_ex", "sendall", "send", "recv", "recv_into"):
+            original = getattr(socket.socket, name)
+
+            def spy(sock, *args, _original=original, **kwargs):
+                if self.watching:
+                    self.threads[threading.current_thread().name] += 1
+                return _original(sock, *args, **kwargs)
+
+            monkeypatch.setattr(socket.socket, name, spy)
+
+
+def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, **transport):
+    """agent/demo.py's job: MoXCo on a teacher-student regression that reaches the goodness threshold."""
+    model, inputs, targets = make_task(0)
+    opt = MoXCo(model.parameters(), torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, seed=0)
+    criterion = nn.MSELoss()
+    agent = moxco.agent.attach(
+        model, opt, url=url, run=run, reeval_every=reeval_every, probe_every=10, criterion=criterion,
+        sharpness_iters=sharpness_iters, seed=0,
+        goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},
+        policy=policy or {"threshold": 0.9, "consecutive": 3, "min_step": 50},
+        transport={"spool_dir": tmp_path / "spool", **transport})
+    gen = torch.Generator().manual_seed(2)
+
+    def step():
+        index = torch.randint(0, inputs.shape[0], (96,), generator=gen)
+        criterion(model(inputs[index]), targets[index]).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return agent, opt, step
+
+
+def spy_on_writes(sink: HttpSink) -> Counter:
+    """Count every (metric, step) the agent hands to the sink (observing, not replacing it)."""
+    sent = Counter()
+    original = sink.write_points
+
+    def write_points(name, batch):
+        batch = list(batch)
+        sent.update((p.metric, p.step) for p in batch)
+        return original(name, batch)
+
+    sink.write_points = write_points
+    return sent
+
+
+def test_end_to_end_the_collector_decides_and_the_agent_commits_at_a_step_boundary(collector, tmp_path):
+    agent, opt, step = demo_job(collector.url, "e2e", tmp_path)
+    assert isinstance(agent.store, HttpSink) and agent.writer.policy is None  # the policy runs in the collector
+    commits = []
+    original_commit = opt.commit
+    opt.commit = lambda **kw: (commits.append((agent.step, kw)), original_commit(**kw))[1]
+    for _ in range(400):
+        step()
+        if commits and agent.store.pending == 0 and agent.step > commits[0][0] + 50:
+            break
+    agent.close()
+    assert agent.errors == {}
+
+    assert len(commits) == 1, "a decision id is applied once, however often it is redelivered"
+    applied_at, kwargs = commits[0]
+    assert kwargs == {"alpha": 0.1, "beta": 0.1} and opt.phase == 2
+    store = collector.store()
+    (decision,) = store.decisions("e2e")
+    assert decision["source"] == "policy" and decision["goodness"] >= 0.9
+    assert decision["applied_step"] == applied_at > decision["step"]  # applied at a later step boundary
+    assert opt.hyperparameters()["committed_at"] == decision["applied_step"]
+    phase_steps, phase = store.series("e2e", "phase")
+    assert phase[phase_steps < decision["applied_step"]].max() == 1.0 and phase[-1] == 2.0
+    steps, alpha = store.series("e2e", "alpha")
+    assert alpha[steps > decision["applied_step"]].max() == pytest.approx(0.1)
+    assert store.run("e2e").status == "finished"
+    assert agent.decisions()[0]["applied_step"] == decision["applied_step"]  # read back over HTTP
+
+
+def test_collector_killed_and_restarted_mid_run_the_job_never_waits_and_nothing_is_lost(collector, tmp_path,
+                                                                                       monkeypatch):
+    spy = SocketSpy(monkeypatch)
+    agent, opt, step = demo_job(collector.url, "chaos", tmp_path, max_backoff=0.5, reeval_every=3, sharpness_iters=1,
+                                policy={"threshold": 1.0, "min_step": 10**9})  # no decisions: points only
+    sink = agent.store
+    sent = spy_on_writes(sink)
+    training = threading.current_thread().name
+
+    def steps(n):  # sockets touched while a training step runs are attributed to their thread
+        for _ in range(n):
+            spy.watching = True
+            try:
+                step()
+            finally:
+                spy.watching = False
+
+    steps(60)
+    wait_until(lambda: sink.stats.points_sent > 0, what="the first batches")
+
+    collector.kill()
+    steps(60)
+    wait_until(lambda: sink.stats.failed_requests > 0 and sink.stats.points_spooled > 0,
+               what="the sender to notice the collector is gone and spool")
+    steps(60)  # still down: the spool grows, the job goes on
+    spooled_while_down = sink.stats.points_spooled
+
+    collector.start()  # same port, same store
+    steps(60)
+    assert spy.threads[training] == 0, f"a training step touched a socket: {spy.threads}"
+    agent.close()
+
+    assert agent.errors == {} and agent.step == 240
+    assert agent.writer.dropped == 0  # the writer never fell behind: it never waited on the network
+    assert sink.stats.points_dropped == 0 and sink.stats.points_rejected == 0
+    assert spooled_while_down > 0
+    store = collector.store()
+    got = Counter()
+    for metric in {m for m, _ in sent}:
+        steps, _ = store.series("chaos", metric)
+        got.update((metric, int(s)) for s in steps)
+    assert got == sent  # every point the agent produced is stored, once
+    assert max(sent.values()) == 1
+    assert not list((tmp_path / "spool").glob("*.seg"))
+    assert store.run("chaos").status == "finished"
