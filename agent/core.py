@@ -317,7 +317,9 @@ class Agent:
     def _free_metrics(self, values: Dict[str, Any]) -> None:
         grads = self._grads()
         values["loss"] = self._step_loss()
-        values["grad_norm_sq"] = metrics.grad_norm_sq(grads, reduce=self._reduce)
+        # the squared norms recorded at the end of backward are g_t's own: no second read of .grad
+        values["grad_norm_sq"] = metrics.grad_norm_sq(grads, reduce=self._reduce,
+                                                      norms_sq=self.raw_gradient.raw_norms_sq())
         if self._x0 is not None:
             values["distance"] = metrics.distance(self.params, self._x0, reduce=self._reduce)
         if self._prev is not None:

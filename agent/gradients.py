@@ -85,6 +85,15 @@ class RawGradient:
         nonzero = now > 0
         return m, (recorded[nonzero] / now[nonzero]).sqrt()
 
+    def raw_norms_sq(self) -> Optional[Tensor]:
+        """Per-tensor ``‖g_i‖²`` of the raw gradient ``g_t`` (AMP scale removed, before any clipping),
+        as recorded at the end of the last backward; ``None`` when no backward was recorded."""
+        if self._norm_sq is None:
+            return None
+        if self.scaler is not None and self.scaler.is_enabled():
+            return self._norm_sq / self.scaler._get_scale_async().to(self._norm_sq).square()
+        return self._norm_sq
+
     def clear(self) -> None:
         self._norm_sq = None
         self._version = [None] * len(self.params)
