@@ -7,6 +7,15 @@
   ``value`` NULL means NaN (SQLite cannot store NaN; ±Inf are stored as they are). ``rank`` is
   -1 for run-level values and the torch.distributed rank for per-rank ones.
 * ``decisions``: phase-switch decisions with their goodness terms, action, and acknowledgement.
+* ``latest_points`` (revision 0002): the newest point of every ``(run, metric, rank)`` series,
+  maintained on every write. It answers "latest values", the Prometheus scrape and "which metrics
+  does this run have" without scanning ``metric_points``, and its ``version`` / ``rewrites``
+  counters let readers cache a series and fetch only what was appended since.
+* ``batches`` (0002): ingested batch ids per run, so a retried batch is a no-op.
+* ``tokens`` (0002): API tokens (SHA-256 of the secret, never the secret), scopes, revocation.
+* ``runs`` gains (0002) ``optimizer``, ``policy`` (``PolicyConfig.to_dict()``, NULL: the collector
+  takes no decisions for the run), ``policy_state`` (``DecisionPolicy.state_dict()``, updated under
+  the run's row lock so several collector workers share one policy) and ``last_ingest_at``.
 
 Schema changes go through Alembic migrations in ``migrations/versions`` (``Store`` upgrades on
 open); this module mirrors the latest revision for queries.
@@ -32,6 +41,8 @@ RUN_LEVEL_RANK = -1
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
 MAX_NAME_LENGTH = 200
 MAX_METRIC_LENGTH = 100
+MAX_BATCH_ID_LENGTH = 200
+TOKEN_SCOPES = ("ingest", "read", "decide", "admin")
 
 metadata = MetaData()
 
@@ -45,6 +56,10 @@ runs = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("last_step", BigInteger, nullable=True),
+    Column("optimizer", JSON, nullable=True),
+    Column("policy", JSON, nullable=True),
+    Column("policy_state", JSON, nullable=True),
+    Column("last_ingest_at", Float, nullable=True),
     UniqueConstraint("name", name="uq_runs_name"),
 )
 
@@ -74,5 +89,40 @@ decisions = Table(
     Column("created_at", Float, nullable=False),
     Column("applied_step", BigInteger, nullable=True),
     Column("applied_at", Float, nullable=True),
+    Column("reason", String(1000), nullable=True),
     Index("ix_decisions_run_step", "run_id", "step"),
+)
+
+latest_points = Table(
+    "latest_points",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("metric", String(MAX_METRIC_LENGTH), primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("step", BigInteger, nullable=False),
+    Column("value", Float, nullable=True),
+    Column("wall_time", Float, nullable=False),
+    Column("version", BigInteger, nullable=False),  # +1 on every write touching the series
+    Column("rewrites", BigInteger, nullable=False),  # +1 on every write not strictly after `step`
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("batch_id", String(MAX_BATCH_ID_LENGTH), primary_key=True),
+    Column("stored", Integer, nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(MAX_NAME_LENGTH), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("scopes", String(200), nullable=False),  # space-separated
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+    UniqueConstraint("hash", name="uq_tokens_hash"),
 )

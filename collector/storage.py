@@ -8,31 +8,58 @@ Guarantees:
 * writing the same point twice (a retried batch) stores it once: ``(run, metric, rank, step)``
   is the primary key and inserts skip conflicts;
 * NaN and ±Inf are stored and read back as they are (NaN as SQL NULL, since SQLite has no NaN);
-* SQLite runs in WAL mode, so readers (``moxco serve``, audits) never block the writer.
+* SQLite runs in WAL mode, so readers (``moxco serve``, audits) never block the writer; write
+  transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing
+  with "database is locked" on a stale snapshot;
+* every write to a run first takes the run's row lock (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite
+  serialises writers), so several collector processes sharing one database see one consistent
+  decision-policy state and one ``latest_points`` row per series.
+
+The collector adds: batch ingestion with batch ids (``ingest``), the ``latest_points`` summary
+(latest values, Prometheus), cached columnar series reads (``series_columns``), decisions with
+acknowledgements, operator decisions, and hashed API tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
+import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import bindparam as _bind
 from sqlalchemy import case, create_engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError
 
 from moxco.collector import schema
-from moxco.collector.schema import RUN_LEVEL_RANK, RUN_STATUSES, decisions, metric_points, runs
-from moxco.policy import Decision, decision_id
+from moxco.collector.schema import (
+    RUN_LEVEL_RANK,
+    RUN_STATUSES,
+    TOKEN_SCOPES,
+    batches,
+    decisions,
+    latest_points,
+    metric_points,
+    runs,
+    tokens,
+)
+from moxco.goodness import Goodness
+from moxco.policy import Decision, DecisionPolicy, PolicyConfig, decision_id
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 INSERT_CHUNK = 5000  # rows per INSERT statement: under SQLite's bound-parameter limit
+GOODNESS_TERMS = ("goodness_grad_term", "goodness_sharpness_term", "goodness_loss_term")
+_UNSET: Any = object()
 
 
 class StoreError(ValueError):
@@ -64,16 +91,28 @@ def normalize_url(url: str) -> str:
     """Accept a SQLAlchemy URL or a bare file path (taken as a SQLite file)."""
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
+    for prefix in ("postgresql://", "postgres://"):  # the plain libpq form: use psycopg 3
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
     return url
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # SQLAlchemy, not the sqlite3 module, opens transactions (see _sqlite_begin)
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_begin(conn) -> None:
+    """Open SQLite transactions ourselves: ``BEGIN IMMEDIATE`` for writers (take the write lock
+    before reading, so a read-modify-write never hits SQLITE_BUSY on a stale WAL snapshot), plain
+    deferred ``BEGIN`` for readers (they never block the writer)."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("moxco_write") else "BEGIN")
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -105,26 +144,61 @@ def _from_db(value: Optional[float]) -> float:
 class Store:
     """A moxco store on one database URL (thread-safe: SQLAlchemy pools connections)."""
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 10,
+                 series_cache_points: int = 20_000_000) -> None:
         self.url = normalize_url(url)
+        kwargs: Dict[str, Any] = {}
+        if self.url.startswith("postgresql"):
+            kwargs.update(pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=False)
         try:
-            self.engine = create_engine(self.url, future=True)
+            self.engine = create_engine(self.url, **kwargs)
         except ArgumentError as exc:
             raise StoreError(f"not a database URL: {url!r} ({exc})") from None
+        except ModuleNotFoundError as exc:
+            raise StoreError(f"the driver for {self.engine_url_scheme(self.url)!r} is not installed ({exc.name}); "
+                             "PostgreSQL needs `pip install 'moxco[collector]'` (psycopg)") from None
+        if self.engine.dialect.name not in ("sqlite", "postgresql"):
+            raise StoreError(f"unsupported database {self.engine.dialect.name!r}: use SQLite or PostgreSQL")
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
             database = self.engine.url.database
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self.engine.execution_options(moxco_write=True)
+        self._series_cache = SeriesCache(series_cache_points)
         if migrate:
             upgrade(self.engine)
+
+    @staticmethod
+    def engine_url_scheme(url: str) -> str:
+        return url.split("://", 1)[0]
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def ping(self) -> None:
+        """Raise (a SQLAlchemy ``OperationalError``) when the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def _lock_run(self, conn, name: str):
+        """The run's row (``id``, ``policy``, ``policy_state``), locked for this write transaction."""
+        query = select(runs.c.id, runs.c.policy, runs.c.policy_state).where(runs.c.name == name)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFoundError(f"no run named {name!r}")
+        return row
 
     # --- runs ------------------------------------------------------------------------------------
 
     def _run_id(self, conn, name: str) -> int:
         run_id = conn.execute(select(runs.c.id).where(runs.c.name == name)).scalar()
         if run_id is None:
-            raise StoreError(f"no run named {name!r}")
+            raise NotFoundError(f"no run named {name!r}")
         return run_id
 
     def create_run(self, name: str, config: Optional[Mapping[str, Any]] = None, *, status: str = "running",
@@ -134,11 +208,11 @@ class Store:
         if status not in RUN_STATUSES:
             raise StoreError(f"status must be one of {RUN_STATUSES}, got {status!r}")
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             row = conn.execute(select(runs).where(runs.c.name == name)).mappings().first()
             if row is None:
-                conn.execute(runs.insert().values(name=name, status=status, config=dict(config or {}),
-                                                  created_at=now, updated_at=now, last_step=None))
+                conn.execute(self._insert_ignore(runs).values(name=name, status=status, config=dict(config or {}),
+                                                              created_at=now, updated_at=now, last_step=None))
             elif not exist_ok:
                 raise StoreError(f"a run named {name!r} already exists")
             else:
@@ -149,15 +223,15 @@ class Store:
     def set_status(self, name: str, status: str) -> None:
         if status not in RUN_STATUSES:
             raise StoreError(f"status must be one of {RUN_STATUSES}, got {status!r}")
-        with self.engine.begin() as conn:
-            run_id = self._run_id(conn, name)
+        with self._writer.begin() as conn:
+            run_id = self._lock_run(conn, name).id
             conn.execute(update(runs).where(runs.c.id == run_id).values(status=status, updated_at=time.time()))
 
     def run(self, name: str) -> RunInfo:
         with self.engine.connect() as conn:
             row = conn.execute(select(runs).where(runs.c.name == name)).mappings().first()
         if row is None:
-            raise StoreError(f"no run named {name!r}")
+            raise NotFoundError(f"no run named {name!r}")
         return _run_info(row)
 
     def runs(self, *, status: Optional[str] = None) -> List[RunInfo]:
@@ -172,29 +246,111 @@ class Store:
 
     def write_points(self, name: str, points: Iterable[Point | Tuple]) -> int:
         """Store points of run ``name``; duplicates of stored points are skipped. Returns rows given."""
-        rows = []
-        last_step = None
+        metrics_, steps, values, walls, ranks = [], [], [], [], []
         for point in points:
             p = point if isinstance(point, Point) else Point(*point)
             if not isinstance(p.metric, str) or not p.metric or len(p.metric) > schema.MAX_METRIC_LENGTH:
                 raise StoreError(f"metric name must be a non-empty string of at most {schema.MAX_METRIC_LENGTH} characters, got {p.metric!r}")
-            step = int(p.step)
-            rows.append({"metric": p.metric, "rank": int(p.rank), "step": step,
-                         "value": _to_db(p.value), "wall_time": float(p.wall_time)})
-            last_step = step if last_step is None else max(last_step, step)
-        if not rows:
+            metrics_.append(p.metric)
+            steps.append(int(p.step))
+            values.append(float(p.value))
+            walls.append(float(p.wall_time))
+            ranks.append(int(p.rank))
+        if not metrics_:
             return 0
-        with self.engine.begin() as conn:
-            run_id = self._run_id(conn, name)
-            for row in rows:
-                row["run_id"] = run_id
-            insert = self._insert_ignore(metric_points)
-            for start in range(0, len(rows), INSERT_CHUNK):
-                conn.execute(insert, rows[start : start + INSERT_CHUNK])
-            newer = case((runs.c.last_step.is_(None), last_step), (runs.c.last_step < last_step, last_step),
-                         else_=runs.c.last_step)
-            conn.execute(update(runs).where(runs.c.id == run_id).values(last_step=newer, updated_at=time.time()))
-        return len(rows)
+        with self._writer.begin() as conn:
+            run_id = self._lock_run(conn, name).id
+            self._write_columns(conn, run_id, metrics_, steps, values, walls, ranks)
+        return len(metrics_)
+
+    def _write_columns(self, conn, run_id: int, metrics_: Sequence[str], steps: Sequence[int],
+                       values: Sequence[float], walls: Sequence[float], ranks: Sequence[int]) -> int:
+        """Insert-ignore the points and maintain ``latest_points`` and ``runs.last_step``, inside the
+        caller's transaction, which holds the run's lock. Returns the number of rows newly stored.
+
+        Rows are written sorted by key, so concurrent writers on PostgreSQL lock index entries in
+        the same order (no deadlock). NaN is stored as NULL (SQLite has no NaN).
+        """
+        n = len(metrics_)
+        db_values = [None if v != v else v for v in values]
+        order = sorted(range(n), key=lambda i: (metrics_[i], ranks[i], steps[i]))
+        if self.dialect == "postgresql":
+            result = conn.exec_driver_sql(
+                "INSERT INTO metric_points (run_id, metric, rank, step, value, wall_time) "
+                "SELECT %(run_id)s, * FROM unnest(%(m)s::varchar[], %(r)s::int[], %(s)s::bigint[], "
+                "%(v)s::float8[], %(w)s::float8[]) ON CONFLICT DO NOTHING",
+                {"run_id": run_id, "m": [metrics_[i] for i in order], "r": [ranks[i] for i in order],
+                 "s": [steps[i] for i in order], "v": [db_values[i] for i in order],
+                 "w": [walls[i] for i in order]},
+            )
+            stored = result.rowcount
+        else:
+            before = conn.connection.driver_connection.total_changes
+            conn.exec_driver_sql(
+                "INSERT OR IGNORE INTO metric_points (run_id, metric, rank, step, value, wall_time) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, metrics_[i], ranks[i], steps[i], db_values[i], walls[i]) for i in order],
+            )
+            stored = conn.connection.driver_connection.total_changes - before
+
+        # newest point and smallest step of every series in this write
+        newest: Dict[Tuple[str, int], int] = {}
+        oldest: Dict[Tuple[str, int], int] = {}
+        for i in range(n):
+            key = (metrics_[i], ranks[i])
+            j = newest.get(key)
+            if j is None:
+                newest[key] = i
+                oldest[key] = steps[i]
+            else:
+                if steps[i] > steps[j]:
+                    newest[key] = i
+                if steps[i] < oldest[key]:
+                    oldest[key] = steps[i]
+        current = {
+            (m, r): (st, ver, rew)
+            for m, r, st, ver, rew in conn.execute(
+                select(latest_points.c.metric, latest_points.c.rank, latest_points.c.step,
+                       latest_points.c.version, latest_points.c.rewrites).where(latest_points.c.run_id == run_id))
+        }
+        inserts, updates = [], []
+        for key in sorted(newest):
+            i = newest[key]
+            row = {"run_id": run_id, "metric": key[0], "rank": key[1]}
+            if key not in current:
+                inserts.append({**row, "step": steps[i], "value": db_values[i], "wall_time": walls[i],
+                                "version": 1, "rewrites": 0})
+                continue
+            old_step, version, rewrites = current[key]
+            if steps[i] > old_step:
+                row.update(step=steps[i], value=db_values[i], wall_time=walls[i])
+            else:
+                row.update(step=old_step, value=_UNSET, wall_time=_UNSET)
+            row.update(version=version + 1, rewrites=rewrites + (1 if oldest[key] <= old_step else 0))
+            updates.append(row)
+        if inserts:
+            conn.execute(latest_points.insert(), inserts)
+        moved = [u for u in updates if u["value"] is not _UNSET]
+        kept = [u for u in updates if u["value"] is _UNSET]
+        lp = latest_points.c
+        key_match = (lp.run_id == _bind("b_run_id")) & (lp.metric == _bind("b_metric")) & (lp.rank == _bind("b_rank"))
+        if moved:
+            conn.execute(update(latest_points).where(key_match).values(
+                step=_bind("b_step"), value=_bind("b_value"), wall_time=_bind("b_wall_time"),
+                version=_bind("b_version"), rewrites=_bind("b_rewrites")),
+                [{f"b_{k}": v for k, v in u.items()} for u in moved])
+        if kept:
+            conn.execute(update(latest_points).where(key_match).values(
+                version=_bind("b_version"), rewrites=_bind("b_rewrites")),
+                [{f"b_{k}": u[k] for k in ("run_id", "metric", "rank", "version", "rewrites")} for u in kept])
+
+        last_step = max(steps)
+        now = time.time()
+        newer = case((runs.c.last_step.is_(None), last_step), (runs.c.last_step < last_step, last_step),
+                     else_=runs.c.last_step)
+        conn.execute(update(runs).where(runs.c.id == run_id).values(last_step=newer, updated_at=now,
+                                                                   last_ingest_at=now))
+        return stored
 
     def _insert_ignore(self, table):
         dialect = self.engine.dialect.name
@@ -222,25 +378,329 @@ class Store:
         return steps, values
 
     def metrics(self, name: str) -> List[str]:
-        """Names of the metrics stored for run ``name``."""
+        """Names of the metrics stored for run ``name`` (any rank)."""
         with self.engine.connect() as conn:
             run_id = self._run_id(conn, name)
-            query = select(metric_points.c.metric).where(metric_points.c.run_id == run_id).distinct()
+            query = select(latest_points.c.metric).where(latest_points.c.run_id == run_id).distinct()
             return sorted(conn.execute(query).scalars())
 
     def latest(self, name: str, *, rank: int = RUN_LEVEL_RANK) -> Dict[str, Tuple[int, float]]:
         """``{metric: (step, value)}`` of the newest point of every metric of run ``name``."""
+        return {m: (s, v) for m, (s, v, _w) in self.latest_points(name, rank=rank).items()}
+
+    def latest_points(self, name: str, *, rank: int = RUN_LEVEL_RANK) -> Dict[str, Tuple[int, float, float]]:
+        """``{metric: (step, value, wall_time)}`` of the newest point of every metric of run ``name``."""
+        lp = latest_points.c
         with self.engine.connect() as conn:
             run_id = self._run_id(conn, name)
-            newest = (
-                select(metric_points.c.metric, func.max(metric_points.c.step).label("step"))
-                .where(metric_points.c.run_id == run_id, metric_points.c.rank == rank)
-                .group_by(metric_points.c.metric).subquery()
-            )
-            query = select(metric_points.c.metric, metric_points.c.step, metric_points.c.value).join(
-                newest, (metric_points.c.metric == newest.c.metric) & (metric_points.c.step == newest.c.step)
-            ).where(metric_points.c.run_id == run_id, metric_points.c.rank == rank)
-            return {m: (int(s), _from_db(v)) for m, s, v in conn.execute(query)}
+            rows = conn.execute(select(lp.metric, lp.step, lp.value, lp.wall_time)
+                                .where(lp.run_id == run_id, lp.rank == rank))
+            return {m: (int(s), _from_db(v), float(w)) for m, s, v, w in rows}
+
+    def running_latest(self) -> List[Dict[str, Any]]:
+        """Everything the Prometheus exposition needs, in three queries: per *running* run its name,
+        last step, last ingest time, decision count and ``{metric: value}`` of its run-level series."""
+        lp, r = latest_points.c, runs.c
+        with self.engine.connect() as conn:
+            run_rows = conn.execute(select(r.id, r.name, r.last_step, r.last_ingest_at)
+                                    .where(r.status == "running").order_by(r.id)).all()
+            out = {row.id: {"name": row.name, "last_step": row.last_step, "last_ingest_at": row.last_ingest_at,
+                            "decisions": 0, "metrics": {}} for row in run_rows}
+            if not out:
+                return []
+            running = select(r.id).where(r.status == "running")
+            for run_id, metric, value in conn.execute(
+                    select(lp.run_id, lp.metric, lp.value).where(lp.rank == RUN_LEVEL_RANK, lp.run_id.in_(running))):
+                if run_id in out:
+                    out[run_id]["metrics"][metric] = _from_db(value)
+            for run_id, count in conn.execute(
+                    select(decisions.c.run_id, func.count()).where(decisions.c.run_id.in_(running))
+                    .group_by(decisions.c.run_id)):
+                if run_id in out:
+                    out[run_id]["decisions"] = int(count)
+        return list(out.values())
+
+    def series_columns(self, name: str, metric: str, *, rank: int = RUN_LEVEL_RANK
+                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(steps, values, wall_times)`` of a whole series as read-only NumPy arrays, from a
+        per-process cache that reloads only what was appended since (see ``SeriesCache``)."""
+        with self.engine.connect() as conn:
+            run_id = self._run_id(conn, name)
+            return self._series_cache.get(self, conn, run_id, metric, rank)
+
+    def _load_columns(self, conn, run_id: int, metric: str, rank: int, after: Optional[int]
+                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read ``(steps, values, wall_times)`` with ``step > after``, ordered by step, as fast as the
+        driver allows: PostgreSQL streams a binary COPY parsed by NumPy (no Python object per row),
+        SQLite goes through the C-level cursor."""
+        after = -(2**63) if after is None else int(after)
+        if self.dialect == "postgresql":
+            raw = conn.connection.driver_connection
+            sql = ("COPY (SELECT step, COALESCE(value, 'NaN'::float8), wall_time FROM metric_points "
+                   "WHERE run_id = {} AND metric = {} AND rank = {} AND step > {} ORDER BY step) "
+                   "TO STDOUT (FORMAT BINARY)")
+            from psycopg import sql as pgsql
+
+            statement = pgsql.SQL(sql).format(pgsql.Literal(run_id), pgsql.Literal(metric), pgsql.Literal(rank),
+                                              pgsql.Literal(after))
+            with raw.cursor() as cur:
+                with cur.copy(statement) as copy:
+                    data = b"".join(bytes(chunk) for chunk in copy)
+            rows = _parse_copy_binary(data)
+            return (rows["step"].astype(np.int64), rows["value"].astype(np.float64),
+                    rows["wall_time"].astype(np.float64))
+        cursor = conn.connection.driver_connection.execute(
+            "SELECT step, value, wall_time FROM metric_points WHERE run_id = ? AND metric = ? AND rank = ? "
+            "AND step > ? ORDER BY step", (run_id, metric, rank, after))
+        rows = cursor.fetchall()
+        if not rows:
+            return np.empty(0, np.int64), np.empty(0), np.empty(0)
+        steps, values, walls = zip(*rows)
+        return (np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64),
+                np.array(walls, dtype=np.float64))
+
+    # --- runs as the collector sees them ---------------------------------------------------------
+
+    def put_run(self, name: str, *, create: bool = True, config: Optional[Mapping[str, Any]] = None,
+                optimizer: Any = _UNSET, policy: Any = _UNSET, status: Optional[str] = None) -> Dict[str, Any]:
+        """Register (``create``) or update a run; returns ``run_detail``.
+
+        ``config`` is merged into the stored config; ``optimizer`` and ``policy`` replace the
+        stored ones when given (``policy=None`` stops collector decisions). A changed policy keeps
+        the policy's progress (streak, decisions already taken count against ``max_decisions``), so
+        an agent re-registering after a restart never makes the policy fire again.
+        ``status`` defaults to ``running`` for a new run and to unchanged for an existing one.
+        """
+        _validate_name(name)
+        if status is not None and status not in RUN_STATUSES:
+            raise StoreError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        if policy is not _UNSET and policy is not None:
+            policy = PolicyConfig.from_dict(policy).to_dict()  # ValueError on bad fields
+        now = time.time()
+        with self._writer.begin() as conn:
+            query = select(runs).where(runs.c.name == name)
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).mappings().first()
+            if row is None:
+                if not create:
+                    raise NotFoundError(f"no run named {name!r}")
+                conn.execute(self._insert_ignore(runs).values(
+                    name=name, status=status or "running", config=dict(config or {}), created_at=now,
+                    updated_at=now, last_step=None, optimizer=None if optimizer is _UNSET else optimizer,
+                    policy=None if policy is _UNSET else policy, policy_state=None))
+                row = conn.execute(query).mappings().first()
+                if row["created_at"] == now:
+                    return self.run_detail(name, conn=conn)
+            values: Dict[str, Any] = {"updated_at": now}
+            if config:
+                values["config"] = {**row["config"], **dict(config)}
+            if optimizer is not _UNSET:
+                values["optimizer"] = optimizer
+            if policy is not _UNSET:
+                values["policy"] = policy
+                state = row["policy_state"]
+                if policy is not None and state is not None and state.get("config") != policy:
+                    values["policy_state"] = {**state, "config": policy}
+            if status is not None:
+                values["status"] = status
+            conn.execute(update(runs).where(runs.c.id == row["id"]).values(**values))
+            return self.run_detail(name, conn=conn)
+
+    def run_detail(self, name: str, *, conn=None, with_metrics: bool = True) -> Dict[str, Any]:
+        """One run as the API returns it: config, optimizer, policy, status, last step, phase, metrics."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.run_detail(name, conn=c, with_metrics=with_metrics)
+        row = conn.execute(select(runs).where(runs.c.name == name)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"no run named {name!r}")
+        out = _run_dict(row)
+        if with_metrics:
+            lp = latest_points.c
+            names = conn.execute(select(lp.metric).where(lp.run_id == row["id"]).distinct()).scalars()
+            out["metrics"] = sorted(names)
+            phase = conn.execute(select(lp.value).where(lp.run_id == row["id"], lp.metric == "phase",
+                                                        lp.rank == RUN_LEVEL_RANK)).scalar()
+            out["phase"] = None if phase is None else int(phase)
+        return out
+
+    def list_runs(self, *, name: Optional[str] = None, status: Optional[str] = None, since: Optional[float] = None,
+                  until: Optional[float] = None, limit: int = 100, offset: int = 0) -> Tuple[int, List[Dict[str, Any]]]:
+        """Runs newest first, filtered by a case-sensitive glob on the name (``*``, ``?``, ``[…]``),
+        status, and activity window (``since``: updated at or after; ``until``: created at or
+        before). Returns ``(total matching, page)``."""
+        import fnmatch
+
+        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc())
+        if status is not None:
+            query = query.where(runs.c.status == status)
+        if since is not None:
+            query = query.where(runs.c.updated_at >= since)
+        if until is not None:
+            query = query.where(runs.c.created_at <= until)
+        if name is not None and not any(ch in name for ch in "*?["):
+            query = query.where(runs.c.name == name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        if name is not None:
+            rows = [row for row in rows if fnmatch.fnmatchcase(row["name"], name)]
+        return len(rows), [_run_dict(row) for row in rows[offset : offset + limit]]
+
+    # --- batches ---------------------------------------------------------------------------------
+
+    def ingest(self, name: str, batch_id: Optional[str], metrics_: Sequence[str], steps: Sequence[int],
+               values: Sequence[float], walls: Sequence[float], ranks: Sequence[int],
+               acks: Sequence[Tuple[str, int]] = ()) -> "IngestResult":
+        """Store one batch in one transaction under the run's lock: the batch id (a retried batch
+        stores nothing and reports ``duplicate``), the points, the acknowledgements, then the run's
+        decision policy on the batch's run-level ``goodness`` points in step order. Returns what was
+        stored and every decision of the run not yet acknowledged."""
+        with self._writer.begin() as conn:
+            run = self._lock_run(conn, name)
+            duplicate, stored = False, 0
+            if batch_id is not None:
+                previous = conn.execute(select(batches.c.stored).where(
+                    batches.c.run_id == run.id, batches.c.batch_id == batch_id)).scalar()
+                if previous is not None:
+                    duplicate, stored = True, int(previous)
+            unknown_acks: List[str] = []
+            new_decisions: List[str] = []
+            if not duplicate:
+                if len(metrics_):
+                    stored = self._write_columns(conn, run.id, metrics_, steps, values, walls, ranks)
+                for ident, applied_step in acks:
+                    if not self._ack(conn, run.id, ident, applied_step):
+                        unknown_acks.append(ident)
+                if run.policy is not None:
+                    new_decisions = self._run_policy(conn, name, run, metrics_, steps, values, ranks)
+                if batch_id is not None:
+                    conn.execute(batches.insert().values(run_id=run.id, batch_id=batch_id, stored=stored,
+                                                         received_at=time.time()))
+            pending = self._decisions(conn, run.id, name, pending_only=True)
+        return IngestResult(stored=stored, duplicate=duplicate, pending=pending, new_decisions=new_decisions,
+                            unknown_acks=unknown_acks)
+
+    def _run_policy(self, conn, name: str, run, metrics_, steps, values, ranks) -> List[str]:
+        """Feed the batch's goodness points to the run's ``DecisionPolicy`` (state loaded from and
+        saved to ``runs.policy_state`` under the row lock) and store what it decides."""
+        probes: Dict[int, List[float]] = {}
+        for i, metric in enumerate(metrics_):
+            if metric == "goodness" and ranks[i] == RUN_LEVEL_RANK:
+                probes[int(steps[i])] = [float(values[i]), math.nan, math.nan, math.nan]
+        for i, metric in enumerate(metrics_):
+            if metric in GOODNESS_TERMS and ranks[i] == RUN_LEVEL_RANK and int(steps[i]) in probes:
+                probes[int(steps[i])][1 + GOODNESS_TERMS.index(metric)] = float(values[i])
+        if not probes:
+            return []
+        policy = DecisionPolicy(PolicyConfig.from_dict(run.policy))
+        if run.policy_state is not None:
+            policy.load_state_dict({**run.policy_state, "config": run.policy})
+        made = []
+        for step in sorted(probes):
+            decision = policy.observe(step, Goodness(*probes[step]))
+            if decision is not None:
+                made.append(self._store_decision(conn, run.id, name, decision))
+        conn.execute(update(runs).where(runs.c.id == run.id).values(policy_state=policy.state_dict()))
+        return made
+
+    def _store_decision(self, conn, run_id: int, name: str, decision: Decision, reason: Optional[str] = None) -> str:
+        ident = decision_id(name, decision)
+        conn.execute(self._insert_ignore(decisions), [{
+            "id": ident, "run_id": run_id, "step": int(decision.step), "source": decision.source,
+            "action": dict(decision.action), "goodness": _to_db(decision.goodness),
+            "grad_term": _to_db(decision.grad_term), "sharpness_term": _to_db(decision.sharpness_term),
+            "loss_term": _to_db(decision.loss_term), "created_at": time.time(), "applied_step": None,
+            "applied_at": None, "reason": reason}])
+        return ident
+
+    def _ack(self, conn, run_id: int, ident: str, applied_step: int) -> bool:
+        """Record an acknowledgement (the first one wins); False when the run has no such decision."""
+        result = conn.execute(update(decisions).where(decisions.c.id == ident, decisions.c.run_id == run_id,
+                                                      decisions.c.applied_step.is_(None))
+                              .values(applied_step=int(applied_step), applied_at=time.time()))
+        if result.rowcount:
+            return True
+        return conn.execute(select(decisions.c.id).where(decisions.c.id == ident,
+                                                         decisions.c.run_id == run_id)).first() is not None
+
+    def _decisions(self, conn, run_id: int, name: str, *, pending_only: bool = False,
+                   ident: Optional[str] = None) -> List[Dict[str, Any]]:
+        query = select(decisions).where(decisions.c.run_id == run_id)
+        if pending_only:
+            query = query.where(decisions.c.applied_step.is_(None))
+        if ident is not None:
+            query = query.where(decisions.c.id == ident)
+        rows = conn.execute(query.order_by(decisions.c.step, decisions.c.id)).mappings().all()
+        return [{"id": r["id"], "run": name, "step": r["step"], "source": r["source"], "action": r["action"],
+                 "goodness": r["goodness"], "grad_term": r["grad_term"], "sharpness_term": r["sharpness_term"],
+                 "loss_term": r["loss_term"], "created_at": r["created_at"], "applied_step": r["applied_step"],
+                 "applied_at": r["applied_at"], "reason": r["reason"]} for r in rows]
+
+    def run_decisions(self, name: str, *, pending_only: bool = False) -> List[Dict[str, Any]]:
+        """Decisions of a run as the API returns them (goodness fields ``None`` when not measured)."""
+        with self.engine.connect() as conn:
+            return self._decisions(conn, self._run_id(conn, name), name, pending_only=pending_only)
+
+    def ack(self, name: str, ident: str, applied_step: int) -> Dict[str, Any]:
+        """Acknowledge decision ``ident`` of run ``name`` (first acknowledgement wins); returns it."""
+        with self._writer.begin() as conn:
+            run = self._lock_run(conn, name)
+            if not self._ack(conn, run.id, ident, applied_step):
+                raise NotFoundError(f"run {name!r} has no decision {ident!r}")
+            return self._decisions(conn, run.id, name, ident=ident)[0]
+
+    def operator_decision(self, name: str, action: Mapping[str, Any], *, step: Optional[int] = None,
+                          reason: Optional[str] = None) -> Tuple[Dict[str, Any], bool]:
+        """Store an operator decision at ``step`` (default: the run's last step, 0 before any point).
+        Returns ``(decision, created)``; the same step and action again is the same decision
+        (``created`` False); a different action at a step that already has one is a ``ConflictError``."""
+        with self._writer.begin() as conn:
+            run = self._lock_run(conn, name)
+            if step is None:
+                step = conn.execute(select(runs.c.last_step).where(runs.c.id == run.id)).scalar() or 0
+            decision = Decision(int(step), dict(action), source="operator")
+            ident = decision_id(name, decision)
+            existing = self._decisions(conn, run.id, name, ident=ident)
+            if existing:
+                if existing[0]["action"] != dict(action):
+                    raise ConflictError(f"run {name!r} already has an operator decision at step {step} with "
+                                        f"action {existing[0]['action']}")
+                return existing[0], False
+            self._store_decision(conn, run.id, name, decision, reason)
+            return self._decisions(conn, run.id, name, ident=ident)[0], True
+
+    # --- tokens ----------------------------------------------------------------------------------
+
+    def create_token(self, name: str, scopes: Sequence[str]) -> Tuple[int, str]:
+        """Create an API token; returns ``(id, secret)``. Only the SHA-256 of the secret is stored."""
+        scopes = sorted(set(scopes))
+        bad = [s for s in scopes if s not in TOKEN_SCOPES]
+        if bad or not scopes:
+            raise StoreError(f"token scopes must be some of {TOKEN_SCOPES}, got {list(scopes)}")
+        _validate_name(name)
+        secret = "mox_" + secrets.token_urlsafe(32)  # 256 random bits
+        with self._writer.begin() as conn:
+            result = conn.execute(tokens.insert().values(name=name, hash=hash_token(secret), scopes=" ".join(scopes),
+                                                         created_at=time.time(), revoked_at=None))
+            return int(result.inserted_primary_key[0]), secret
+
+    def token_by_hash(self, digest: str) -> Optional[Dict[str, Any]]:
+        """The live (not revoked) token whose secret hashes to ``digest``, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(tokens).where(tokens.c.hash == digest, tokens.c.revoked_at.is_(None))).mappings().first()
+        return None if row is None else _token_dict(row)
+
+    def tokens(self) -> List[Dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [_token_dict(row) for row in conn.execute(select(tokens).order_by(tokens.c.id)).mappings()]
+
+    def revoke_token(self, ident: str | int) -> int:
+        """Revoke tokens by id or name; returns how many were revoked."""
+        with self._writer.begin() as conn:
+            where = tokens.c.id == int(ident) if str(ident).isdigit() else tokens.c.name == str(ident)
+            result = conn.execute(update(tokens).where(where, tokens.c.revoked_at.is_(None)).values(revoked_at=time.time()))
+            return int(result.rowcount)
 
     # --- decisions -------------------------------------------------------------------------------
 
@@ -253,20 +713,20 @@ class Store:
             "sharpness_term": _to_db(decision.sharpness_term), "loss_term": _to_db(decision.loss_term),
             "created_at": time.time(), "applied_step": None, "applied_at": None,
         }
-        with self.engine.begin() as conn:
-            row["run_id"] = self._run_id(conn, name)
+        with self._writer.begin() as conn:
+            row["run_id"] = self._lock_run(conn, name).id
             conn.execute(self._insert_ignore(decisions), [row])
         return ident
 
     def acknowledge_decision(self, ident: str, applied_step: int) -> None:
         """Record the step a decision was applied at (the first acknowledgement wins)."""
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             result = conn.execute(
                 update(decisions).where(decisions.c.id == ident, decisions.c.applied_step.is_(None))
                 .values(applied_step=int(applied_step), applied_at=time.time())
             )
             if result.rowcount == 0 and conn.execute(select(decisions.c.id).where(decisions.c.id == ident)).first() is None:
-                raise StoreError(f"no decision with id {ident!r}")
+                raise NotFoundError(f"no decision with id {ident!r}")
 
     def decisions(self, name: str) -> List[Dict[str, Any]]:
         """Decisions of run ``name`` ordered by step, as dicts (goodness terms NaN when unknown)."""
@@ -291,6 +751,116 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NotFoundError(StoreError):
+    """No such run or decision."""
+
+
+class ConflictError(StoreError):
+    """The request contradicts what is stored (e.g. two different operator actions at one step)."""
+
+
+@dataclass
+class IngestResult:
+    stored: int
+    duplicate: bool
+    pending: List[Dict[str, Any]]
+    new_decisions: List[str] = field(default_factory=list)
+    unknown_acks: List[str] = field(default_factory=list)
+
+
+def hash_token(secret: str) -> str:
+    """SHA-256 hex digest of a token secret (what the ``tokens`` table stores)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_COPY_ROW = np.dtype([("n", ">i2"), ("l1", ">i4"), ("step", ">i8"), ("l2", ">i4"), ("value", ">f8"),
+                      ("l3", ">i4"), ("wall_time", ">f8")])
+
+
+def _parse_copy_binary(data: bytes) -> np.ndarray:
+    """Rows of a PostgreSQL binary COPY of ``(bigint, float8, float8)`` with no NULLs, as a NumPy
+    record array: every row has the same 38-byte layout, so NumPy reads them without a loop."""
+    if not data.startswith(_COPY_SIGNATURE):
+        raise StoreError("unexpected COPY output from PostgreSQL")
+    ext = int.from_bytes(data[15:19], "big")
+    start = 19 + ext
+    body = len(data) - start - 2  # trailer: int16 -1
+    if body % _COPY_ROW.itemsize:
+        raise StoreError("unexpected COPY row layout from PostgreSQL")
+    rows = np.frombuffer(data, dtype=_COPY_ROW, offset=start, count=body // _COPY_ROW.itemsize)
+    if rows.size and not (np.all(rows["n"] == 3) and np.all(rows["l2"] == 8)):
+        raise StoreError("unexpected COPY row layout from PostgreSQL")
+    return rows
+
+
+class SeriesCache:
+    """Per-process cache of whole series as NumPy arrays, so a 1 M-point series is not re-read
+    from the database on every dashboard refresh.
+
+    Validity comes from the series' ``latest_points`` row (one primary-key lookup): same
+    ``version``: nothing was written; same ``rewrites`` but a newer ``version``: only points after
+    the cached last step were added (append-only training series), so only those are read; a new
+    ``rewrites``: some write touched steps at or before the stored last step, so the series is
+    read again in full. Entries are evicted least-recently-used beyond ``max_points`` in total.
+    """
+
+    def __init__(self, max_points: int) -> None:
+        self.max_points = int(max_points)
+        self._entries: "OrderedDict[Tuple[int, str, int], Tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]" = OrderedDict()
+        self._points = 0
+        self._lock = threading.Lock()
+
+    def get(self, store: "Store", conn, run_id: int, metric: str, rank: int):
+        lp = latest_points.c
+        head = conn.execute(select(lp.version, lp.rewrites).where(
+            lp.run_id == run_id, lp.metric == metric, lp.rank == rank)).first()
+        empty = (np.empty(0, np.int64), np.empty(0), np.empty(0))
+        if head is None:
+            return empty
+        key = (run_id, metric, rank)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+        if entry is not None and entry[0] == head.version and entry[1] == head.rewrites:
+            return entry[2:]
+        if entry is not None and entry[1] == head.rewrites and entry[2].size:
+            more = store._load_columns(conn, run_id, metric, rank, after=int(entry[2][-1]))
+            columns = tuple(np.concatenate([old, new]) for old, new in zip(entry[2:], more))
+        else:
+            columns = store._load_columns(conn, run_id, metric, rank, after=None)
+        for column in columns:
+            column.flags.writeable = False
+        self._put(key, (head.version, head.rewrites, *columns))
+        return columns
+
+    def _put(self, key, entry) -> None:
+        size = entry[2].size
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._points -= old[2].size
+            if size > self.max_points:
+                return
+            self._entries[key] = entry
+            self._points += size
+            while self._points > self.max_points:
+                _, evicted = self._entries.popitem(last=False)
+                self._points -= evicted[2].size
+
+
+def _run_dict(row: Mapping[str, Any]) -> Dict[str, Any]:
+    return {"name": row["name"], "status": row["status"], "config": dict(row["config"]),
+            "optimizer": row["optimizer"], "policy": row["policy"], "created_at": row["created_at"],
+            "updated_at": row["updated_at"], "last_step": row["last_step"], "last_ingest_at": row["last_ingest_at"]}
+
+
+def _token_dict(row: Mapping[str, Any]) -> Dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "hash": row["hash"], "scopes": row["scopes"].split(),
+            "created_at": row["created_at"], "revoked_at": row["revoked_at"]}
 
 
 def _run_info(row: Mapping[str, Any]) -> RunInfo:

@@ -1,0 +1,116 @@
+"""API tokens: scopes, hashing, verification, and the loopback rule for ``--no-auth``.
+
+A token is ``mox_`` + 256 random bits (URL-safe base64). The store keeps only its SHA-256
+(``tokens.hash``), so a leaked database does not leak usable tokens; ``moxco token create`` prints
+the secret once. Verification hashes the presented secret, looks the digest up, and compares it
+with ``hmac.compare_digest`` (constant time). Verified tokens are cached for ``cache_s`` seconds
+per process so a busy ingest path does not pay a database round trip per request; a revocation
+therefore takes effect within that time.
+
+Scopes (docs/api.md): ``ingest`` (register runs, send batches, acknowledge and poll decisions),
+``read`` (queries), ``decide`` (operator decisions), ``admin`` (everything).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from moxco.collector.schema import TOKEN_SCOPES
+from moxco.collector.storage import Store, hash_token
+
+SCOPES = TOKEN_SCOPES
+
+
+class AuthError(Exception):
+    """401 (no or unknown token) or 403 (the token lacks the scope); ``status`` says which."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's id, name and scopes (``anonymous`` when auth is off)."""
+
+    token_id: Optional[int]
+    name: str
+    scopes: frozenset
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+ANONYMOUS = Principal(None, "anonymous", frozenset(SCOPES))
+
+# Issue 8 plugs a per-token rate limiter in here: called with the principal and the route's
+# scope, it returns None to let the request through or the seconds the caller should wait (429).
+RateLimiter = Callable[[Principal, str], Optional[float]]
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses that only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_no_auth_bind(host: str) -> None:
+    """Refuse ``--no-auth`` on an address other machines can reach (docs/api.md, Auth)."""
+    if not is_loopback(host):
+        raise ValueError(f"--no-auth is only allowed on a loopback address (127.0.0.1, ::1, localhost), "
+                         f"not {host!r}: anyone who can reach {host} could write runs and issue decisions. "
+                         "Create a token with `moxco token create --scope ingest --scope read` instead.")
+
+
+class TokenVerifier:
+    """Checks ``Authorization: Bearer <token>`` headers against the store's tokens."""
+
+    def __init__(self, store: Store, *, cache_s: float = 5.0) -> None:
+        self.store = store
+        self.cache_s = cache_s
+        self._cache: Dict[str, Tuple[float, Optional[Principal]]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, header: Optional[str]) -> Principal:
+        """The principal of a request's ``Authorization`` header; ``AuthError(401)`` otherwise."""
+        if not header:
+            raise AuthError(401, "missing token: send `Authorization: Bearer <token>` "
+                                 "(create one with `moxco token create --scope …`)")
+        scheme, _, secret = header.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise AuthError(401, "malformed Authorization header: expected `Bearer <token>`")
+        digest = hash_token(secret)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            row = self.store.token_by_hash(digest)
+            principal = None
+            if row is not None and hmac.compare_digest(row["hash"], digest):
+                principal = Principal(row["id"], row["name"], frozenset(row["scopes"]))
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[digest] = (now + self.cache_s, principal)
+        if principal is None:
+            raise AuthError(401, "unknown or revoked token")
+        return principal
+
+    @staticmethod
+    def authorize(principal: Principal, scope: str) -> None:
+        if not principal.allows(scope):
+            raise AuthError(403, f"token {principal.name!r} lacks the {scope!r} scope "
+                                 f"(it has: {', '.join(sorted(principal.scopes))})")
