@@ -14,17 +14,24 @@ import sys
 import tempfile
 from typing import Any, Dict, Optional
 
-DEFAULT_STORE = "sqlite:///runs.db"
+DEFAULT_STORE = "sqlite:///./moxco.db"
 
 
 def _store_url(value: Optional[str]) -> str:
-    return value or os.environ.get("MOXCO_STORE_URL") or DEFAULT_STORE
+    """``--url``, else ``$MOXCO_STORE_URL``, else the embedded agent's default store (``$MOXCO_URL``
+    when it names a database, else ``./moxco.db``): ``moxco serve`` with no arguments opens what
+    ``attach(model, opt)`` with no arguments wrote."""
+    agent_url = os.environ.get("MOXCO_URL", "")
+    if agent_url.startswith(("http://", "https://")):
+        agent_url = ""
+    return value or os.environ.get("MOXCO_STORE_URL") or agent_url or DEFAULT_STORE
 
 
 def register(commands) -> None:
     serve = commands.add_parser("serve", help="run the collector (HTTP API, /metrics, decisions)",
                                 description="Serve the collector's HTTP API (docs/api.md) on a store.")
-    serve.add_argument("--url", help=f"store URL: sqlite:///file.db or postgresql://… (default $MOXCO_STORE_URL or {DEFAULT_STORE})")
+    serve.add_argument("--url", help="store URL: sqlite:///file.db or postgresql://… (default $MOXCO_STORE_URL, else the agent's "
+                       "default store ./moxco.db, which `moxco demo` and attach() write)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (share the store; use PostgreSQL)")
@@ -38,7 +45,7 @@ def register(commands) -> None:
     db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND")
     db_commands.required = True
     upgrade = db_commands.add_parser("upgrade", help="create or migrate the store's schema to the latest revision")
-    upgrade.add_argument("--url", help="store URL (default $MOXCO_STORE_URL or sqlite:///runs.db)")
+    upgrade.add_argument("--url", help="store URL (default $MOXCO_STORE_URL, else the agent's default store ./moxco.db)")
     upgrade.set_defaults(func=_db_upgrade)
 
     token = commands.add_parser("token", help="API tokens (create, list, revoke)")
