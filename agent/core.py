@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -136,6 +136,7 @@ class Agent:
         self.raw_gradient = (ShardedRawGradient(self.shards, scaler) if self.shards is not None
                              else RawGradient(self.params, scaler))
         self._step_grads: Optional[List[Tensor]] = None
+        self._step_products: Optional[Tuple[Tensor, Tensor]] = None  # see _free_metrics
         self._prev: Optional[List[Tensor]] = None  # x_{t−1} (the one copy free metrics need)
         self._x0: Optional[List[Tensor]] = tensors.clone(self.params) if track_distance else None
         self._scale = 1.0  # s_{t−1}
@@ -262,6 +263,10 @@ class Agent:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
+    def _reeval_due(self) -> bool:
+        return (self._prev is not None and self._due(self.reeval_every) and "reeval" not in self.errors
+                and self.capture.has_batch())
+
     # --- the step ------------------------------------------------------------------------------
 
     def _grads(self) -> List[Tensor]:
@@ -293,8 +298,9 @@ class Agent:
             self._guard("free", self._recover_raw_gradient, values)
         with torch.no_grad():
             self._guard("free", self._free_metrics, values)
-        if self._prev is not None and self._due(self.reeval_every) and self.capture.has_batch():
+        if self._reeval_due():
             self._guard("reeval", self._reeval, values)
+        self._step_products = None
         if self._reference is not None and self._due(self.reeval_every) and self.capture.has_batch():
             self._guard("reference", self._reeval_reference, values)
         if self._due(self.probe_every) and self.capture.has_batch():
@@ -323,7 +329,11 @@ class Agent:
         if self._x0 is not None:
             values["distance"] = metrics.distance(self.params, self._x0, reduce=self._reduce)
         if self._prev is not None:
-            corr = metrics.update_corr(grads, self.params, self._prev, reduce=self._reduce)
+            if self._reeval_due():  # the re-evaluation below reuses ⟨g_t, x_t − x_{t−1}⟩ and the step length
+                corr, step_sq = metrics.update_corr_and_step_sq(grads, self.params, self._prev, reduce=self._reduce)
+                self._step_products = (corr, step_sq)
+            else:
+                corr = metrics.update_corr(grads, self.params, self._prev, reduce=self._reduce)
             values["update_corr"] = corr
             values["update_corr_rs"] = metrics.update_corr_rs_from_update_corr(corr, self._scale)
 
@@ -376,8 +386,12 @@ class Agent:
         loss_prev, grad_prev = self._replay_with_grad(self._prev, "reeval")
         loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
-        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev, reduce=self._reduce)
-        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev, reduce=self._reduce)
+        # (⟨g_t, x_t − x_{t−1}⟩, ‖x_t − x_{t−1}‖²) from this hook's free metrics, when they ran
+        dot_step, step_sq = self._step_products if self._step_products is not None else (None, None)
+        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev, reduce=self._reduce,
+                                              grad_dot_step=dot_step)
+        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev, reduce=self._reduce,
+                                                    step_sq=step_sq)
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
         loss_ref, grad_ref = self._replay_with_grad(self._reference, "reference")

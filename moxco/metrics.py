@@ -22,7 +22,7 @@ Python number (that synchronises with the device).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -63,14 +63,18 @@ def inst_gap(
     params_ref: TensorList,
     *,
     reduce: Reduce = None,
+    grad_dot_step: Optional[Tensor] = None,
 ) -> Tensor:
     """Instantaneous convexity gap (audit eq. 2) with respect to a reference point ``y``.
 
     ``inst_gap = f(x, z) − f(y, z) − ⟨∇f(x, z), x − y⟩`` where ``loss = f(x, z)``,
     ``loss_ref = f(y, z)``, ``grad = ∇f(x, z)``, ``params = x``, ``params_ref = y``
-    (``y = x_{t−1}`` for ``inst_gap``, ``y = x*`` for ``inst_gap_ref``).
+    (``y = x_{t−1}`` for ``inst_gap``, ``y = x*`` for ``inst_gap_ref``). ``grad_dot_step``: the
+    (reduced) ``⟨∇f(x, z), x − y⟩`` when the caller already has it (with ``y = x_{t−1}`` it is
+    ``update_corr``); the lists are then not read.
     """
-    (grad_dot_step,) = _reduced([tensors.dot_diff(grad, params, params_ref)], reduce)
+    if grad_dot_step is None:
+        (grad_dot_step,) = _reduced([tensors.dot_diff(grad, params, params_ref)], reduce)
     return loss_diff(loss, loss_ref).to(grad_dot_step.device) - grad_dot_step
 
 
@@ -81,13 +85,18 @@ def inst_smooth(
     params_ref: TensorList,
     *,
     reduce: Reduce = None,
+    step_sq: Optional[Tensor] = None,
 ) -> Tensor:
     """Instantaneous smoothness (audit eq. 4): ``‖∇f(x,z) − ∇f(y,z)‖ / ‖x − y‖``.
 
     ``0/0`` (the parameters did not move and neither did the gradient) is NaN, ``c/0`` is +Inf:
-    both are stored as they are, the aggregates below skip NaN.
+    both are stored as they are, the aggregates below skip NaN. ``step_sq``: the (reduced)
+    ``‖x − y‖²`` when the caller already has it; ``params`` and ``params_ref`` are then not read.
     """
-    grad_diff_sq, step_sq = _reduced([tensors.dist_sq(grad, grad_ref), tensors.dist_sq(params, params_ref)], reduce)
+    if step_sq is None:
+        grad_diff_sq, step_sq = _reduced([tensors.dist_sq(grad, grad_ref), tensors.dist_sq(params, params_ref)], reduce)
+    else:
+        (grad_diff_sq,) = _reduced([tensors.dist_sq(grad, grad_ref)], reduce)
     return grad_diff_sq.sqrt() / step_sq.sqrt()
 
 
@@ -95,6 +104,15 @@ def update_corr(grad_next: TensorList, params_next: TensorList, params: TensorLi
     """Update correlation (audit eq. 9): ``⟨∇f(x_{t+1}, z_{t+1}), x_{t+1} − x_t⟩``, stored at step t+1."""
     (value,) = _reduced([tensors.dot_diff(grad_next, params_next, params)], reduce)
     return value
+
+
+def update_corr_and_step_sq(grad_next: TensorList, params_next: TensorList, params: TensorList, *,
+                            reduce: Reduce = None) -> Tuple[Tensor, Tensor]:
+    """``(update_corr, ‖x_{t+1} − x_t‖²)`` from one pass over ``x_{t+1} − x_t`` (audit eq. 9): the
+    re-evaluation at ``x_t`` on the same step needs both (``inst_gap``'s inner product *is*
+    ``update_corr``; ``inst_smooth``'s denominator is the step length)."""
+    corr, step_sq = _reduced(list(tensors.dot_diff_and_dist_sq(grad_next, params_next, params)), reduce)
+    return corr, step_sq
 
 
 def update_corr_rs(grad_next: TensorList, update: TensorList, *, reduce: Reduce = None) -> Tensor:

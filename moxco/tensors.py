@@ -115,6 +115,23 @@ def dot_diff(gs: TensorList, xs: TensorList, ys: TensorList) -> Tensor:
 
 
 @torch.no_grad()
+def dot_diff_and_dist_sq(gs: TensorList, xs: TensorList, ys: TensorList) -> Tensor:
+    """``[⟨g, x − y⟩, ‖x − y‖²]`` (float64, shape (2,), additive across shards) from one pass over
+    ``x − y``: where both are needed, the difference is formed once."""
+    _check_pair(gs, xs)
+    _check_pair(xs, ys)
+    if not gs:
+        return torch.zeros(2, dtype=ACCUMULATE_DTYPE)
+    dots, squares = [], []
+    for g, x, y in zip(gs, xs, ys):
+        g, x, y = _operands(g, x, y)
+        d = torch.sub(x, y)
+        dots.append(torch.mul(d, g).sum())
+        squares.append(d.square_().sum())
+    return torch.stack([_accumulate(dots), _accumulate(squares)])
+
+
+@torch.no_grad()
 def dist_sq(xs: TensorList, ys: TensorList) -> Tensor:
     """``‖x − y‖²`` computed tensor by tensor (float64, additive across shards)."""
     _check_pair(xs, ys)

@@ -290,3 +290,17 @@ def test_tensor_list_validation_messages():
         tensors.normalized([torch.zeros(3)])
     with pytest.raises(ValueError, match="beta"):
         metrics.ExponentialAverage(1.0)
+
+
+def test_fused_update_corr_and_step_length_equal_the_separate_formulas():
+    gen = torch.Generator().manual_seed(3)
+    g, x, y = ([torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)] for _ in range(3))
+    corr, step_sq = metrics.update_corr_and_step_sq(g, x, y)
+    assert float(corr) == pytest.approx(float(metrics.update_corr(g, x, y)), rel=1e-12)
+    assert float(step_sq) == pytest.approx(float(metrics.distance(x, y)) ** 2, rel=1e-12)
+    # inst_gap / inst_smooth given the precomputed products equal their full evaluation
+    g_ref = [t + 0.1 for t in g]
+    assert float(metrics.inst_gap(1.5, 1.0, g, x, y, grad_dot_step=corr)) == pytest.approx(
+        float(metrics.inst_gap(1.5, 1.0, g, x, y)), rel=1e-12)
+    assert float(metrics.inst_smooth(g, g_ref, x, y, step_sq=step_sq)) == pytest.approx(
+        float(metrics.inst_smooth(g, g_ref, x, y)), rel=1e-12)
