@@ -11,8 +11,10 @@ Hooks (all removable, none on the user's tensors):
   - every ``probe_every`` steps: ``sharpness`` (warm-started power iteration on the cached
     batch), the three-way split sums for the denoised gradient norm, ``convexity_ratio``;
   - then ``x_{t−1} ← x_t`` (in place);
-* optimizer step post-hook, at ``x_{t+1}``: random scaling ``x_{t+1} = x_t + s_t Δ_t`` if asked,
-  ``update_norm``; a pending decision is applied here, at the step boundary.
+* optimizer step post-hook, at ``x_{t+1}``: random scaling ``x_{t+1} = x_t + s_t Δ_t`` if asked;
+  a pending decision is applied here, at the step boundary. ``update_norm`` of step t is taken at
+  the next pre-hook, in the same pass over ``x_{t+1} − x_t`` as ``update_corr`` (at ``close()`` for
+  the last step).
 
 Values leave the training thread as unread 0-dim tensors on a bounded queue
 (``writer.MetricWriter``); the writer thread reads them, keeps the aggregates, the ALIGATOR
@@ -137,6 +139,7 @@ class Agent:
                              else RawGradient(self.params, scaler))
         self._step_grads: Optional[List[Tensor]] = None
         self._step_products: Optional[Tuple[Tensor, Tensor]] = None  # see _free_metrics
+        self._versions_after_step: Optional[List[int]] = None  # see _after_step_metrics
         self._prev: Optional[List[Tensor]] = None  # x_{t−1} (the one copy free metrics need)
         self._x0: Optional[List[Tensor]] = tensors.clone(self.params) if track_distance else None
         self._scale = 1.0  # s_{t−1}
@@ -219,6 +222,8 @@ class Agent:
         self.raw_gradient.remove()
         if self.writer is None:
             return
+        if "free" not in self.errors:
+            self._guard("free", self._final_update_norm)
         self.writer.close()
         try:
             self.store.set_status(self.run, status)
@@ -329,13 +334,14 @@ class Agent:
         if self._x0 is not None:
             values["distance"] = metrics.distance(self.params, self._x0, reduce=self._reduce)
         if self._prev is not None:
-            if self._reeval_due():  # the re-evaluation below reuses ⟨g_t, x_t − x_{t−1}⟩ and the step length
-                corr, step_sq = metrics.update_corr_and_step_sq(grads, self.params, self._prev, reduce=self._reduce)
-                self._step_products = (corr, step_sq)
-            else:
-                corr = metrics.update_corr(grads, self.params, self._prev, reduce=self._reduce)
+            # one pass over x_t − x_{t−1}: update_corr, the previous step's update_norm (the same
+            # difference), and what this step's re-evaluation needs (inst_gap's inner product is
+            # update_corr, inst_smooth's denominator the step length)
+            corr, step_sq = metrics.update_corr_and_step_sq(grads, self.params, self._prev, reduce=self._reduce)
+            self._step_products = (corr, step_sq)
             values["update_corr"] = corr
             values["update_corr_rs"] = metrics.update_corr_rs_from_update_corr(corr, self._scale)
+            self._submit(StepRecord(self.step - 1, {"update_norm": step_sq.sqrt()}))
 
     def _step_loss(self) -> Tensor:
         """``f(x_t, z_t)`` over the global batch (the mean of the ranks' losses under DDP)."""
@@ -484,7 +490,18 @@ class Agent:
             # x_{t+1} = x_t + s_t Δ_t, s_t ~ Exp(1): lerp from the proposed point towards x_t by 1 − s_t
             self._scale = float(torch.empty(()).exponential_(1.0, generator=self._generator))
             torch._foreach_lerp_(self.params, self._prev, 1.0 - self._scale)
-        values["update_norm"] = metrics.distance(self.params, self._prev, reduce=self._reduce)
+        # update_norm = ‖x_{t+1} − x_t‖ is taken at the next step's pre-hook, in the same pass as
+        # update_corr; the version counters let close() tell whether x_{t+1} is still in place
+        self._versions_after_step = [p._version for p in self.params]
+
+    def _final_update_norm(self) -> None:
+        """The last step's ``update_norm`` (no next pre-hook takes it), if the parameters are still
+        ``x_{t+1}``; never under FSDP, where it would be a collective that other ranks may not join."""
+        if (self._prev is None or self._versions_after_step is None or self._reduce is not None
+                or [p._version for p in self.params] != self._versions_after_step):
+            return
+        with torch.no_grad():
+            self._submit(StepRecord(self.step - 1, {"update_norm": metrics.distance(self.params, self._prev)}))
 
     # --- decisions -----------------------------------------------------------------------------
 

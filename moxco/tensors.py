@@ -57,9 +57,11 @@ def _zero(xs: TensorList) -> Tensor:
 _NATIVE = (torch.float32, torch.float64)
 
 
-def _operands(*ts: Tensor) -> List[Tensor]:
+def _operands(*ts: Tensor) -> Sequence[Tensor]:
     """The tensors in one dtype wide enough for the reduction (float32 at least)."""
     dtype = ts[0].dtype
+    if dtype in _NATIVE and all(t.dtype == dtype for t in ts):
+        return ts  # the common case, without per-call promotion work
     for t in ts[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     if dtype not in _NATIVE:
@@ -68,6 +70,8 @@ def _operands(*ts: Tensor) -> List[Tensor]:
 
 
 def _accumulate(parts: List[Tensor]) -> Tensor:
+    if all(p.dtype == parts[0].dtype for p in parts):
+        return torch.stack(parts).to(ACCUMULATE_DTYPE).sum()
     return torch.stack([p.to(ACCUMULATE_DTYPE) for p in parts]).sum()
 
 
@@ -89,7 +93,10 @@ def norms_sq(xs: TensorList) -> Tensor:
     """``[‖x_1‖², ‖x_2‖², …]``: the squared norm of every tensor of the list (float64, shape (n,))."""
     if not xs:
         return torch.zeros(0, dtype=ACCUMULATE_DTYPE)
-    return torch.stack([_operands(x)[0].square().sum().to(ACCUMULATE_DTYPE) for x in xs])
+    parts = [_operands(x)[0].square().sum() for x in xs]
+    if all(p.dtype == parts[0].dtype for p in parts):
+        return torch.stack(parts).to(ACCUMULATE_DTYPE)
+    return torch.stack([p.to(ACCUMULATE_DTYPE) for p in parts])
 
 
 def norm_sq(xs: TensorList) -> Tensor:

@@ -160,6 +160,11 @@ def test_two_rank_fsdp_equals_single_process(job):
         steps_fsdp, fsdp_values = store.series("fsdp", metric)
         steps_single, single_values = store.series("single", metric)
         assert steps_fsdp.size > 0, metric
+        if metric == "update_norm":
+            # the last step's update_norm is taken at close(), never under FSDP (a collective at close
+            # could hang a job whose ranks do not all close): one process has it, FSDP stops one short
+            assert steps_single[-1] == STEPS - 1 and steps_fsdp[-1] == STEPS - 2
+            steps_single, single_values = steps_single[:-1], single_values[:-1]
         np.testing.assert_array_equal(steps_fsdp, steps_single, err_msg=metric)
         np.testing.assert_allclose(fsdp_values, single_values, rtol=1e-9, atol=1e-12, err_msg=metric)
     # the three-way split of the goodness estimator: under FSDP the k-th third of the global batch is
