@@ -1,0 +1,793 @@
+"""Overhead of the moxco agent (DESIGN §6 budgets): step time, memory, re-evaluation cost.
+
+Two training loops, built in code, nothing downloaded:
+
+* ``mlp``: 784→512→512→10 ReLU MLP, batch 128, ``nn.CrossEntropyLoss``, AdamW (670k parameters),
+  ``attach(..., criterion=criterion)``;
+* ``gpt2``: ``transformers.GPT2LMHeadModel`` from a tiny random-init ``GPT2Config`` (2 layers,
+  4 heads, width 128, vocabulary 2048, context 128; 675k parameters), batches of 2 × 128 tokens
+  (``--gpt2-batch``), AdamW, dropout on; ``model(input_ids=ids, labels=ids).loss``, which the agent
+  finds by itself. Token ids are byte pairs of a stdlib source file (``argparse.py``) mod the
+  vocabulary: no tokenizer, no download.
+
+Configurations, all in one process: ``no agent``; ``free`` (``reeval_every=0, probe_every=0``)
+with and without ``track_distance``; ``reeval_every=1`` (probe off); the defaults
+(``reeval_every=10, probe_every=100``); and ``floor``: no agent plus one extra forward+backward of
+the step's batch (``torch.autograd.grad``, ``.grad`` untouched) right before ``optimizer.step()``,
+where the agent replays, timed directly: the physical floor of the re-evaluation. Each repeat runs
+every configuration once, in an order rotated from repeat to repeat, from the same seed, on a
+fresh model, optimizer, agent and temporary SQLite store; the tables give medians over repeats of
+per-repeat ratios to that repeat's no-agent run (the machines are noisy). The re-evaluation ratio
+is ``(step[reeval_every=1] − step[free]) / floor`` per repeat, then the median.
+
+A step's time is the wall time of ``--steps`` consecutive steps (after ``--warmup`` steps, which
+include the agent's first, cold, sharpness probe) over their number: the amortised cost, the
+writer thread's share of the CPU included. CPU time (user + system, all threads) and minor page
+faults per step are reported beside it. Memory, two figures:
+
+* retained: the bytes of every tensor the agent holds between steps, found by walking the agent's
+  attributes (``_prev``, ``_x0``, ``_reference``, the sharpness tracker's vectors, …; the user's
+  parameters, gradients, optimizer state and batch excluded), in parameter copies;
+* peak RSS growth: each configuration in a fresh subprocess, the kernel's RSS high-water mark
+  reset (``/proc/self/clear_refs``) just before ``attach`` and read after ``--rss-steps`` steps,
+  minus the same without the agent, in parameter copies (transient temporaries included; one
+  run each: the no-agent figure repeats within 0.1 MiB, the agent's moved by up to 2 copies).
+
+For reference, Cockpit (``cockpit-for-pytorch``; ``configuration("economy")``; BackPACK-extended
+model and loss, per-sample losses in ``info``, as in its README) on the MLP with the same AdamW,
+tracked every step and every 10 steps (the agent's ``reeval_every=1`` and default interval). It is
+two to three orders of magnitude slower than the loop, so it runs few steps (``--cockpit-*``).
+
+    python bench/agent_overhead.py                 # full, < 10 min on 2 CPU cores
+    python bench/agent_overhead.py --quick         # ~4 min
+    python bench/agent_overhead.py --profile       # top costs of free and reeval_every=1 instead
+
+The markdown is printed and written into docs/benchmarks-agent.md between the ``bench:agent``
+markers (``--profile``: the ``bench:agent-profile`` markers); ``--out FILE`` writes it to FILE too,
+``--no-doc`` leaves the doc alone. Never a timed test: the numbers are reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks-agent.md"
+BEGIN, END = "<!-- bench:agent:begin -->", "<!-- bench:agent:end -->"
+FREE_TARGET, REEVAL_TARGET = 0.03, 1.1  # DESIGN §6
+FREE_COPIES, REEVAL_REF_COPIES = 1, 3
+
+
+# --- workloads ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    build: Callable[[], tuple]  # -> (model, optimizer, criterion or None)
+    loss: Callable[[nn.Module, Optional[nn.Module], Any], torch.Tensor]
+    batches: List[Any]
+
+    def attach_options(self, criterion) -> Dict[str, Any]:
+        return {"criterion": criterion} if criterion is not None else {}
+
+
+def mlp_workload(seed: int = 0, n_batches: int = 8) -> Workload:
+    g = torch.Generator().manual_seed(seed + 1)
+    teacher = torch.randn(784, 10, generator=g)
+    batches = []
+    for _ in range(n_batches):
+        x = torch.randn(128, 784, generator=g)
+        batches.append((x, (x @ teacher).argmax(1)))
+
+    def build():
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+
+    def loss(model, criterion, batch):
+        x, y = batch
+        return criterion(model(x), y)
+
+    return Workload("mlp", "MLP 784→512→512→10, batch 128, CrossEntropyLoss, AdamW", build, loss, batches)
+
+
+def local_token_ids(vocab: int) -> torch.Tensor:
+    """Token ids from local text: byte pairs of the stdlib's argparse.py, mod ``vocab``."""
+    import argparse as source_module
+
+    data = Path(source_module.__file__).read_bytes()
+    pairs = torch.tensor(list(data[: len(data) // 2 * 2]), dtype=torch.long).view(-1, 2)
+    return (pairs[:, 0] * 256 + pairs[:, 1]) % vocab
+
+
+def gpt2_workload(seed: int = 0, n_batches: int = 8, vocab: int = 2048, seq: int = 128, batch: int = 2) -> Workload:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    ids = local_token_ids(vocab)
+    g = torch.Generator().manual_seed(seed + 2)
+    batches = []
+    for _ in range(n_batches):
+        starts = torch.randint(0, len(ids) - seq, (batch,), generator=g)
+        batches.append(torch.stack([ids[s : s + seq] for s in starts.tolist()]))
+    config = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=128, n_layer=2, n_head=4)
+
+    def build():
+        model = GPT2LMHeadModel(config)
+        model.train()
+        return model, torch.optim.AdamW(model.parameters(), lr=3e-4), None
+
+    def loss(model, criterion, batch_ids):
+        return model(input_ids=batch_ids, labels=batch_ids).loss
+
+    desc = f"GPT2LMHeadModel (2 layers, 4 heads, width 128, vocab {vocab}), batch {batch}×{seq} tokens, AdamW"
+    return Workload("gpt2", desc, build, loss, batches)
+
+
+WORKLOADS = {"mlp": mlp_workload, "gpt2": gpt2_workload}
+# timed steps and repeats per model when --steps/--repeats are not given (windows are whole
+# multiples of the default probe interval, 100, so the defaults' probe is amortised as in training)
+DEFAULT_STEPS = {"mlp": 200, "gpt2": 100}
+DEFAULT_REPEATS = {"mlp": 5, "gpt2": 4}
+
+
+def make_workload(name: str, args=None) -> Workload:
+    if name == "gpt2" and args is not None and getattr(args, "gpt2_batch", None):
+        return gpt2_workload(batch=args.gpt2_batch)
+    return WORKLOADS[name]()
+
+
+# --- configurations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    agent: Optional[Dict[str, Any]] = None  # attach options; None: no agent
+    floor: bool = False  # time one extra forward+backward per step
+
+
+CONFIGS = [
+    Config("base", "no agent"),
+    Config("free", "free metrics (`reeval_every=0, probe_every=0`)", dict(reeval_every=0, probe_every=0)),
+    Config("free_nodist", "free metrics, `track_distance=False`",
+           dict(reeval_every=0, probe_every=0, track_distance=False)),
+    Config("reeval1", "`reeval_every=1` (probe off)", dict(reeval_every=1, probe_every=0)),
+    Config("defaults", "defaults (`reeval_every=10, probe_every=100`)", dict(reeval_every=10, probe_every=100)),
+    Config("floor", "no agent + one extra forward+backward (the floor)", floor=True),
+]
+RSS_CONFIGS = ["base", "free", "free_nodist", "reeval1", "defaults", "defaults_nodist"]
+EXTRA_RSS = {"defaults_nodist": Config("defaults_nodist", "defaults, `track_distance=False`",
+                                       dict(reeval_every=10, probe_every=100, track_distance=False))}
+
+
+def config_by_key(key: str) -> Config:
+    for c in CONFIGS:
+        if c.key == key:
+            return c
+    return EXTRA_RSS[key]
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --- what the agent retains ---------------------------------------------------------------------
+
+SKIP_ATTRS = {"model", "optimizer", "params", "replay_module", "store", "writer", "criterion", "loss_fn", "capture",
+              "scaler", "on_decision", "_generator", "generator", "_hooks", "_handles", "_pending_lock"}
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:
+        return id(t)
+
+
+def retained_tensors(agent, model: nn.Module, optimizer) -> Dict[str, int]:
+    """Bytes of the tensors the agent holds, by attribute path (storages counted once; the user's
+    parameters, gradients and optimizer state excluded). ``capture`` only references the user's
+    batch (and is cleared at every step), so it is not walked."""
+    foreign = set()
+    for p in model.parameters():
+        foreign.add(_storage_key(p))
+        if p.grad is not None:
+            foreign.add(_storage_key(p.grad))
+    for b in model.buffers():
+        foreign.add(_storage_key(b))
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                foreign.add(_storage_key(v))
+    seen_objects, seen_storages = set(), set(foreign)
+    out: Dict[str, int] = {}
+
+    def visit(obj, path: str, depth: int) -> None:
+        if depth > 6 or id(obj) in seen_objects:
+            return
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            if key in seen_storages:
+                return
+            seen_storages.add(key)
+            nbytes = obj.untyped_storage().nbytes()
+            if nbytes:
+                head = re.sub(r"\[\d+\]", "[]", path)
+                out[head] = out.get(head, 0) + nbytes
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, (nn.Module, torch.optim.Optimizer, str, bytes, int, float, bool, type(None))):
+            return
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                visit(v, f"{path}[{k!r}]" if not isinstance(k, int) else f"{path}[{k}]", depth + 1)
+        elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple (EigenResult)
+            for k in obj._fields:
+                visit(getattr(obj, k), f"{path}.{k}", depth + 1)
+        elif isinstance(obj, (list, tuple, set)):
+            for i, v in enumerate(obj):
+                visit(v, f"{path}[{i}]", depth + 1)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("moxco"):
+            for k, v in vars(obj).items():
+                if k not in SKIP_ATTRS:
+                    visit(v, f"{path}.{k}", depth + 1)
+
+    for k, v in vars(agent).items():
+        if k not in SKIP_ATTRS:
+            visit(v, k, 1)
+    return out
+
+
+# --- one timed run ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    step_s: float  # wall time per step
+    cpu_s: float = math.nan  # process CPU time (user + sys, all threads: the writer's too) per step
+    faults: float = math.nan  # minor page faults per step
+    floor_s: float = math.nan
+    retained: Dict[str, int] = field(default_factory=dict)
+    close_s: float = math.nan
+    errors: Dict[str, str] = field(default_factory=dict)
+    points: int = 0
+
+
+def run_config(work: Workload, config: Config, steps: int, warmup: int, tmpdir: str, seed: int = 0,
+               profiler: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> RunResult:
+    import moxco.agent
+
+    torch.manual_seed(seed)
+    model, optimizer, criterion = work.build()
+    params = [p for p in model.parameters() if p.requires_grad]
+    agent = None
+    if config.agent is not None:
+        url = f"sqlite:///{tmpdir}/{work.name}-{config.key}-{uuid.uuid4().hex[:8]}.db"
+        agent = moxco.agent.attach(model, optimizer, url=url, run=f"{work.name}-{config.key}",
+                                   **work.attach_options(criterion), **config.agent)
+    extra = [0.0]
+
+    def step(i: int) -> None:
+        batch = work.batches[i % len(work.batches)]
+        loss = work.loss(model, criterion, batch)
+        loss.backward()
+        if config.floor:
+            t0 = time.perf_counter()
+            again = work.loss(model, criterion, batch)
+            torch.autograd.grad(again, params)
+            extra[0] += time.perf_counter() - t0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(i)
+    extra[0] = 0.0
+    gc.collect()
+    with (profiler() if profiler is not None else contextlib.nullcontext()):
+        faults0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            step(i)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    result = RunResult(elapsed / steps, cpu / steps, faults / steps, extra[0] / steps if config.floor else math.nan)
+    if agent is not None:
+        result.retained = retained_tensors(agent, model, optimizer)
+        t0 = time.perf_counter()
+        agent.close()
+        result.close_s = time.perf_counter() - t0
+        result.errors = dict(agent.errors)
+        result.points = agent.writer.written
+        agent.store.close()
+    return result
+
+
+# --- Cockpit ------------------------------------------------------------------------------------
+
+COCKPIT_INSTALL = ('pip install "setuptools<81" json-tricks einops unfoldNd pandas seaborn matplotlib scipy && '
+                   "pip install --no-deps backpack-for-pytorch cockpit-for-pytorch")
+
+
+def cockpit_available() -> Optional[str]:
+    """None when Cockpit imports, else why not (one line)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import backpack  # noqa: F401
+            import cockpit  # noqa: F401
+            from cockpit.utils.configuration import configuration  # noqa: F401
+    except Exception as exc:  # ImportError, or pkg_resources missing with setuptools ≥ 81
+        return f"`{type(exc).__name__}: {exc}` (install: `{COCKPIT_INSTALL}`)"
+    return None
+
+
+def run_cockpit(work: Workload, interval: int, steps: int, warmup: int, seed: int = 0) -> float:
+    """Mean step time of the MLP loop with Cockpit's ``economy`` configuration tracked every
+    ``interval`` steps: the loop of Cockpit's README (BackPACK-extended model and loss, per-sample
+    losses, ``with cockpit(step, info=...): loss.backward(create_graph=...)``)."""
+    from backpack import extend
+    from cockpit import Cockpit
+    from cockpit.utils import schedules
+    from cockpit.utils.configuration import configuration
+
+    torch.manual_seed(seed)
+    model, optimizer, _ = work.build()
+    model = extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="mean"))
+    individual_loss_fn = nn.CrossEntropyLoss(reduction="none")
+    cp = Cockpit(model.parameters(), quantities=configuration("economy", track_schedule=schedules.linear(interval)))
+
+    def step(i: int) -> None:
+        x, y = work.batches[i % len(work.batches)]
+        outputs = model(x)
+        loss = loss_fn(outputs, y)
+        losses = individual_loss_fn(outputs, y)
+        with cp(i, info={"batch_size": x.shape[0], "individual_losses": losses, "loss": loss,
+                         "optimizer": optimizer}):
+            loss.backward(create_graph=cp.create_graph(i))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with warnings.catch_warnings():
+        # economy's Alpha warns that AdamW has no closed-form update (it then projects itself)
+        warnings.simplefilter("ignore")
+        for i in range(warmup):
+            step(i)
+        gc.collect()
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            step(i)
+        elapsed = time.perf_counter() - t0
+    return elapsed / steps
+
+
+def cockpit_window(args, interval: int) -> int:
+    """Timed Cockpit steps: ``--cockpit-steps`` when tracking every step; whole 10-step periods
+    (economy tracks two steps per period: ``Alpha`` also needs the step after) when every 10."""
+    return args.cockpit_steps if interval == 1 else 10 * max(1, args.cockpit_steps // 3)
+
+
+# --- peak RSS (one subprocess per configuration) ------------------------------------------------
+
+
+def _status_kib(field_name: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field_name}:\s+(\d+)", text).group(1))
+
+
+def rss_child(work: Workload, key: str, steps: int) -> None:
+    """Runs in a subprocess: prints JSON with the peak RSS growth (KiB) over ``steps`` steps."""
+    import moxco.agent
+    from moxco.collector.storage import open_store
+
+    config = config_by_key(key)
+    with tempfile.TemporaryDirectory() as tmp:
+        # every configuration opens (and migrates) one store first, so SQLAlchemy/Alembic are loaded
+        # in all of them and the figures differ only by what the agent adds
+        open_store(f"sqlite:///{tmp}/warm.db").close()
+        torch.manual_seed(0)
+        model, optimizer, criterion = work.build()
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+        before = _status_kib("VmRSS")
+        agent = None
+        if config.agent is not None:
+            agent = moxco.agent.attach(model, optimizer, url=f"sqlite:///{tmp}/run.db", run="rss",
+                                       **work.attach_options(criterion), **config.agent)
+        for i in range(steps):
+            loss = work.loss(model, criterion, work.batches[i % len(work.batches)])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        peak = _status_kib("VmHWM")
+        if agent is not None:
+            agent.close()
+    print(json.dumps({"growth_kib": peak - before, "param_bytes": param_bytes(model)}))
+
+
+def measure_rss(model_name: str, args) -> Dict[str, Optional[float]]:
+    """Peak RSS growth per configuration, KiB, each in a fresh interpreter."""
+    out: Dict[str, Optional[float]] = {}
+    for key in RSS_CONFIGS:
+        cmd = [sys.executable, __file__, "--_rss-child", model_name, key, "--rss-steps", str(args.rss_steps),
+               "--threads", str(torch.get_num_threads())]
+        if args.gpt2_batch:
+            cmd += ["--gpt2-batch", str(args.gpt2_batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        try:
+            out[key] = json.loads(proc.stdout.strip().splitlines()[-1])["growth_kib"]
+        except Exception:
+            sys.stderr.write(f"rss child {model_name}/{key} failed:\n{proc.stderr[-2000:]}\n")
+            out[key] = None
+    return out
+
+
+# --- profiles -----------------------------------------------------------------------------------
+
+
+def profile_config(work: Workload, key: str, steps: int, warmup: int, tmpdir: str, top: int = 15) -> str:
+    """Top costs of one configuration, as markdown: torch.profiler (operators by self CPU time) and
+    cProfile (functions by own time, then moxco's functions by cumulative time)."""
+    config = config_by_key(key)
+    holder: Dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def torch_prof():
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            yield
+        holder["torch"] = prof
+
+    @contextlib.contextmanager
+    def c_prof():
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            yield
+        finally:
+            prof.disable()
+            holder["cprofile"] = prof
+
+    base = run_config(work, config_by_key("base"), steps, warmup, tmpdir)
+    plain = run_config(work, config, steps, warmup, tmpdir)
+    run_config(work, config, steps, warmup, tmpdir, profiler=torch_prof)
+    run_config(work, config, steps, warmup, tmpdir, profiler=c_prof)
+    table = holder["torch"].key_averages().table(sort_by="self_cpu_time_total", row_limit=top,
+                                                  max_name_column_width=40)
+
+    def stats_text(sort: str, restrict: tuple) -> str:
+        buf = io.StringIO()
+        pstats.Stats(holder["cprofile"], stream=buf).sort_stats(sort).print_stats(*restrict)
+        text = buf.getvalue()
+        text = text[text.find("   ncalls"):] if "   ncalls" in text else text
+        return re.sub(r"/\S*/site-packages/", "", text).replace(str(ROOT) + "/", "").strip()
+
+    return "\n".join([
+        f"#### {work.name}, {config.label}",
+        "",
+        f"Unprofiled in this process: {fmt_ms(plain.step_s)} ms/step vs {fmt_ms(base.step_s)} ms without the agent "
+        f"({plain.step_s / base.step_s:.2f}×); minor page faults per step {plain.faults:.0f} vs {base.faults:.0f}. "
+        f"{steps} profiled steps.",
+        "",
+        "torch.profiler, operators by self CPU time:",
+        "",
+        "```", table.strip(), "```",
+        "",
+        "cProfile, functions by own time:",
+        "",
+        "```", stats_text("tottime", (top,)), "```",
+        "",
+        "cProfile, moxco's functions by cumulative time:",
+        "",
+        "```", stats_text("cumulative", (r"(moxco|agent)/", top)), "```",
+        "",
+    ])
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def median(xs: List[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def spread(xs: List[float], fmt: str = ".3f") -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    return f"{min(xs):{fmt}}–{max(xs):{fmt}}" if len(xs) > 1 else "one repeat"
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.2f}" if not math.isnan(s) else "–"
+
+
+def verdict(ok: bool, text: str) -> str:
+    return ("meets" if ok else "**misses**") + f" ({text})"
+
+
+def plan(name: str, args) -> tuple:
+    steps = args.steps or DEFAULT_STEPS[name]
+    repeats = args.repeats or DEFAULT_REPEATS[name]
+    if args.quick:
+        steps, repeats = min(steps, 100), min(repeats, 3 if name == "mlp" else 2)
+    return steps, repeats
+
+
+def bench_model(name: str, args, tmpdir: str) -> Dict[str, Any]:
+    work = make_workload(name, args)
+    steps, repeats = plan(name, args)
+    torch.manual_seed(0)
+    pbytes = param_bytes(work.build()[0])
+    results: Dict[str, List[RunResult]] = {c.key: [] for c in CONFIGS}
+    # untimed first runs: first-call costs (allocator arenas, kernels, the store's imports/migrations)
+    for key in ("base", "free"):
+        run_config(work, config_by_key(key), 3, 2, tmpdir)
+    for r in range(repeats):
+        order = CONFIGS[r % len(CONFIGS):] + CONFIGS[: r % len(CONFIGS)]
+        for config in order:
+            results[config.key].append(run_config(work, config, steps, args.warmup, tmpdir))
+        base = results["base"][-1].step_s
+        print(f"  [{name}] repeat {r + 1}/{repeats}, × no agent: "
+              + ", ".join(f"{c.key} {results[c.key][-1].step_s / base:.3f}" for c in CONFIGS[1:]),
+              file=sys.stderr, flush=True)
+    cockpit: Dict[Any, Any] = {}
+    if name == "mlp" and not args.no_cockpit:
+        why = cockpit_available()
+        if why is not None:
+            cockpit["error"] = why
+        else:
+            cockpit_repeats = 1 if args.quick else args.cockpit_repeats
+            for interval in (1, 10):
+                ratios, times = [], []
+                for r in range(cockpit_repeats):
+                    base = run_config(work, CONFIGS[0], steps, args.warmup, tmpdir).step_s
+                    try:
+                        t = run_cockpit(work, interval, cockpit_window(args, interval), args.cockpit_warmup)
+                    except Exception as exc:  # reported as it is, never a made-up number
+                        cockpit[interval] = {"error": f"{type(exc).__name__}: {exc}"}
+                        break
+                    times.append(t)
+                    ratios.append(t / base)
+                    print(f"  [cockpit] every {interval}: repeat {r + 1}: {t / base:.1f}× no agent",
+                          file=sys.stderr, flush=True)
+                else:
+                    cockpit[interval] = {"step_s": median(times), "ratio": median(ratios), "ratios": ratios,
+                                         "repeats": cockpit_repeats}
+    rss = measure_rss(name, args) if not args.no_rss else {}
+    return {"work": work, "param_bytes": pbytes, "results": results, "cockpit": cockpit, "rss": rss,
+            "steps": steps, "repeats": repeats}
+
+
+def report_model(data: Dict[str, Any], args) -> str:
+    work, pbytes, results = data["work"], data["param_bytes"], data["results"]
+    base = [r.step_s for r in results["base"]]
+    base_cpu = [r.cpu_s for r in results["base"]]
+    ratio = {k: [r.step_s / b for r, b in zip(v, base)] for k, v in results.items()}
+    cpu_ratio = {k: [r.cpu_s / b for r, b in zip(v, base_cpu)] for k, v in results.items()}
+    floor = [r.floor_s for r in results["floor"]]
+    reeval_cost = [a.step_s - f.step_s for a, f in zip(results["reeval1"], results["free"])]
+    reeval_ratio = [c / fl for c, fl in zip(reeval_cost, floor)]
+    floor_diff = [f.step_s - b for f, b in zip(results["floor"], base)]
+    rss = data.get("rss") or {}
+    rss_base = rss.get("base")
+
+    def rss_cell(key: str) -> str:
+        if key == "base":
+            return f"0 (growth {rss_base / 1024:.1f} MiB)" if rss_base is not None else ""
+        if rss.get(key) is None or rss_base is None:
+            return ""
+        return f"{(rss[key] - rss_base) * 1024 / pbytes:+.2f}"
+
+    def retained_cell(rs: List[RunResult]) -> str:
+        parts: Dict[str, List[float]] = {}
+        for r in rs:
+            for k, v in r.retained.items():
+                parts.setdefault(k, []).append(v)
+        total = median([sum(r.retained.values()) for r in rs]) / pbytes
+        detail = ", ".join(f"`{k}` {median(v) / pbytes:.2f}"
+                           for k, v in sorted(parts.items(), key=lambda kv: -median(kv[1])))
+        return f"{total:.2f}" + (f" ({detail})" if detail else "")
+
+    lines = [f"### {work.name}: {work.description}",
+             "",
+             f"{pbytes / 2**20:.2f} MiB of parameters ({pbytes // 4:,} float32). {data['repeats']} repeats × "
+             f"{data['steps']} timed steps after {args.warmup} warm-up steps. Ratios: medians over repeats of the "
+             "ratio to the same repeat's no-agent run, [min–max]; CPU time is the process's user + system time "
+             "(every thread, the writer's too), less sensitive than wall time to other jobs on the machine.",
+             "",
+             "| configuration | ms/step | × no agent (wall) | × no agent (CPU time) | page faults/step | "
+             "retained by the agent, parameter copies | peak RSS growth vs no agent, copies |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for config in CONFIGS:
+        rs = results[config.key]
+        lines.append(f"| {config.label} | {fmt_ms(median([r.step_s for r in rs]))} | "
+                     f"{median(ratio[config.key]):.3f} [{spread(ratio[config.key])}] | "
+                     f"{median(cpu_ratio[config.key]):.3f} | {median([r.faults for r in rs]):.0f} | "
+                     f"{retained_cell(rs) if config.agent is not None else ''} | {rss_cell(config.key)} |")
+    if rss.get("defaults_nodist") is not None:
+        lines.append(f"| defaults, `track_distance=False` (peak RSS only) | | | | | | {rss_cell('defaults_nodist')} |")
+    cockpit = data.get("cockpit") or {}
+    if "error" in cockpit:
+        lines.append(f"| Cockpit `economy` | not run: {cockpit['error']} | | | | | |")
+    for interval in (1, 10):
+        c = cockpit.get(interval)
+        if c is None:
+            continue
+        label = f"Cockpit `economy`, tracked every {interval} step{'s' if interval > 1 else ''}"
+        if "error" in c:
+            lines.append(f"| {label} | failed: `{c['error']}` | | | | | |")
+        else:
+            lines.append(f"| {label} ({c['repeats']} × {cockpit_window(args, interval)} steps) | "
+                         f"{fmt_ms(c['step_s'])} | {c['ratio']:.1f} [{spread(c['ratios'], '.1f')}] | | | | |")
+    errors = sorted({f"{k}/{g}: {m}" for k, rs in results.items() for r in rs for g, m in r.errors.items()})
+    free = median(ratio["free"]) - 1
+    free_nodist = median(ratio["free_nodist"]) - 1
+    free_cpu = median(cpu_ratio["free"]) - 1
+    rr = median(reeval_ratio)
+    retained_free = median([sum(r.retained.values()) for r in results["free"]]) / pbytes
+    retained_free_nd = median([sum(r.retained.values()) for r in results["free_nodist"]]) / pbytes
+    retained_defaults = median([sum(r.retained.values()) for r in results["defaults"]]) / pbytes
+    lines += [
+        "",
+        f"* Floor (one extra forward+backward of the same batch, timed directly): **{fmt_ms(median(floor))} ms** "
+        f"(cross-check, floor step − no-agent step: {fmt_ms(median(floor_diff))} ms).",
+        f"* Re-evaluation, `step[reeval_every=1] − step[free]` = {fmt_ms(median(reeval_cost))} ms = "
+        f"**{rr:.2f} × the floor** [{spread(reeval_ratio, '.2f')}]: "
+        + verdict(rr <= REEVAL_TARGET, f"target ≤ {REEVAL_TARGET}×"
+                  + ("" if rr <= REEVAL_TARGET else f"; {rr / REEVAL_TARGET - 1:.0%} over")) + ".",
+        f"* Free metrics: **{free:+.1%}** wall time ({free_cpu:+.1%} CPU time) with `track_distance=True` (the "
+        f"default), {free_nodist:+.1%} without: "
+        + verdict(free <= FREE_TARGET, f"target ≤ {FREE_TARGET:.0%}"
+                  + ("" if free <= FREE_TARGET else f"; {(free - FREE_TARGET) * 100:.1f} points over")) + ".",
+        f"* Retained with free metrics: {retained_free:.2f} parameter copies with `track_distance=True` (`x_{{t−1}}`, "
+        f"`x_0`), {retained_free_nd:.2f} without: "
+        + verdict(retained_free_nd <= FREE_COPIES + 0.01, f"target ≤ {FREE_COPIES} copy without `x_0`; the default "
+                  f"`track_distance=True` keeps `x_0` too: {retained_free:.0f}") + ". "
+        f"Defaults (probe on): {retained_defaults:.2f} copies, "
+        + verdict(retained_defaults <= REEVAL_REF_COPIES + 0.01,
+                  f"≤ {REEVAL_REF_COPIES} copies with `x*`, and this run has no `x*`") + ".",
+    ]
+    if errors:
+        lines.append("* Agent errors (those metric groups were disabled, their timings are not valid): "
+                     + "; ".join(errors) + ".")
+    points = {c.key: median([r.points for r in results[c.key]]) for c in CONFIGS if c.agent is not None}
+    lines.append("* Points stored per run (sanity: the metrics were computed): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in points.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def source_state() -> str:
+    """The commit benchmarked and whether agent/ or moxco/ had uncommitted changes (read-only git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "agent", "moxco"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return "source: unknown"
+    if not head:
+        return "source: unknown"
+    return f"source: commit {head}" + (" with uncommitted changes in agent/ or moxco/" if dirty else "")
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU, shared with other jobs; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} intra-op thread(s); Python {platform.python_version()}; {source_state()}")
+
+
+def write_doc(markdown: str, begin: str, end: str) -> None:
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = DOC.read_text() if DOC.exists() else "# Agent overhead benchmark\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        DOC.write_text(head + block + tail)
+    else:
+        DOC.write_text(text.rstrip() + "\n\n" + block + "\n")
+
+
+PROFILE_BEGIN, PROFILE_END = "<!-- bench:agent-profile:begin -->", "<!-- bench:agent-profile:end -->"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp,gpt2", help="comma-separated, from: mlp, gpt2 (default both)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per run (default: mlp 200, gpt2 100; keep a multiple of 100)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats of every configuration (default: mlp 5, gpt2 4)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10; the cold probe is step 0)")
+    parser.add_argument("--quick", action="store_true", help="100 steps, 3 (mlp) / 2 (gpt2) repeats, one Cockpit repeat")
+    parser.add_argument("--gpt2-batch", type=int, default=None, help="GPT-2 sequences per batch (default 2, of 128 tokens)")
+    parser.add_argument("--cockpit-steps", type=int, default=3,
+                        help="timed Cockpit steps when tracking every step (every 10 steps: 10 per 3 of these; default 3)")
+    parser.add_argument("--cockpit-warmup", type=int, default=2)
+    parser.add_argument("--cockpit-repeats", type=int, default=2)
+    parser.add_argument("--no-cockpit", action="store_true")
+    parser.add_argument("--rss-steps", type=int, default=15,
+                        help="steps per peak-RSS subprocess (default 15: the cold probe at step 0, a re-evaluation at 10)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on 2 shared cores, 2 OpenMP threads stall for "
+                             "100s of ms whenever another job holds a core; 0 keeps torch's default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the benchmark: profile the free and reeval_every=1 configurations "
+                             "(torch.profiler and cProfile) and write the profile section of the doc")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown to this file")
+    parser.add_argument("--no-doc", action="store_true", help=f"do not update {DOC.relative_to(ROOT)}")
+    parser.add_argument("--_rss-child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._rss_child:
+        rss_child(make_workload(args._rss_child[0], args), args._rss_child[1], args.rss_steps)
+        return
+    if args.quick:
+        args.cockpit_steps, args.rss_steps = 1, min(args.rss_steps, 12)
+    import logging
+
+    logging.getLogger("moxco").setLevel(logging.ERROR)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in WORKLOADS:
+            parser.error(f"unknown model {m!r} (choose from {', '.join(WORKLOADS)})")
+    command = " ".join(["python bench/agent_overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    started = time.perf_counter()
+    sections = []
+    with tempfile.TemporaryDirectory(prefix="moxco-bench-") as tmpdir:
+        for m in models:
+            print(f"{'profiling' if args.profile else 'benchmarking'} {m} …", file=sys.stderr, flush=True)
+            if args.profile:
+                work = make_workload(m, args)
+                steps = min(plan(m, args)[0], 100)
+                sections += [profile_config(work, key, steps, args.warmup, tmpdir) for key in ("free", "reeval1")]
+            else:
+                sections.append(report_model(bench_model(m, args, tmpdir), args))
+    elapsed = time.perf_counter() - started
+    markdown = "\n".join([f"Command: `{command}` ({elapsed / 60:.1f} min, {time.strftime('%Y-%m-%d')}). "
+                          f"Machine: {machine_line()}.", "", *sections])
+    print(markdown)
+    if args.out:
+        args.out.write_text(markdown)
+    if not args.no_doc:
+        write_doc(markdown, *((PROFILE_BEGIN, PROFILE_END) if args.profile else (BEGIN, END)))
+
+
+if __name__ == "__main__":
+    main()
