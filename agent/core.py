@@ -101,7 +101,7 @@ class Agent:
                  on_decision: Optional[Callable[[Decision], Any]] = None, track_distance: bool = True,
                  start_step: int = 0, seed: Optional[int] = None, config: Optional[Mapping[str, Any]] = None,
                  scaler: Any = None, store: Optional[Store] = None, token: Optional[str] = None,
-                 transport: Optional[Mapping[str, Any]] = None) -> None:
+                 transport: Optional[Mapping[str, Any]] = None, manual_pre_step: bool = False) -> None:
         for name, value in (("reeval_every", reeval_every), ("probe_every", probe_every), ("start_step", start_step)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -170,10 +170,22 @@ class Agent:
         if self.group.is_writer:  # one writer per job: rank 0
             self._open_writer(store, url, optimizer, reeval_every, probe_every, reference, start_step,
                               goodness_settings, policy_config, config, token, transport)
-        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
-                       optimizer.register_step_post_hook(self._after_step)]
+        # manual_pre_step: the loop calls before_optimizer_step() itself, for optimizers stepped with
+        # a closure that runs forward and backward inside step() (Lightning, LBFGS-style loops)
+        self._hooks = [] if manual_pre_step else [optimizer.register_step_pre_hook(self._before_step)]
+        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         if self.shards is not None and probe_every:
             self._record_error("sharpness", RuntimeError(SHARPNESS_UNSUPPORTED))  # once, stored with the run
+
+    def before_optimizer_step(self) -> None:
+        """Take the pre-step measurements now: for ``attach(..., manual_pre_step=True)``, call it after
+        the step's last backward and before the update, where the optimizer's step pre-hook would
+        run in a plain loop (inside ``optimizer.step(closure)`` that hook runs before the closure's
+        forward and backward). Never raises into the loop."""
+        try:
+            self._before_step(self.optimizer, (), {})
+        except Exception as exc:  # _before_step guards its groups; this is the last line of defence
+            self._record_error("capture", exc)
 
     def _open_writer(self, store, url, optimizer, reeval_every, probe_every, reference, start_step,
                      goodness_settings, policy_config, config, token=None, transport=None) -> None:
@@ -574,6 +586,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -
     ``run`` (default a generated readable name), ``reeval_every`` (10; 0 = off), ``probe_every``
     (100; 0 = off), ``reference`` (``x*``: state_dict or checkpoint path), ``random_scaling``
     (False), ``criterion`` / ``loss_fn`` (for a plain model + criterion loop), ``goodness``,
-    ``policy``, ``on_decision``, ``sharpness_iters``, ``start_step``, ``seed``, ``config``.
+    ``policy``, ``on_decision``, ``sharpness_iters``, ``start_step``, ``seed``, ``config``,
+    ``scaler`` (an AMP GradScaler, so its scale is removed from ``g_t``), ``track_distance`` (True),
+    ``manual_pre_step`` (False: for ``optimizer.step(closure)`` loops, call
+    ``agent.before_optimizer_step()`` after the last backward instead of the step pre-hook).
     """
     return Agent(model, optimizer, **options)

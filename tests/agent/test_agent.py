@@ -318,3 +318,41 @@ def test_runs_are_named_and_closed_with_status(url):
     (run,) = store.runs()
     assert run.name == agent.run and run.status == "finished" and run.config["optimizer"] == "SGD"
     assert len(run.name.split("-")) == 4
+
+
+def test_manual_pre_step_measures_a_closure_loop_like_a_plain_loop(tmp_path):
+    """optimizer.step(closure) runs forward and backward inside step(): the pre-hook would come too
+    early, so attach(manual_pre_step=True) + before_optimizer_step() after backward gives the same
+    series as the plain loop."""
+    def run(closure_loop: bool) -> dict:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        criterion = torch.nn.MSELoss()
+        x, y = torch.randn(32, 3), torch.randn(32, 1)
+        url = f"sqlite:///{tmp_path / f'closure{closure_loop}.db'}"
+        agent = moxco.agent.attach(model, opt, url=url, run="r", reeval_every=1, probe_every=0,
+                                   criterion=criterion, manual_pre_step=closure_loop)
+        for _ in range(6):
+            if closure_loop:
+                def closure():
+                    opt.zero_grad()
+                    loss = criterion(model(x), y)
+                    loss.backward()
+                    agent.before_optimizer_step()
+                    return loss
+                opt.step(closure)
+            else:
+                opt.zero_grad()
+                criterion(model(x), y).backward()
+                opt.step()
+        agent.close()
+        assert agent.errors == {}
+        store = open_store(url)
+        return {m: store.series("r", m) for m in ("loss", "grad_norm_sq", "update_corr", "inst_gap", "update_norm")}
+
+    plain, closure = run(False), run(True)
+    for metric, (steps, values) in plain.items():
+        assert steps.size > 0
+        np.testing.assert_array_equal(closure[metric][0], steps, err_msg=metric)
+        np.testing.assert_allclose(closure[metric][1], values, rtol=1e-12, err_msg=metric)
