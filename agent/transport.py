@@ -21,6 +21,8 @@ never waits on the network and never sees a network error.
   points are dropped *and counted*, with one warning; the count is logged at ``close`` and sent
   with the run (``config.transport``). ``close()`` flushes for at most ``timeout`` seconds and
   leaves what did not go on disk; a later agent with the same run name replays it first.
+* **Garbage is not success.** A 2xx whose body is not the collector's JSON (an HTML page from a
+  proxy, a body for another batch) is retried like a 503: the data stays spooled.
 * **Bad input is not retried forever.** A 4xx other than 401/403/404/429 (400, 409, 413, 422)
   means the collector will never take that envelope: it is logged with the server's message,
   its points counted as rejected, and the sender moves on. A 404 on a batch (the collector lost
@@ -808,6 +810,15 @@ class HttpSink:
                             "and retrying in the background", self.run, self.url, exc, self.spool_dir)
             return _RETRY, None
         status = response.status
+        if 200 <= status < 300 and not (isinstance(response.body, Mapping) and (
+                kind != "batch" or response.body.get("batch_id") == body.get("batch_id"))):
+            # not the collector's answer (an HTML page from a proxy, a truncated or foreign body): the
+            # batch may not be stored, so keep it and retry; its batch id makes a retry that lands twice a no-op
+            self.stats.failed_requests += 1
+            self._warn_once("garbage", "moxco: run %r: %s %s answered %d with something that is not the collector's "
+                            "JSON (%r); keeping the data in the spool %s and retrying", self.run, method, path, status,
+                            str(response.body)[:120], self.spool_dir)
+            return _RETRY, None
         if 200 <= status < 300:
             if "unreachable" in self._warned or "retry" in self._warned:
                 log.info("moxco: run %r: the collector at %s answers again", self.run, self.url)

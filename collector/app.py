@@ -22,6 +22,8 @@ Errors are ``{"error": {"status", "code", "message", "details"}}``: 4xx for any 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -38,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moxco.collector import downsample as ds
-from moxco.collector.auth import ANONYMOUS, AuthError, Principal, RateLimiter, TokenVerifier
+from moxco.collector.auth import ANONYMOUS, AuthError, Principal, RateLimiter, TokenBucket, TokenVerifier
 from moxco.collector.prometheus import CONTENT_TYPE, Exposition
 from moxco.collector.schema import MAX_BATCH_ID_LENGTH, MAX_METRIC_LENGTH, RUN_LEVEL_RANK, RUN_STATUSES
 from moxco.collector.storage import ConflictError, NotFoundError, Store, StoreError
@@ -48,7 +50,10 @@ log = logging.getLogger("moxco.collector")
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 MAX_SERIES_POINTS = 100_000
 RETRY_AFTER_S = 2
+DEFAULT_STALE_AFTER_S = 600.0  # a running run silent this long is marked interrupted (docs/reliability.md)
 INT64_MAX = 2**63 - 1
+MAX_SMALL_BODY = 1024 * 1024  # run registration, decisions, acknowledgements: 413 above (batches: max_body)
+MAX_JSON_DEPTH = 32  # nesting of config/optimizer/policy/action objects (orjson writes at most 255)
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _NUMBER = (int, float)
 
@@ -100,6 +105,8 @@ def validate_run_name(name: str) -> str:
         raise ApiError(422, "invalid_run_name", f"a run name has 1 to 200 characters, this one has {len(name)}")
     if "/" in name or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
         raise ApiError(422, "invalid_run_name", "a run name may not contain '/' or control characters")
+    if name in (".", ".."):  # URL clients normalise these path segments away: such a run could not be addressed
+        raise ApiError(422, "invalid_run_name", "a run name may not be '.' or '..'")
     return name
 
 
@@ -203,6 +210,21 @@ def _parse_acks(acks: Any) -> List[Tuple[str, int]]:
     return out
 
 
+def _check_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> Any:
+    """422 when ``value`` nests arrays/objects deeper than ``limit`` (iterative: no recursion to
+    exhaust). Deeper documents could be stored but not written back as JSON by any response."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    raise _bad(f"{what} nests objects/arrays deeper than {limit} levels")
+                stack.append((child, depth + 1))
+    return value
+
+
 def _object(body: Any, what: str = "the body") -> Dict[str, Any]:
     if not isinstance(body, dict):
         raise _bad(f"{what} must be a JSON object")
@@ -212,6 +234,7 @@ def _object(body: Any, what: str = "the body") -> Dict[str, Any]:
 def _validate_action(action: Any) -> Dict[str, Any]:
     if not isinstance(action, dict) or not action:
         raise _bad('`action` must be an object such as {"phase": 2, "alpha": 0.1, "beta": 0.1, "lr": 0.01}')
+    _check_depth(action, "`action`")
     if action.get("phase", 2) not in (1, 2) or type(action.get("phase", 2)) is not int:
         raise _bad("action.phase must be 1 or 2")
     for key in ("alpha", "beta", "lr"):
@@ -223,22 +246,37 @@ def _validate_action(action: Any) -> Dict[str, Any]:
 def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: int = DEFAULT_MAX_BODY,
                metrics_auth: bool = False, store: Optional[Store] = None, migrate: bool = True,
                rate_limiter: Optional[RateLimiter] = None, metrics_cache_s: float = 1.0,
-               token_cache_s: float = 5.0) -> FastAPI:
+               token_cache_s: float = 5.0, stale_after: float = DEFAULT_STALE_AFTER_S) -> FastAPI:
     """The collector app on ``store_url`` (or an open ``store``).
 
     ``auth=False`` serves everything without tokens: only for loopback binds (the CLI enforces
     it). ``max_body`` bounds request bodies (413). ``metrics_auth`` requires a ``read`` token on
-    ``/metrics``. ``rate_limiter`` is the per-token hook (issue 8). ``migrate`` runs the Alembic
-    migrations on open (the CLI runs them once before starting several workers instead).
+    ``/metrics``. ``rate_limiter`` is the per-token hook (``auth.TokenBucket``: 429 with
+    ``Retry-After``). ``migrate`` runs the Alembic migrations on open (the CLI runs them once before
+    starting several workers instead). ``stale_after`` (seconds, 0: never): while the app runs, a
+    background sweep marks ``running`` runs that sent no points for that long ``interrupted``,
+    and an interrupted run that sends points again ``running`` (``Store.sweep_stale_runs``).
     """
     if store is None:
         if store_url is None:
             raise ValueError("create_app needs a store URL or a store")
         store = Store(store_url, migrate=migrate)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        sweeper = asyncio.create_task(_sweep_forever(store, stale_after)) if stale_after > 0 else None
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+
     app = FastAPI(title="moxco collector", version="1", openapi_url="/api/v1/openapi.json",
-                  docs_url="/api/v1/docs", redoc_url=None,
+                  docs_url="/api/v1/docs", redoc_url=None, lifespan=lifespan,
                   description="Training-diagnostics collector: ingest, queries, decisions (docs/api.md).")
     app.state.store = store
+    max_body_ = max_body
     verifier = TokenVerifier(store, cache_s=token_cache_s)
     exposition = Exposition(store, cache_s=metrics_cache_s)
     health = exposition.health
@@ -259,9 +297,11 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return principal
 
-    async def read_json(request: Request) -> Any:
+    async def read_json(request: Request, limit: Optional[int] = MAX_SMALL_BODY) -> Any:
         """The request body parsed as JSON; 413 as soon as it exceeds ``max_body`` (checked on the
-        declared length first, then on the bytes actually received), 400 when it is not JSON."""
+        declared length first, then on the bytes actually received), 400 when it is not JSON.
+        Bodies other than batches (``limit=None``) are held to ``MAX_SMALL_BODY`` as well."""
+        max_body = min(limit, max_body_) if limit is not None else max_body_
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
             raise ApiError(413, "body_too_large", f"the body is {int(declared)} bytes; the limit is {max_body}")
@@ -280,8 +320,18 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
             raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}. Non-finite values are "
                            'written as the strings "NaN", "Infinity", "-Infinity"') from None
 
-    def store_call(fn, *args, **kwargs):
-        return run_in_threadpool(fn, *args, **kwargs)
+    async def store_call(fn, *args, **kwargs):
+        """``fn`` in the thread pool. A pooled connection found dead (the database restarted) fails
+        that call with ``connection_invalidated`` and SQLAlchemy drops the pool's older connections;
+        the call is then made once more on a fresh connection. Every store call is one transaction
+        and idempotent (batch ids, first acknowledgement wins, insert-ignore), so this is safe."""
+        try:
+            return await run_in_threadpool(fn, *args, **kwargs)
+        except sa_exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("a pooled store connection was dead (%s); retrying on a fresh one", type(exc.orig).__name__)
+            return await run_in_threadpool(fn, *args, **kwargs)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -309,6 +359,10 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
             return ApiError(409, "conflict", str(exc))
         if isinstance(exc, (StoreError, ValueError)):
             return ApiError(422, "invalid_value", str(exc))
+        refusal = _store_refusal(exc)
+        if refusal is not None:
+            log.warning("store refuses writes: %s", exc)
+            return refusal
         if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
                             sa_exc.DisconnectionError)):
             log.warning("store unavailable: %s", exc)
@@ -332,7 +386,7 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+        return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)))
 
     # --- health and metrics -----------------------------------------------------------------------
 
@@ -360,6 +414,7 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
         if unknown:
             raise _bad(f"unknown fields {unknown}; a run has {sorted(allowed)}")
         fields: Dict[str, Any] = {}
+        _check_depth(body, "the run")
         if "config" in body and body["config"] is not None:
             fields["config"] = _object(body["config"], "`config`")
         if "optimizer" in body:
@@ -402,7 +457,7 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     async def list_runs(request: Request, name: Optional[str] = Query(None, max_length=400),
                         status: Optional[str] = Query(None, pattern="^(" + "|".join(RUN_STATUSES) + ")$"),
                         since: Optional[float] = None, until: Optional[float] = None,
-                        limit: int = Query(100, ge=1, le=10_000), offset: int = Query(0, ge=0)):
+                        limit: int = Query(100, ge=1, le=10_000), offset: int = Query(0, ge=0, le=INT64_MAX)):
         await principal_for(request, "read")
         total, page = await store_call(store.list_runs, name=name, status=status, since=since, until=until,
                                        limit=limit, offset=offset)
@@ -427,7 +482,7 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
         validate_run_name(run)
         await principal_for(request, "ingest")
         try:
-            body = _object(await read_json(request))
+            body = _object(await read_json(request, limit=None))
             batch_id = body.get("batch_id")
             if type(batch_id) is not str or not 1 <= len(batch_id) <= MAX_BATCH_ID_LENGTH:
                 raise _bad(f"`batch_id` must be a string of 1 to {MAX_BATCH_ID_LENGTH} characters")
@@ -503,7 +558,7 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     # --- queries ----------------------------------------------------------------------------------
 
     @app.get("/api/v1/runs/{run}/latest", tags=["read"])
-    async def latest(run: str, request: Request, rank: int = Query(RUN_LEVEL_RANK, ge=-1)):
+    async def latest(run: str, request: Request, rank: int = Query(RUN_LEVEL_RANK, ge=-1, le=2**31 - 1)):
         validate_run_name(run)
         await principal_for(request, "read")
         rows = await store_call(store.latest_points, run, rank=rank)
@@ -512,15 +567,25 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
 
     @app.get("/api/v1/runs/{run}/series/{metric}", tags=["read"])
     async def series(run: str, metric: str, request: Request,
-                     start_step: Optional[int] = Query(None, ge=0), end_step: Optional[int] = Query(None, ge=0),
+                     start_step: Optional[int] = Query(None, ge=0, le=INT64_MAX),
+                     end_step: Optional[int] = Query(None, ge=0, le=INT64_MAX),
                      start_time: Optional[float] = None, end_time: Optional[float] = None,
-                     rank: int = Query(RUN_LEVEL_RANK, ge=-1),
+                     rank: int = Query(RUN_LEVEL_RANK, ge=-1, le=2**31 - 1),
                      max_points: int = Query(2000, ge=1, le=MAX_SERIES_POINTS),
                      method: str = Query("minmax", pattern="^(minmax|lttb|none)$")):
         validate_run_name(run)
         await principal_for(request, "read")
 
         def work():
+            if method == "minmax" and start_time is None and end_time is None:
+                # from the block summaries (storage.series_minmax): ~1,000 rows for 1 M points
+                got = store.series_minmax(run, metric, rank=rank, start=start_step, end=end_step,
+                                          max_points=max_points)
+                if got is not None:
+                    total, steps, values, walls = got
+                    return {"run": run, "metric": metric, "rank": rank, "total": total, "downsampled": True,
+                            "method": method, "steps": steps.tolist(), "values": json_floats(values),
+                            "wall_times": walls.tolist()}
             steps, values, walls = store.series_columns(run, metric, rank=rank)
             lo, hi = 0, steps.size
             if start_step is not None:
@@ -554,7 +619,100 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     from moxco.collector.pages import mount_pages
 
     mount_pages(app)
+    _document_errors(app)
     return app
+
+
+# --- failure modes of the store -----------------------------------------------------------------------
+
+
+def _store_refusal(exc: Exception) -> Optional[ApiError]:
+    """A store that answers but refuses writes: read-only (SQLite file or folder not writable,
+    PostgreSQL ``default_transaction_read_only``/hot standby: SQLSTATE 25006) → 503
+    ``store_read_only``; out of space (SQLite ``SQLITE_FULL``, PostgreSQL 53100) → 507
+    ``store_full``. Both carry ``Retry-After``: nothing was stored, the same request can be sent
+    again once an operator has fixed the store (the agent keeps it in its spool meanwhile)."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return None
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    text = str(orig).lower()
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    if sqlstate == "25006" or "readonly database" in text or "read-only file system" in text:
+        return ApiError(503, "store_read_only", "the store is read-only and refuses writes (nothing was stored); "
+                        "retry later. Operator: make the database writable again", headers=headers)
+    if sqlstate in ("53100", "53000") or "database or disk is full" in text or "no space left" in text:
+        return ApiError(507, "store_full", "the store's disk is full (nothing was stored); retry later. "
+                        "Operator: free space or grow the volume", headers=headers)
+    return None
+
+
+async def _sweep_forever(store: Store, stale_after: float) -> None:
+    """Every ``min(30 s, stale_after / 4)``: mark silent running runs interrupted (and revive those
+    that sent data again). Each worker runs one; the UPDATEs are idempotent."""
+    every = min(30.0, max(0.2, stale_after / 4))
+    while True:
+        await asyncio.sleep(every)
+        try:
+            changed = await run_in_threadpool(store.sweep_stale_runs, stale_after)
+        except Exception as exc:  # noqa: BLE001 - a store that is down now is tried again next time
+            log.debug("stale-run sweep failed: %s", exc)
+            continue
+        for name in changed.get("interrupted", []):
+            log.warning("run %r sent nothing for %.0f s: marked interrupted", name, stale_after)
+
+
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {"type": "object", "required": ["status", "code", "message", "details"],
+                             "properties": {"status": {"type": "integer"}, "code": {"type": "string"},
+                                            "message": {"type": "string"}, "details": {"type": "array"}}}}}
+_ERROR_STATUSES = {400: "malformed JSON", 401: "missing or unknown token", 403: "the token lacks the scope",
+                   404: "unknown run or decision", 409: "conflict", 413: "body too large",
+                   422: "invalid parameters or body", 429: "rate limited (see Retry-After)",
+                   503: "store unavailable or read-only (see Retry-After)", 507: "store disk full (see Retry-After)"}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Describe every error answer in the OpenAPI document (the ``Error`` schema above, instead of
+    FastAPI's default validation-error schema), the 201 of an operator decision, and the run-name
+    rule on ``{run}`` path parameters, so clients and schema checkers (schemathesis) see what the
+    app really answers."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> Dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        components["Error"] = _ERROR_SCHEMA
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                if path == "/metrics":
+                    responses["200"] = {"description": "Prometheus text exposition", "content": {
+                        "text/plain": {"schema": {"type": "string"}}}}
+                if path == "/healthz":
+                    responses["503"] = {"description": "the store is unreachable", "content": {
+                        "application/json": {"schema": {"type": "object"}}}}
+                    continue
+                for status, what in _ERROR_STATUSES.items():
+                    responses[str(status)] = {"description": what, "content": error}
+                if path.endswith("/decisions") and method == "post":
+                    responses["201"] = {"description": "decision created", "content": {
+                        "application/json": {"schema": {"type": "object"}}}}
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("in") == "path" and parameter.get("name") == "run":
+                        parameter["schema"] = {"type": "string", "minLength": 1, "maxLength": 200,
+                                               "pattern": "^[^/\\u0000-\\u001f\\u007f-\\u009f]+$",
+                                               "title": "Run"}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 def _error_kind(status: int) -> str:
@@ -565,14 +723,19 @@ def _error_kind(status: int) -> str:
 
 def app_from_env() -> FastAPI:
     """The app for a uvicorn worker process, configured by ``moxco serve`` through the environment:
-    ``MOXCO_STORE_URL``, ``MOXCO_AUTH`` (``0`` off), ``MOXCO_MAX_BODY``, ``MOXCO_METRICS_AUTH``.
+    ``MOXCO_STORE_URL``, ``MOXCO_AUTH`` (``0`` off), ``MOXCO_MAX_BODY``, ``MOXCO_METRICS_AUTH``,
+    ``MOXCO_RATE_LIMIT``/``MOXCO_RATE_BURST`` (per-token requests/s, burst), ``MOXCO_STALE_AFTER``.
     Migrations already ran in the parent process."""
     url = os.environ.get("MOXCO_STORE_URL")
     if not url:
         raise RuntimeError("MOXCO_STORE_URL is not set (start the collector with `moxco serve`)")
+    rate = float(os.environ.get("MOXCO_RATE_LIMIT") or 0)
+    burst = os.environ.get("MOXCO_RATE_BURST")
     return create_app(url, auth=os.environ.get("MOXCO_AUTH", "1") != "0",
                       max_body=int(os.environ.get("MOXCO_MAX_BODY", DEFAULT_MAX_BODY)),
-                      metrics_auth=os.environ.get("MOXCO_METRICS_AUTH", "0") == "1", migrate=False)
+                      metrics_auth=os.environ.get("MOXCO_METRICS_AUTH", "0") == "1", migrate=False,
+                      rate_limiter=TokenBucket(rate, float(burst) if burst else None) if rate > 0 else None,
+                      stale_after=float(os.environ.get("MOXCO_STALE_AFTER", DEFAULT_STALE_AFTER_S)))
 
 
 __all__ = ["ApiError", "DEFAULT_MAX_BODY", "app_from_env", "create_app", "parse_points"]

@@ -18,7 +18,7 @@ import ipaddress
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from moxco.collector.schema import TOKEN_SCOPES
 from moxco.collector.storage import Store, hash_token
@@ -52,6 +52,43 @@ ANONYMOUS = Principal(None, "anonymous", frozenset(SCOPES))
 # Issue 8 plugs a per-token rate limiter in here: called with the principal and the route's
 # scope, it returns None to let the request through or the seconds the caller should wait (429).
 RateLimiter = Callable[[Principal, str], Optional[float]]
+
+
+class TokenBucket:
+    """A ``RateLimiter``: per token, ``rate`` requests per second sustained, bursts of ``burst``.
+
+    Each token (by id; ``anonymous`` when auth is off) has a bucket of ``burst`` credits refilled at
+    ``rate`` per second; a request takes one credit, or gets the seconds until one is back (the
+    app answers 429 with that as ``Retry-After``). Buckets live in the worker process: with
+    ``--workers N`` a token gets up to N × ``rate``. ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, rate: float, burst: Optional[float] = None, *, clock: Callable[[], float] = time.monotonic,
+                 max_tokens: int = 100_000) -> None:
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0 requests per second, got {rate!r}")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(1.0, 2.0 * self.rate)
+        if self.burst < 1:
+            raise ValueError(f"burst must be ≥ 1, got {burst!r}")
+        self.clock = clock
+        self.max_tokens = int(max_tokens)
+        self._buckets: Dict[Any, Tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, principal: Principal, scope: str) -> Optional[float]:
+        key = principal.token_id if principal.token_id is not None else principal.name
+        now = self.clock()
+        with self._lock:
+            credits, last = self._buckets.get(key, (self.burst, now))
+            credits = min(self.burst, credits + (now - last) * self.rate)
+            if len(self._buckets) >= self.max_tokens and key not in self._buckets:
+                self._buckets.clear()  # bounded memory; only live tokens reach this point anyway
+            if credits >= 1.0:
+                self._buckets[key] = (credits - 1.0, now)
+                return None
+            self._buckets[key] = (credits, now)
+            return (1.0 - credits) / self.rate
 
 
 def is_loopback(host: str) -> bool:

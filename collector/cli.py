@@ -38,6 +38,13 @@ def register(commands) -> None:
     serve.add_argument("--no-auth", action="store_true", help="serve without tokens (only on a loopback --host)")
     serve.add_argument("--max-body", type=int, default=16 * 1024 * 1024, help="largest request body in bytes (413 above)")
     serve.add_argument("--metrics-auth", action="store_true", help="require a read token on /metrics")
+    serve.add_argument("--rate-limit", type=float, default=0.0, metavar="PER_SECOND",
+                       help="requests per second allowed per token, per worker (429 with Retry-After above; "
+                            "default 0: no limit)")
+    serve.add_argument("--rate-burst", type=float, default=None, metavar="N",
+                       help="requests a token may send at once before --rate-limit applies (default 2 × rate, ≥ 1)")
+    serve.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
+                       help="mark a running run that sent no points for this long 'interrupted' (default 600; 0: never)")
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)
 
@@ -107,6 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
             return _fail(str(exc))
     if args.workers < 1:
         return _fail("--workers must be at least 1")
+    if args.rate_limit < 0 or (args.rate_burst is not None and args.rate_burst < 1) or args.stale_after < 0:
+        return _fail("--rate-limit and --stale-after must be ≥ 0 and --rate-burst ≥ 1")
     url = _store_url(args.url)
     from moxco.collector.storage import Store, StoreError, normalize_url
 
@@ -125,7 +134,9 @@ def _serve(args: argparse.Namespace) -> int:
               "--scope read`", file=sys.stderr)
     store.close()
     os.environ.update(MOXCO_STORE_URL=url, MOXCO_AUTH="0" if args.no_auth else "1",
-                      MOXCO_MAX_BODY=str(args.max_body), MOXCO_METRICS_AUTH="1" if args.metrics_auth else "0")
+                      MOXCO_MAX_BODY=str(args.max_body), MOXCO_METRICS_AUTH="1" if args.metrics_auth else "0",
+                      MOXCO_RATE_LIMIT=str(args.rate_limit), MOXCO_RATE_BURST="" if args.rate_burst is None else str(args.rate_burst),
+                      MOXCO_STALE_AFTER=str(args.stale_after))
     multiproc_dir = None
     if args.workers > 1:  # prometheus_client sums the workers' counters from files in this folder
         multiproc_dir = tempfile.mkdtemp(prefix="moxco-prometheus-")

@@ -15,6 +15,21 @@ a real stored point, never an average), sorted and unique:
   inside a bucket is vectorised.
 
 Inputs: ``steps`` (int, strictly increasing, as stored) and ``values`` (float, may hold NaN/±Inf).
+
+Block summaries (what the store keeps per ``BLOCK_STEPS`` steps of a series, ``series_blocks``):
+
+* ``block_summaries`` summarises sorted points per block: count, first and last point, the first
+  point equal to the minimum and to the maximum (NaN skipped), the first NaN. Summaries of disjoint
+  point sets of one block merge exactly (``Store`` merges appends into the stored row).
+* ``minmax_summaries`` is ``minmax_indices`` computed from such summaries ("units": whole blocks,
+  or the summary of the in-range part of a block cut by a step range) instead of from the points:
+  the same equal-width step buckets over ``[first step, last step]``, but a unit goes whole into
+  the bucket holding its first step. When no bucket edge falls between two points of one unit
+  (e.g. bucket width a multiple of the block size, edges on block starts) the answer is *exactly*
+  ``minmax_indices``' answer; otherwise bucket edges move to unit boundaries, and still every
+  bucket keeps its first, min, max and last point and its first NaN: the series' extremes, first
+  and last points and first NaN are always kept, at most ``max_points`` points are returned, and
+  every returned point is a stored point.
 """
 
 from __future__ import annotations
@@ -135,6 +150,102 @@ def lttb_indices(steps: np.ndarray, values: np.ndarray, max_points: int) -> np.n
             if not math.isnan(y[a]):  # a NaN anchor would make every later area NaN: keep the last real one
                 ax, ay = float(x[a]), float(y[a])
     return out
+
+
+SUMMARY_FIELDS = ("count", "first_step", "first_value", "first_wall", "last_step", "last_value", "last_wall",
+                  "min_step", "min_value", "min_wall", "max_step", "max_value", "max_wall", "nan_step", "nan_wall")
+
+
+def _first_in_segments(positions: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per segment ``[starts[k], ends[k]]``: the smallest of the sorted ``positions`` inside it, or -1."""
+    first = np.searchsorted(positions, starts)
+    valid = first < positions.size
+    candidate = positions[np.where(valid, first, 0)] if positions.size else np.zeros(starts.size, np.int64)
+    return np.where(valid & (candidate <= ends), candidate, -1)
+
+
+def block_summaries(steps: np.ndarray, values: np.ndarray, walls: np.ndarray, block_steps: int,
+                    groups: np.ndarray = None) -> dict:
+    """Summaries of sorted, unique-step points per block ``step // block_steps``: a dict of equal-length
+    arrays, ``block`` and ``SUMMARY_FIELDS`` (with ``groups``, an int per point, several series at
+    once, each sorted by step, groups contiguous: a block ends where the group changes too, and
+    ``group`` says whose). ``min_*``/``max_*`` are the first point equal to the
+    block's minimum/maximum ignoring NaN (``min_step`` -1 and ``min_value`` NaN when the block is
+    all NaN); ``nan_step`` is the first NaN's step (-1: none; ``has_nan`` says which)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    walls = np.asarray(walls, dtype=np.float64)
+    n = steps.size
+    blocks = np.floor_divide(steps, int(block_steps))
+    groups = np.zeros(n, np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    if n == 0:
+        return {"block": blocks, "group": groups, "has_nan": np.zeros(0, bool),
+                **{f: np.empty(0, np.int64 if f.endswith("step") or f == "count" else np.float64)
+                   for f in SUMMARY_FIELDS}}
+    starts = np.flatnonzero(np.r_[True, (blocks[1:] != blocks[:-1]) | (groups[1:] != groups[:-1])])
+    ends = np.r_[starts[1:], n] - 1
+    counts = ends - starts + 1
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.fmin.reduceat(values, starts), np.fmax.reduceat(values, starts)
+    out = {"block": blocks[starts], "group": groups[starts], "count": counts,
+           "first_step": steps[starts], "first_value": values[starts], "first_wall": walls[starts],
+           "last_step": steps[ends], "last_value": values[ends], "last_wall": walls[ends]}
+    for name, target in (("min", lo), ("max", hi)):
+        at = _first_in_segments(np.flatnonzero(values == np.repeat(target, counts)), starts, ends)
+        ok = at >= 0
+        out[f"{name}_step"] = np.where(ok, steps[at], -1)
+        out[f"{name}_value"] = np.where(ok, values[at], np.nan)
+        out[f"{name}_wall"] = np.where(ok, walls[at], np.nan)
+    at = _first_in_segments(np.flatnonzero(np.isnan(values)), starts, ends)
+    out["has_nan"] = at >= 0
+    out["nan_step"] = np.where(at >= 0, steps[at], -1)
+    out["nan_wall"] = np.where(at >= 0, walls[at], np.nan)
+    return out
+
+
+def minmax_summaries(units: dict, max_points: int):
+    """``minmax_indices`` from block summaries (``units``: a ``block_summaries``-shaped dict, sorted
+    by step, disjoint). Returns ``(steps, values, walls)`` of the chosen points, or ``None`` when
+    the series is not larger than ``max_points`` (then every point is the answer: read them)."""
+    if max_points < 1:
+        raise ValueError(f"max_points must be at least 1, got {max_points}")
+    count = np.asarray(units["count"], dtype=np.int64)
+    if int(count.sum()) <= max_points:
+        return None
+    first_step = np.asarray(units["first_step"], dtype=np.int64)
+    last_step = np.asarray(units["last_step"], dtype=np.int64)
+    has_nan = np.asarray(units["has_nan"], dtype=bool)
+    any_nan = bool(has_nan.any())
+    per_bucket = 5 if any_nan else 4
+    if max_points < per_bucket:  # as minmax_indices: first and last (or first) point
+        picks = [("first", 0), ("last", count.size - 1)][:max_points]
+        return (np.array([units[f"{k}_step"][i] for k, i in picks], dtype=np.int64),
+                np.array([units[f"{k}_value"][i] for k, i in picks], dtype=np.float64),
+                np.array([units[f"{k}_wall"][i] for k, i in picks], dtype=np.float64))
+    buckets = max_points // per_bucket
+    first, last = int(first_step[0]), int(last_step[-1])
+    span = last - first + 1
+    edges = first + np.ceil(np.arange(buckets) * (span / buckets)).astype(np.int64)  # as _bucket_starts
+    bucket = np.searchsorted(edges, first_step, side="right") - 1
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    ends = np.r_[starts[1:], count.size] - 1
+    sizes = ends - starts + 1
+    parts = [("first", starts), ("last", ends)]
+    for name, reduce in (("min", np.fmin), ("max", np.fmax)):
+        column = np.asarray(units[f"{name}_value"], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            target = reduce.reduceat(column, starts)
+        at = _first_in_segments(np.flatnonzero(column == np.repeat(target, sizes)), starts, ends)
+        parts.append((name, at[at >= 0]))
+    if any_nan:
+        at = _first_in_segments(np.flatnonzero(has_nan), starts, ends)
+        parts.append(("nan", at[at >= 0]))
+    steps = np.concatenate([np.asarray(units[f"{k}_step"], dtype=np.int64)[i] for k, i in parts])
+    values = np.concatenate([np.full(i.size, np.nan) if k == "nan" else np.asarray(units[f"{k}_value"], np.float64)[i]
+                             for k, i in parts])
+    walls = np.concatenate([np.asarray(units[f"{k}_wall"], dtype=np.float64)[i] for k, i in parts])
+    steps, keep = np.unique(steps, return_index=True)
+    return steps, values[keep], walls[keep]
 
 
 def downsample(steps: np.ndarray, values: np.ndarray, max_points: int, method: str = "minmax") -> np.ndarray:

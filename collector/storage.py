@@ -22,8 +22,11 @@ acknowledgements, operator decisions, and hashed API tokens.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import math
+import os
 import secrets
 import threading
 import time
@@ -51,8 +54,11 @@ from moxco.collector.schema import (
     latest_points,
     metric_points,
     runs,
+    series_blocks,
     tokens,
 )
+from moxco.collector import downsample as ds
+from moxco.collector.schema import BLOCK_STEPS, SUMMARY_FIELDS
 from moxco.goodness import Goodness
 from moxco.policy import Decision, DecisionPolicy, PolicyConfig, decision_id
 
@@ -141,6 +147,47 @@ def _from_db(value: Optional[float]) -> float:
     return math.nan if value is None else float(value)
 
 
+class _QueuedWriter:
+    """``engine.begin()`` for SQLite write transactions, queued first on a lock of this process and
+    then on an ``flock`` of ``<database>-moxco-write.lock`` shared by all processes (collector
+    workers, an embedded agent). SQLite's own busy handler polls with sleeps of up to 100 ms, which
+    turned 8–32 concurrent writers into p99 latencies of seconds; a blocked ``flock`` wakes as soon
+    as the holder lets go. ``BEGIN IMMEDIATE`` and ``busy_timeout`` still guard writers that do not
+    queue here (other programs). Without a lock file (read-only folder) only the process lock is used."""
+
+    def __init__(self, engine, lock_path: Optional[str]) -> None:
+        self._engine = engine
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._fd: Optional[int] = None
+        if lock_path is not None:
+            try:
+                self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                self._fd = None
+
+    @contextlib.contextmanager
+    def begin(self):
+        with self._lock:
+            self._depth += 1
+            try:
+                if self._fd is not None and self._depth == 1:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX)
+                try:
+                    with self._engine.begin() as conn:
+                        yield conn
+                finally:
+                    if self._fd is not None and self._depth == 1:
+                        fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                self._depth -= 1
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
     """A moxco store on one database URL (thread-safe: SQLAlchemy pools connections)."""
 
@@ -166,7 +213,12 @@ class Store:
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
         self._writer = self.engine.execution_options(moxco_write=True)
+        if self.dialect == "sqlite":
+            database = self.engine.url.database
+            self._writer = _QueuedWriter(self._writer, None if not database or database == ":memory:"
+                                         else f"{database}-moxco-write.lock")
         self._series_cache = SeriesCache(series_cache_points)
+        self._upserts: Dict[bool, Any] = {}
         if migrate:
             upgrade(self.engine)
 
@@ -227,6 +279,30 @@ class Store:
             run_id = self._lock_run(conn, name).id
             conn.execute(update(runs).where(runs.c.id == run_id).values(status=status, updated_at=time.time()))
 
+    def sweep_stale_runs(self, stale_after: float, *, now: Optional[float] = None) -> Dict[str, List[str]]:
+        """Mark ``running`` runs that stored no point and were not updated (registered again,
+        status changed) for ``stale_after`` seconds (server clock: ``last_ingest_at``,
+        ``updated_at``; never the agents' wall times) ``interrupted``, and
+        ``interrupted`` runs that stored points since they were marked (``last_ingest_at`` at or
+        after ``updated_at``, within ``stale_after``) ``running`` again. Returns the names per new
+        status. Idempotent; the conditions are re-checked in the UPDATEs, so concurrent ingests and
+        several collector workers sweeping at once are safe."""
+        now = time.time() if now is None else float(now)
+        cutoff = now - float(stale_after)
+        r = runs.c
+        last_heard = case((r.last_ingest_at > r.updated_at, r.last_ingest_at), else_=r.updated_at)
+        silent = (r.status == "running") & (last_heard < cutoff)
+        revived = (r.status == "interrupted") & (r.last_ingest_at >= cutoff) & (r.last_ingest_at >= r.updated_at)
+        out: Dict[str, List[str]] = {"interrupted": [], "running": []}
+        with self._writer.begin() as conn:
+            for status, where in (("interrupted", silent), ("running", revived)):
+                ids = [row.id for row in conn.execute(select(r.id).where(where))]
+                if not ids:
+                    continue
+                conn.execute(update(runs).where(r.id.in_(ids), where).values(status=status, updated_at=now))
+                out[status] = sorted(conn.execute(select(r.name).where(r.id.in_(ids), r.status == status)).scalars())
+        return out
+
     def run(self, name: str) -> RunInfo:
         with self.engine.connect() as conn:
             row = conn.execute(select(runs).where(runs.c.name == name)).mappings().first()
@@ -265,92 +341,159 @@ class Store:
 
     def _write_columns(self, conn, run_id: int, metrics_: Sequence[str], steps: Sequence[int],
                        values: Sequence[float], walls: Sequence[float], ranks: Sequence[int]) -> int:
-        """Insert-ignore the points and maintain ``latest_points`` and ``runs.last_step``, inside the
-        caller's transaction, which holds the run's lock. Returns the number of rows newly stored.
+        """Store the points and maintain ``latest_points``, ``series_blocks`` and ``runs.last_step``,
+        inside the caller's transaction, which holds the run's lock. Returns the number of rows
+        newly stored.
 
         Rows are written sorted by key, so concurrent writers on PostgreSQL lock index entries in
-        the same order (no deadlock). NaN is stored as NULL (SQLite has no NaN).
+        the same order (no deadlock); a key given twice in one batch keeps its first point (what
+        insert-ignore keeps). NaN is stored as NULL (SQLite has no NaN). A series whose points all
+        come after its stored last step (the usual append; the run lock makes this exact) cannot
+        conflict: on PostgreSQL those batches are a plain ``INSERT`` (no speculative insertion:
+        half the server time), and their block summaries are merged into the stored ones; any
+        other series (out of order, replayed, overlapping) is insert-ignored and its touched
+        blocks are summarised again from the stored points.
         """
-        n = len(metrics_)
-        db_values = [None if v != v else v for v in values]
-        order = sorted(range(n), key=lambda i: (metrics_[i], ranks[i], steps[i]))
+        order = sorted(range(len(metrics_)), key=lambda i: (metrics_[i], ranks[i], steps[i]))
+        uniq = order[:1]
+        for i in order[1:]:
+            j = uniq[-1]
+            if steps[i] != steps[j] or ranks[i] != ranks[j] or metrics_[i] != metrics_[j]:
+                uniq.append(i)
+        m = [metrics_[i] for i in uniq]
+        r = [int(ranks[i]) for i in uniq]
+        s = [int(steps[i]) for i in uniq]
+        v = [float(values[i]) for i in uniq]
+        w = [float(walls[i]) for i in uniq]
+        db_v = [None if x != x else x for x in v]
+        n = len(uniq)
+        # series as [lo, hi) ranges of the sorted rows
+        bounds = [0] + [i for i in range(1, n) if m[i] != m[i - 1] or r[i] != r[i - 1]] + [n]
+        series = [((m[lo], r[lo]), lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        current = {
+            (mm, rr): (st, ver, rew)
+            for mm, rr, st, ver, rew in conn.execute(
+                select(latest_points.c.metric, latest_points.c.rank, latest_points.c.step,
+                       latest_points.c.version, latest_points.c.rewrites).where(latest_points.c.run_id == run_id))
+        }
+        appends = [key not in current or s[lo] > current[key][0] for key, lo, _hi in series]
+
         if self.dialect == "postgresql":
             result = conn.exec_driver_sql(
                 "INSERT INTO metric_points (run_id, metric, rank, step, value, wall_time) "
-                "SELECT %(run_id)s, * FROM unnest(%(m)s::varchar[], %(r)s::int[], %(s)s::bigint[], "
-                "%(v)s::float8[], %(w)s::float8[]) ON CONFLICT DO NOTHING",
-                {"run_id": run_id, "m": [metrics_[i] for i in order], "r": [ranks[i] for i in order],
-                 "s": [steps[i] for i in order], "v": [db_values[i] for i in order],
-                 "w": [walls[i] for i in order]},
+                "SELECT %(run_id)s, * FROM unnest(%(m)b::varchar[], %(r)b::int[], %(s)b::bigint[], "
+                "%(v)b::float8[], %(w)b::float8[])" + ("" if all(appends) else " ON CONFLICT DO NOTHING"),
+                {"run_id": run_id, "m": m, "r": r, "s": s, "v": db_v, "w": w},
             )
             stored = result.rowcount
         else:
             before = conn.connection.driver_connection.total_changes
             conn.exec_driver_sql(
                 "INSERT OR IGNORE INTO metric_points (run_id, metric, rank, step, value, wall_time) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(run_id, metrics_[i], ranks[i], steps[i], db_values[i], walls[i]) for i in order],
-            )
+                "VALUES (?, ?, ?, ?, ?, ?)", list(zip([run_id] * n, m, r, s, db_v, w)))
             stored = conn.connection.driver_connection.total_changes - before
 
-        # newest point and smallest step of every series in this write
-        newest: Dict[Tuple[str, int], int] = {}
-        oldest: Dict[Tuple[str, int], int] = {}
-        for i in range(n):
-            key = (metrics_[i], ranks[i])
-            j = newest.get(key)
-            if j is None:
-                newest[key] = i
-                oldest[key] = steps[i]
-            else:
-                if steps[i] > steps[j]:
-                    newest[key] = i
-                if steps[i] < oldest[key]:
-                    oldest[key] = steps[i]
-        current = {
-            (m, r): (st, ver, rew)
-            for m, r, st, ver, rew in conn.execute(
-                select(latest_points.c.metric, latest_points.c.rank, latest_points.c.step,
-                       latest_points.c.version, latest_points.c.rewrites).where(latest_points.c.run_id == run_id))
-        }
-        inserts, updates = [], []
-        for key in sorted(newest):
-            i = newest[key]
-            row = {"run_id": run_id, "metric": key[0], "rank": key[1]}
-            if key not in current:
-                inserts.append({**row, "step": steps[i], "value": db_values[i], "wall_time": walls[i],
-                                "version": 1, "rewrites": 0})
-                continue
-            old_step, version, rewrites = current[key]
-            if steps[i] > old_step:
-                row.update(step=steps[i], value=db_values[i], wall_time=walls[i])
-            else:
-                row.update(step=old_step, value=_UNSET, wall_time=_UNSET)
-            row.update(version=version + 1, rewrites=rewrites + (1 if oldest[key] <= old_step else 0))
-            updates.append(row)
-        if inserts:
-            conn.execute(latest_points.insert(), inserts)
-        moved = [u for u in updates if u["value"] is not _UNSET]
-        kept = [u for u in updates if u["value"] is _UNSET]
-        lp = latest_points.c
-        key_match = (lp.run_id == _bind("b_run_id")) & (lp.metric == _bind("b_metric")) & (lp.rank == _bind("b_rank"))
-        if moved:
-            conn.execute(update(latest_points).where(key_match).values(
-                step=_bind("b_step"), value=_bind("b_value"), wall_time=_bind("b_wall_time"),
-                version=_bind("b_version"), rewrites=_bind("b_rewrites")),
-                [{f"b_{k}": v for k, v in u.items()} for u in moved])
-        if kept:
-            conn.execute(update(latest_points).where(key_match).values(
-                version=_bind("b_version"), rewrites=_bind("b_rewrites")),
-                [{f"b_{k}": u[k] for k in ("run_id", "metric", "rank", "version", "rewrites")} for u in kept])
-
-        last_step = max(steps)
+        self._update_latest(conn, run_id, series, current, s, db_v, w)
+        self._update_blocks(conn, run_id, series, appends, s, v, w)
+        last_step = max(s)
         now = time.time()
         newer = case((runs.c.last_step.is_(None), last_step), (runs.c.last_step < last_step, last_step),
                      else_=runs.c.last_step)
         conn.execute(update(runs).where(runs.c.id == run_id).values(last_step=newer, updated_at=now,
                                                                    last_ingest_at=now))
         return stored
+
+    def _update_latest(self, conn, run_id: int, series, current, s, db_v, w) -> None:
+        """``latest_points``: the newest point of each series, ``version`` +1, ``rewrites`` +1 when
+        the write reaches back to or before the stored last step."""
+        inserts, moved, kept = [], [], []
+        for key, lo, hi in series:
+            i = hi - 1  # newest point of the series in this write
+            row = {"b_run_id": run_id, "b_metric": key[0], "b_rank": key[1]}
+            if key not in current:
+                inserts.append({"run_id": run_id, "metric": key[0], "rank": key[1], "step": s[i], "value": db_v[i],
+                                "wall_time": w[i], "version": 1, "rewrites": 0})
+                continue
+            old_step, version, rewrites = current[key]
+            row.update(b_version=version + 1, b_rewrites=rewrites + (1 if s[lo] <= old_step else 0))
+            if s[i] > old_step:
+                moved.append({**row, "b_step": s[i], "b_value": db_v[i], "b_wall_time": w[i]})
+            else:
+                kept.append(row)
+        if inserts:
+            conn.execute(latest_points.insert(), inserts)
+        lp = latest_points.c
+        key_match = (lp.run_id == _bind("b_run_id")) & (lp.metric == _bind("b_metric")) & (lp.rank == _bind("b_rank"))
+        if moved:
+            conn.execute(update(latest_points).where(key_match).values(
+                step=_bind("b_step"), value=_bind("b_value"), wall_time=_bind("b_wall_time"),
+                version=_bind("b_version"), rewrites=_bind("b_rewrites")), moved)
+        if kept:
+            conn.execute(update(latest_points).where(key_match).values(
+                version=_bind("b_version"), rewrites=_bind("b_rewrites")), kept)
+
+    def _update_blocks(self, conn, run_id: int, series, appends, s, v, w) -> None:
+        """``series_blocks``: merge the summaries of appended points into the stored rows (a block
+        after the stored last step has no row yet: inserted); summarise the touched blocks of other
+        series again from the stored points (replaced)."""
+        merge: List[Dict[str, Any]] = []
+        replace: List[Dict[str, Any]] = []
+        append_ranges = [(key, lo, hi) for (key, lo, hi), ok in zip(series, appends) if ok]
+        if append_ranges:
+            idx = np.concatenate([np.arange(lo, hi) for _key, lo, hi in append_ranges])
+            group = np.repeat(np.arange(len(append_ranges)), [hi - lo for _key, lo, hi in append_ranges])
+            steps_a = np.asarray(s, dtype=np.int64)[idx]
+            summary = ds.block_summaries(steps_a, np.asarray(v, dtype=np.float64)[idx],
+                                         np.asarray(w, dtype=np.float64)[idx], BLOCK_STEPS, groups=group)
+            keys = [append_ranges[g][0] for g in summary["group"].tolist()]
+            merge = _summary_rows(run_id, keys, summary)
+        B = BLOCK_STEPS
+        for (key, lo, hi), ok in zip(series, appends):
+            if ok:
+                continue
+            touched = sorted({x // B for x in s[lo:hi]})
+            runs_of_blocks, start = [], 0
+            for k in range(1, len(touched) + 1):
+                if k == len(touched) or touched[k] != touched[k - 1] + 1:
+                    runs_of_blocks.append((touched[start], touched[k - 1]))
+                    start = k
+            for b0, b1 in runs_of_blocks:
+                cols = self._load_columns(conn, run_id, key[0], key[1], after=max(b0 * B - 1, -(2**63)),
+                                          until=(b1 + 1) * B - 1)
+                summary = ds.block_summaries(*cols, B)
+                replace += _summary_rows(run_id, [key] * summary["block"].size, summary)
+        if merge:
+            conn.execute(self._blocks_upsert(merge=True), merge)
+        if replace:
+            conn.execute(self._blocks_upsert(merge=False), replace)
+
+    def _blocks_upsert(self, *, merge: bool):
+        """INSERT … ON CONFLICT DO UPDATE for ``series_blocks``: ``merge`` combines the stored
+        summary with the new one (count added; first/last/min/max/first NaN: whichever point comes
+        first, last, lowest, highest; ties on min/max: the earlier step), else the new one replaces it."""
+        cached = self._upserts.get(merge)
+        if cached is not None:
+            return cached
+        stmt = (postgresql.insert(series_blocks) if self.dialect == "postgresql" else sqlite.insert(series_blocks))
+        ex, old = stmt.excluded, series_blocks.c
+        if not merge:
+            set_ = {f: ex[f] for f in SUMMARY_FIELDS}
+        else:
+            take = {
+                "first": ex.first_step < old.first_step,
+                "last": ex.last_step > old.last_step,
+                "min": ex.min_step.isnot(None) & (old.min_step.is_(None) | (ex.min_value < old.min_value)
+                                                  | ((ex.min_value == old.min_value) & (ex.min_step < old.min_step))),
+                "max": ex.max_step.isnot(None) & (old.max_step.is_(None) | (ex.max_value > old.max_value)
+                                                  | ((ex.max_value == old.max_value) & (ex.max_step < old.max_step))),
+                "nan": ex.nan_step.isnot(None) & (old.nan_step.is_(None) | (ex.nan_step < old.nan_step)),
+            }
+            set_ = {"count": old["count"] + ex["count"]}
+            for f in SUMMARY_FIELDS[1:]:
+                set_[f] = case((take[f.split("_")[0]], ex[f]), else_=old[f])
+        stmt = stmt.on_conflict_do_update(index_elements=["run_id", "metric", "rank", "block"], set_=set_)
+        self._upserts[merge] = stmt
+        return stmt
 
     def _insert_ignore(self, table):
         dialect = self.engine.dialect.name
@@ -428,21 +571,91 @@ class Store:
             run_id = self._run_id(conn, name)
             return self._series_cache.get(self, conn, run_id, metric, rank)
 
-    def _load_columns(self, conn, run_id: int, metric: str, rank: int, after: Optional[int]
-                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Read ``(steps, values, wall_times)`` with ``step > after``, ordered by step, as fast as the
-        driver allows: PostgreSQL streams a binary COPY parsed by NumPy (no Python object per row),
-        SQLite goes through the C-level cursor."""
+    def block_summaries(self, name: str, metric: str, *, rank: int = RUN_LEVEL_RANK) -> Dict[str, np.ndarray]:
+        """The stored ``series_blocks`` of one series, as ``downsample.block_summaries`` returns them."""
+        with self.engine.connect() as conn:
+            return self._blocks(conn, self._run_id(conn, name), metric, rank, None, None)
+
+    def _blocks(self, conn, run_id: int, metric: str, rank: int, first_block: Optional[int],
+                last_block: Optional[int]) -> Dict[str, np.ndarray]:
+        sb = series_blocks.c
+        query = select(sb.block, *[sb[f] for f in SUMMARY_FIELDS]).where(
+            sb.run_id == run_id, sb.metric == metric, sb.rank == rank)
+        if first_block is not None:
+            query = query.where(sb.block >= first_block)
+        if last_block is not None:
+            query = query.where(sb.block <= last_block)
+        rows = conn.execute(query.order_by(sb.block)).all()
+        cols = list(zip(*rows)) if rows else [()] * (1 + len(SUMMARY_FIELDS))
+        out: Dict[str, np.ndarray] = {"block": np.array(cols[0], dtype=np.int64)}
+        for f, col in zip(SUMMARY_FIELDS, cols[1:]):
+            if f.endswith("_step") or f == "count":
+                out[f] = np.array([-1 if x is None else x for x in col], dtype=np.int64)
+            else:
+                out[f] = np.array([math.nan if x is None else x for x in col], dtype=np.float64)
+        out["has_nan"] = np.array([x is not None for x in cols[1 + SUMMARY_FIELDS.index("nan_step")]], dtype=bool)
+        return out
+
+    def series_minmax(self, name: str, metric: str, *, rank: int = RUN_LEVEL_RANK, start: Optional[int] = None,
+                      end: Optional[int] = None, max_points: int = 2000
+                      ) -> Optional[Tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """``minmax`` downsampling of a series (optionally within steps ``[start, end]``) from its block
+        summaries (``downsample.minmax_summaries``): ``(total points in range, steps, values,
+        wall_times)``, reading ~1,000 summary rows for a 1 M-point series instead of its points. The
+        blocks cut by ``start``/``end`` are summarised from their points. ``None`` when summaries
+        do not apply: no such series, the range holds at most ``max_points`` points (the answer is
+        every point), or it spans fewer blocks than ``max_points`` asks buckets (then the caller
+        downsamples the points: ``series_columns``)."""
+        B = BLOCK_STEPS
+        with self.engine.connect() as conn:
+            if self.dialect == "postgresql":  # summaries and cut blocks from one snapshot
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            run_id = self._run_id(conn, name)
+            lo_block = None if start is None else int(start) // B
+            hi_block = None if end is None else int(end) // B
+            if lo_block is not None and hi_block is not None and hi_block - lo_block < 2:
+                return None
+            units = self._blocks(conn, run_id, metric, rank, lo_block, hi_block)
+            if units["block"].size < 2:
+                return None
+            for k, cut in ((0, start is not None and units["first_step"][0] < start),
+                           (-1, end is not None and units["last_step"][-1] > end)):
+                if not cut:
+                    continue
+                b = int(units["block"][k])
+                lo = max(b * B, int(start) if start is not None else b * B)
+                hi = min((b + 1) * B - 1, int(end) if end is not None else (b + 1) * B - 1)
+                part = ds.block_summaries(*self._load_columns(conn, run_id, metric, rank, after=lo - 1, until=hi), B)
+                if part["block"].size:
+                    for f in (*SUMMARY_FIELDS, "has_nan"):
+                        units[f][k] = part[f][0]
+                else:
+                    units["count"][k] = 0
+        keep = units["count"] > 0
+        units = {f: col[keep] for f, col in units.items()}
+        total = int(units["count"].sum())
+        per_bucket = 5 if units["has_nan"].any() else 4
+        if total <= max_points or units["block"].size < max_points // per_bucket:
+            return None
+        got = ds.minmax_summaries(units, max_points)
+        return None if got is None else (total, *got)
+
+    def _load_columns(self, conn, run_id: int, metric: str, rank: int, after: Optional[int],
+                      until: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read ``(steps, values, wall_times)`` with ``after < step <= until``, ordered by step, as
+        fast as the driver allows: PostgreSQL streams a binary COPY parsed by NumPy (no Python
+        object per row), SQLite goes through the C-level cursor."""
         after = -(2**63) if after is None else int(after)
+        until = 2**63 - 1 if until is None else int(until)
         if self.dialect == "postgresql":
             raw = conn.connection.driver_connection
             sql = ("COPY (SELECT step, COALESCE(value, 'NaN'::float8), wall_time FROM metric_points "
-                   "WHERE run_id = {} AND metric = {} AND rank = {} AND step > {} ORDER BY step) "
+                   "WHERE run_id = {} AND metric = {} AND rank = {} AND step > {} AND step <= {} ORDER BY step) "
                    "TO STDOUT (FORMAT BINARY)")
             from psycopg import sql as pgsql
 
             statement = pgsql.SQL(sql).format(pgsql.Literal(run_id), pgsql.Literal(metric), pgsql.Literal(rank),
-                                              pgsql.Literal(after))
+                                              pgsql.Literal(after), pgsql.Literal(until))
             with raw.cursor() as cur:
                 with cur.copy(statement) as copy:
                     data = b"".join(bytes(chunk) for chunk in copy)
@@ -451,7 +664,7 @@ class Store:
                     rows["wall_time"].astype(np.float64))
         cursor = conn.connection.driver_connection.execute(
             "SELECT step, value, wall_time FROM metric_points WHERE run_id = ? AND metric = ? AND rank = ? "
-            "AND step > ? ORDER BY step", (run_id, metric, rank, after))
+            "AND step > ? AND step <= ? ORDER BY step", (run_id, metric, rank, after, until))
         rows = cursor.fetchall()
         if not rows:
             return np.empty(0, np.int64), np.empty(0), np.empty(0)
@@ -745,6 +958,8 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        if isinstance(self._writer, _QueuedWriter):
+            self._writer.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -850,6 +1065,30 @@ class SeriesCache:
             while self._points > self.max_points:
                 _, evicted = self._entries.popitem(last=False)
                 self._points -= evicted[2].size
+
+
+def _summary_rows(run_id: int, keys: Sequence[Tuple[str, int]], summary: Mapping[str, np.ndarray]) -> List[Dict[str, Any]]:
+    """``series_blocks`` rows from ``downsample.block_summaries`` arrays (NaN values and -1 steps
+    of absent min/max/NaN points as NULL)."""
+    cols = {f: summary[f].tolist() for f in ("block", *SUMMARY_FIELDS)}
+    has_nan = summary["has_nan"].tolist()
+    rows = []
+    for k, (metric, rank) in enumerate(keys):
+        row = {"run_id": run_id, "metric": metric, "rank": rank, "block": cols["block"][k], "count": cols["count"][k]}
+        for f in ("first", "last"):
+            row[f"{f}_step"] = cols[f"{f}_step"][k]
+            value = cols[f"{f}_value"][k]
+            row[f"{f}_value"] = None if value != value else value
+            row[f"{f}_wall"] = cols[f"{f}_wall"][k]
+        for f in ("min", "max"):
+            ok = not math.isnan(cols[f"{f}_value"][k])
+            row[f"{f}_step"] = cols[f"{f}_step"][k] if ok else None
+            row[f"{f}_value"] = cols[f"{f}_value"][k] if ok else None
+            row[f"{f}_wall"] = cols[f"{f}_wall"][k] if ok else None
+        row["nan_step"] = cols["nan_step"][k] if has_nan[k] else None
+        row["nan_wall"] = cols["nan_wall"][k] if has_nan[k] else None
+        rows.append(row)
+    return rows
 
 
 def _run_dict(row: Mapping[str, Any]) -> Dict[str, Any]:
