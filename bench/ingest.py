@@ -9,7 +9,8 @@ back to back for ``--seconds`` and records each request's latency. Reported: sus
 ``--workers`` (default 2, like the MLflow server) and bodies pre-serialised JSON over keep-alive
 HTTP. MLflow: ``mlflow server`` with a SQLite backend, ``MlflowClient.log_batch`` of 1,000
 ``Metric``s. Then a 1 M-point series is written and ``GET …/series/loss?max_points=2000`` timed
-(first request: read from the database; later: served from the worker's series cache).
+(first request of each of the fresh workers: cold; later ones: warm). ``minmax`` is served from
+the block summaries (``series_blocks``), so cold and warm read the same ~1,000 rows.
 PostgreSQL is a private cluster started here (Debian ``postgresql``), like the tests do.
 """
 
@@ -191,6 +192,7 @@ def main() -> int:
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql", "mlflow"])
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-collector.md"))
     args = parser.parse_args()
+    args.load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="moxco-bench-"))
     rows, queries = [], {}
     pg_root = Path(tempfile.mkdtemp(prefix="moxco-bench-pg-"))  # its own folder: the postgres user must reach it
@@ -237,7 +239,8 @@ def main() -> int:
 def write_report(args, rows, queries) -> None:
     mlflow = {r["clients"]: r for r in rows if r["server"].startswith("MLflow")}
     lines = ["# Collector benchmarks (bench/ingest.py)", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+             f"load average {args.load_before:.1f} before the run (other work on the machine). "
              f"Batches of {BATCH} points, {args.seconds:g} s per cell, each client a separate process with "
              f"its own run; servers with {args.workers} workers. Regenerate with `.venv/bin/python bench/ingest.py`.",
              "", "| server | clients | points/s | p50 ms/batch | p99 ms/batch | × MLflow points/s |",
@@ -248,11 +251,17 @@ def write_report(args, rows, queries) -> None:
         lines.append(f"| {r['server']} | {r['clients']} | {r['points_s']:,.0f} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {ratio} |")
     lines += ["", "1 M-point series, `GET /api/v1/runs/big/series/loss?max_points=2000` (minmax), end to end over HTTP:",
-              "", "| store | first request (read from the database) ms | later requests (series cache) ms |",
+              "", "| store | first requests (cold workers) ms | later requests ms |",
               "| --- | ---: | ---: |"]
     for backend, q in queries.items():
         lines.append(f"| {backend} | {q['cold_ms']:.0f} | {q['warm_ms']:.1f} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out)
+    keep = ""  # sections written by other scripts (bench/load.py's "## Load") survive a rerun
+    if out.exists():
+        previous = out.read_text()
+        at = previous.find("\n## ")
+        keep = previous[at:] if at >= 0 else ""
+    out.write_text("\n".join(lines) + "\n" + keep)
     print("\n".join(lines))
 
 
