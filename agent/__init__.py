@@ -6,8 +6,25 @@ hooks and computes when). Lives in the top-level ``agent/`` folder and installs 
 by default) and never imports FastAPI or uvicorn.
 """
 
-from moxco.agent.capture import CaptureError
-from moxco.agent.core import Agent, attach, default_run_name
-from moxco.agent.writer import GoodnessSettings
+import importlib
+from typing import Any
+
+# Resolved on first use (PEP 562), so that ``moxco --help`` and the collector's processes, which
+# import ``moxco.agent.demo_cli`` to register the command, do not import torch.
+_EXPORTS = {"CaptureError": "capture", "Agent": "core", "attach": "core", "default_run_name": "core",
+            "GoodnessSettings": "writer"}
 
 __all__ = ["Agent", "CaptureError", "GoodnessSettings", "attach", "default_run_name"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moxco.agent' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"moxco.agent.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,23 +11,36 @@
 Everything here depends on torch and numpy only; ``moxco.agent`` and ``moxco.collector`` build on it.
 """
 
-from moxco.aligator import Aligator, GradNormSqEstimator
+import importlib
+from typing import Any
+
+# The torch-free parts are imported here (``moxco.goodness`` is also a function name: importing
+# it eagerly binds the function, not the submodule). The rest is resolved on first use (PEP 562),
+# so the collector, which needs only the policy, and ``moxco --help`` do not import torch.
 from moxco.goodness import Goodness, eos_sharpness, goodness
-from moxco.hessian import Sharpness, hvp, power_iteration, top_eigenvalue
-from moxco.metrics import (
-    ConvexityRatio,
-    ExponentialAverage,
-    GapSmoothAggregates,
-    RunningMax,
-    RunningMean,
-    grad_norm_sq,
-    inst_gap,
-    inst_smooth,
-    loss_diff,
-    update_corr,
-    update_corr_rs,
-)
 from moxco.policy import Decision, DecisionPolicy, PolicyConfig
+
+_EXPORTS = {
+    "Aligator": "aligator", "GradNormSqEstimator": "aligator",
+    "Sharpness": "hessian", "hvp": "hessian", "power_iteration": "hessian", "top_eigenvalue": "hessian",
+    "ConvexityRatio": "metrics", "ExponentialAverage": "metrics", "GapSmoothAggregates": "metrics",
+    "RunningMax": "metrics", "RunningMean": "metrics", "grad_norm_sq": "metrics", "inst_gap": "metrics",
+    "inst_smooth": "metrics", "loss_diff": "metrics", "update_corr": "metrics", "update_corr_rs": "metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moxco' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"moxco.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

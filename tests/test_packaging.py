@@ -78,3 +78,14 @@ def test_agent_does_not_import_the_web_stack(tmp_path):
     code = "import sys, moxco.agent; print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_command_line_and_the_collector_do_not_import_torch():
+    """``moxco --help`` and the collector's processes (which only need the decision policy from
+    ``moxco``) start without importing torch: the package exports resolve lazily."""
+    code = ("import sys, moxco, moxco.cli, moxco.collector.app; moxco.cli.build_parser(); "
+            "assert moxco.goodness.__module__ == 'moxco.goodness'; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "moxco.top_eigenvalue; import moxco.agent; moxco.agent.attach; "
+            "assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,10 +6,20 @@
 * ``checkpoints``: checkpoint mode, the global metrics computed after the fact from saved weights;
 * ``cli``: the ``moxco audit`` command.
 
-Importing this package loads only NumPy and the storage layer; Matplotlib and tqdm are imported when
-a report is drawn or checkpoints are evaluated.
+Importing this package loads nothing heavy (``moxco --help`` registers ``cli`` through it): the
+analysis (NumPy, the storage layer, ``moxco.metrics``) is resolved on first use, Matplotlib and
+tqdm when a report is drawn or checkpoints are evaluated.
 """
 
-from moxco.collector.audit.analysis import AuditError, RunAudit, RunData, Section, audit
+import importlib
+from typing import Any
 
 __all__ = ["AuditError", "RunAudit", "RunData", "Section", "audit"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'moxco.collector.audit' has no attribute {name!r}")
+    value = getattr(importlib.import_module("moxco.collector.audit.analysis"), name)
+    globals()[name] = value
+    return value
