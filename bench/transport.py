@@ -16,12 +16,9 @@ Run: ``.venv/bin/python bench/transport.py [--points 1000000] [--chunk 2000] [--
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,14 +27,11 @@ import numpy as np
 from moxco.agent.transport import HttpSink
 from moxco.collector.storage import Point
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.servers import CollectorProcess  # noqa: E402  (the repository's server helpers; no pytest needed)
+
 METRICS = ("loss", "grad_norm_sq", "distance", "update_corr", "update_corr_rs", "update_norm", "loss_diff",
            "inst_gap", "inst_smooth", "avg_gap", "exp_gap", "max_smooth")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -48,21 +42,10 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "moxco.cli", "serve", "--url", f"sqlite:///{tmp}/bench.db",
-                                   "--port", str(port), "--no-auth", "--log-level", "warning"])
+        server = CollectorProcess(f"sqlite:///{tmp}/bench.db", "--log-level", "warning", auth=False,
+                                  log=Path(tmp) / "collector.log", timeout=60).start()
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the collector did not start")
-                    time.sleep(0.1)
-            sink = HttpSink(url, "bench", spool_dir=Path(tmp) / "spool", batch_points=args.batch_points,
+            sink = HttpSink(server.url, "bench", spool_dir=Path(tmp) / "spool", batch_points=args.batch_points,
                             max_memory_points=max(200_000, 4 * args.batch_points))
             sink.create_run("bench", {"policy": None})
             sink.flush(30)
@@ -82,8 +65,9 @@ def main() -> int:
             delivered = time.perf_counter() - started
             sink.close()
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
+            if server.output().strip():  # warnings and errors of the collector
+                print(server.output(), file=sys.stderr, end="")
 
     n = sink.stats.points_sent
     lat = np.array(calls) * 1e3

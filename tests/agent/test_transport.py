@@ -9,19 +9,12 @@ collector reach ``optimizer.commit`` once, at a step boundary, and are acknowled
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,81 +24,16 @@ from torch import nn
 import moxco.agent
 from moxco.agent.demo import NOISE_STD, make_task
 from moxco.agent.transport import HttpSink, Spool
-from moxco.collector import open_store
 from moxco.collector.storage import Point
 from moxco.optim import MoXCo
+from tests.servers import CollectorProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    """Poll ``predicate``; the timeout only turns a hang into a failure (no timing is asserted)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Collector:
-    """``moxco serve`` on a SQLite file, as a subprocess that can be killed and started again."""
-
-    def __init__(self, directory: Path, auth: bool = False) -> None:
-        self.auth = auth
-        self.db = f"sqlite:///{directory / 'collector.db'}"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = directory / "collector.log"
-        self.process = None
-
-    def start(self) -> "Collector":
-        command = [sys.executable, "-m", "moxco.cli", "serve", "--url", self.db, "--host", "127.0.0.1",
-                   "--port", str(self.port)] + ([] if self.auth else ["--no-auth"])
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.healthy, 60, "the collector to start")
-        return self
-
-    def healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"the collector exited with {self.process.returncode}: {self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def store(self):
-        return open_store(self.db)
-
-
 @pytest.fixture
 def collector(tmp_path):
-    c = Collector(tmp_path).start()
+    c = CollectorProcess.in_directory(tmp_path).start()
     yield c
     c.stop()
 
@@ -294,7 +222,7 @@ def test_token_from_the_environment_and_a_wrong_token_keeps_the_data(tmp_path, m
     """With auth on, $MOXCO_TOKEN is sent as a bearer token; a refused token (401) is an error in
     the log with the server's message, and the points stay in the spool for an agent with the
     right token, instead of being dropped."""
-    collector = Collector(tmp_path, auth=True)
+    collector = CollectorProcess.in_directory(tmp_path, auth=True)
     _, secret = collector.store().create_token("trainer", ["ingest"])
     collector.start()
     try:

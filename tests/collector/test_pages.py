@@ -17,10 +17,8 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -35,6 +33,7 @@ from moxco.collector.storage import Store
 from moxco.dashboards import build
 from moxco.dashboards.validate import promql_metric_names
 from moxco.optim import MoXCo
+from tests.servers import CollectorProcess
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the dev extra installs playwright")
 
@@ -49,50 +48,6 @@ WAIT_MS = 30_000  # how long a condition may take to hold (an upper bound, not a
 
 
 # --- servers ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Collector:
-    """`moxco serve` on a free port, with its log in a file."""
-
-    def __init__(self, url: str, *extra: str) -> None:
-        self.url = url
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="moxco-pages-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moxco.cli", "serve", "--url", url, "--port", str(self.port), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moxco serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.base + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"moxco serve did not answer within 60 s:\n{self.output()}")
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _feed(url: str, run: str, steps: int = 16) -> None:
@@ -126,7 +81,7 @@ def served(tmp_path_factory):
     store.set_status(FINISHED_RUN, "finished")
     store.create_run(XSS_RUN, XSS_CONFIG)
     store.write_points(XSS_RUN, [(s, "loss", 2.0 - 0.1 * s, time.time()) for s in range(4)])
-    collector = Collector(url, "--no-auth")
+    collector = CollectorProcess(url, "--no-auth").start()
     try:
         yield collector, store
     finally:
@@ -174,8 +129,8 @@ def _screenshot(page, tmp_path: Path, name: str, record_property) -> Path:
     return path
 
 
-def _run_url(collector: Collector, run: str, refresh: float = 1) -> str:
-    return f"{collector.base}/runs/{quote(run, safe='')}?refresh={refresh}"
+def _run_url(collector: CollectorProcess, run: str, refresh: float = 1) -> str:
+    return f"{collector.url}/runs/{quote(run, safe='')}?refresh={refresh}"
 
 
 def _wait_loaded(page) -> None:
@@ -187,20 +142,20 @@ def _wait_loaded(page) -> None:
 
 def test_pages_and_static_files_are_served(served):
     collector, _ = served
-    index = httpx.get(collector.base + "/")
+    index = httpx.get(collector.url + "/")
     assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in index.headers["content-security-policy"]
     run = httpx.get(_run_url(collector, XSS_RUN))
     assert run.status_code == 200 and 'id="panels"' in run.text
     assert "<img" not in run.text  # the server never writes the run name into markup
-    vendor = httpx.get(collector.base + "/static/vendor/uPlot.iife.min.js")
+    vendor = httpx.get(collector.url + "/static/vendor/uPlot.iife.min.js")
     assert vendor.status_code == 200 and "v1.6.32" in vendor.text[:200]
-    assert httpx.get(collector.base + "/runs", follow_redirects=True).url.path == "/"
+    assert httpx.get(collector.url + "/runs", follow_redirects=True).url.path == "/"
 
 
 def test_runs_page_lists_runs_with_status_step_phase_and_goodness(served, page, tmp_path, record_property):
     collector, store = served
-    page.goto(collector.base + "/?refresh=1")
+    page.goto(collector.url + "/?refresh=1")
     row = page.locator("#runs tbody tr", has=page.get_by_role("link", name=RUN, exact=True))
     row.wait_for()
     latest = store.latest(RUN)
@@ -318,7 +273,7 @@ def test_new_points_appear_without_reload_and_non_finite_values_are_gaps(served,
     body = {"batch_id": f"pages-test-{now}", "points": [
         ["loss", new[0], 0.5, now], ["loss", new[1], "NaN", now], ["loss", new[2], "Infinity", now],
         ["loss", new[3], "-Infinity", now], ["goodness", new[0], 0.42, now]]}
-    response = httpx.post(f"{collector.base}/api/v1/runs/{quote(RUN, safe='')}/batches", json=body, timeout=30)
+    response = httpx.post(f"{collector.url}/api/v1/runs/{quote(RUN, safe='')}/batches", json=body, timeout=30)
     assert response.status_code == 200, response.text
     page.wait_for_function("([s]) => window.moxcoCharts.loss.plotted('loss').steps.includes(s)", arg=[new[3]])
     assert page.evaluate("() => window.__sameDocument") is True  # appended live, not reloaded
@@ -342,7 +297,7 @@ def test_new_points_appear_without_reload_and_non_finite_values_are_gaps(served,
 
 def test_markup_in_run_names_and_configs_is_shown_as_text(served, page, tmp_path, record_property):
     collector, store = served
-    page.goto(collector.base + "/")
+    page.goto(collector.url + "/")
     link = page.get_by_role("link", name=XSS_RUN, exact=True)
     link.wait_for()
     assert page.evaluate("() => document.querySelectorAll('#runs img').length") == 0
@@ -379,9 +334,9 @@ def test_with_auth_the_page_asks_for_a_read_token_once(tmp_path, page):
         return done.stdout.strip()
 
     reader, ingester = token("read"), token("ingest")
-    collector = Collector(url)
+    collector = CollectorProcess(url).start()
     try:
-        page.goto(collector.base + "/?refresh=1")
+        page.goto(collector.url + "/?refresh=1")
         dialog = page.locator("#token-dialog")
         dialog.wait_for(state="visible")
         assert "requires an API token" in page.locator("#token-message").inner_text()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from moxco.collector.storage import Store
-from tests.collector.conftest import free_port
+from tests.servers import free_port
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def test_tokens_scopes_and_decide_cli_against_a_served_store(tmp_path, serve):
         assert all(ingest not in str(row) for row in store.tokens())  # only hashes are stored
     server = serve(url)
     auth = lambda token: {"Authorization": f"Bearer {token}"}
-    base = server.base + "/api/v1/runs"
+    base = server.url + "/api/v1/runs"
     r = httpx.put(base + "/job", json={})
     assert r.status_code == 401 and "missing token" in r.json()["error"]["message"]
     assert httpx.put(base + "/job", json={}, headers=auth("mox_wrong")).status_code == 401
@@ -51,9 +51,9 @@ def test_tokens_scopes_and_decide_cli_against_a_served_store(tmp_path, serve):
     assert httpx.post(base + "/job/batches", json={"batch_id": "1", "points": [["loss", 5, 1.0, 1.0]]},
                       headers=auth(ingest)).status_code == 200
 
-    r = cli("decide", "job", "--phase", "2", "--alpha", "0.2", "--url", server.base, "--token", reader)
+    r = cli("decide", "job", "--phase", "2", "--alpha", "0.2", "--url", server.url, "--token", reader)
     assert r.returncode == 2 and "decide" in r.stderr
-    r = cli("decide", "job", "--phase", "2", "--alpha", "0.2", "--url", server.base, "--token", operator)
+    r = cli("decide", "job", "--phase", "2", "--alpha", "0.2", "--url", server.url, "--token", operator)
     assert r.returncode == 0, r.stderr
     assert '"id": "job:operator:5"' in r.stdout
     (pending,) = httpx.get(base + "/job/decisions/pending", headers=auth(ingest)).json()["decisions"]
@@ -68,14 +68,14 @@ def test_tokens_scopes_and_decide_cli_against_a_served_store(tmp_path, serve):
 
 def test_several_workers_on_postgresql_share_one_policy_and_store_batches_once(pg_url, serve):
     server = serve(pg_url, "--workers", "2", "--no-auth")
-    base = server.base + "/api/v1/runs/shared"
+    base = server.url + "/api/v1/runs/shared"
     policy = {"threshold": 0.5, "consecutive": 1, "max_decisions": 1}
     assert httpx.put(base, json={"policy": policy}).status_code == 200
 
     def send(i: int):
         body = {"batch_id": f"b{i % 20}", "points": [["goodness", 10 + i % 20, 0.9, 1.0]] +
                 [["loss", (i % 20) * 100 + k, float(k), 1.0] for k in range(100)]}
-        with httpx.Client(base_url=server.base, timeout=30) as c:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
             return c.post("/api/v1/runs/shared/batches", json=body).json()
 
     with ThreadPoolExecutor(16) as pool:  # every batch id sent three times, concurrently
@@ -89,7 +89,7 @@ def test_several_workers_on_postgresql_share_one_policy_and_store_batches_once(p
     assert len(decisions) == 1  # max_decisions=1, whatever worker took which batch
     loss = httpx.get(base + "/series/loss", params={"method": "none", "max_points": 5000}).json()
     assert loss["total"] == 2000 and loss["steps"] == list(range(2000))
-    metrics = httpx.get(server.base + "/metrics").text
+    metrics = httpx.get(server.url + "/metrics").text
     assert 'moxco_collector_ingest_batches_total{outcome="duplicate"} 40.0' in metrics  # summed over workers
     assert 'moxco_collector_ingest_batches_total{outcome="stored"} 20.0' in metrics
     assert 'moxco_decisions_total{run="shared"} 1.0' in metrics
@@ -125,7 +125,7 @@ def test_prometheus_scrapes_a_collector_fed_by_a_training_job(tmp_path, serve):
         opt.step()
         opt.zero_grad()
     deadline = time.monotonic() + 30
-    while "moxco_goodness{" not in (text := httpx.get(server.base + "/metrics").text):
+    while "moxco_goodness{" not in (text := httpx.get(server.url + "/metrics").text):
         assert time.monotonic() < deadline, text
         time.sleep(0.5)
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
@@ -161,4 +161,4 @@ def test_prometheus_scrapes_a_collector_fed_by_a_training_job(tmp_path, serve):
         agent.close()
     # a finished run drops out of the exposition
     time.sleep(1.2)
-    assert "moxco_goodness{" not in httpx.get(server.base + "/metrics").text
+    assert "moxco_goodness{" not in httpx.get(server.url + "/metrics").text

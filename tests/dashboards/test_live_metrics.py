@@ -4,11 +4,7 @@ an embedded agent run writes a SQLite store, `moxco serve` serves it (a subproce
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +19,7 @@ import moxco.agent
 from moxco.dashboards import build
 from moxco.dashboards.validate import iter_queries, promql_metric_names
 from moxco.optim import MoXCo
+from tests.servers import CollectorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "live-check"
@@ -48,47 +45,22 @@ def _feed_store(url: str) -> None:
     agent.close(status="running")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def exposed(tmp_path_factory) -> set:
-    """Sample names on the live /metrics of `moxco serve`."""
+    """Sample names on the live /metrics of `moxco serve` (the installed console script)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'runs.db'}"
     _feed_store(url)
-    port = _free_port()
-    moxco_bin = Path(sys.executable).parent / "moxco"
-    proc = subprocess.Popen([str(moxco_bin), "serve", "--url", url, "--host", "127.0.0.1", "--port", str(port),
-                             "--no-auth"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = CollectorProcess(url, auth=False, program=[str(Path(sys.executable).parent / "moxco")]).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"moxco serve did not come up: {proc.stdout.read()}")
-                time.sleep(0.3)
         # one refused request, so the labelled error counter and the latency histogram have samples
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/runs/no-such-run", timeout=5)
+            urllib.request.urlopen(f"{server.url}/api/v1/runs/no-such-run", timeout=5)
         except urllib.error.HTTPError as exc:
             assert exc.code == 404
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
             text = response.read().decode()
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        server.stop()
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,6 +15,7 @@ from moxco.cli import main as moxco_main
 from moxco.dashboards import build
 from moxco.dashboards.push import PushError, is_subset, postgres_datasource, push
 from tests.dashboards.grafana_contract import GrafanaContractServer
+from tests.servers import free_port
 
 ADMIN, EDITOR, VIEWER = "glsa_admin_token", "glsa_editor_token", "glsa_viewer_token"
 PROM_URL = "http://prometheus:9090"
@@ -170,15 +170,9 @@ def test_editor_token_cannot_write_datasources(grafana):
     assert "may not create datasource moxco-prometheus (403" in str(err.value) and "Admin" in str(err.value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_connection_refused():
     with pytest.raises(PushError) as err:
-        push(f"http://127.0.0.1:{_free_port()}", ADMIN, timeout=3)
+        push(f"http://127.0.0.1:{free_port()}", ADMIN, timeout=3)
     assert "cannot connect to Grafana" in str(err.value) and "is the URL right" in str(err.value)
 
 

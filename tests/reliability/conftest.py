@@ -1,28 +1,20 @@
 """What the fault tests need: a private PostgreSQL cluster they may stop, restart and make
-read-only; ``moxco serve`` subprocesses on any store; a tiny hostile HTTP server standing between
-the agent and the collector (the network the agent lives in, not a mock of the collector: in its
-``proxy`` mode every request reaches the real collector); the figures summary."""
+read-only; a tiny hostile HTTP server standing between the agent and the collector (the network the
+agent lives in, not a mock of the collector: in its ``proxy`` mode every request reaches the real
+collector); the figures summary. ``moxco serve`` on any store is tests/servers.py's
+``CollectorProcess``."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import uuid
-from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
 
-from tests.agent.test_transport import Collector as _SqliteCollector
-from tests.agent.test_transport import free_port, wait_until
-from tests.collector.conftest import _pg_bin
 from tests.figures import summary
+from tests.servers import PostgresCluster
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -35,84 +27,11 @@ def private_spool(tmp_path, monkeypatch):
     monkeypatch.delenv("MOXCO_TOKEN", raising=False)
 
 
-class Collector(_SqliteCollector):
-    """``moxco serve`` on ``db`` (any store URL) with extra ``serve`` arguments; kill/start like
-    the transport tests' collector (same port on restart)."""
-
-    def __init__(self, directory: Path, db: Optional[str] = None, *extra: str, auth: bool = False) -> None:
-        super().__init__(directory, auth=auth)
-        if db is not None:
-            self.db = db
-        self.extra = list(extra)
-
-    def start(self) -> "Collector":
-        command = [sys.executable, "-m", "moxco.cli", "serve", "--url", self.db, "--host", "127.0.0.1",
-                   "--port", str(self.port), *self.extra] + ([] if self.auth else ["--no-auth"])
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.healthy, 90, "the collector to start")
-        return self
-
-
-class PgCluster:
-    """A private PostgreSQL cluster (Debian ``postgresql`` binaries) that a test may stop, start,
-    restart, and whose databases it may make read-only."""
-
-    def __init__(self) -> None:
-        self.bindir = _pg_bin()
-        self.root = Path(tempfile.mkdtemp(prefix="moxco-pg-faults-"))
-        self.data = self.root / "data"
-        self.port = free_port()
-        self.run_as: List[str] = []
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres")
-            self.run_as = ["runuser", "-u", "postgres", "--"]
-        self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "moxco", "--no-sync", "-E", "UTF8")
-        self.start()
-
-    @property
-    def server(self) -> str:
-        return f"postgresql+psycopg://moxco@127.0.0.1:{self.port}"
-
-    def _pg(self, binary: str, *args: str) -> None:
-        subprocess.run(self.run_as + [str(self.bindir / binary), *args], check=True, capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
-        self._pg("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def admin(self, sql: str) -> list:
-        import psycopg
-
-        with psycopg.connect(self.server.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
-            cur = conn.execute(sql)
-            return cur.fetchall() if cur.description else []
-
-    def new_database(self) -> str:
-        name = "f_" + uuid.uuid4().hex[:12]
-        self.admin(f"CREATE DATABASE {name}")
-        return name
-
-    def drop_connections(self, database: str) -> int:
-        """Terminate every session on ``database``: a collector's pooled connections die."""
-        return len(self.admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' "
-                              "AND pid <> pg_backend_pid()"))
-
-    def close(self) -> None:
-        try:
-            self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def pg_cluster():
-    cluster = PgCluster()
+    """A private PostgreSQL cluster of this module's own: the fault tests stop, restart it and make
+    its databases read-only."""
+    cluster = PostgresCluster(max_connections=100, prefix="moxco-pg-faults-")
     yield cluster
     cluster.close()
 

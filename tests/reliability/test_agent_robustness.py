@@ -17,17 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.test_transport import wait_until
 from tests.figures import figure
-from tests.reliability.conftest import Collector
 from tests.reliability.test_faults import Job
+from tests.servers import CollectorProcess, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_agent_survives_a_slow_garbage_and_rude_collector(tmp_path, monkeypatch, hostile):
-    collector = Collector(tmp_path).start()
+    collector = CollectorProcess.in_directory(tmp_path).start()
     network = hostile(collector.port, delay=10.0)
     try:
         # a 2 s request timeout (default 10 s) so the 10 s answers time out without a long test

@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from moxco.collector import open_store
-from tests.agent.test_transport import SocketSpy, demo_job, spy_on_writes, wait_until
+from tests.agent.test_transport import SocketSpy, demo_job, spy_on_writes
 from tests.figures import figure
-from tests.reliability.conftest import Collector
+from tests.servers import CollectorProcess, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ class Job:
         assert status == "finished"
 
 
-def kill_mid_batch(job: Job, collector: Collector) -> None:
+def kill_mid_batch(job: Job, collector: CollectorProcess) -> None:
     """SIGKILL the collector as soon as the sender starts a batch request."""
     started = threading.Event()
     client = job.sink._client
@@ -114,7 +114,7 @@ def kill_mid_batch(job: Job, collector: Collector) -> None:
 
 def test_collector_sigkilled_mid_ingest_on_postgresql_twice(pg_cluster, tmp_path, monkeypatch):
     db = f"{pg_cluster.server}/{pg_cluster.new_database()}"
-    collector = Collector(tmp_path, db).start()
+    collector = CollectorProcess.in_directory(tmp_path, db).start()
     try:
         job = Job(collector.url, "kill9", tmp_path, monkeypatch)
         job.steps(30)
@@ -136,7 +136,7 @@ def test_collector_sigkilled_mid_ingest_on_postgresql_twice(pg_cluster, tmp_path
 def test_postgresql_restarted_mid_ingest(pg_cluster, tmp_path, monkeypatch):
     name = pg_cluster.new_database()
     db = f"{pg_cluster.server}/{name}"
-    collector = Collector(tmp_path, db).start()
+    collector = CollectorProcess.in_directory(tmp_path, db).start()
     try:
         job = Job(collector.url, "pg-restart", tmp_path, monkeypatch)
         job.steps(40)
@@ -182,7 +182,7 @@ def test_store_refuses_writes_agent_keeps_spooling_nothing_lost(fault, request, 
         cluster = request.getfixturevalue("pg_cluster")
         name = cluster.new_database()
         db = f"{cluster.server}/{name}"
-    collector = Collector(tmp_path, db).start()
+    collector = CollectorProcess.in_directory(tmp_path, db).start()
     try:
         job = Job(collector.url, "refused", tmp_path, monkeypatch)
         job.steps(30)
@@ -233,7 +233,7 @@ def test_agent_killed_mid_run_acknowledged_points_durable_run_interrupted_and_re
     stored; the collector's sweep marks the silent run ``interrupted``; a new process resumes the
     same run from an earlier checkpoint step: the series continues, the overlapping steps keep
     their first-written values (first write wins), nothing is stored twice."""
-    collector = Collector(tmp_path, None, "--stale-after", "1").start()
+    collector = CollectorProcess.in_directory(tmp_path, None, "--stale-after", "1").start()
     spool, acked_log = tmp_path / "spool", tmp_path / "acked.jsonl"
     try:
         process = subprocess.Popen([sys.executable, "-m", "tests.reliability.agent_job", collector.url, "crash",
@@ -296,7 +296,7 @@ def test_agent_killed_mid_run_acknowledged_points_durable_run_interrupted_and_re
 
 
 def test_decision_sent_while_the_agent_is_offline_is_applied_exactly_once(tmp_path, monkeypatch, hostile):
-    collector = Collector(tmp_path).start()
+    collector = CollectorProcess.in_directory(tmp_path).start()
     network = hostile(collector.port)  # the agent reaches the collector only through this link
     try:
         job = Job(network.url, "offline", tmp_path, monkeypatch, poll_every=0.2)

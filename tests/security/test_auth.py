@@ -19,8 +19,9 @@ from fastapi.testclient import TestClient
 from moxco.collector.app import create_app
 from moxco.collector.auth import TokenBucket
 from moxco.collector.storage import Store
-from tests.agent.test_transport import points, wait_until
+from tests.agent.test_transport import points
 from tests.figures import figure
+from tests.servers import CollectorProcess
 
 SCOPES = ("ingest", "read", "decide", "admin")
 OPEN = {("GET", "/healthz"), ("GET", "/metrics")}
@@ -146,9 +147,7 @@ def test_token_bucket_per_token_with_retry_after(tmp_path):
 
 
 def test_served_rate_limit_the_agent_backs_off_and_loses_nothing_and_loopback_by_default(tmp_path, monkeypatch):
-    from tests.reliability.conftest import Collector
-
-    collector = Collector(tmp_path, None, "--rate-limit", "4", "--rate-burst", "4", auth=True)
+    collector = CollectorProcess.in_directory(tmp_path, None, "--rate-limit", "4", "--rate-burst", "4", auth=True)
     _, secret = collector.store().create_token("trainer", ["ingest", "read"])
     collector.start()
     try:

@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 
 from moxco.agent.transport import default_spool_dir
 from moxco.collector.app import create_app
-from tests.collector.conftest import pg_url, postgres_server, serve  # noqa: F401  (fixtures)
 from tests.figures import figure
 
 TRIED = {"requests": 0, "5xx": 0}
@@ -52,7 +51,7 @@ def served(request, tmp_path, serve):
     (the in-process TestClient decodes percent-escapes twice, which would hide or fake bugs)."""
     url = f"sqlite:///{tmp_path / 'runs.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     server = serve(url, "--no-auth")
-    with httpx.Client(base_url=server.base, timeout=60) as c:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield counting(c)
 
 
