@@ -77,12 +77,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()
+        # logged before the answer leaves: a client that has its response must see its request logged
+        self.state.requests.append((self.command, urlparse(self.path).path, status))
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self.state.requests.append((self.command, urlparse(self.path).path, status))
 
     def _body(self) -> Optional[Any]:
         length = int(self.headers.get("Content-Length") or 0)
