@@ -14,6 +14,7 @@ import math
 import re
 import socket
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -304,13 +305,19 @@ def spy_on_writes(sink: HttpSink) -> Counter:
 
 
 def test_end_to_end_the_collector_decides_and_the_agent_commits_at_a_step_boundary(collector, tmp_path):
-    agent, opt, step = demo_job(collector.url, "e2e", tmp_path)
+    agent, opt, step = demo_job(collector.url, "e2e", tmp_path, linger=0.05)
     assert isinstance(agent.store, HttpSink) and agent.writer.policy is None  # the policy runs in the collector
     commits = []
     original_commit = opt.commit
     opt.commit = lambda **kw: (commits.append((agent.step, kw)), original_commit(**kw))[1]
-    for _ in range(400):
+    # The job trains until the collector's decision has come back and been applied. A step takes
+    # a few milliseconds here, so a run bounded in steps could end inside one batching window
+    # (the writer's 0.25 s, the sender's linger) with its decision still on the wire: the bound
+    # is on time instead, generous, and the steps are paced like a real job's.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         step()
+        time.sleep(0.002)
         if commits and agent.store.pending == 0 and agent.step > commits[0][0] + 50:
             break
     agent.close()
