@@ -35,7 +35,7 @@ from moxco.dashboards.validate import promql_metric_names
 from moxco.optim import MoXCo
 from tests.servers import CollectorProcess
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the dev extra installs playwright")
+from playwright import sync_api  # the dev extra installs it; the browser is Debian's chromium
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"

@@ -2,9 +2,9 @@
 
 Full scale: ``bench/optim_claims.py`` (same protocols, ``moxco.optim.studies``). The thresholds
 here leave room for seed-to-seed variation: each assertion held for every one of the seeds 0-3 at
-this scale when it was written (the per-seed numbers are in the comments). A claim that does not
-reproduce is kept as a strict ``xfail`` stating what was measured instead, so the suite notices if
-it starts to hold.
+this scale when it was written (the per-seed numbers are in the comments). Where a claim does not
+reproduce, the test asserts what was measured instead (docs/optimizers.md says so next to the
+claim), so the suite notices if that finding changes.
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def test_beale_moxco_gd_hits_the_global_minimum_more_often_than_gd(beale):
     assert moxco["committed_by_policy"] >= 0.9  # Phase 2 came from the goodness policy, not the budget
 
 
-@pytest.mark.xfail(strict=True, reason="does not reproduce: Adam at its best stable lr (0.05-0.1) already reaches the "
-                                       "Beale minimum from every far-right start (100 %, seeds 0-3); MoXCo-Adam ties")
-def test_beale_moxco_adam_hits_the_global_minimum_more_often_than_adam(beale):
+def test_beale_moxco_adam_ties_adam_which_already_reaches_the_minimum(beale):
+    # The paper's claim (MoXCo-Adam hits more often than Adam) does not reproduce: Adam at its best
+    # stable lr (0.05-0.1) already reaches the Beale minimum from every far-right start (seeds 0-3:
+    # 100 %), and MoXCo-Adam ties it.
     adam = beale["baselines"]["Adam"]["best"]["hit_rate"]
     moxco = _moxco(beale, "adam")["hit_rate"]
-    assert moxco > adam, (moxco, adam)
+    assert adam >= 0.9 and moxco >= 0.9, (moxco, adam)
 
 
 def test_ackley_moxco_gd_hits_the_global_minimum_more_often_than_gd(ackley):
@@ -140,9 +141,9 @@ def test_goldstein_price_adam_cm_ends_flatter_than_adam(goldstein_price):
     assert goldstein_price["Adam+CM"]["sharpness"] < 0.8 * goldstein_price["Adam"]["sharpness"], goldstein_price
 
 
-@pytest.mark.xfail(strict=True, reason="does not reproduce on log Goldstein-Price (eq. 12): Adam+CM settles in the "
-                                       "flatter but higher local minima ((-0.6,-0.4), (1.2,0.8)) more often than Adam, "
-                                       "so its mean final loss is higher (seeds 0-2: -1.92/-2.24/-2.07 vs Adam "
-                                       "-2.51/-2.71/-2.76)")
-def test_goldstein_price_adam_cm_ends_lower_than_adam(goldstein_price):
-    assert goldstein_price["Adam+CM"]["loss"] < goldstein_price["Adam"]["loss"], goldstein_price
+def test_goldstein_price_adam_cm_ends_flatter_but_higher_than_adam(goldstein_price):
+    # The loss half of the claim (Adam+CM ends lower) does not reproduce on log Goldstein-Price
+    # (eq. 12): Adam+CM settles in the flatter but higher local minima (-0.6, -0.4) and (1.2, 0.8)
+    # more often than Adam, so its mean final loss is higher (seeds 0-2: -1.92/-2.24/-2.07 vs Adam
+    # -2.51/-2.71/-2.76) while its sharpness is lower (the test above).
+    assert goldstein_price["Adam+CM"]["loss"] > goldstein_price["Adam"]["loss"], goldstein_price

@@ -65,8 +65,9 @@ def test_prox_specs_round_trip_as_plain_data():
 
 
 def digits_data(seed: int = 0):
-    sklearn_datasets = pytest.importorskip("sklearn.datasets")
-    X, y = sklearn_datasets.load_digits(return_X_y=True)  # bundled with scikit-learn: no download
+    from sklearn.datasets import load_digits  # the dev extra installs scikit-learn
+
+    X, y = load_digits(return_X_y=True)  # bundled with scikit-learn: no download
     X = torch.tensor(X, dtype=torch.float32)
     y = torch.tensor(y)
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
