@@ -80,10 +80,28 @@ def wait_start(sync) -> float:
     return go.get()
 
 
+def post_batch(conn: http.client.HTTPConnection, port: int, run: str, i: int, metrics, per_metric: int,
+               now: float) -> tuple:
+    """POST batch ``i`` of ``run`` (``per_metric`` steps of every metric): ``(ok, seconds, points,
+    conn)``; a broken connection is replaced, so the caller always gets a usable one back."""
+    points = [[m, i * per_metric + k, 0.5 + k * 1e-3, now] for m in metrics for k in range(per_metric)]
+    body = json.dumps({"batch_id": f"{run}-{i}", "points": points}).encode()
+    t0 = time.perf_counter()
+    try:
+        conn.request("POST", f"/api/v1/runs/{run}/batches", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        ok = response.status == 200
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        ok = False
+    return ok, time.perf_counter() - t0, len(points), conn
+
+
 def moxco_client(port: int, run: str, seconds: float, start_at: float, out) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"Content-Type": "application/json"}
-    conn.request("PUT", f"/api/v1/runs/{run}", body=b"{}", headers=headers)
+    conn.request("PUT", f"/api/v1/runs/{run}", body=b"{}", headers={"Content-Type": "application/json"})
     conn.getresponse().read()
     metrics = ["loss", "grad_norm_sq", "update_norm", "inst_gap", "inst_smooth"]
     per_metric = BATCH // len(metrics)
@@ -91,22 +109,10 @@ def moxco_client(port: int, run: str, seconds: float, start_at: float, out) -> N
     latencies, sent, i, failed = [], 0, 0, 0
     end = start_at + seconds
     while time.time() < end:
-        now = time.time()
-        points = [[m, i * per_metric + k, 0.5 + k * 1e-3, now] for m in metrics for k in range(per_metric)]
-        body = json.dumps({"batch_id": f"{run}-{i}", "points": points}).encode()
-        t0 = time.perf_counter()
-        try:
-            conn.request("POST", f"/api/v1/runs/{run}/batches", body=body, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            ok = response.status == 200
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            ok = False
-        latencies.append(time.perf_counter() - t0)
+        ok, elapsed, n, conn = post_batch(conn, port, run, i, metrics, per_metric, time.time())
+        latencies.append(elapsed)
         if ok:
-            sent += len(points)
+            sent += n
         else:
             failed += 1
         i += 1

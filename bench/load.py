@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import free_port, serve, start_postgres  # noqa: E402  (same folder)
+from ingest import free_port, post_batch, serve, start_postgres  # noqa: E402  (same folder)
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 1000
@@ -77,21 +76,10 @@ def agent(port: int, run: str, seconds: float, rate: float, sync, out) -> None:
             time.sleep(next_at - now)
             now = time.time()
         next_at = max(next_at + interval, now)  # behind: send back to back, no burst to catch up
-        points = [[m, i * per_metric + k, 0.5 + k * 1e-3, now] for m in METRICS for k in range(per_metric)]
-        body = json.dumps({"batch_id": f"{run}-{i}", "points": points}).encode()
-        t0 = time.perf_counter()
-        try:
-            conn.request("POST", f"/api/v1/runs/{run}/batches", body=body, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            ok = response.status == 200
-        except (OSError, http.client.HTTPException):
-            ok = False
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        latencies.append(time.perf_counter() - t0)
+        ok, elapsed, n, conn = post_batch(conn, port, run, i, METRICS, per_metric, now)
+        latencies.append(elapsed)
         if ok:
-            sent += len(points)
+            sent += n
             i += 1
         else:
             errors += 1
