@@ -126,6 +126,10 @@ def _worker(rank, world, init_file, url, out):
         legacy = FullyShardedDataParallel(make_model_and_data()[0], device_id=torch.device("cpu"), use_orig_params=True)
         with pytest.raises(NotImplementedError, match="fully_shard"):
             moxco.agent.attach(legacy, torch.optim.SGD(legacy.parameters(), lr=0.1), url=url, run="fsdp1")
+        # both ranks done with every collective before either tears gloo down: a rank that destroys
+        # the group while its peer still holds pending work aborts the peer ("terminate called
+        # without an active exception", seen once under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
