@@ -36,7 +36,7 @@ def test_migrations_from_empty(store_url):
         tables = set(inspect(store.engine).get_table_names())
         assert {"runs", "metric_points", "decisions", "latest_points", "batches", "tokens", "series_blocks"} <= tables
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0004"
     Store(store_url).close()  # a second upgrade is a no-op
 
 
