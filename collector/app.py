@@ -246,7 +246,8 @@ def _validate_action(action: Any) -> Dict[str, Any]:
 def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: int = DEFAULT_MAX_BODY,
                metrics_auth: bool = False, store: Optional[Store] = None, migrate: bool = True,
                rate_limiter: Optional[RateLimiter] = None, metrics_cache_s: float = 1.0,
-               token_cache_s: float = 5.0, stale_after: float = DEFAULT_STALE_AFTER_S) -> FastAPI:
+               token_cache_s: float = 5.0, stale_after: float = DEFAULT_STALE_AFTER_S,
+               freeze_gc: bool = False) -> FastAPI:
     """The collector app on ``store_url`` (or an open ``store``).
 
     ``auth=False`` serves everything without tokens: only for loopback binds (the CLI enforces
@@ -256,6 +257,8 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     starting several workers instead). ``stale_after`` (seconds, 0: never): while the app runs, a
     background sweep marks ``running`` runs that sent no points for that long ``interrupted``,
     and an interrupted run that sends points again ``running`` (``Store.sweep_stale_runs``).
+    ``freeze_gc``: on start-up, move everything allocated so far (the imported libraries) out of
+    the garbage collector's sight (``_freeze_heap``); for server processes (``app_from_env``).
     """
     if store is None:
         if store_url is None:
@@ -263,6 +266,8 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
         store = Store(store_url, migrate=migrate)
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        if freeze_gc:
+            _freeze_heap()
         sweeper = asyncio.create_task(_sweep_forever(store, stale_after)) if stale_after > 0 else None
         try:
             yield
@@ -647,6 +652,20 @@ def _store_refusal(exc: Exception) -> Optional[ApiError]:
     return None
 
 
+def _freeze_heap() -> None:
+    """``gc.collect()`` then ``gc.freeze()``: the ~10^6 objects of the imported stack (FastAPI,
+    pydantic, SQLAlchemy, NumPy, moxco) go to the permanent generation. Without it every full
+    (generation-2) collection walked all of them: 70–80 ms during which the worker answered nothing,
+    triggered every few seconds by the containers a batch's JSON allocates, which was the periodic
+    ~100 ms p99 stall that bench/load.py saw even at 5 batches/s (docs/benchmarks-collector.md).
+    Frozen objects are never collected; they are the modules and their data, which live as long as
+    the process anyway."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 async def _sweep_forever(store: Store, stale_after: float) -> None:
     """Every ``min(30 s, stale_after / 4)``: mark silent running runs interrupted (and revive those
     that sent data again). Each worker runs one; the UPDATEs are idempotent."""
@@ -725,17 +744,22 @@ def app_from_env() -> FastAPI:
     """The app for a uvicorn worker process, configured by ``moxco serve`` through the environment:
     ``MOXCO_STORE_URL``, ``MOXCO_AUTH`` (``0`` off), ``MOXCO_MAX_BODY``, ``MOXCO_METRICS_AUTH``,
     ``MOXCO_RATE_LIMIT``/``MOXCO_RATE_BURST`` (per-token requests/s, burst), ``MOXCO_STALE_AFTER``.
-    Migrations already ran in the parent process."""
+    Migrations already ran in the parent process. SQLite WAL checkpoints run in a thread of the
+    worker (``Store(background_checkpoint=True)``) and the imported stack is frozen out of the
+    garbage collector's full passes (``_freeze_heap``): both used to stall requests."""
     url = os.environ.get("MOXCO_STORE_URL")
     if not url:
         raise RuntimeError("MOXCO_STORE_URL is not set (start the collector with `moxco serve`)")
     rate = float(os.environ.get("MOXCO_RATE_LIMIT") or 0)
     burst = os.environ.get("MOXCO_RATE_BURST")
-    return create_app(url, auth=os.environ.get("MOXCO_AUTH", "1") != "0",
+    # checkpoints off the request path (storage._Checkpointer); PostgreSQL ignores the flag
+    store = Store(url, migrate=False, background_checkpoint=True)
+    return create_app(store=store, auth=os.environ.get("MOXCO_AUTH", "1") != "0",
                       max_body=int(os.environ.get("MOXCO_MAX_BODY", DEFAULT_MAX_BODY)),
-                      metrics_auth=os.environ.get("MOXCO_METRICS_AUTH", "0") == "1", migrate=False,
+                      metrics_auth=os.environ.get("MOXCO_METRICS_AUTH", "0") == "1",
                       rate_limiter=TokenBucket(rate, float(burst) if burst else None) if rate > 0 else None,
-                      stale_after=float(os.environ.get("MOXCO_STALE_AFTER", DEFAULT_STALE_AFTER_S)))
+                      stale_after=float(os.environ.get("MOXCO_STALE_AFTER", DEFAULT_STALE_AFTER_S)),
+                      freeze_gc=True)
 
 
 __all__ = ["ApiError", "DEFAULT_MAX_BODY", "app_from_env", "create_app", "parse_points"]
