@@ -427,10 +427,13 @@ class Store:
                                              dialect=dialect) from exc
 
     def _write_columns(self, conn, run_id: int, metrics_: Sequence[str], steps: Sequence[int],
-                       values: Sequence[float], walls: Sequence[float], ranks: Sequence[int]) -> int:
+                       values: Sequence[float], walls: Sequence[float], ranks: Sequence[int],
+                       tail: Optional[List[Tuple[str, List[Tuple]]]] = None) -> int:
         """Store the points and maintain ``latest_points``, ``series_blocks`` and ``runs.last_step``,
         inside the caller's transaction, which holds the run's lock. Returns the number of rows
-        newly stored.
+        newly stored. With ``tail`` (a list), the ``latest_points`` and ``runs`` writes, which
+        nothing here reads back, are appended to it as ``(sql, rows)`` for the caller to send
+        together with its own (``_run_statements``: one round trip on PostgreSQL).
 
         Rows are written sorted by key, so concurrent writers on PostgreSQL lock index entries in
         the same order (no deadlock); a key given twice in one batch keeps its first point (what
@@ -460,49 +463,22 @@ class Store:
             _sqlite_insert_points(raw, run_id, m, r, s, db_v, w)
             stored = raw.total_changes - before
 
-        self._update_latest(raw, run_id, series, current, s, db_v, w)
-        self._update_blocks(conn, run_id, series, appends, s, v, w)
+        own_tail = tail is None
+        tail = [] if own_tail else tail
+        self._update_blocks(conn, run_id, series, appends, s, v, w, tail)
+        tail += _latest_statements(run_id, series, current, s, db_v, w)
         last_step = max(s)
         now = time.time()
-        _raw_execute(raw, self.dialect, "UPDATE runs SET last_step = CASE WHEN last_step IS NULL OR last_step < ? "
-                     "THEN ? ELSE last_step END, updated_at = ?, last_ingest_at = ? WHERE id = ?",
-                     (last_step, last_step, now, now, run_id))
+        tail.append(("UPDATE runs SET last_step = CASE WHEN last_step IS NULL OR last_step < ? THEN ? ELSE last_step "
+                     "END, updated_at = ?, last_ingest_at = ? WHERE id = ?", [(last_step, last_step, now, now, run_id)]))
+        if own_tail:
+            _run_statements(raw, self.dialect, tail)
         return stored
 
-    def _update_latest(self, raw, run_id: int, series, current, s, db_v, w) -> None:
-        """``latest_points``: the newest point of each series, ``version`` +1, ``rewrites`` +1 when
-        the write reaches back to or before the stored last step."""
-        inserts, moved, kept = [], [], []
-        for key, lo, hi in series:
-            i = hi - 1  # newest point of the series in this write
-            if key not in current:
-                inserts.append((run_id, key[0], key[1], s[i], db_v[i], w[i]))
-                continue
-            old_step, version, rewrites = current[key]
-            counters = (version + 1, rewrites + (1 if s[lo] <= old_step else 0))
-            if s[i] > old_step:
-                moved.append((s[i], db_v[i], w[i], *counters, run_id, key[0], key[1]))
-            else:
-                kept.append((*counters, run_id, key[0], key[1]))
-        for sql, rows in (
-                ("INSERT INTO latest_points (run_id, metric, rank, step, value, wall_time, version, rewrites) "
-                 "VALUES (?, ?, ?, ?, ?, ?, 1, 0)", inserts),
-                ("UPDATE latest_points SET step = ?, value = ?, wall_time = ?, version = ?, rewrites = ? "
-                 "WHERE run_id = ? AND metric = ? AND rank = ?", moved),
-                ("UPDATE latest_points SET version = ?, rewrites = ? WHERE run_id = ? AND metric = ? AND rank = ?",
-                 kept)):
-            if not rows:
-                continue
-            if self.dialect == "postgresql":
-                with raw.cursor() as cur:
-                    cur.executemany(_pg_sql(sql), rows)
-            else:
-                raw.executemany(sql, rows)
-
-    def _update_blocks(self, conn, run_id: int, series, appends, s, v, w) -> None:
+    def _update_blocks(self, conn, run_id: int, series, appends, s, v, w, tail: List[Tuple[str, List[Tuple]]]) -> None:
         """``series_blocks``: merge the summaries of appended points into the stored rows (a block
-        after the stored last step has no row yet: inserted); summarise the touched blocks of other
-        series again from the stored points (replaced)."""
+        after the stored last step has no row yet: inserted; the upsert is appended to ``tail``);
+        summarise the touched blocks of other series again from the stored points (replaced now)."""
         merge: List[Dict[str, Any]] = []
         replace: List[Dict[str, Any]] = []
         append_ranges = [(key, lo, hi) for (key, lo, hi), ok in zip(series, appends) if ok]
@@ -530,37 +506,28 @@ class Store:
                 summary = ds.block_summaries(*cols, B)
                 replace += _summary_rows(run_id, [key] * summary["block"].size, summary)
         if merge:
-            conn.execute(self._blocks_upsert(merge=True), merge)
+            # plain SQL (the same text runs on both databases), so it can ride in the caller's tail
+            tail.append((self._blocks_merge_sql(), [tuple(row[c] for c in _BLOCK_COLUMNS) for row in merge]))
         if replace:
             conn.execute(self._blocks_upsert(merge=False), replace)
 
+    def _blocks_merge_sql(self) -> str:
+        """The merging upsert of ``_blocks_upsert`` as SQL text with ``?`` placeholders in
+        ``_BLOCK_COLUMNS`` order: SQLite's rendering, which PostgreSQL accepts as well (``ON
+        CONFLICT … DO UPDATE SET … excluded.…``)."""
+        global _BLOCKS_MERGE_SQL
+        if _BLOCKS_MERGE_SQL is None:
+            stmt = _blocks_statement(sqlite.insert(series_blocks), merge=True)
+            _BLOCKS_MERGE_SQL = str(stmt.compile(dialect=sqlite.dialect(), column_keys=list(_BLOCK_COLUMNS)))
+        return _BLOCKS_MERGE_SQL
+
     def _blocks_upsert(self, *, merge: bool):
-        """INSERT … ON CONFLICT DO UPDATE for ``series_blocks``: ``merge`` combines the stored
-        summary with the new one (count added; first/last/min/max/first NaN: whichever point comes
-        first, last, lowest, highest; ties on min/max: the earlier step), else the new one replaces it."""
+        """INSERT … ON CONFLICT DO UPDATE for ``series_blocks`` (``_blocks_statement``), cached."""
         cached = self._upserts.get(merge)
-        if cached is not None:
-            return cached
-        stmt = (postgresql.insert(series_blocks) if self.dialect == "postgresql" else sqlite.insert(series_blocks))
-        ex, old = stmt.excluded, series_blocks.c
-        if not merge:
-            set_ = {f: ex[f] for f in SUMMARY_FIELDS}
-        else:
-            take = {
-                "first": ex.first_step < old.first_step,
-                "last": ex.last_step > old.last_step,
-                "min": ex.min_step.isnot(None) & (old.min_step.is_(None) | (ex.min_value < old.min_value)
-                                                  | ((ex.min_value == old.min_value) & (ex.min_step < old.min_step))),
-                "max": ex.max_step.isnot(None) & (old.max_step.is_(None) | (ex.max_value > old.max_value)
-                                                  | ((ex.max_value == old.max_value) & (ex.max_step < old.max_step))),
-                "nan": ex.nan_step.isnot(None) & (old.nan_step.is_(None) | (ex.nan_step < old.nan_step)),
-            }
-            set_ = {"count": old["count"] + ex["count"]}
-            for f in SUMMARY_FIELDS[1:]:
-                set_[f] = case((take[f.split("_")[0]], ex[f]), else_=old[f])
-        stmt = stmt.on_conflict_do_update(index_elements=["run_id", "metric", "rank", "block"], set_=set_)
-        self._upserts[merge] = stmt
-        return stmt
+        if cached is None:
+            stmt = postgresql.insert(series_blocks) if self.dialect == "postgresql" else sqlite.insert(series_blocks)
+            cached = self._upserts[merge] = _blocks_statement(stmt, merge=merge)
+        return cached
 
     def _insert_ignore(self, table):
         dialect = self.engine.dialect.name
@@ -856,20 +823,24 @@ class Store:
             duplicate, stored = previous is not None, int(previous or 0)
             unknown_acks: List[str] = []
             new_decisions: List[str] = []
+            tail: List[Tuple[str, List[Tuple]]] = []  # writes nothing reads back: sent with the last query
             if not duplicate:
                 if len(metrics_):
-                    stored = self._write_columns(conn, run.id, metrics_, steps, values, walls, ranks)
+                    stored = self._write_columns(conn, run.id, metrics_, steps, values, walls, ranks, tail)
+                if acks or run.policy is not None:  # these read and write through SQLAlchemy: flush first
+                    _run_statements(raw, dialect, tail)
+                    tail = []
                 for ident, applied_step in acks:
                     if not self._ack(conn, run.id, ident, applied_step):
                         unknown_acks.append(ident)
                 if run.policy is not None:
                     new_decisions = self._run_policy(conn, name, run, metrics_, steps, values, ranks)
                 if batch_id is not None:
-                    _raw_execute(raw, dialect, "INSERT INTO batches (run_id, batch_id, stored, received_at) "
-                                 "VALUES (?, ?, ?, ?)", (run.id, batch_id, stored, time.time()))
-            pending = [_decision_row(row, name) for row in _raw_rows(
-                raw, dialect, f"SELECT {_DECISION_COLUMNS} FROM decisions WHERE run_id = ? AND applied_step IS NULL "
-                "ORDER BY step, id", (run.id,))]
+                    tail.append(("INSERT INTO batches (run_id, batch_id, stored, received_at) VALUES (?, ?, ?, ?)",
+                                 [(run.id, batch_id, stored, time.time())]))
+            pending = [_decision_row(row, name) for row in _run_statements(raw, dialect, tail, (
+                f"SELECT {_DECISION_COLUMNS} FROM decisions WHERE run_id = ? AND applied_step IS NULL "
+                "ORDER BY step, id", (run.id,)))]
         return IngestResult(stored=stored, duplicate=duplicate, pending=pending, new_decisions=new_decisions,
                             unknown_acks=unknown_acks)
 
@@ -1117,15 +1088,6 @@ def _raw_rows(raw, dialect: str, sql: str, params: Sequence[Any]) -> List[Tuple]
     return raw.execute(sql, params).fetchall()
 
 
-def _raw_execute(raw, dialect: str, sql: str, params: Sequence[Any]) -> int:
-    """Run one statement on ``raw``; its rowcount."""
-    if dialect == "postgresql":
-        with raw.cursor() as cur:
-            cur.execute(_pg_sql(sql), params)
-            return cur.rowcount
-    return raw.execute(sql, params).rowcount
-
-
 def _key_order(metrics_: Sequence[str], steps: Sequence[int], values: Sequence[float], walls: Sequence[float],
                ranks: Sequence[int]) -> Tuple[List[str], List[int], List[int], List[float], List[float]]:
     """The points as columns sorted by ``(metric, rank, step)`` with a repeated key keeping its first
@@ -1178,6 +1140,77 @@ def _decision_row(row: Sequence[Any], name: str) -> Dict[str, Any]:
             "grad_term": grad, "sharpness_term": sharp, "loss_term": loss, "created_at": created,
             "applied_step": applied_step, "applied_at": applied_at, "reason": reason}
 
+
+def _latest_statements(run_id: int, series, current, s, db_v, w) -> List[Tuple[str, List[Tuple]]]:
+    """``latest_points`` writes for a batch, as ``(sql, rows)``: the newest point of each series,
+    ``version`` +1, ``rewrites`` +1 when the write reaches back to or before the stored last step."""
+    inserts, moved, kept = [], [], []
+    for key, lo, hi in series:
+        i = hi - 1  # newest point of the series in this write
+        if key not in current:
+            inserts.append((run_id, key[0], key[1], s[i], db_v[i], w[i]))
+            continue
+        old_step, version, rewrites = current[key]
+        counters = (version + 1, rewrites + (1 if s[lo] <= old_step else 0))
+        if s[i] > old_step:
+            moved.append((s[i], db_v[i], w[i], *counters, run_id, key[0], key[1]))
+        else:
+            kept.append((*counters, run_id, key[0], key[1]))
+    out = [("INSERT INTO latest_points (run_id, metric, rank, step, value, wall_time, version, rewrites) "
+            "VALUES (?, ?, ?, ?, ?, ?, 1, 0)", inserts),
+           ("UPDATE latest_points SET step = ?, value = ?, wall_time = ?, version = ?, rewrites = ? "
+            "WHERE run_id = ? AND metric = ? AND rank = ?", moved),
+           ("UPDATE latest_points SET version = ?, rewrites = ? WHERE run_id = ? AND metric = ? AND rank = ?", kept)]
+    return [(sql, rows) for sql, rows in out if rows]
+
+
+def _run_statements(raw, dialect: str, statements: Sequence[Tuple[str, Sequence[Tuple]]],
+                    query: Optional[Tuple[str, Tuple]] = None) -> List[Tuple]:
+    """Run ``(sql, rows)`` statements (``?`` placeholders; one execution per row) and then the
+    optional ``query``, whose rows are returned. On PostgreSQL they go in one pipeline: one round
+    trip to the server instead of one per statement."""
+    if dialect != "postgresql":
+        for sql, rows in statements:
+            raw.executemany(sql, rows)
+        return raw.execute(*query).fetchall() if query else []
+    with raw.cursor() as cur, raw.cursor() as reader:
+        with raw.pipeline():
+            for sql, rows in statements:
+                if len(rows) == 1:
+                    cur.execute(_pg_sql(sql), rows[0])
+                else:
+                    cur.executemany(_pg_sql(sql), rows)
+            if query:
+                reader.execute(_pg_sql(query[0]), query[1])
+        return reader.fetchall() if query else []
+
+
+def _blocks_statement(stmt, *, merge: bool):
+    """``stmt`` (a dialect's ``insert(series_blocks)``) made INSERT … ON CONFLICT DO UPDATE:
+    ``merge`` combines the stored summary with the new one (count added; first/last/min/max/first
+    NaN: whichever point comes first, last, lowest, highest; ties on min/max: the earlier step),
+    else the new one replaces it."""
+    ex, old = stmt.excluded, series_blocks.c
+    if not merge:
+        set_ = {f: ex[f] for f in SUMMARY_FIELDS}
+    else:
+        take = {
+            "first": ex.first_step < old.first_step,
+            "last": ex.last_step > old.last_step,
+            "min": ex.min_step.isnot(None) & (old.min_step.is_(None) | (ex.min_value < old.min_value)
+                                              | ((ex.min_value == old.min_value) & (ex.min_step < old.min_step))),
+            "max": ex.max_step.isnot(None) & (old.max_step.is_(None) | (ex.max_value > old.max_value)
+                                              | ((ex.max_value == old.max_value) & (ex.max_step < old.max_step))),
+            "nan": ex.nan_step.isnot(None) & (old.nan_step.is_(None) | (ex.nan_step < old.nan_step)),
+        }
+        set_ = {"count": old["count"] + ex["count"]}
+        for f in SUMMARY_FIELDS[1:]:
+            set_[f] = case((take[f.split("_")[0]], ex[f]), else_=old[f])
+    return stmt.on_conflict_do_update(index_elements=["run_id", "metric", "rank", "block"], set_=set_)
+
+
+_BLOCK_COLUMNS = ("run_id", "metric", "rank", "block", *SUMMARY_FIELDS)
+_BLOCKS_MERGE_SQL: Optional[str] = None
 
 SQLITE_INSERT_ROWS = 250  # rows per multi-row INSERT: 1,500 parameters, far under SQLite's limit
 
