@@ -181,6 +181,8 @@ class StepCapture:
             raise CaptureError(
                 "cannot find the loss: the model's output is not a scalar and has no .loss; pass "
                 "attach(..., criterion=your_loss_module) (and loss_fn=... if the loss is not criterion(output, target))")
+        if len(losses) == 1:  # the common case, in one dispatch
+            return losses[0].to(torch.float64)
         return torch.stack([l.to(torch.float64) for l in losses]).mean()
 
     def _loss_of(self, call: ForwardCall, output: Any) -> Tensor:

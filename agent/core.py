@@ -45,7 +45,7 @@ from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
 from moxco.agent.transport import open_sink
 from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
-from moxco.agent.writer import GoodnessSettings, MetricWriter, StepRecord
+from moxco.agent.writer import FREE_SUMS, GoodnessSettings, MetricWriter, StepRecord
 from moxco.aligator import split_sums
 from moxco.collector.storage import Store
 from moxco.goodness import eos_sharpness
@@ -138,7 +138,7 @@ class Agent:
         self.raw_gradient = (ShardedRawGradient(self.shards, scaler) if self.shards is not None
                              else RawGradient(self.params, scaler))
         self._step_grads: Optional[List[Tensor]] = None
-        self._step_products: Optional[Tuple[Tensor, Tensor]] = None  # see _free_metrics
+        self._free: Optional[metrics.FreeSums] = None  # this step's, while the pre-step hook runs
         self._versions_after_step: Optional[List[int]] = None  # see _after_step_metrics
         self._prev: Optional[List[Tensor]] = None  # x_{t−1} (the one copy free metrics need)
         self._x0: Optional[List[Tensor]] = tensors.clone(self.params) if track_distance else None
@@ -317,7 +317,7 @@ class Agent:
             self._guard("free", self._free_metrics, values)
         if self._reeval_due():
             self._guard("reeval", self._reeval, values)
-        self._step_products = None
+        self._free = None
         if self._reference is not None and self._due(self.reeval_every) and self.capture.has_batch():
             self._guard("reference", self._reeval_reference, values)
         if self._due(self.probe_every) and self.capture.has_batch():
@@ -338,22 +338,16 @@ class Agent:
         self._submit(record)
 
     def _free_metrics(self, values: Dict[str, Any]) -> None:
-        grads = self._grads()
         values["loss"] = self._step_loss()
-        # the squared norms recorded at the end of backward are g_t's own: no second read of .grad
-        values["grad_norm_sq"] = metrics.grad_norm_sq(grads, reduce=self._reduce,
-                                                      norms_sq=self.raw_gradient.raw_norms_sq())
-        if self._x0 is not None:
-            values["distance"] = metrics.distance(self.params, self._x0, reduce=self._reduce)
-        if self._prev is not None:
-            # one pass over x_t − x_{t−1}: update_corr, the previous step's update_norm (the same
-            # difference), and what this step's re-evaluation needs (inst_gap's inner product is
-            # update_corr, inst_smooth's denominator the step length)
-            corr, step_sq = metrics.update_corr_and_step_sq(grads, self.params, self._prev, reduce=self._reduce)
-            self._step_products = (corr, step_sq)
-            values["update_corr"] = corr
-            values["update_corr_rs"] = metrics.update_corr_rs_from_update_corr(corr, self._scale)
-            self._submit(StepRecord(self.step - 1, {"update_norm": step_sq.sqrt()}))
+        # one pass over the parameters and one float64 vector (one collective when sharded, one
+        # device read on the writer thread): ‖g_t‖² from the norms recorded at the end of
+        # backward (no second read of .grad); update_corr and the previous step's update_norm
+        # from one difference x_t − x_{t−1}, which the re-evaluation reuses (inst_gap's inner
+        # product is update_corr, inst_smooth's denominator the step length); distance to x_0
+        self._free = metrics.free_sums(self._grads(), self.params, self._prev, self._x0,
+                                       grad_norms_sq=self.raw_gradient.raw_norms_sq(), reduce=self._reduce,
+                                       scale=self._scale)
+        values[FREE_SUMS] = self._free
 
     def _step_loss(self) -> Tensor:
         """``f(x_t, z_t)`` over the global batch (the mean of the ranks' losses under DDP)."""
@@ -405,7 +399,8 @@ class Agent:
         loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
         # (⟨g_t, x_t − x_{t−1}⟩, ‖x_t − x_{t−1}‖²) from this hook's free metrics, when they ran
-        dot_step, step_sq = self._step_products if self._step_products is not None else (None, None)
+        free = self._free
+        dot_step, step_sq = free.update_products() if free is not None and free.has_update else (None, None)
         values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev, reduce=self._reduce,
                                               grad_dot_step=dot_step)
         values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev, reduce=self._reduce,

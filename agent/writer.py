@@ -33,6 +33,7 @@ GRADIENT_METRICS = ("grad_norm_sq", "update_corr", "update_corr_rs", "inst_gap",
                     "inst_smooth_ref", "convexity_ratio")
 UNIFORM_TOLERANCE = 1e-4
 FLUSH_POINTS = 2000
+FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, read here in one go
 
 
 @dataclass
@@ -139,7 +140,13 @@ class MetricWriter:
         if record.epoch_start:
             self.aggregates.reset_epoch()
         ratios = record.values.pop("_grad_rescale_ratios", None)
+        free = record.values.pop(FREE_SUMS, None)
         values = {name: _read(value) for name, value in record.values.items()}
+        if free is not None:
+            now, before = free.values()
+            values.update(now)
+            for name, value in before.items():  # update_norm = ‖x_t − x_{t−1}‖ belongs to step t−1
+                self._emit(step - 1, name, value, wall)
         if ratios is not None and not _uniform(ratios):
             # .grad was changed non-uniformly after backward (e.g. clip_grad_value_): g_t cannot be
             # recovered, so the metrics that use it are left out for this step rather than wrong

@@ -22,7 +22,8 @@ Python number (that synchronises with the device).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -111,7 +112,7 @@ def update_corr_and_step_sq(grad_next: TensorList, params_next: TensorList, para
     """``(update_corr, ‖x_{t+1} − x_t‖²)`` from one pass over ``x_{t+1} − x_t`` (audit eq. 9): the
     re-evaluation at ``x_t`` on the same step needs both (``inst_gap``'s inner product *is*
     ``update_corr``; ``inst_smooth``'s denominator is the step length)."""
-    corr, step_sq = _reduced(list(tensors.dot_diff_and_dist_sq(grad_next, params_next, params)), reduce)
+    corr, step_sq = _reduced(list(tensors.step_sums(grad_next, params_next, params, None)), reduce)
     return corr, step_sq
 
 
@@ -148,6 +149,51 @@ def distance(params: TensorList, params_other: TensorList, *, reduce: Reduce = N
     """``‖x − y‖``: ``update_norm`` with ``y = x_t, x = x_{t+1}``; ``distance`` with ``y = x_0``."""
     (value,) = _reduced([tensors.dist_sq(params, params_other)], reduce)
     return value.sqrt()
+
+
+@dataclass(frozen=True)
+class FreeSums:
+    """The every-step ("free", DESIGN §3) metrics of step ``t`` as one float64 vector of reduced
+    sums: ``‖g_t‖²``; then ``⟨g_t, x_t − x_{t−1}⟩`` and ``‖x_t − x_{t−1}‖²`` if ``has_update``; then
+    ``‖x_t − x_0‖²`` if ``has_origin``. Made on the training thread without reading the device
+    (``free_sums``); ``values()`` reads it once, off that thread, and applies the formulas."""
+
+    sums: Tensor
+    has_update: bool
+    has_origin: bool
+    scale: float = 1.0  # s_{t−1}: x_t − x_{t−1} = s_{t−1} Δ_{t−1} under random scaling, else 1
+
+    def update_products(self) -> Tuple[Tensor, Tensor]:
+        """``(⟨g_t, x_t − x_{t−1}⟩, ‖x_t − x_{t−1}‖²)`` as 0-dim tensors (for the re-evaluation)."""
+        if not self.has_update:
+            raise ValueError("no previous iterate: the update products are undefined at the first step")
+        return self.sums[1], self.sums[2]
+
+    def values(self) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """``(metrics of step t, metrics of step t−1)``: ``grad_norm_sq``, ``update_corr`` (audit eq. 9),
+        ``update_corr_rs`` (eq. 13), ``distance`` = ``‖x_t − x_0‖``; and ``update_norm`` =
+        ``‖x_t − x_{t−1}‖``, which belongs to step t−1."""
+        sums = self.sums.detach().cpu().tolist()
+        now, before = {"grad_norm_sq": sums[0]}, {}
+        if self.has_update:
+            now["update_corr"] = sums[1]
+            now["update_corr_rs"] = update_corr_rs_from_update_corr(sums[1], self.scale)
+            before["update_norm"] = math.sqrt(sums[2])
+        if self.has_origin:
+            now["distance"] = math.sqrt(sums[-1])
+        return now, before
+
+
+def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], origin: Optional[TensorList], *,
+              grad_norms_sq: Optional[Tensor] = None, reduce: Reduce = None, scale: float = 1.0) -> FreeSums:
+    """The free metrics of one step from one pass over the parameters (``tensors.step_sums``) and
+    one collective when sharded: see ``FreeSums``. ``grad_norms_sq``: per-tensor ``‖g_i‖²`` the
+    caller already has (the agent records them at the end of backward); else ``grad`` is read."""
+    grad_sq = tensors.norms_sq(grad) if grad_norms_sq is None else grad_norms_sq
+    step = tensors.step_sums(grad, params, prev, origin)
+    partials = torch.cat([grad_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1), step])
+    out = partials if reduce is None else reduce(partials)
+    return FreeSums(partials if out is None else out, prev is not None, origin is not None, scale)
 
 
 # --- streaming aggregates (audit eq. 3 and eq. 5) -------------------------------------------------

@@ -304,3 +304,58 @@ def test_fused_update_corr_and_step_length_equal_the_separate_formulas():
         float(metrics.inst_gap(1.5, 1.0, g, x, y)), rel=1e-12)
     assert float(metrics.inst_smooth(g, g_ref, x, y, step_sq=step_sq)) == pytest.approx(
         float(metrics.inst_smooth(g, g_ref, x, y)), rel=1e-12)
+
+
+def test_step_sums_match_float64_ground_truth_in_both_regimes():
+    # small tensors reduced whole; one above CHUNKED_ABOVE (and not a multiple of CHUNK) in chunks
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(3, 5), (tensors.CHUNKED_ABOVE + 12_345,), (257,), (1000, 300)]
+    g, x, x0 = ([torch.randn(s, generator=gen) + 0.05 for s in shapes] for _ in range(3))
+    prev = [t - 1e-3 * torch.randn(t.shape, generator=gen) for t in x]
+    d64 = lambda a, b: [u.double() - v.double() for u, v in zip(a, b)]
+    exact_dot = sum(float((gi.double() * di).sum()) for gi, di in zip(g, d64(x, prev)))
+    exact_step = sum(float((di * di).sum()) for di in d64(x, prev))
+    exact_origin = sum(float((di * di).sum()) for di in d64(x, x0))
+    both = tensors.step_sums(g, x, prev, x0)
+    assert both.dtype == torch.float64 and both.shape == (3,)
+    assert [float(v) for v in both] == [pytest.approx(exact_dot, rel=1e-6), pytest.approx(exact_step, rel=1e-7),
+                                        pytest.approx(exact_origin, rel=1e-7)]
+    assert [float(v) for v in tensors.step_sums(g, x, prev, None)] == [float(both[0]), float(both[1])]
+    assert [float(v) for v in tensors.step_sums(g, x, None, x0)] == [float(both[2])]
+    assert tensors.step_sums(g, x, None, None).shape == (0,)
+    # the chunked squared norms agree with the whole-tensor ones and with float64
+    exact_norms = [float((t.double() ** 2).sum()) for t in g]
+    assert [float(v) for v in tensors.norms_sq(g)] == [pytest.approx(e, rel=1e-6) for e in exact_norms]
+    # mixed dtypes take the widening path with the same results
+    mixed = tensors.step_sums([t.double() for t in g], x, prev, x0)
+    assert [float(v) for v in mixed] == [pytest.approx(float(v), rel=1e-6) for v in both]
+
+
+def test_free_sums_give_the_step_metrics_and_the_previous_update_norm():
+    gen = torch.Generator().manual_seed(5)
+    g, x, prev, x0 = ([torch.randn(4, 3, generator=gen), torch.randn(6, generator=gen)] for _ in range(4))
+    free = metrics.free_sums(g, x, prev, x0, scale=0.25)
+    now, before = free.values()
+    d = [a - b for a, b in zip(x, prev)]
+    corr = float(tensors.dot(g, d))
+    assert now == {"grad_norm_sq": pytest.approx(float(tensors.norm_sq(g)), rel=1e-12),
+                   "update_corr": pytest.approx(corr, rel=1e-12),
+                   "update_corr_rs": pytest.approx(corr / 0.25, rel=1e-12),  # audit eq. 13: x_t − x_{t−1} = s Δ
+                   "distance": pytest.approx(float(metrics.distance(x, x0)), rel=1e-12)}
+    assert before == {"update_norm": pytest.approx(float(metrics.distance(x, prev)), rel=1e-12)}
+    dot_step, step_sq = free.update_products()
+    assert float(dot_step) == pytest.approx(corr, rel=1e-12)
+    assert float(step_sq) == pytest.approx(float(tensors.dist_sq(x, prev)), rel=1e-12)
+    # the first step: no previous iterate, no update metrics; without x_0 no distance
+    first, none_before = metrics.free_sums(g, x, None, None, grad_norms_sq=tensors.norms_sq(g)).values()
+    assert first == {"grad_norm_sq": pytest.approx(float(tensors.norm_sq(g)), rel=1e-12)} and none_before == {}
+    with pytest.raises(ValueError, match="first step"):
+        metrics.free_sums(g, x, None, None).update_products()
+    # NaN (a diverged run) passes through as NaN, never as an absent value
+    nan_now, nan_before = metrics.free_sums([t * math.nan for t in g], x, prev, x0).values()
+    assert math.isnan(nan_now["grad_norm_sq"]) and math.isnan(nan_now["update_corr"])
+    assert nan_before["update_norm"] == pytest.approx(float(metrics.distance(x, prev)), rel=1e-12)
+    # one collective for all of them when sharded: the reducer sees the whole vector once
+    calls = []
+    metrics.free_sums(g, x, prev, x0, reduce=lambda v: calls.append(v.shape) or v)
+    assert calls == [(4,)]
