@@ -62,7 +62,7 @@ class CollectorProcess:
     stdout and stderr appended to ``log``.
 
     ``start()`` waits for ``/healthz`` (an exit or no answer within ``timeout`` raises with the log);
-    ``stop()`` terminates, then kills; ``kill()`` is SIGKILL; ``start()`` again serves the same store
+    ``stop()`` terminates, then kills; ``kill()`` is SIGKILL to the server and its workers; ``start()`` again serves the same store
     on the same port. ``auth=False`` adds ``--no-auth``; ``extra`` goes to ``serve``; ``env`` is added
     to the environment; ``program`` replaces ``python -m moxco.cli`` (the console script, say)."""
 
@@ -101,8 +101,10 @@ class CollectorProcess:
             missing(f"{self.program[0]} does not exist: install moxco into this environment (`pip install -e .`, "
                     "or `bash scripts/setup.sh dev`).")
         with open(self.log, "ab") as log:
+            # its own process group: kill() takes uvicorn's worker processes down with it, as a crash would
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                                            start_new_session=True)
         deadline = time.monotonic() + self.timeout
         while not self.healthy():
             if time.monotonic() > deadline:
@@ -126,7 +128,11 @@ class CollectorProcess:
         return self.log.read_text(errors="replace")
 
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
+        """SIGKILL the server and every worker process it started (its whole process group)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait(30)
 
     def stop(self) -> None:

@@ -6,7 +6,7 @@ every connect/send/recv made while a training step runs to its thread).
 
 The collector SIGKILLed on SQLite is ``tests/agent/test_transport.py``'s test (its figure is
 printed there too); here it is killed on PostgreSQL, twice, each time while a batch request is in
-flight.
+flight, with one worker and with two (the supervisor and its workers SIGKILLed together).
 """
 
 from __future__ import annotations
@@ -112,9 +112,11 @@ def kill_mid_batch(job: Job, collector: CollectorProcess) -> None:
         client.request = original
 
 
-def test_collector_sigkilled_mid_ingest_on_postgresql_twice(pg_cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_collector_sigkilled_mid_ingest_on_postgresql_twice(workers, pg_cluster, tmp_path, monkeypatch):
+    # workers=2: uvicorn's supervisor and both workers die at once (a container or node crash)
     db = f"{pg_cluster.server}/{pg_cluster.new_database()}"
-    collector = CollectorProcess.in_directory(tmp_path, db).start()
+    collector = CollectorProcess.in_directory(tmp_path, db, "--workers", str(workers)).start()
     try:
         job = Job(collector.url, "kill9", tmp_path, monkeypatch)
         job.steps(30)
@@ -128,7 +130,8 @@ def test_collector_sigkilled_mid_ingest_on_postgresql_twice(pg_cluster, tmp_path
             job.steps(30)
         job.agent.close()
         assert job.sink.stats.points_spooled > 0
-        job.account(db, "collector (PostgreSQL) SIGKILLed twice mid-batch, restarted", kills=2)
+        job.account(db, f"collector (PostgreSQL, {workers} worker{'s' if workers > 1 else ''}) SIGKILLed twice "
+                    "mid-batch, restarted", kills=2)
     finally:
         collector.stop()
 
