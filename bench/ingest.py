@@ -1,17 +1,26 @@
 """Collector ingest throughput and latency vs an MLflow tracking server, and the 1 M-point query.
 
-    .venv/bin/python bench/ingest.py [--seconds 6] [--clients 1 8 32] [--out docs/benchmarks-collector.md]
+    .venv/bin/python bench/ingest.py [--seconds 6] [--clients 1 8 32] [--open-factor 10]
+                                     [--out docs/benchmarks-collector.md]
 
-For each backend (moxco on SQLite, moxco on PostgreSQL, MLflow on SQLite) and each number of
-concurrent clients (separate processes, one run each), every client sends batches of 1,000 points
-back to back for ``--seconds`` and records each request's latency. Reported: sustained points/s
-(all clients), p50/p99 latency per batch, and moxco/MLflow ratios. moxco: ``moxco serve`` with
-``--workers`` (default 2, like the MLflow server) and bodies pre-serialised JSON over keep-alive
-HTTP. MLflow: ``mlflow server`` with a SQLite backend, ``MlflowClient.log_batch`` of 1,000
-``Metric``s. Then a 1 M-point series is written and ``GET …/series/loss?max_points=2000`` timed
-(first request of each of the fresh workers: cold; later ones: warm). ``minmax`` is served from
-the block summaries (``series_blocks``), so cold and warm read the same ~1,000 rows.
-PostgreSQL is a private cluster started here (Debian ``postgresql``), like the tests do.
+Clients are separate processes, one run each, sending batches of 1,000 points (5 metrics × 200
+steps). For each number of concurrent clients:
+
+* closed loop (moxco on SQLite, moxco on PostgreSQL, MLflow on SQLite): every client sends its
+  next batch as soon as the previous one is answered, for ``--seconds``: the most points/s each
+  server takes, with p50/p99 latency per batch (at saturation, so mostly queueing);
+* open loop (moxco, both stores), what DESIGN §6 asks: the clients together offer
+  ``--open-factor`` (10) × the points/s MLflow took with the same number of clients, each client
+  sending on a fixed schedule (``paced_batches``) and latency counted from each batch's scheduled
+  time (coordinated omission not hidden). Reported: points/s achieved and p50/p99 at that load.
+
+MLflow runs first (the open loop needs its rate). moxco: ``moxco serve`` with ``--workers``
+(default 2, like the MLflow server), bodies JSON over keep-alive HTTP. MLflow: ``mlflow server``
+with a SQLite backend, ``MlflowClient.log_batch`` of 1,000 ``Metric``s. Then a 1 M-point series
+is written and ``GET …/series/loss?max_points=2000`` timed (first request of each of the fresh
+workers: cold; later ones: warm). ``minmax`` is served from the block summaries
+(``series_blocks``), so cold and warm read the same ~1,000 rows. PostgreSQL is a private cluster
+started here (Debian ``postgresql``, fsync on), like the tests do.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -80,23 +90,73 @@ def wait_start(sync) -> float:
     return go.get()
 
 
-def post_batch(conn: http.client.HTTPConnection, port: int, run: str, i: int, metrics, per_metric: int,
-               now: float) -> tuple:
-    """POST batch ``i`` of ``run`` (``per_metric`` steps of every metric): ``(ok, seconds, points,
-    conn)``; a broken connection is replaced, so the caller always gets a usable one back."""
+def batch_body(run: str, i: int, metrics, per_metric: int, now: float) -> bytes:
+    """The JSON body of batch ``i`` of ``run``: ``per_metric`` steps of every metric at wall time ``now``."""
     points = [[m, i * per_metric + k, 0.5 + k * 1e-3, now] for m in metrics for k in range(per_metric)]
-    body = json.dumps({"batch_id": f"{run}-{i}", "points": points}).encode()
-    t0 = time.perf_counter()
+    return json.dumps({"batch_id": f"{run}-{i}", "points": points}).encode()
+
+
+def send_body(conn: http.client.HTTPConnection, port: int, run: str, body: bytes) -> tuple:
+    """POST a batch body: ``(ok, conn)``; a broken connection is replaced, so the caller always
+    gets a usable one back."""
     try:
         conn.request("POST", f"/api/v1/runs/{run}/batches", body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         response.read()
-        ok = response.status == 200
+        return response.status == 200, conn
     except (OSError, http.client.HTTPException):
         conn.close()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        ok = False
-    return ok, time.perf_counter() - t0, len(points), conn
+        return False, http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+
+def post_batch(conn: http.client.HTTPConnection, port: int, run: str, i: int, metrics, per_metric: int,
+               now: float) -> tuple:
+    """POST batch ``i`` of ``run`` (``per_metric`` steps of every metric): ``(ok, seconds, points,
+    conn)``, the seconds counted from the request's send (closed loop)."""
+    body = batch_body(run, i, metrics, per_metric, now)
+    t0 = time.perf_counter()
+    ok, conn = send_body(conn, port, run, body)
+    return ok, time.perf_counter() - t0, per_metric * len(metrics), conn
+
+
+def paced_batches(conn: http.client.HTTPConnection, port: int, run: str, metrics, per_metric: int, rate: float,
+                  start_at: float, seconds: float, phase: float = 0.0, grace: float = 10.0,
+                  linger: float = 1.0) -> dict:
+    """Open loop: batch ``k`` is due at ``start_at + phase + k / rate`` (``time.time()``) for
+    ``seconds``, whatever the answers to earlier batches do. A client that is behind sends the due
+    batches back to back; each latency is counted from the batch's *due* time, not from when it
+    could be sent, so waiting for a slow answer shows in the figures (no coordinated omission).
+    Batches still unsent ``grace`` seconds after the window are counted as ``missed``; the call
+    returns ``linger`` seconds after the window at the earliest. Returns
+    ``{"sent", "latencies", "failed", "missed", "elapsed", "conn"}`` (points stored, seconds per batch,
+    refused batches, unsent batches, seconds from ``start_at`` to the last answer)."""
+    interval = 1.0 / rate
+    end = start_at + seconds
+    latencies, sent, failed, missed, k = [], 0, 0, 0, 0
+    while True:
+        due = start_at + phase + k * interval
+        if due >= end:
+            break
+        if time.time() > end + grace:
+            missed = int((end - due) // interval) + 1
+            break
+        body = batch_body(run, k, metrics, per_metric, due)  # built while waiting for the due time
+        now = time.time()
+        if now < due:
+            time.sleep(due - now)
+        ok, conn = send_body(conn, port, run, body)
+        latencies.append(time.time() - due)
+        if ok:
+            sent += per_metric * len(metrics)
+        else:
+            failed += 1
+        k += 1
+    elapsed = time.time() - start_at
+    # stay until every client's window is over: a client process exiting (freeing ~100 MB) while
+    # others send their last batches put 100+ ms into their latencies
+    time.sleep(max(0.0, end + linger - time.time()))
+    return {"sent": sent, "latencies": latencies, "failed": failed, "missed": missed, "elapsed": elapsed,
+            "conn": conn}
 
 
 def moxco_client(port: int, run: str, seconds: float, start_at: float, out) -> None:
@@ -116,7 +176,22 @@ def moxco_client(port: int, run: str, seconds: float, start_at: float, out) -> N
         else:
             failed += 1
         i += 1
-    out.put((sent, latencies, time.time() - start_at, failed))
+    elapsed = time.time() - start_at
+    time.sleep(max(0.0, end + 1.0 - time.time()))  # exit after every client's window (paced_batches)
+    out.put((sent, latencies, elapsed, failed))
+
+
+def moxco_open_client(port: int, run: str, rate: float, seconds: float, start_at: float, out) -> None:
+    """One open-loop client: ``rate`` batches/s on a schedule (``paced_batches``), its own run,
+    starting at its own phase within the first interval (clients are not in lock step)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("PUT", f"/api/v1/runs/{run}", body=b"{}", headers={"Content-Type": "application/json"})
+    conn.getresponse().read()
+    metrics = ["loss", "grad_norm_sq", "update_norm", "inst_gap", "inst_smooth"]
+    start_at = wait_start(start_at)
+    phase = random.Random(run).uniform(0.0, 1.0 / rate)
+    r = paced_batches(conn, port, run, metrics, BATCH // len(metrics), rate, start_at, seconds, phase)
+    out.put((r["sent"], r["latencies"], r["elapsed"], r["failed"] + r["missed"]))
 
 
 def mlflow_client(uri: str, run: str, seconds: float, start_at: float, out) -> None:
@@ -143,7 +218,9 @@ def mlflow_client(uri: str, run: str, seconds: float, start_at: float, out) -> N
             failed += 1
         latencies.append(time.perf_counter() - t0)
         i += 1
-    out.put((sent, latencies, time.time() - start_at, failed))
+    elapsed = time.time() - start_at
+    time.sleep(max(0.0, end + 1.0 - time.time()))  # as moxco_client
+    out.put((sent, latencies, elapsed, failed))
 
 
 def load(target, args_of, clients: int, seconds: float) -> dict:
@@ -207,14 +284,22 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql", "mlflow"])
+    parser.add_argument("--open-factor", type=float, default=10.0,
+                        help="open-loop offered load: this many times MLflow's points/s at the same client count")
+    parser.add_argument("--open-rate", type=float, default=None,
+                        help="open-loop offered points/s (all clients) instead of a multiple of MLflow's")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-collector.md"))
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="moxco-bench-"))
-    rows, queries = [], {}
+    rows, open_rows, queries = [], [], {}
     pg_root = Path(tempfile.mkdtemp(prefix="moxco-bench-pg-"))  # its own folder: the postgres user must reach it
     pg_url, pg_stop = start_postgres(pg_root)
     try:
+        # MLflow first: the open-loop runs offer a multiple of its measured rate
+        if "mlflow" in args.backends:
+            rows += run_mlflow(args, tmp)
+        mlflow = {r["clients"]: r["points_s"] for r in rows}
         for backend, url in (("sqlite", f"sqlite:///{tmp / 'moxco.db'}"), ("postgresql", pg_url)):
             if backend not in args.backends:
                 continue
@@ -222,52 +307,92 @@ def main() -> int:
             try:
                 for clients in args.clients:
                     tag = f"{backend}-{clients}-{time.time_ns()}"
+                    load1 = os.getloadavg()[0]
                     r = load(moxco_client, lambda c: (port, f"{tag}-{c}"), clients, args.seconds)
-                    rows.append({"server": f"moxco ({backend})", **r})
+                    rows.append({"server": f"moxco ({backend})", "load1": load1, **r})
                     print(rows[-1], flush=True)
+                for clients in args.clients:
+                    offered = args.open_rate or (args.open_factor * mlflow[clients] if clients in mlflow else None)
+                    if not offered:
+                        continue
+                    rate = offered / clients / BATCH  # batches/s per client
+                    tag = f"open-{backend}-{clients}-{time.time_ns()}"
+                    load1 = os.getloadavg()[0]
+                    r = load(moxco_open_client, lambda c: (port, f"{tag}-{c}", rate), clients, args.seconds)
+                    open_rows.append({"server": f"moxco ({backend})", "offered": offered, "load1": load1, **r})
+                    print(open_rows[-1], flush=True)
                 queries[backend] = query_1m(url, port)
                 print(backend, queries[backend], flush=True)
             finally:
                 proc.terminate()
                 proc.wait(30)
-        mport = free_port()
-        mlog = open(tmp / "mlflow.log", "w")
-        mlflow = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                                   "--port", str(mport), "--workers", str(args.workers), "--backend-store-uri",
-                                   f"sqlite:///{tmp / 'mlflow.db'}", "--default-artifact-root", str(tmp / "artifacts")],
-                                  stdout=mlog, stderr=subprocess.STDOUT, cwd=tmp)
-        try:
-            wait_http(f"http://127.0.0.1:{mport}/health", timeout=180)
-            for clients in args.clients if "mlflow" in args.backends else ():
-                r = load(mlflow_client, lambda c: (f"http://127.0.0.1:{mport}", f"m{clients}-{c}"), clients, args.seconds)
-                rows.append({"server": "MLflow (sqlite)", **r})
-                print(rows[-1], flush=True)
-        finally:
-            mlflow.terminate()
-            mlflow.wait(30)
     finally:
         subprocess.run(pg_stop, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(pg_root, ignore_errors=True)
-    write_report(args, rows, queries)
+    write_report(args, rows, open_rows, queries)
     return 0
 
 
-def write_report(args, rows, queries) -> None:
+def run_mlflow(args, tmp: Path) -> list:
+    """The MLflow server (SQLite backend, ``--workers``) under the closed-loop clients: its rows."""
+    rows = []
+    mport = free_port()
+    mlog = open(tmp / "mlflow.log", "w")
+    mlflow = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(mport), "--workers", str(args.workers), "--backend-store-uri",
+                               f"sqlite:///{tmp / 'mlflow.db'}", "--default-artifact-root", str(tmp / "artifacts")],
+                              stdout=mlog, stderr=subprocess.STDOUT, cwd=tmp)
+    try:
+        wait_http(f"http://127.0.0.1:{mport}/health", timeout=180)
+        for clients in args.clients:
+            load1 = os.getloadavg()[0]
+            r = load(mlflow_client, lambda c: (f"http://127.0.0.1:{mport}", f"m{clients}-{c}"), clients, args.seconds)
+            rows.append({"server": "MLflow (sqlite)", "load1": load1, **r})
+            print(rows[-1], flush=True)
+    finally:
+        mlflow.terminate()
+        mlflow.wait(30)
+    return rows
+
+
+def write_report(args, rows, open_rows, queries) -> None:
     mlflow = {r["clients"]: r for r in rows if r["server"].startswith("MLflow")}
     lines = ["# Collector benchmarks (bench/ingest.py)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-             f"load average {args.load_before:.1f} before the run (other work on the machine). "
+             f"load average {args.load_before:.1f} before the run (other work on the machine; each row gives "
+             "the 1-minute load average when it started). "
              f"Batches of {BATCH} points, {args.seconds:g} s per cell, each client a separate process with "
              f"its own run; servers with {args.workers} workers. Regenerate with `.venv/bin/python bench/ingest.py`.",
+             "",
+             "### Closed loop: the most each server takes",
+             "",
+             "Each client sends its next batch as soon as the previous one is answered, so the servers run "
+             "saturated and the latency columns are mostly queueing (8 and 32 clients on 2 cores). "
              "Points/s counts stored points only; failed batches (refused or errors) are counted apart.",
-             "", "| server | clients | points/s | p50 ms/batch | p99 ms/batch | failed batches | × MLflow points/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "", "| server | clients | points/s | p50 ms/batch | p99 ms/batch | failed batches | × MLflow points/s | load1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ref = mlflow.get(r["clients"])
         ratio = f"{r['points_s'] / ref['points_s']:.1f}" if ref and not r["server"].startswith("MLflow") else ""
         lines.append(f"| {r['server']} | {r['clients']} | {r['points_s']:,.0f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r.get('failed', 0)} of {r['batches']} | {ratio} |")
+                     f"{r['p99_ms']:.1f} | {r.get('failed', 0)} of {r['batches']} | {ratio} | {r.get('load1', 0):.1f} |")
+    if open_rows:
+        lines += ["", f"### Open loop at {args.open_factor:g} × MLflow's points/s (DESIGN §6)" if not args.open_rate
+                  else f"### Open loop at {args.open_rate:,.0f} points/s", "",
+                  "The clients send on a schedule (each its share of the offered points/s, at its own phase), "
+                  "whatever the answers do; a client that falls behind sends the due batches back to back. "
+                  "Latency is counted from each batch's *scheduled* time, so time spent waiting for an earlier "
+                  "answer is in it (no coordinated omission). Budget: the offered rate achieved "
+                  "(≥ 95 %) with p99 < 50 ms.", "",
+                  "| server | clients | offered points/s | achieved points/s | p50 ms | p99 ms | failed or unsent batches "
+                  "| budget | load1 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+        for r in open_rows:
+            met = r["points_s"] >= 0.95 * r["offered"] and r["p99_ms"] < 50 and not r["failed"]
+            lines.append(f"| {r['server']} | {r['clients']} | {r['offered']:,.0f} | {r['points_s']:,.0f} | "
+                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} ({r['batches']} sent) | "
+                         f"{'met' if met else '**missed**'} | {r['load1']:.1f} |")
     lines += ["", "1 M-point series, `GET /api/v1/runs/big/series/loss?max_points=2000` (minmax), end to end over HTTP:",
               "", "| store | first requests (cold workers) ms | later requests ms |",
               "| --- | ---: | ---: |"]

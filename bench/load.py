@@ -6,10 +6,11 @@
 For each backend (PostgreSQL: ``moxco serve --workers 2``; SQLite: ``--workers 1``) and each number
 of agents N (stepped up: 1, 2, 4, 8, 16, 32), N agent processes (loopback only; at most
 ``MAX_AGENTS``, each bounded to its step's seconds) register a run each and send batches of 1,000
-points (5 metrics × 200 steps, batch ids, keep-alive HTTP) paced at ``--rate`` batches/s each, each
-agent at its own random phase (an agent that falls behind sends back to back: the offered load is
-N × rate × 1,000 points/s). Per N:
-points/s stored, p50/p99 latency per batch, errors. Reported: the highest points/s held with p99 <
+points (5 metrics × 200 steps, batch ids, keep-alive HTTP) on a schedule of ``--rate`` batches/s
+each, each agent at its own random phase (an agent that falls behind sends the due batches back to
+back: the offered load is N × rate × 1,000 points/s). Latency is counted from each batch's
+scheduled time (``ingest.paced_batches``), so a stalled answer delays, and shows in, the batches
+behind it. Per N: points/s stored, p50/p99 latency per batch, errors (failed or never sent). Reported: the highest points/s held with p99 <
 50 ms (DESIGN §6), and the knee: the first N whose p99 reaches 50 ms or whose points/s falls below
 95 % of the offered load.
 
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import free_port, post_batch, serve, start_postgres  # noqa: E402  (same folder)
+from ingest import free_port, paced_batches, serve, start_postgres  # noqa: E402  (same folder)
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 1000
@@ -55,7 +56,8 @@ METRICS = ["loss", "grad_norm_sq", "update_norm", "inst_gap", "inst_smooth"]
 
 
 def agent(port: int, run: str, seconds: float, rate: float, sync, out) -> None:
-    """One simulated agent: register ``run``, then batches paced at ``rate``/s for ``seconds``."""
+    """One simulated agent: register ``run``, then batches on a schedule of ``rate``/s for
+    ``seconds`` (``ingest.paced_batches``: latency from each batch's scheduled time)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Content-Type": "application/json"}
     conn.request("PUT", f"/api/v1/runs/{run}", body=b"{}", headers=headers)
@@ -64,26 +66,10 @@ def agent(port: int, run: str, seconds: float, rate: float, sync, out) -> None:
     ready, go = sync
     ready.put(1)
     start_at = go.get()
-    time.sleep(max(0.0, start_at - time.time()))
-    latencies, sent, errors, i = [], 0, 0, 0
-    interval = 1.0 / rate
     # agents are not in lock step: each starts at its own phase within the first interval
-    next_at = start_at + random.Random(run).uniform(0.0, interval)
-    end = start_at + seconds
-    while time.time() < end:
-        now = time.time()
-        if now < next_at:
-            time.sleep(next_at - now)
-            now = time.time()
-        next_at = max(next_at + interval, now)  # behind: send back to back, no burst to catch up
-        ok, elapsed, n, conn = post_batch(conn, port, run, i, METRICS, per_metric, now)
-        latencies.append(elapsed)
-        if ok:
-            sent += n
-            i += 1
-        else:
-            errors += 1
-    out.put((sent, latencies, time.time() - start_at, errors))
+    phase = random.Random(run).uniform(0.0, 1.0 / rate)
+    r = paced_batches(conn, port, run, METRICS, per_metric, rate, start_at, seconds, phase)
+    out.put((r["sent"], r["latencies"], max(r["elapsed"], seconds), r["failed"] + r["missed"]))
 
 
 def drive(port: int, tag: str, agents: int, seconds: float, rate: float) -> dict:
