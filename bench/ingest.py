@@ -1,6 +1,6 @@
 """Collector ingest throughput and latency vs an MLflow tracking server, and the 1 M-point query.
 
-    .venv/bin/python bench/ingest.py [--seconds 6] [--clients 1 8 32] [--open-factor 10]
+    .venv/bin/python bench/ingest.py [--seconds 8] [--clients 1 8 32] [--open-factor 10]
                                      [--out docs/benchmarks-collector.md]
 
 Clients are separate processes, one run each, sending batches of 1,000 points (5 metrics × 200
@@ -280,7 +280,7 @@ def query_1m(url: str, port: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql", "mlflow"])
@@ -360,8 +360,8 @@ def write_report(args, rows, open_rows, queries) -> None:
     mlflow = {r["clients"]: r for r in rows if r["server"].startswith("MLflow")}
     lines = ["# Collector benchmarks (bench/ingest.py)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-             f"load average {args.load_before:.1f} before the run (other work on the machine; each row gives "
-             "the 1-minute load average when it started). "
+             f"load average {args.load_before:.1f} before the run (each row gives the 1-minute load average "
+             "when it started: other work on the machine, and this benchmark's own client processes). "
              f"Batches of {BATCH} points, {args.seconds:g} s per cell, each client a separate process with "
              f"its own run; servers with {args.workers} workers. Regenerate with `.venv/bin/python bench/ingest.py`.",
              "",

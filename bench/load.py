@@ -231,8 +231,8 @@ def report(args, steps: list, soaks: list, load_before) -> str:
     lines = ["## Load (bench/load.py)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared by the agents, the collector and "
              f"PostgreSQL; load average before the run {load_before[0]:.1f}. Agents: separate processes, one run "
-             f"each, batches of {BATCH} points paced at {args.rate:g} batches/s per agent ({args.rate * BATCH:,.0f} "
-             f"points/s offered per agent), {args.step_seconds:g} s per step. Collector: PostgreSQL with 2 workers, "
+             f"each, batches of {BATCH} points on a schedule of {args.rate:g} batches/s per agent ({args.rate * BATCH:,.0f} "
+             f"points/s offered per agent; latency from each batch's scheduled time), {args.step_seconds:g} s per step. Collector: PostgreSQL with 2 workers, "
              "SQLite with 1. Regenerate with `.venv/bin/python bench/load.py --out docs/benchmarks-collector.md`.",
              "", "| backend | agents | offered points/s | stored points/s | p50 ms | p99 ms | errors | collector RSS MiB | load1 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -18,9 +18,10 @@
   the first holding the maximum (NaN skipped; NULL when the block has only NaN), the first NaN.
   Maintained in the ingest transaction (merged for appends, recomputed from the points for the
   touched blocks otherwise), so a 1 M-point series is downsampled (``minmax``) from ~1,000 rows.
-  No foreign key (like ``metric_points`` on PostgreSQL since 0003: the per-row check cost ~40 % of
-  an ingest; points and summaries are only written under the run's row lock, and runs are never
-  deleted).
+  No foreign key (like ``metric_points`` on PostgreSQL since 0003 and on SQLite since 0004: the
+  per-row check cost ~40 % of a PostgreSQL ingest; points and summaries are only written under the
+  run's row lock, and runs are never deleted). On SQLite ``metric_points`` is ``WITHOUT ROWID``
+  (0004): one B-tree keyed by the primary key instead of a table plus its key index.
 * ``runs`` gains (0002) ``optimizer``, ``policy`` (``PolicyConfig.to_dict()``, NULL: the collector
   takes no decisions for the run), ``policy_state`` (``DecisionPolicy.state_dict()``, updated under
   the run's row lock so several collector workers share one policy) and ``last_ingest_at``.
