@@ -40,7 +40,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import bindparam as _bind
 from sqlalchemy import case, create_engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
