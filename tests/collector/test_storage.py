@@ -136,3 +136,64 @@ def test_large_batch_is_chunked(store):
     store.write_points("r", (Point(i, "loss", float(i), 0.0) for i in range(n)))
     steps, values = store.series("r", "loss")
     assert steps.size == n and values[-1] == n - 1
+
+
+def test_migration_0004_clusters_sqlite_points_and_keeps_them(tmp_path):
+    """Points written at revision 0003 survive the move to a WITHOUT ROWID table; downgrading
+    restores the rowid table with its foreign key."""
+    from sqlalchemy import create_engine
+
+    from moxco.collector.storage import Store, upgrade
+
+    path = tmp_path / "old.db"
+    engine = create_engine(f"sqlite:///{path}")
+    upgrade(engine, "0003")
+    engine.dispose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO runs (name, status, config, created_at, updated_at) VALUES ('r', 'running', '{}', 1, 1)")
+        conn.executemany("INSERT INTO metric_points VALUES (1, 'loss', -1, ?, ?, 1.0)",
+                         [(s, None if s == 3 else s / 10) for s in range(10)])
+    with Store(str(path)) as store:  # upgrades to the head
+        steps, values = store.series("r", "loss")
+        assert steps.tolist() == list(range(10))
+        assert math.isnan(values[3]) and values[9] == 0.9
+    with sqlite3.connect(path) as conn:
+        ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'metric_points'").fetchone()[0]
+        assert "WITHOUT ROWID" in ddl and "REFERENCES" not in ddl
+    engine = create_engine(f"sqlite:///{path}")
+    from alembic import command
+    from alembic.config import Config
+
+    from moxco.collector.storage import MIGRATIONS
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0003")
+    engine.dispose()
+    with sqlite3.connect(path) as conn:
+        ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'metric_points'").fetchone()[0]
+        assert "WITHOUT ROWID" not in ddl and "REFERENCES runs" in ddl
+        assert conn.execute("SELECT count(*) FROM metric_points").fetchone()[0] == 10
+
+
+def test_background_checkpointer_moves_the_wal_into_the_database(tmp_path):
+    """With ``background_checkpoint`` the store's connections never checkpoint (auto-checkpoint
+    off) and the checkpointer thread copies the WAL into the database file: the file grows while
+    no connection of the store has closed."""
+    from tests.servers import wait_until
+
+    from moxco.collector.storage import Store
+
+    path = tmp_path / "bg.db"
+    with Store(str(path), background_checkpoint=True) as store:
+        store.put_run("r")
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        size = path.stat().st_size
+        for b in range(20):
+            n = 1000
+            store.ingest("r", f"b{b}", ["loss"] * n, list(range(b * n, (b + 1) * n)), [0.5] * n, [1.0] * n, [-1] * n)
+        wait_until(lambda: path.stat().st_size > size + 200_000, timeout=60, what="the checkpointer to copy the WAL")
+        assert store.series_columns("r", "loss")[0].size == 20_000
