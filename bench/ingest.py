@@ -6,19 +6,21 @@
 Clients are separate processes, one run each, sending batches of 1,000 points (5 metrics × 200
 steps). For each number of concurrent clients:
 
-* closed loop (moxco on SQLite, moxco on PostgreSQL, MLflow on SQLite): every client sends its
+* closed loop (moxco and MLflow, each on SQLite and on PostgreSQL): every client sends its
   next batch as soon as the previous one is answered, for ``--seconds``: the most points/s each
   server takes, with p50/p99 latency per batch (at saturation, so mostly queueing);
 * open loop (moxco, both stores), what DESIGN §6 asks: the clients together offer
-  ``--open-factor`` (10) × the points/s MLflow took with the same number of clients, each client
-  sending on a fixed schedule (``paced_batches``) and latency counted from each batch's scheduled
-  time (coordinated omission not hidden). Reported: points/s achieved and p50/p99 at that load.
+  ``--open-factor`` (10) × the points/s MLflow took with the same number of clients on the same
+  backend kind (DESIGN §6), each client sending on a fixed schedule (``paced_batches``) and
+  latency counted from each batch's scheduled time (coordinated omission not hidden). Reported:
+  points/s achieved and p50/p99 at that load.
 
-MLflow runs first (the open loop needs its rate). moxco: ``moxco serve`` with ``--workers``
-(default 2, like the MLflow server), bodies JSON over keep-alive HTTP. MLflow: ``mlflow server``
-with a SQLite backend, ``MlflowClient.log_batch`` of 1,000 ``Metric``s. Then a 1 M-point series
-is written and ``GET …/series/loss?max_points=2000`` timed (first request of each of the fresh
-workers: cold; later ones: warm). ``minmax`` is served from the block summaries
+On each backend MLflow runs first (the open loop needs its rate). moxco: ``moxco serve`` with
+``--workers`` (default 2, like the MLflow server), bodies JSON over keep-alive HTTP. MLflow:
+``mlflow server`` with a SQLite file or a PostgreSQL database of its own (same cluster, through
+psycopg 3) as backend store, ``MlflowClient.log_batch`` of 1,000 ``Metric``s. Then a 1 M-point
+series is written and ``GET …/series/loss?max_points=2000`` timed (first request of each of the
+fresh workers: cold; later ones: warm). ``minmax`` is served from the block summaries
 (``series_blocks``), so cold and warm read the same ~1,000 rows. PostgreSQL is a private cluster
 started here (Debian ``postgresql``, fsync on), like the tests do.
 """
@@ -296,13 +298,15 @@ def main() -> int:
     pg_root = Path(tempfile.mkdtemp(prefix="moxco-bench-pg-"))  # its own folder: the postgres user must reach it
     pg_url, pg_stop = start_postgres(pg_root)
     try:
-        # MLflow first: the open-loop runs offer a multiple of its measured rate
-        if "mlflow" in args.backends:
-            rows += run_mlflow(args, tmp)
-        mlflow = {r["clients"]: r["points_s"] for r in rows}
+        mlflow = {}  # (backend, clients) -> MLflow's points/s on the same backend kind (DESIGN §6)
         for backend, url in (("sqlite", f"sqlite:///{tmp / 'moxco.db'}"), ("postgresql", pg_url)):
             if backend not in args.backends:
                 continue
+            # MLflow first: the open-loop runs offer a multiple of its measured rate
+            if "mlflow" in args.backends:
+                got = run_mlflow(args, tmp, backend, mlflow_store_uri(backend, tmp, pg_url))
+                rows += got
+                mlflow.update({(backend, r["clients"]): r["points_s"] for r in got})
             port, proc = serve(url, args.workers, tmp)
             try:
                 for clients in args.clients:
@@ -312,7 +316,8 @@ def main() -> int:
                     rows.append({"server": f"moxco ({backend})", "load1": load1, **r})
                     print(rows[-1], flush=True)
                 for clients in args.clients:
-                    offered = args.open_rate or (args.open_factor * mlflow[clients] if clients in mlflow else None)
+                    offered = args.open_rate or (args.open_factor * mlflow[backend, clients]
+                                                 if (backend, clients) in mlflow else None)
                     if not offered:
                         continue
                     rate = offered / clients / BATCH  # batches/s per client
@@ -334,21 +339,33 @@ def main() -> int:
     return 0
 
 
-def run_mlflow(args, tmp: Path) -> list:
-    """The MLflow server (SQLite backend, ``--workers``) under the closed-loop clients: its rows."""
+def mlflow_store_uri(backend: str, tmp: Path, pg_url: str) -> str:
+    """MLflow's backend store of the same kind as moxco's: a SQLite file, or a database of its own
+    in the same PostgreSQL cluster (through psycopg 3, which the collector uses too)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp / 'mlflow.db'}"
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE mlflow")
+    return pg_url.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + "/mlflow"
+
+
+def run_mlflow(args, tmp: Path, backend: str, uri: str) -> list:
+    """The MLflow server (backend store ``uri``, ``--workers``) under the closed-loop clients: its rows."""
     rows = []
     mport = free_port()
-    mlog = open(tmp / "mlflow.log", "w")
+    mlog = open(tmp / f"mlflow-{backend}.log", "w")
     mlflow = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(mport), "--workers", str(args.workers), "--backend-store-uri",
-                               f"sqlite:///{tmp / 'mlflow.db'}", "--default-artifact-root", str(tmp / "artifacts")],
+                               "--port", str(mport), "--workers", str(args.workers), "--backend-store-uri", uri,
+                               "--default-artifact-root", str(tmp / "artifacts")],
                               stdout=mlog, stderr=subprocess.STDOUT, cwd=tmp)
     try:
         wait_http(f"http://127.0.0.1:{mport}/health", timeout=180)
         for clients in args.clients:
             load1 = os.getloadavg()[0]
             r = load(mlflow_client, lambda c: (f"http://127.0.0.1:{mport}", f"m{clients}-{c}"), clients, args.seconds)
-            rows.append({"server": "MLflow (sqlite)", "load1": load1, **r})
+            rows.append({"server": f"MLflow ({backend})", "load1": load1, **r})
             print(rows[-1], flush=True)
     finally:
         mlflow.terminate()
@@ -357,7 +374,8 @@ def run_mlflow(args, tmp: Path) -> list:
 
 
 def write_report(args, rows, open_rows, queries) -> None:
-    mlflow = {r["clients"]: r for r in rows if r["server"].startswith("MLflow")}
+    # the reference of each moxco row: MLflow with the same client count on the same backend kind
+    mlflow = {(r["server"].split("(")[1], r["clients"]): r for r in rows if r["server"].startswith("MLflow")}
     lines = ["# Collector benchmarks (bench/ingest.py)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
              f"load average {args.load_before:.1f} before the run (each row gives the 1-minute load average "
@@ -373,7 +391,7 @@ def write_report(args, rows, open_rows, queries) -> None:
              "", "| server | clients | points/s | p50 ms/batch | p99 ms/batch | failed batches | × MLflow points/s | load1 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        ref = mlflow.get(r["clients"])
+        ref = mlflow.get((r["server"].split("(")[1], r["clients"]))
         ratio = f"{r['points_s'] / ref['points_s']:.1f}" if ref and not r["server"].startswith("MLflow") else ""
         lines.append(f"| {r['server']} | {r['clients']} | {r['points_s']:,.0f} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r.get('failed', 0)} of {r['batches']} | {ratio} | {r.get('load1', 0):.1f} |")
