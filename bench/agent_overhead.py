@@ -42,8 +42,8 @@ two to three orders of magnitude slower than the loop, so it runs few steps (``-
     python bench/agent_overhead.py --quick         # ~4 min
     python bench/agent_overhead.py --profile       # top costs of free and reeval_every=1 instead
 
-Every run ends with the chunked-reduction table: ``moxco.tensors.step_sums`` on one large tensor with
-chunking forced on and off.
+Every run but ``--profile`` ends with the chunked-reduction table: ``moxco.tensors.step_sums``
+on one large tensor with chunking forced on and off.
 
 The markdown is printed and written into docs/benchmarks-agent.md between the ``bench:agent``
 markers (``--profile``: the ``bench:agent-profile`` markers); ``--out FILE`` writes it to FILE too,
