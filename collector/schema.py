@@ -76,7 +76,7 @@ runs = Table(
 metric_points = Table(
     "metric_points",
     metadata,
-    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("run_id", Integer, primary_key=True),  # no foreign key since 0003 (PostgreSQL) / 0004 (SQLite)
     Column("metric", String(MAX_METRIC_LENGTH), primary_key=True),
     Column("rank", Integer, primary_key=True),
     Column("step", BigInteger, primary_key=True),
