@@ -107,15 +107,6 @@ def update_corr(grad_next: TensorList, params_next: TensorList, params: TensorLi
     return value
 
 
-def update_corr_and_step_sq(grad_next: TensorList, params_next: TensorList, params: TensorList, *,
-                            reduce: Reduce = None) -> Tuple[Tensor, Tensor]:
-    """``(update_corr, ‖x_{t+1} − x_t‖²)`` from one pass over ``x_{t+1} − x_t`` (audit eq. 9): the
-    re-evaluation at ``x_t`` on the same step needs both (``inst_gap``'s inner product *is*
-    ``update_corr``; ``inst_smooth``'s denominator is the step length)."""
-    corr, step_sq = _reduced(list(tensors.step_sums(grad_next, params_next, params, None)), reduce)
-    return corr, step_sq
-
-
 def update_corr_rs(grad_next: TensorList, update: TensorList, *, reduce: Reduce = None) -> Tensor:
     """Update correlation with random scaling (audit eq. 13): ``⟨∇f(x_{t+1}, z_{t+1}), Δ_t⟩``.
 
