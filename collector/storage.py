@@ -888,16 +888,12 @@ class Store:
 
     def _decisions(self, conn, run_id: int, name: str, *, pending_only: bool = False,
                    ident: Optional[str] = None) -> List[Dict[str, Any]]:
-        query = select(decisions).where(decisions.c.run_id == run_id)
+        query = select(*(decisions.c[f] for f in _DECISION_FIELDS)).where(decisions.c.run_id == run_id)
         if pending_only:
             query = query.where(decisions.c.applied_step.is_(None))
         if ident is not None:
             query = query.where(decisions.c.id == ident)
-        rows = conn.execute(query.order_by(decisions.c.step, decisions.c.id)).mappings().all()
-        return [{"id": r["id"], "run": name, "step": r["step"], "source": r["source"], "action": r["action"],
-                 "goodness": r["goodness"], "grad_term": r["grad_term"], "sharpness_term": r["sharpness_term"],
-                 "loss_term": r["loss_term"], "created_at": r["created_at"], "applied_step": r["applied_step"],
-                 "applied_at": r["applied_at"], "reason": r["reason"]} for r in rows]
+        return [_decision_row(tuple(row), name) for row in conn.execute(query.order_by(decisions.c.step, decisions.c.id))]
 
     def run_decisions(self, name: str, *, pending_only: bool = False) -> List[Dict[str, Any]]:
         """Decisions of a run as the API returns them (goodness fields ``None`` when not measured)."""
@@ -1114,8 +1110,9 @@ _LOCK_RUN_SQL = {
               "batch_id = ?) FROM runs WHERE name = ?",
     "postgresql": "SELECT id, policy, policy_state, NULL FROM runs WHERE name = %s FOR UPDATE",
 }
-_DECISION_COLUMNS = ("id, step, source, action, goodness, grad_term, sharpness_term, loss_term, created_at, "
-                     "applied_step, applied_at, reason")
+_DECISION_FIELDS = ("id", "step", "source", "action", "goodness", "grad_term", "sharpness_term", "loss_term",
+                    "created_at", "applied_step", "applied_at", "reason")
+_DECISION_COLUMNS = ", ".join(_DECISION_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -1133,7 +1130,7 @@ def _json(value: Any) -> Any:
 
 
 def _decision_row(row: Sequence[Any], name: str) -> Dict[str, Any]:
-    """A ``decisions`` row (``_DECISION_COLUMNS``) as the API returns it (what ``_decisions`` gives)."""
+    """A ``decisions`` row (``_DECISION_FIELDS``, in order) as the API returns it."""
     (ident, step, source, action, goodness, grad, sharp, loss, created, applied_step, applied_at, reason) = row
     return {"id": ident, "run": name, "step": step, "source": source, "action": _json(action), "goodness": goodness,
             "grad_term": grad, "sharpness_term": sharp, "loss_term": loss, "created_at": created,
