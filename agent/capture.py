@@ -132,10 +132,14 @@ class StepCapture:
         if not self._recording() or not self.calls:
             return None
         call = self.calls[-1]
-        call.output = output
         loss = loss_from_output(output)
         if loss is not None:
             call.loss = loss.detach()
+        # The output is kept only while a criterion or agent.targets() may still need it, and
+        # dropped as soon as they ran: a language model's output holds its logits (batch × sequence
+        # × vocabulary), which the user's loop frees right after forming the loss.
+        if self.criterion is not None or self.loss_fn is not None:
+            call.output = output
         return None
 
     def _after_criterion(self, module, args, output):
@@ -152,6 +156,7 @@ class StepCapture:
             return None
         call.targets = tuple(args[1:])
         call.loss = output.detach()
+        call.output = None  # the criterion ran: the replay forms its loss from its own output
         return None
 
     def set_targets(self, *targets: Any) -> None:
@@ -164,6 +169,7 @@ class StepCapture:
             raise CaptureError("agent.targets(...) needs attach(..., loss_fn=...) to know how the loss is formed")
         with torch.no_grad():
             call.loss = self.loss_fn(call.output, *targets).detach()
+        call.output = None
 
     # --- reading and replaying -------------------------------------------------------------------
 

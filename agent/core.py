@@ -118,6 +118,8 @@ class Agent:
         seed = self.group.broadcast(seed if seed is not None else random.randrange(2**62))
         self.errors: Dict[str, str] = {}
         self._closed = False
+        # seconds the training thread spent in each metric group (overhead()); summed in _guard
+        self._spent: Dict[str, float] = {}
 
         # parameters in the optimizer's order, named through the model (for functional replays)
         names = {id(p): n for n, p in unwrap(model).named_parameters()}
@@ -271,11 +273,23 @@ class Agent:
     def _guard(self, group: str, fn: Callable, *args, **kwargs):
         if group in self.errors:
             return None
+        start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
             self._record_error(group, exc)
             return None
+        finally:
+            self._spent[group] = self._spent.get(group, 0.0) + (time.perf_counter() - start)
+
+    def overhead(self) -> Dict[str, float]:
+        """Wall seconds the training thread has spent in each metric group since ``attach``:
+        ``free`` (the every-step metrics), ``reeval`` (replays at ``x_{t−1}``: ``loss_diff``,
+        ``inst_gap``, ``inst_smooth``), ``reference`` (replays at ``x*``), ``probe`` (sharpness,
+        goodness), ``decision``. What the hooks spend around them (the copy to ``x_{t−1}``,
+        handing the step to the writer thread) and the writer thread's own time are not in it.
+        Under a device's asynchronous execution these are launch times, not kernel times."""
+        return dict(self._spent)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0

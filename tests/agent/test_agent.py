@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -356,3 +357,89 @@ def test_manual_pre_step_measures_a_closure_loop_like_a_plain_loop(tmp_path):
         assert steps.size > 0
         np.testing.assert_array_equal(closure[metric][0], steps, err_msg=metric)
         np.testing.assert_allclose(closure[metric][1], values, rtol=1e-12, err_msg=metric)
+
+
+def test_overhead_accounts_the_training_threads_time_per_metric_group(url, monkeypatch):
+    """agent.overhead(): seconds spent in each group on the training thread. A replay slowed by a
+    known sleep shows up under `reeval` (and only there); groups that never ran are absent."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    criterion = nn.MSELoss()
+    agent = moxco.agent.attach(model, opt, url=url, criterion=criterion, reeval_every=2, probe_every=0)
+    replay = agent.capture.replay
+    delay, steps, replays = 0.02, 8, []
+
+    def slow_replay(*args, **kwargs):
+        replays.append(1)
+        time.sleep(delay)
+        return replay(*args, **kwargs)
+
+    monkeypatch.setattr(agent.capture, "replay", slow_replay)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(steps):
+        criterion(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    spent = agent.overhead()
+    agent.close()
+    assert len(replays) == 3  # steps 2, 4, 6: every second step once x_{t-1} exists
+    assert spent["reeval"] >= len(replays) * delay
+    assert 0 < spent["free"] < delay * steps  # the free metrics of a 49-parameter model take far less
+    assert "probe" not in spent and "reference" not in spent
+    assert agent.overhead()["free"] >= spent["free"]  # close() adds the last update norm to `free`
+
+
+class _Output:
+    def __init__(self, loss, logits):
+        self.loss, self.logits = loss, logits
+
+
+class _LanguageModelLike(nn.Module):
+    """Returns an object with ``.loss`` and ``.logits``, like Hugging Face models."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 64)
+
+    def forward(self, x):
+        logits = self.proj(x)
+        return _Output(logits.sum() * 1e-3, logits)  # sum's backward keeps no reference to the logits
+
+
+def test_the_agent_does_not_keep_the_models_output_alive(url):
+    """A language model's output holds its logits (batch × sequence × vocabulary): the user's loop
+    frees them once the loss is formed, and the agent must not keep them until the step ends."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = _LanguageModelLike()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = moxco.agent.attach(model, opt, url=url, reeval_every=1, probe_every=0)
+    for _ in range(3):
+        out = model(torch.randn(8, 4))
+        loss, logits = out.loss, weakref.ref(out.logits)
+        del out
+        loss.backward()
+        assert logits() is None  # freed before the step: nothing of the agent's holds the output
+        opt.step()
+        opt.zero_grad()
+    assert not agent.errors and agent.writer is not None
+    agent.close()
+    (steps, values) = open_store(url).series(agent.run, "loss_diff")
+    assert steps.size == 2 and np.isfinite(values).all()  # the replays still ran on the captured batch
+
+    # with a criterion, the output is needed until the criterion has run, and not after
+    model, criterion = nn.Linear(4, 64), nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with moxco.agent.attach(model, opt, url=url, criterion=criterion, reeval_every=1, probe_every=0) as agent:
+        for _ in range(2):
+            out = model(torch.randn(8, 4))
+            logits = weakref.ref(out)
+            loss = criterion(out, torch.zeros(8, 64))
+            del out
+            loss.backward()  # MSE's backward held the output until here
+            assert logits() is None
+            opt.step()
+            opt.zero_grad()
+    assert not agent.errors
