@@ -417,8 +417,9 @@ class Agent:
         dot_step, step_sq = free.update_products() if free is not None and free.has_update else (None, None)
         values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev, reduce=self._reduce,
                                               grad_dot_step=dot_step)
+        # the replay's gradient is the agent's own and read for the last time here: overwritten
         values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev, reduce=self._reduce,
-                                                    step_sq=step_sq)
+                                                    step_sq=step_sq, consume_grad_ref=True)
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
         loss_ref, grad_ref = self._replay_with_grad(self._reference, "reference")
@@ -426,7 +427,7 @@ class Agent:
         values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference,
                                                   reduce=self._reduce)
         values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference,
-                                                        reduce=self._reduce)
+                                                        reduce=self._reduce, consume_grad_ref=True)
 
     def _probe(self, probe: Dict[str, Any], values: Dict[str, Any]) -> None:
         calls = list(self.capture.calls)

@@ -87,17 +87,21 @@ def inst_smooth(
     *,
     reduce: Reduce = None,
     step_sq: Optional[Tensor] = None,
+    consume_grad_ref: bool = False,
 ) -> Tensor:
     """Instantaneous smoothness (audit eq. 4): ``‖∇f(x,z) − ∇f(y,z)‖ / ‖x − y‖``.
 
     ``0/0`` (the parameters did not move and neither did the gradient) is NaN, ``c/0`` is +Inf:
     both are stored as they are, the aggregates below skip NaN. ``step_sq``: the (reduced)
     ``‖x − y‖²`` when the caller already has it; ``params`` and ``params_ref`` are then not read.
+    ``consume_grad_ref``: ``grad_ref`` is the caller's temporary and may be overwritten
+    (``tensors.dist_sq(..., overwrite_ys=True)``: no gradient-sized allocation).
     """
+    grad_diff = tensors.dist_sq(grad, grad_ref, overwrite_ys=consume_grad_ref)
     if step_sq is None:
-        grad_diff_sq, step_sq = _reduced([tensors.dist_sq(grad, grad_ref), tensors.dist_sq(params, params_ref)], reduce)
+        grad_diff_sq, step_sq = _reduced([grad_diff, tensors.dist_sq(params, params_ref)], reduce)
     else:
-        (grad_diff_sq,) = _reduced([tensors.dist_sq(grad, grad_ref)], reduce)
+        (grad_diff_sq,) = _reduced([grad_diff], reduce)
     return grad_diff_sq.sqrt() / step_sq.sqrt()
 
 

@@ -207,15 +207,24 @@ def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: T
 
 
 @torch.no_grad()
-def dist_sq(xs: TensorList, ys: TensorList) -> Tensor:
-    """``‖x − y‖²`` computed tensor by tensor (float64, additive across shards)."""
+def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False) -> Tensor:
+    """``‖x − y‖²`` computed tensor by tensor (float64, additive across shards).
+
+    ``overwrite_ys``: the ``ys`` are temporaries of the caller (a replay's gradient), so ``y − x``
+    is formed in their memory instead of a new tensor of each one's size (the values of ``ys``
+    are then garbage). Tensors that cannot be written in place (expanded, shared memory, or
+    requiring grad) still get a temporary.
+    """
     _check_pair(xs, ys)
     if not xs:
         return _zero(xs)
     parts = []
     for x, y in zip(xs, ys):
-        x, y = _operands(x, y)
-        parts.append(torch.sub(x, y).square_().sum())
+        x, y_op = _operands(x, y)
+        if overwrite_ys and y_op.is_contiguous() and not y_op.requires_grad:
+            parts.append(y_op.sub_(x).square_().sum())
+        else:
+            parts.append(torch.sub(x, y_op).square_().sum())
     return _accumulate(parts)
 
 

@@ -359,3 +359,21 @@ def test_free_sums_give_the_step_metrics_and_the_previous_update_norm():
     calls = []
     metrics.free_sums(g, x, prev, x0, reduce=lambda v: calls.append(v.shape) or v)
     assert calls == [(4,)]
+
+
+def test_dist_sq_overwriting_its_second_argument_gives_the_same_value():
+    """overwrite_ys forms y − x in the caller's temporaries: the same sum as with a new tensor
+    (float32, mixed bf16), a fallback for tensors that cannot be written in place (an expanded
+    gradient, as autograd returns for a summed parameter), and the xs untouched."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(300, 7, generator=gen), torch.randn(5, generator=gen), torch.randn(64, generator=gen)]
+    ys = [torch.randn(300, 7, generator=gen), torch.ones(1).expand(5),
+          torch.randn(64, generator=gen).to(torch.bfloat16)]
+    expected = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(xs, ys))
+    plain = tensors.dist_sq(xs, ys)
+    xs_before, ys_before = [x.clone() for x in xs], [y.clone() for y in ys]
+    overwritten = tensors.dist_sq(xs, ys, overwrite_ys=True)
+    assert float(overwritten) == float(plain) == pytest.approx(expected, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(xs, xs_before))
+    assert not torch.equal(ys[0], ys_before[0])  # written in place: no new tensor of its size
+    assert torch.equal(ys[1], ys_before[1]) and torch.equal(ys[2], ys_before[2])  # expanded; widened copy
