@@ -123,7 +123,7 @@ def post_batch(conn: http.client.HTTPConnection, port: int, run: str, i: int, me
 
 def paced_batches(conn: http.client.HTTPConnection, port: int, run: str, metrics, per_metric: int, rate: float,
                   start_at: float, seconds: float, phase: float = 0.0, grace: float = 10.0,
-                  linger: float = 1.0) -> dict:
+                  linger: float = 1.0, bodies=None) -> dict:
     """Open loop: batch ``k`` is due at ``start_at + phase + k / rate`` (``time.time()``) for
     ``seconds``, whatever the answers to earlier batches do. A client that is behind sends the due
     batches back to back; each latency is counted from the batch's *due* time, not from when it
@@ -131,7 +131,9 @@ def paced_batches(conn: http.client.HTTPConnection, port: int, run: str, metrics
     Batches still unsent ``grace`` seconds after the window are counted as ``missed``; the call
     returns ``linger`` seconds after the window at the earliest. Returns
     ``{"sent", "latencies", "failed", "missed", "elapsed", "conn"}`` (points stored, seconds per batch,
-    refused batches, unsent batches, seconds from ``start_at`` to the last answer)."""
+    refused batches, unsent batches, seconds from ``start_at`` to the last answer). ``bodies``:
+    batch ``k``'s body is ``bodies[k]`` while there is one (built before the window, see
+    ``prebuilt_bodies``), else it is built here."""
     interval = 1.0 / rate
     end = start_at + seconds
     latencies, sent, failed, missed, k = [], 0, 0, 0, 0
@@ -142,7 +144,10 @@ def paced_batches(conn: http.client.HTTPConnection, port: int, run: str, metrics
         if time.time() > end + grace:
             missed = int((end - due) // interval) + 1
             break
-        body = batch_body(run, k, metrics, per_metric, due)  # built while waiting for the due time
+        if bodies is not None and k < len(bodies):
+            body = bodies[k]
+        else:
+            body = batch_body(run, k, metrics, per_metric, due)  # built while waiting for the due time
         now = time.time()
         if now < due:
             time.sleep(due - now)
@@ -183,6 +188,15 @@ def moxco_client(port: int, run: str, seconds: float, start_at: float, out) -> N
     out.put((sent, latencies, elapsed, failed))
 
 
+def prebuilt_bodies(run: str, metrics, per_metric: int, rate: float, seconds: float) -> list:
+    """Every body an open-loop client sends in its window, built before the window opens: the
+    clients share the 2 cores with the servers, and building a 1,000-point body (~1 ms of JSON)
+    at send time put the load generator's own CPU into the servers' latencies (a real agent
+    builds its batches on another machine). Wall times: the build time plus the schedule."""
+    now = time.time()
+    return [batch_body(run, k, metrics, per_metric, now + k / rate) for k in range(int(seconds * rate) + 2)]
+
+
 def moxco_open_client(port: int, run: str, rate: float, seconds: float, start_at: float, out) -> None:
     """One open-loop client: ``rate`` batches/s on a schedule (``paced_batches``), its own run,
     starting at its own phase within the first interval (clients are not in lock step)."""
@@ -190,9 +204,10 @@ def moxco_open_client(port: int, run: str, rate: float, seconds: float, start_at
     conn.request("PUT", f"/api/v1/runs/{run}", body=b"{}", headers={"Content-Type": "application/json"})
     conn.getresponse().read()
     metrics = ["loss", "grad_norm_sq", "update_norm", "inst_gap", "inst_smooth"]
+    bodies = prebuilt_bodies(run, metrics, BATCH // len(metrics), rate, seconds)
     start_at = wait_start(start_at)
     phase = random.Random(run).uniform(0.0, 1.0 / rate)
-    r = paced_batches(conn, port, run, metrics, BATCH // len(metrics), rate, start_at, seconds, phase)
+    r = paced_batches(conn, port, run, metrics, BATCH // len(metrics), rate, start_at, seconds, phase, bodies=bodies)
     out.put((r["sent"], r["latencies"], r["elapsed"], r["failed"] + r["missed"]))
 
 
