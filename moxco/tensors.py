@@ -212,8 +212,8 @@ def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False) -> Te
 
     ``overwrite_ys``: the ``ys`` are temporaries of the caller (a replay's gradient), so ``y − x``
     is formed in their memory instead of a new tensor of each one's size (the values of ``ys``
-    are then garbage). Tensors that cannot be written in place (expanded, shared memory, or
-    requiring grad) still get a temporary.
+    are then garbage). Tensors that cannot be written in place (non-contiguous, such as the
+    expanded gradient of a summed parameter, or requiring grad) still get a temporary.
     """
     _check_pair(xs, ys)
     if not xs:
