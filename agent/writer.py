@@ -24,7 +24,7 @@ from moxco.aligator import Aligator, GradNormSqEstimator
 from moxco.collector.storage import Point, Store
 from moxco.goodness import goodness
 from moxco.names import GOODNESS_TERM_METRICS
-from moxco.policy import Decision, DecisionPolicy, decision_id
+from moxco.policy import Decision, DecisionPolicy
 
 log = logging.getLogger("moxco.agent")
 

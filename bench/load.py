@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import free_port, paced_batches, serve, start_postgres  # noqa: E402  (same folder)
+from ingest import paced_batches, serve, start_postgres  # noqa: E402  (same folder)
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 1000

@@ -51,7 +51,6 @@ from moxco.collector.schema import (
     RUN_LEVEL_RANK,
     RUN_STATUSES,
     TOKEN_SCOPES,
-    batches,
     decisions,
     latest_points,
     metric_points,

@@ -129,14 +129,10 @@ def update_corr_rs_from_update_corr(update_corr_value: Tensor | float, scale: fl
     return update_corr_value / scale
 
 
-def grad_norm_sq(grad: TensorList, *, reduce: Reduce = None, norms_sq: Tensor | None = None) -> Tensor:
-    """``grad_norm_sq = ‖g_t‖² = Σ_i ‖g_i‖²`` (MoXCo eq. 6, first term, raw minibatch value).
-
-    ``norms_sq``: the per-tensor ``‖g_i‖²`` when the caller already has them (the agent records
-    them at the end of backward), so the gradient is not read again; ``grad`` is then unused.
-    """
-    partial = tensors.norm_sq(grad) if norms_sq is None else norms_sq.to(ACCUMULATE_DTYPE).sum()
-    (value,) = _reduced([partial], reduce)
+def grad_norm_sq(grad: TensorList, *, reduce: Reduce = None) -> Tensor:
+    """``grad_norm_sq = ‖g_t‖² = Σ_i ‖g_i‖²`` (MoXCo eq. 6, first term, raw minibatch value). The
+    agent gets it from ``free_sums``, with the other every-step sums."""
+    (value,) = _reduced([tensors.norm_sq(grad)], reduce)
     return value
 
 
