@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import moxco.agent
 from moxco.collector import open_store
+from tests.agent.gloo import gloo_group
 
 GLOBAL_BATCH, STEPS = 32, 12
 COMPARED = ("loss", "grad_norm_sq", "distance", "update_norm", "update_corr", "update_corr_rs", "loss_diff",
@@ -46,14 +45,11 @@ def train(model, batches, url, run, reference, rank=0, world=1):
 
 
 def _worker(rank, world, init_file, url):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         model, batches, reference = make_model_and_data()
         ddp = nn.parallel.DistributedDataParallel(model)
         errors = train(ddp, batches, url, "ddp", reference, rank, world)
         assert errors == {}, errors
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)
@@ -75,8 +71,7 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
 
 
 def _faulty_worker(rank, world, init_file, url):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         model, batches, _ = make_model_and_data()
         ddp = nn.parallel.DistributedDataParallel(model)
         criterion = nn.MSELoss()
@@ -97,8 +92,6 @@ def _faulty_worker(rank, world, init_file, url):
         agent.close()
         if rank == 1:
             assert set(agent.errors) == {"reeval (rank 1)", "probe (rank 1)"}, agent.errors
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)

@@ -16,6 +16,7 @@ from torch import nn
 import moxco.agent
 from moxco.aligator import split_terms
 from moxco.collector import open_store
+from tests.agent.gloo import gloo_group
 
 from torch.distributed.fsdp import fully_shard  # FSDP2: torch ≥ 2.6 (the project installs 2.13)
 
@@ -103,8 +104,7 @@ def _faulty_run(rank, world, url):
 
 
 def _worker(rank, world, init_file, url, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         model, batches, reference = make_model_and_data()
         plain, _, _ = train(shard(model), batches, rank=rank, world=world)
         model, batches, reference = make_model_and_data()
@@ -126,12 +126,6 @@ def _worker(rank, world, init_file, url, out):
         legacy = FullyShardedDataParallel(make_model_and_data()[0], device_id=torch.device("cpu"), use_orig_params=True)
         with pytest.raises(NotImplementedError, match="fully_shard"):
             moxco.agent.attach(legacy, torch.optim.SGD(legacy.parameters(), lr=0.1), url=url, run="fsdp1")
-        # both ranks done with every collective before either tears gloo down: a rank that destroys
-        # the group while its peer still holds pending work aborts the peer ("terminate called
-        # without an active exception", seen once under load)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
