@@ -1,11 +1,17 @@
 """The tables of the moxco store (SQLAlchemy Core), shared by SQLite and PostgreSQL.
 
 * ``runs``: one row per training run: unique name, status, config (JSON), timestamps, last step.
-* ``metric_points``: the series. Primary key ``(run_id, metric, rank, step)``: a point written
-  twice (a retried batch) is stored once, and the key is the index every range scan uses
-  (``WHERE run_id = ? AND metric = ? AND step BETWEEN ? AND ?``), so appends stay cheap.
+* ``metric_points``: the series, one row per point. Primary key ``(run_id, metric, rank, step)``:
+  a point written twice (a retried batch) is stored once, and the key is the index every range
+  scan uses (``WHERE run_id = ? AND metric = ? AND step BETWEEN ? AND ?``), so appends stay cheap.
   ``value`` NULL means NaN (SQLite cannot store NaN; ±Inf are stored as they are). ``rank`` is
-  -1 for run-level values and the torch.distributed rank for per-rank ones.
+  -1 for run-level values and the torch.distributed rank for per-rank ones. On PostgreSQL since
+  0005 it is a view over ``point_chunks`` with these same columns (read-only).
+* ``point_chunks`` (0005, PostgreSQL only): the points of one write, one series and one block of
+  ``BLOCK_STEPS`` steps as arrays (``steps`` sorted and unique, ``vals`` with NaN as NaN,
+  ``walls``); ``seq`` is the series' ``latest_points.version`` after that write. A series' chunks
+  are disjoint (the store skips steps already stored: first write wins). One row per series and
+  batch instead of one per point: a tenth of the index work and of the size.
 * ``decisions``: phase-switch decisions with their goodness terms, action, and acknowledgement.
 * ``latest_points`` (revision 0002): the newest point of every ``(run, metric, rank)`` series,
   maintained on every write. It answers "latest values", the Prometheus scrape and "which metrics
@@ -33,6 +39,7 @@ open); this module mirrors the latest revision for queries.
 from __future__ import annotations
 
 from sqlalchemy import (
+    ARRAY,
     JSON,
     BigInteger,
     Column,
@@ -159,6 +166,22 @@ series_blocks = Table(
     Column("max_wall", Float, nullable=True),
     Column("nan_step", BigInteger, nullable=True),  # first NaN of the block; NULL: none
     Column("nan_wall", Float, nullable=True),
+)
+
+point_chunks = Table(  # PostgreSQL only (revision 0005); SQLite keeps metric_points as a table
+    "point_chunks",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("metric", String(MAX_METRIC_LENGTH), primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("block", BigInteger, primary_key=True),  # step // BLOCK_STEPS (floor), as series_blocks
+    Column("seq", BigInteger, primary_key=True),  # latest_points.version after the write; 0: migrated
+    Column("n", Integer, nullable=False),
+    Column("first_step", BigInteger, nullable=False),
+    Column("last_step", BigInteger, nullable=False),
+    Column("steps", ARRAY(BigInteger), nullable=False),
+    Column("vals", ARRAY(Float), nullable=False),
+    Column("walls", ARRAY(Float), nullable=False),
 )
 
 SUMMARY_FIELDS = tuple(c.name for c in series_blocks.columns)[4:]

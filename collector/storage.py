@@ -53,7 +53,6 @@ from moxco.collector.schema import (
     TOKEN_SCOPES,
     decisions,
     latest_points,
-    metric_points,
     runs,
     series_blocks,
     tokens,
@@ -455,7 +454,7 @@ class Store:
         appends = [key not in current or s[lo] > current[key][0] for key, lo, _hi in series]
 
         if self.dialect == "postgresql":
-            stored = _pg_insert_points(raw, run_id, m, r, s, v, w, conflicts=not all(appends))
+            stored = _pg_insert_chunks(raw, run_id, series, appends, current, s, v, w)
         else:
             before = raw.total_changes
             _sqlite_insert_points(raw, run_id, m, r, s, db_v, w)
@@ -538,18 +537,10 @@ class Store:
     def series(self, name: str, metric: str, *, rank: int = RUN_LEVEL_RANK, start: Optional[int] = None,
                end: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one metric, ordered by step, optionally within ``[start, end]``."""
-        query = select(metric_points.c.step, metric_points.c.value)
         with self.engine.connect() as conn:
             run_id = self._run_id(conn, name)
-            query = query.where(metric_points.c.run_id == run_id, metric_points.c.metric == metric,
-                                metric_points.c.rank == rank)
-            if start is not None:
-                query = query.where(metric_points.c.step >= int(start))
-            if end is not None:
-                query = query.where(metric_points.c.step <= int(end))
-            rows = conn.execute(query.order_by(metric_points.c.step)).all()
-        steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        values = np.fromiter((_from_db(r[1]) for r in rows), dtype=np.float64, count=len(rows))
+            steps, values, _walls = self._load_columns(conn, run_id, metric, rank,
+                                                       after=None if start is None else int(start) - 1, until=end)
         return steps, values
 
     def metrics(self, name: str) -> List[str]:
@@ -680,20 +671,23 @@ class Store:
         after = -(2**63) if after is None else int(after)
         until = 2**63 - 1 if until is None else int(until)
         if self.dialect == "postgresql":
-            raw = conn.connection.driver_connection
-            sql = ("COPY (SELECT step, COALESCE(value, 'NaN'::float8), wall_time FROM metric_points "
-                   "WHERE run_id = {} AND metric = {} AND rank = {} AND step > {} AND step <= {} ORDER BY step) "
-                   "TO STDOUT (FORMAT BINARY)")
+            # the chunks of the blocks in range, unnested on the server; rows come in chunk order
+            # (sorted for a series written in order), so they are sorted here only when they must be
+            sql = ("COPY (SELECT u.step, u.value, u.wall_time FROM point_chunks c CROSS JOIN LATERAL "
+                   "unnest(c.steps, c.vals, c.walls) AS u(step, value, wall_time) WHERE c.run_id = {} AND "
+                   "c.metric = {} AND c.rank = {} AND c.block >= {} AND c.block <= {} AND u.step > {} AND "
+                   "u.step <= {}) TO STDOUT (FORMAT BINARY)")
             from psycopg import sql as pgsql
 
-            statement = pgsql.SQL(sql).format(pgsql.Literal(run_id), pgsql.Literal(metric), pgsql.Literal(rank),
-                                              pgsql.Literal(after), pgsql.Literal(until))
-            with raw.cursor() as cur:
+            statement = pgsql.SQL(sql).format(*map(pgsql.Literal, (run_id, metric, rank, (after + 1) // BLOCK_STEPS,
+                                                                  until // BLOCK_STEPS, after, until)))
+            with conn.connection.driver_connection.cursor() as cur:
                 with cur.copy(statement) as copy:
                     data = b"".join(bytes(chunk) for chunk in copy)
             rows = _parse_copy_binary(data)
-            return (rows["step"].astype(np.int64), rows["value"].astype(np.float64),
-                    rows["wall_time"].astype(np.float64))
+            steps = rows["step"].astype(np.int64)
+            order = slice(None) if np.all(steps[1:] > steps[:-1]) else np.argsort(steps, kind="stable")
+            return steps[order], rows["value"].astype(np.float64)[order], rows["wall_time"].astype(np.float64)[order]
         cursor = conn.connection.driver_connection.execute(
             "SELECT step, value, wall_time FROM metric_points WHERE run_id = ? AND metric = ? AND rank = ? "
             "AND step > ? AND step <= ? ORDER BY step", (run_id, metric, rank, after, until))
@@ -1265,22 +1259,43 @@ def _register_pg_arrays() -> None:
         _PG_ARRAY_TYPES[kind] = (elem_oid, dtype, cls)
 
 
-def _pg_insert_points(raw, run_id: int, m, r, s, v, w, *, conflicts: bool) -> int:
-    """Insert the sorted points in one statement from NumPy-built binary arrays (``unnest``); the
-    metric column travels as an index into the batch's few distinct names, and NaN becomes NULL on
-    the server (``NULLIF(v, 'NaN')``: PostgreSQL compares NaN equal to NaN). ``conflicts``: some
-    series does not continue after its stored last step, so insert-ignore (``ON CONFLICT DO
-    NOTHING``); otherwise a plain ``INSERT`` (no speculative insertion). Returns the rows stored."""
-    names = list(dict.fromkeys(m))
-    index = {name: i + 1 for i, name in enumerate(names)}
-    k = [index[x] for x in m] if len(names) > 1 else [1] * len(m)
-    sql = ("INSERT INTO metric_points (run_id, metric, rank, step, value, wall_time) "
-           "SELECT %s, (%s::varchar[])[t.k], t.r, t.s, NULLIF(t.v, 'NaN'::float8), t.w "
-           "FROM unnest(%b, %b, %b, %b, %b) AS t(k, r, s, v, w)" + (" ON CONFLICT DO NOTHING" if conflicts else ""))
-    with raw.cursor() as cur:
-        cur.execute(sql, (run_id, names, _pg_array("int4", k), _pg_array("int4", r), _pg_array("int8", s),
-                          _pg_array("float8", v), _pg_array("float8", w)))
-        return cur.rowcount
+def _pg_insert_chunks(raw, run_id: int, series, appends: Sequence[bool], current, s, v, w) -> int:
+    """Store the sorted points as ``point_chunks`` rows: per series, one row per block of
+    ``BLOCK_STEPS`` steps its points fall in, arrays built by NumPy (``_pg_array``), ``seq`` the
+    series' ``latest_points.version`` after this write (``_latest_statements``). A series that
+    does not continue after its stored last step first drops the steps it already has (first write
+    wins, so a series' chunks stay disjoint). Returns the points stored."""
+    steps = np.asarray(s, dtype=np.int64)
+    values = np.asarray(v, dtype=np.float64)
+    walls = np.asarray(w, dtype=np.float64)
+    rows = []
+    stored = 0
+    for (key, lo, hi), append in zip(series, appends):
+        st, va, wa = steps[lo:hi], values[lo:hi], walls[lo:hi]
+        if not append:
+            have = np.array([row[0] for row in _raw_rows(
+                raw, "postgresql", "SELECT u.step FROM point_chunks c CROSS JOIN LATERAL unnest(c.steps) AS u(step) "
+                "WHERE c.run_id = ? AND c.metric = ? AND c.rank = ? AND c.block >= ? AND c.block <= ? "
+                "AND u.step >= ? AND u.step <= ?",
+                (run_id, key[0], key[1], int(st[0]) // BLOCK_STEPS, int(st[-1]) // BLOCK_STEPS, int(st[0]),
+                 int(st[-1])))], dtype=np.int64)
+            if have.size:
+                new = ~np.isin(st, have)
+                st, va, wa = st[new], va[new], wa[new]
+        if not st.size:
+            continue
+        seq = current[key][1] + 1 if key in current else 1
+        blocks = st // BLOCK_STEPS
+        cuts = [0, *(np.flatnonzero(blocks[1:] != blocks[:-1]) + 1).tolist(), st.size]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            rows.append((run_id, key[0], key[1], int(blocks[a]), seq, b - a, int(st[a]), int(st[b - 1]),
+                         _pg_array("int8", st[a:b]), _pg_array("float8", va[a:b]), _pg_array("float8", wa[a:b])))
+        stored += st.size
+    if rows:
+        with raw.cursor() as cur:
+            cur.executemany("INSERT INTO point_chunks (run_id, metric, rank, block, seq, n, first_step, last_step, "
+                            "steps, vals, walls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %b, %b, %b)", rows)
+    return stored
 
 
 class SeriesCache:
