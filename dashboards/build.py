@@ -15,7 +15,8 @@ Live panels query Prometheus (the collector's ``/metrics``: ``moxco_<metric>{run
 docs/api.md); since several collector workers expose the same gauges, every query aggregates
 ``max by (run)`` so a run is one line whatever the number of workers. Full history, the decision
 table and the decision annotations query the PostgreSQL store (``runs``, ``metric_points``,
-``decisions``: collector/schema.py) through Grafana's PostgreSQL datasource.
+``latest_points``, ``series_blocks``, ``decisions``: collector/schema.py) through Grafana's
+PostgreSQL datasource; tests/dashboards/test_sql_on_store.py runs every such query on a real one.
 
 ``python -m moxco.dashboards.build`` (or ``moxco dashboards build``) writes the JSON to
 ``dashboards/json/`` and the Kubernetes ConfigMap that carries it to
@@ -185,20 +186,23 @@ DECISIONS_TABLE_SQL = """
 
 
 def _latest(metric: str) -> str:
-    return (f"(SELECT p.value FROM metric_points p WHERE p.run_id = r.id AND p.metric = '{metric}' "
-            f"AND p.rank = -1 ORDER BY p.step DESC LIMIT 1)")
+    # latest_points: one key lookup (the points themselves are chunks behind a view on PostgreSQL)
+    return (f"(SELECT lp.value FROM latest_points lp WHERE lp.run_id = r.id AND lp.metric = '{metric}' "
+            f"AND lp.rank = -1)")
 
 
-def _agg(fn: str, metric: str) -> str:
-    return (f"(SELECT {fn}(p.value) FROM metric_points p WHERE p.run_id = r.id AND p.metric = '{metric}' "
-            f"AND p.rank = -1)")
+def _extreme(fn: str, metric: str) -> str:
+    # series_blocks keeps each block's min and max (NaN skipped): ~1,000 rows for 1 M points
+    column = {"min": "min_value", "max": "max_value"}[fn]
+    return (f"(SELECT {fn}(b.{column}) FROM series_blocks b WHERE b.run_id = r.id AND b.metric = '{metric}' "
+            f"AND b.rank = -1)")
 
 
 RUNS_SUMMARY_SQL = f"""
     SELECT r.name AS "run", r.status AS "status", r.last_step AS "last step",
            {_latest('phase')} AS "phase",
-           {_latest('loss')} AS "last loss", {_agg('min', 'loss')} AS "min loss",
-           {_latest('goodness')} AS "last goodness", {_agg('max', 'sharpness')} AS "max sharpness",
+           {_latest('loss')} AS "last loss", {_extreme('min', 'loss')} AS "min loss",
+           {_latest('goodness')} AS "last goodness", {_extreme('max', 'sharpness')} AS "max sharpness",
            {_latest('convexity_ratio')} AS "convexity ratio",
            (SELECT count(*) FROM decisions d WHERE d.run_id = r.id) AS "decisions"
     FROM runs r
