@@ -1264,11 +1264,14 @@ def _pg_insert_chunks(raw, run_id: int, series, appends: Sequence[bool], current
     ``BLOCK_STEPS`` steps its points fall in, arrays built by NumPy (``_pg_array``), ``seq`` the
     series' ``latest_points.version`` after this write (``_latest_statements``). A series that
     does not continue after its stored last step first drops the steps it already has (first write
-    wins, so a series' chunks stay disjoint). Returns the points stored."""
+    wins, so a series' chunks stay disjoint). An appended series whose points start past the block
+    of its stored last step has closed that block: its chunks are merged into one (``_PG_COMPACT``),
+    so a long series is about one row per block whatever the batch size (a slow job sends one step
+    per series and batch). Returns the points stored."""
     steps = np.asarray(s, dtype=np.int64)
     values = np.asarray(v, dtype=np.float64)
     walls = np.asarray(w, dtype=np.float64)
-    rows = []
+    rows, closed = [], []
     stored = 0
     for (key, lo, hi), append in zip(series, appends):
         st, va, wa = steps[lo:hi], values[lo:hi], walls[lo:hi]
@@ -1286,6 +1289,8 @@ def _pg_insert_chunks(raw, run_id: int, series, appends: Sequence[bool], current
             continue
         seq = current[key][1] + 1 if key in current else 1
         blocks = st // BLOCK_STEPS
+        if append and key in current and blocks[0] > current[key][0] // BLOCK_STEPS:
+            closed.append((run_id, key[0], key[1], current[key][0] // BLOCK_STEPS) * 3 + (seq,))
         cuts = [0, *(np.flatnonzero(blocks[1:] != blocks[:-1]) + 1).tolist(), st.size]
         for a, b in zip(cuts[:-1], cuts[1:]):
             rows.append((run_id, key[0], key[1], int(blocks[a]), seq, b - a, int(st[a]), int(st[b - 1]),
@@ -1295,7 +1300,24 @@ def _pg_insert_chunks(raw, run_id: int, series, appends: Sequence[bool], current
         with raw.cursor() as cur:
             cur.executemany("INSERT INTO point_chunks (run_id, metric, rank, block, seq, n, first_step, last_step, "
                             "steps, vals, walls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %b, %b, %b)", rows)
+    if closed:
+        with raw.cursor() as cur:
+            cur.executemany(_PG_COMPACT, closed)
     return stored
+
+
+# Merge the chunks of one closed block of a series into one row, on the server, when it has more
+# than one: the chunks are disjoint, so the merged arrays sorted by step hold every point once.
+# Its seq (the series' version after this write) is above every merged chunk's.
+_PG_COMPACT = (
+    "WITH gone AS (DELETE FROM point_chunks WHERE run_id = %s AND metric = %s AND rank = %s AND block = %s "
+    "AND (SELECT count(*) FROM point_chunks WHERE run_id = %s AND metric = %s AND rank = %s AND block = %s) > 1 "
+    "RETURNING steps, vals, walls) "
+    "INSERT INTO point_chunks (run_id, metric, rank, block, seq, n, first_step, last_step, steps, vals, walls) "
+    "SELECT %s, %s, %s, %s, %s, count(*), min(u.step), max(u.step), array_agg(u.step ORDER BY u.step), "
+    "array_agg(u.value ORDER BY u.step), array_agg(u.wall_time ORDER BY u.step) "
+    "FROM gone CROSS JOIN LATERAL unnest(gone.steps, gone.vals, gone.walls) AS u(step, value, wall_time) "
+    "HAVING count(*) > 0")
 
 
 class SeriesCache:

@@ -170,3 +170,32 @@ def test_long_appended_series_reads_sorted_in_one_pass(store_url, per_batch):
         assert store.series_columns("r", "loss")[0][-2:].tolist() == [n - 1, n]
         assert store.series("r", "loss", start=BLOCK_STEPS - 1, end=BLOCK_STEPS)[0].tolist() == [BLOCK_STEPS - 1,
                                                                                                 BLOCK_STEPS]
+
+
+def test_closed_blocks_are_merged_into_one_chunk(pg_url):
+    """A slow job sends one step per series and batch: each block of a series is many one-point
+    chunks until the series moves past it, then one row; points, NaN and order are kept, and a
+    late write of a missing step into a merged block adds a chunk beside it."""
+    def chunks(store):
+        with store.engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT metric, block, count(*), sum(n) FROM point_chunks "
+                                        "GROUP BY metric, block ORDER BY metric, block").all()
+
+    with Store(pg_url) as store:
+        store.create_run("r")
+        n = 2 * BLOCK_STEPS + 10
+        steps = [s for s in range(n) if s != 9]  # step 9 comes late
+        for step in steps:
+            value = math.nan if step == 5 else float(step)
+            store.ingest("r", f"b{step}", ["loss", "gap"], [step, step], [value, -value], [1.0, 2.0], [-1, -1])
+        full = BLOCK_STEPS
+        assert chunks(store) == [("gap", 0, 1, full - 1), ("gap", 1, 1, full), ("gap", 2, 10, 10),
+                                 ("loss", 0, 1, full - 1), ("loss", 1, 1, full), ("loss", 2, 10, 10)]
+        assert store.ingest("r", "late", ["loss", "loss"], [7, 9], [99.0, 9.0], [1.0, 1.0], [-1, -1]).stored == 1
+        assert chunks(store)[3] == ("loss", 0, 2, full)
+        got_steps, got_values = store.series("r", "loss")
+        want = np.arange(n, dtype=float)
+        want[5] = math.nan
+        np.testing.assert_array_equal(got_steps, np.arange(n))
+        np.testing.assert_array_equal(got_values, want)
+        np.testing.assert_array_equal(store.series("r", "gap")[0], steps)
