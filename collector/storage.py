@@ -5,8 +5,10 @@ a background thread; the collector service serves from it. Reads return NumPy ar
 
 Guarantees:
 
-* writing the same point twice (a retried batch) stores it once: ``(run, metric, rank, step)``
-  is the primary key and inserts skip conflicts;
+* writing the same point twice (a retried batch) stores it once, the first write winning: on
+  SQLite ``(run, metric, rank, step)`` is the primary key and inserts skip conflicts; on
+  PostgreSQL points are chunks (``point_chunks``: arrays per write, series and block) and a write
+  that reaches back skips the steps its series already has;
 * NaN and ±Inf are stored and read back as they are (NaN as SQL NULL, since SQLite has no NaN);
 * SQLite runs in WAL mode, so readers (``moxco serve``, audits) never block the writer; write
   transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing
@@ -434,12 +436,13 @@ class Store:
 
         Rows are written sorted by key, so concurrent writers on PostgreSQL lock index entries in
         the same order (no deadlock); a key given twice in one batch keeps its first point (what
-        insert-ignore keeps). NaN is stored as NULL (SQLite has no NaN). A series whose points all
-        come after its stored last step (the usual append; the run lock makes this exact) cannot
-        conflict: on PostgreSQL those batches are a plain ``INSERT`` (no speculative insertion:
-        half the server time), and their block summaries are merged into the stored ones; any
-        other series (out of order, replayed, overlapping) is insert-ignored and its touched
-        blocks are summarised again from the stored points.
+        insert-ignore keeps). NaN is stored as NULL on SQLite (it has no NaN). A series whose
+        points all come after its stored last step (the usual append; the run lock makes this
+        exact) cannot conflict: its block summaries are merged into the stored ones, and on
+        PostgreSQL its chunks are inserted as they are (``_pg_insert_chunks``). Any other series
+        (out of order, replayed, overlapping) keeps only its new steps (insert-ignore on SQLite, a
+        look-up of the stored steps on PostgreSQL) and its touched blocks are summarised again
+        from the stored points.
         """
         m, r, s, v, w = _key_order(metrics_, steps, values, walls, ranks)
         db_v = [None if x != x else x for x in v]
