@@ -65,7 +65,6 @@ from moxco.goodness import Goodness
 from moxco.policy import Decision, DecisionPolicy, PolicyConfig, decision_id
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-INSERT_CHUNK = 5000  # rows per INSERT statement: under SQLite's bound-parameter limit
 GOODNESS_TERMS = ("goodness_grad_term", "goodness_sharpness_term", "goodness_loss_term")
 _UNSET: Any = object()
 
@@ -1231,9 +1230,9 @@ _PG_ARRAY_TYPES: Dict[str, Tuple[int, str, Any]] = {}  # name -> (element oid, N
 
 
 def _pg_array(kind: str, values: Sequence[Any]) -> bytes:
-    """``values`` as a binary ``int4[]``/``int8[]``/``float8[]`` parameter: a header and
-    ``(length, value)`` pairs in network byte order, written by NumPy in one pass (psycopg's own
-    array dumper loops over the list in Python: ~2 ms for a 1,000-point batch's five arrays)."""
+    """``values`` as a binary ``int8[]``/``float8[]`` parameter: a header and ``(length, value)``
+    pairs in network byte order, written by NumPy in one pass (psycopg's own array dumper loops
+    over the list in Python: ~2 ms for a 1,000-point batch's arrays)."""
     elem_oid, dtype, cls = _PG_ARRAY_TYPES[kind]
     data = np.asarray(values, dtype=dtype)
     rows = np.empty(data.size, dtype=[("length", ">i4"), ("value", dtype)])
@@ -1253,8 +1252,7 @@ def _register_pg_arrays() -> None:
     from psycopg.adapt import Dumper
     from psycopg.pq import Format
 
-    for kind, elem_oid, array_oid, dtype in (("int4", 23, 1007, ">i4"), ("int8", 20, 1016, ">i8"),
-                                             ("float8", 701, 1022, ">f8")):
+    for kind, elem_oid, array_oid, dtype in (("int8", 20, 1016, ">i8"), ("float8", 701, 1022, ">f8")):
         cls = type(f"_PgArray_{kind}", (_PgBinaryArray,), {})
         dumper = type(f"_PgArrayDumper_{kind}", (Dumper,), {"format": Format.BINARY, "oid": array_oid,
                                                             "dump": lambda self, obj: obj})
@@ -1293,7 +1291,8 @@ def _pg_insert_chunks(raw, run_id: int, series, appends: Sequence[bool], current
         seq = current[key][1] + 1 if key in current else 1
         blocks = st // BLOCK_STEPS
         if append and key in current and blocks[0] > current[key][0] // BLOCK_STEPS:
-            closed.append((run_id, key[0], key[1], current[key][0] // BLOCK_STEPS) * 3 + (seq,))
+            closed.append({"run": run_id, "metric": key[0], "rank": key[1],
+                           "block": current[key][0] // BLOCK_STEPS, "seq": seq})
         cuts = [0, *(np.flatnonzero(blocks[1:] != blocks[:-1]) + 1).tolist(), st.size]
         for a, b in zip(cuts[:-1], cuts[1:]):
             rows.append((run_id, key[0], key[1], int(blocks[a]), seq, b - a, int(st[a]), int(st[b - 1]),
@@ -1312,13 +1311,14 @@ def _pg_insert_chunks(raw, run_id: int, series, appends: Sequence[bool], current
 # Merge the chunks of one closed block of a series into one row, on the server, when it has more
 # than one: the chunks are disjoint, so the merged arrays sorted by step hold every point once.
 # Its seq (the series' version after this write) is above every merged chunk's.
+_PG_BLOCK_CHUNKS = ("FROM point_chunks WHERE run_id = %(run)s AND metric = %(metric)s AND rank = %(rank)s "
+                    "AND block = %(block)s")
 _PG_COMPACT = (
-    "WITH gone AS (DELETE FROM point_chunks WHERE run_id = %s AND metric = %s AND rank = %s AND block = %s "
-    "AND (SELECT count(*) FROM point_chunks WHERE run_id = %s AND metric = %s AND rank = %s AND block = %s) > 1 "
+    f"WITH gone AS (DELETE {_PG_BLOCK_CHUNKS} AND (SELECT count(*) {_PG_BLOCK_CHUNKS}) > 1 "
     "RETURNING steps, vals, walls) "
     "INSERT INTO point_chunks (run_id, metric, rank, block, seq, n, first_step, last_step, steps, vals, walls) "
-    "SELECT %s, %s, %s, %s, %s, count(*), min(u.step), max(u.step), array_agg(u.step ORDER BY u.step), "
-    "array_agg(u.value ORDER BY u.step), array_agg(u.wall_time ORDER BY u.step) "
+    "SELECT %(run)s, %(metric)s, %(rank)s, %(block)s, %(seq)s, count(*), min(u.step), max(u.step), "
+    "array_agg(u.step ORDER BY u.step), array_agg(u.value ORDER BY u.step), array_agg(u.wall_time ORDER BY u.step) "
     "FROM gone CROSS JOIN LATERAL unnest(gone.steps, gone.vals, gone.walls) AS u(step, value, wall_time) "
     "HAVING count(*) > 0")
 
