@@ -162,6 +162,7 @@ class Agent:
         self._pending_lock = threading.Lock()
         self._epoch_start = False
         self.phase = 1
+        self._phase_recorded: Optional[tuple[int, int]] = None  # (step, phase) of the last phase point
 
         goodness_settings = goodness if isinstance(goodness, GoodnessSettings) else GoodnessSettings(**dict(goodness or {}))
         policy_config = policy if isinstance(policy, PolicyConfig) else (PolicyConfig(**dict(policy)) if policy else PolicyConfig())
@@ -472,7 +473,7 @@ class Agent:
                 self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference,
                 reduce=self._reduce)
         self._guard("optimizer", self._optimizer_state, values)
-        values["phase"] = self.phase
+        values.update(self._phase_point())
         # λ_target read here, with the optimizer state of this step (the hypergradient changes lr
         # every step): the writer thread must not read the live optimizer
         target = self._sharpness_target()
@@ -584,7 +585,18 @@ class Agent:
         if self.store is not None:
             self.store.acknowledge_decision(ident, applied_step=self.step)
         self.phase = int(action.get("phase", 2))
-        self._submit(StepRecord(self.step, {"phase": self.phase}))
+        point = self._phase_point()
+        if point:
+            self._submit(StepRecord(self.step, point))
+
+    def _phase_point(self) -> Dict[str, int]:
+        """``{"phase": …}`` for the current step, or nothing when this step's phase is recorded
+        already: a decision applied at the boundary before a probe step records the phase it set,
+        and the probe must not send the same point again."""
+        if self._phase_recorded == (self.step, self.phase):
+            return {}
+        self._phase_recorded = (self.step, self.phase)
+        return {"phase": self.phase}
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Agent:

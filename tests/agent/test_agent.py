@@ -442,3 +442,40 @@ def test_the_agent_does_not_keep_the_models_output_alive(url):
             opt.step()
             opt.zero_grad()
     assert not agent.errors
+
+
+class _CommittingSGD(torch.optim.SGD):
+    """An optimizer with ``commit(...)``, as the decision protocol applies decisions through."""
+
+    def commit(self, **kwargs):
+        self.committed = kwargs
+
+
+def test_a_decision_applied_before_a_probe_step_records_its_phase_once(url):
+    """The decision applied at the boundary before step 5 records phase 2 at step 5, and the probe
+    of step 5 does not send the same point again (the fault test saw ('phase', 260) sent twice);
+    a later probe still records the phase, and the store holds one point per step."""
+    from moxco.policy import Decision
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = _CommittingSGD(model.parameters(), lr=0.05)
+    criterion = nn.MSELoss()
+    agent = moxco.agent.attach(model, opt, url=url, criterion=criterion, reeval_every=0, probe_every=5)
+    submitted = []
+    submit = agent._submit
+    agent._submit = lambda record: (submitted.append(record), submit(record))[1]
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for step in range(11):
+        if step == 4:  # queued before step 4 runs: applied at its end, the boundary before step 5
+            decision = Decision(step=4, action={"phase": 2, "alpha": 0.1}, source="operator")
+            agent._receive_decision(agent.store.add_decision(agent.run, decision), decision)
+        criterion(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    phase_points = [(r.step, r.values["phase"]) for r in submitted if "phase" in r.values]
+    assert phase_points == [(0, 1), (5, 2), (10, 2)]
+    assert opt.committed == {"alpha": 0.1}
+    steps, values = open_store(url).series(agent.run, "phase")
+    assert steps.tolist() == [0, 5, 10] and values.tolist() == [1.0, 2.0, 2.0]
