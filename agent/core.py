@@ -143,7 +143,9 @@ class Agent:
         self._free: Optional[metrics.FreeSums] = None  # this step's, while the pre-step hook runs
         self._versions_after_step: Optional[List[int]] = None  # see _after_step_metrics
         self._prev: Optional[List[Tensor]] = None  # x_{t−1} (the one copy free metrics need)
-        self._x0: Optional[List[Tensor]] = tensors.clone(self.params) if track_distance else None
+        self._prev_advanced = False  # whether this step's free metrics have made _prev x_t
+        self._prev_is_previous = True  # whether _prev is still x_{t−1} after the free metrics ran
+        self._x0: Optional[List[Tensor]] = tensors.copy_params(self.params) if track_distance else None
         self._scale = 1.0  # s_{t−1}
         self._reference = None
         if reference is not None:
@@ -328,10 +330,18 @@ class Agent:
             self.params = self.shards.local()  # FSDP's lazy init may replace the shard tensors
         with torch.no_grad():
             self._guard("free", self._recover_raw_gradient, values)
+        # the replay at x_{t−1} comes first: the free metrics then advance the copy x_{t−1} to x_t
+        # in place, and the re-evaluation's formulas take their products from the free metrics.
+        # The raw gradient's norms are read before it: an FSDP replay's backward records its own
+        raw_norms_sq = self._guard("free", self.raw_gradient.raw_norms_sq)
+        replay = self._guard("reeval", self._replay_with_grad, self._prev, "reeval") if self._reeval_due() else None
+        # the free metrics overwrite x_{t−1} with x_t when they run, also when they fail part way
+        self._prev_is_previous = "free" in self.errors or self._prev is None
+        self._prev_advanced = False
         with torch.no_grad():
-            self._guard("free", self._free_metrics, values)
-        if self._reeval_due():
-            self._guard("reeval", self._reeval, values)
+            self._guard("free", self._free_metrics, values, raw_norms_sq)
+        if replay is not None:
+            self._guard("reeval", self._reeval, values, *replay)
         self._free = None
         if self._reference is not None and self._due(self.reeval_every) and self.capture.has_batch():
             self._guard("reference", self._reeval_reference, values)
@@ -341,27 +351,35 @@ class Agent:
         if self.group.active and self._due(self.probe_every):
             # decisions come from rank 0's policy; every rank applies them at the same step boundary
             self._guard("decision", self._share_decision)
-        with torch.no_grad():
-            if self._prev is None:
-                self._prev = tensors.clone(self.params)
-            else:
-                tensors.copy_(self._prev, self.params)
+        if not self._prev_advanced:
+            self._guard("copy", self._advance_prev)
         record = StepRecord(self.step, values, epoch_start=self._epoch_start, probe=probe)
         self._epoch_start = False
         self._step_grads = None
         self.raw_gradient.clear()
         self._submit(record)
 
-    def _free_metrics(self, values: Dict[str, Any]) -> None:
+    @torch.no_grad()
+    def _advance_prev(self) -> None:
+        """``x_{t−1} ← x_t`` where the free metrics did not do it in passing (first step, free off)."""
+        if self._prev is None or [p.shape for p in self._prev] != [p.shape for p in self.params]:
+            self._prev = tensors.copy_params(self.params)
+        else:
+            tensors.copy_(self._prev, self.params)
+        self._prev_advanced = True
+
+    def _free_metrics(self, values: Dict[str, Any], raw_norms_sq: Optional[Tensor]) -> None:
         values["loss"] = self._step_loss()
-        # one pass over the parameters and one float64 vector (one collective when sharded, one
-        # device read on the writer thread): ‖g_t‖² from the norms recorded at the end of
-        # backward (no second read of .grad); update_corr and the previous step's update_norm
-        # from one difference x_t − x_{t−1}, which the re-evaluation reuses (inst_gap's inner
-        # product is update_corr, inst_smooth's denominator the step length); distance to x_0
+        # one float64 vector (one collective when sharded, one device read on the writer thread):
+        # ‖g_t‖² from the norms recorded at the end of backward (no second read of .grad);
+        # update_corr and the previous step's update_norm from one difference x_t − x_{t−1},
+        # which the re-evaluation reuses (inst_gap's inner product is update_corr, inst_smooth's
+        # denominator the step length); distance to x_0; and x_{t−1} ← x_t on the way, with the
+        # copy as the scratch for the differences (tensors.step_sums(advance=True))
         self._free = metrics.free_sums(self._grads(), self.params, self._prev, self._x0,
-                                       grad_norms_sq=self.raw_gradient.raw_norms_sq(), reduce=self._reduce,
-                                       scale=self._scale)
+                                       grad_norms_sq=raw_norms_sq, reduce=self._reduce, scale=self._scale,
+                                       advance_prev=True)
+        self._prev_advanced = self._prev is not None
         values[FREE_SUMS] = self._free
 
     def _step_loss(self) -> Tensor:
@@ -409,17 +427,25 @@ class Agent:
         averaged = self.group.mean([loss.reshape(1), *grads])
         return averaged[0].reshape(()), averaged[1:]
 
-    def _reeval(self, values: Dict[str, Any]) -> None:
-        loss_prev, grad_prev = self._replay_with_grad(self._prev, "reeval")
+    def _reeval(self, values: Dict[str, Any], loss_prev: Tensor, grad_prev: List[Tensor]) -> None:
+        """``loss_diff``, ``inst_gap``, ``inst_smooth`` from the replay at ``x_{t−1}`` (run before
+        the free metrics advanced the copy of ``x_{t−1}``) and the free metrics' products."""
         loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
-        # (⟨g_t, x_t − x_{t−1}⟩, ‖x_t − x_{t−1}‖²) from this hook's free metrics, when they ran
+        # (⟨g_t, x_t − x_{t−1}⟩, ‖x_t − x_{t−1}‖²) from this hook's free metrics, when they ran;
+        # else from x_{t−1}, which is then still in place (the free metrics are off)
         free = self._free
-        dot_step, step_sq = free.update_products() if free is not None and free.has_update else (None, None)
-        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, self._prev, reduce=self._reduce,
+        if free is not None and free.has_update:
+            dot_step, step_sq = free.update_products()
+        elif self._prev_is_previous:
+            dot_step, step_sq = metrics.free_sums(grads, self.params, self._prev, None,
+                                                  reduce=self._reduce).update_products()
+        else:  # the free metrics failed this step after x_{t−1} was overwritten: loss_diff alone
+            return
+        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, None, reduce=self._reduce,
                                               grad_dot_step=dot_step)
         # the replay's gradient is the agent's own and read for the last time here: overwritten
-        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, self._prev, reduce=self._reduce,
+        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, None, reduce=self._reduce,
                                                     step_sq=step_sq, consume_grad_ref=True)
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:

@@ -176,12 +176,14 @@ class FreeSums:
 
 
 def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], origin: Optional[TensorList], *,
-              grad_norms_sq: Optional[Tensor] = None, reduce: Reduce = None, scale: float = 1.0) -> FreeSums:
+              grad_norms_sq: Optional[Tensor] = None, reduce: Reduce = None, scale: float = 1.0,
+              advance_prev: bool = False) -> FreeSums:
     """The free metrics of one step from one pass over the parameters (``tensors.step_sums``) and
     one collective when sharded: see ``FreeSums``. ``grad_norms_sq``: per-tensor ``‖g_i‖²`` the
-    caller already has (the agent records them at the end of backward); else ``grad`` is read."""
+    caller already has (the agent records them at the end of backward); else ``grad`` is read.
+    ``advance_prev``: ``prev`` holds ``params`` afterwards (``step_sums(..., advance=True)``)."""
     grad_sq = tensors.norms_sq(grad) if grad_norms_sq is None else grad_norms_sq
-    step = tensors.step_sums(grad, params, prev, origin)
+    step = tensors.step_sums(grad, params, prev, origin, advance=advance_prev)
     partials = torch.cat([grad_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1), step])
     out = partials if reduce is None else reduce(partials)
     return FreeSums(partials if out is None else out, prev is not None, origin is not None, scale)

@@ -46,14 +46,16 @@ def _zero(xs: TensorList) -> Tensor:
     return torch.zeros((), dtype=ACCUMULATE_DTYPE, device=device)
 
 
-# Precision and cost. fp32/fp64 tensors are reduced in their own dtype with torch's cascade
-# (pairwise) summation: relative error ~1e-8 even at 4·10⁷ elements, where BLAS ``vdot`` is off
-# by 7e-4 and ``vector_norm`` by 6e-3 (float32 accumulators). Upcasting whole tensors to float64
-# first would be exact but costs ~7x more time and three parameter-sized temporaries per tensor
-# (bench/agent_overhead.py measured it as the agent's main cost). Differences ``x − y`` are taken
-# in the working dtype: exact for nearby iterates (Sterbenz), else rounded once (2^-24 relative).
-# bf16/fp16 tensors are widened to float32 (exact) one tensor at a time. Per-tensor results are
-# accumulated across tensors in float64.
+# Precision and cost. fp32/fp64 tensors are reduced in their own dtype, per tensor or piece, and
+# accumulated across them in float64. Sums of products that may cancel (⟨g, x − y⟩) use torch's
+# cascade (pairwise) summation: relative error ~1e-8 even at 4·10⁷ elements, where one BLAS
+# ``vdot`` is off by 7e-4 and ``vector_norm`` by 6e-3 (float32 accumulators). Squared norms,
+# whose terms never cancel, are BLAS dots over DOT_CHUNK-element pieces: ~1e-7 relative (1e-6 at
+# worst), with no temporary (see ``_sq_sum``). Upcasting whole tensors to float64 first would be
+# exact but costs ~7x more time and parameter-sized temporaries (bench/agent_overhead.py measured
+# it as the agent's main cost). Differences ``x − y`` are taken in the working dtype: exact for
+# nearby iterates (Sterbenz), else rounded once (2^-24 relative). bf16/fp16 tensors are widened
+# to float32 (exact) one tensor at a time.
 _NATIVE = (torch.float32, torch.float64)
 
 
@@ -88,6 +90,24 @@ def _chunked(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() > CHUNKED_ABOVE
 
 
+# Squared norms of contiguous float32/float64 vectors are BLAS dots, which read the vector once and
+# write nothing (``x.square().sum()`` writes a tensor-sized temporary first: on the CPU a fresh
+# allocation whose pages fault in on every call). One dot's float32 accumulators lose precision
+# with length (1e-6 relative at 2.6·10⁵ elements, 7e-6 at 10⁶), so on the CPU the vector is cut
+# into DOT_CHUNK-element pieces whose dots are summed in float64: 1e-7 at 4·10⁶ elements, the
+# cascade sum's precision, at 0.6× its time. Accelerators take one dot (a tree reduction).
+DOT_CHUNK = 1 << 16
+
+
+def _sq_sum(flat: Tensor) -> Tensor:
+    """``‖v‖²`` of a contiguous 1-D float32/float64 tensor, in its dtype (see ``DOT_CHUNK``)."""
+    n = flat.numel()
+    if flat.device.type != "cpu" or n <= DOT_CHUNK:
+        return torch.dot(flat, flat)
+    pieces = [flat[i:i + DOT_CHUNK] for i in range(0, n, DOT_CHUNK)]
+    return torch.stack([torch.dot(v, v) for v in pieces]).to(ACCUMULATE_DTYPE).sum()
+
+
 @torch.no_grad()
 def dot(xs: TensorList, ys: TensorList) -> Tensor:
     """``⟨x, y⟩ = Σ_i Σ_j x_ij y_ij`` over two parameter lists (float64 result)."""
@@ -106,20 +126,12 @@ def norms_sq(xs: TensorList) -> Tensor:
     """``[‖x_1‖², ‖x_2‖², …]``: the squared norm of every tensor of the list (float64, shape (n,))."""
     if not xs:
         return torch.zeros(0, dtype=ACCUMULATE_DTYPE)
-    parts, scratch = [], None
+    if _one_native_dtype(xs) and all(x.is_contiguous() for x in xs):  # the common case, in few dispatches
+        return torch.stack([_sq_sum(x.view(-1)) for x in xs]).to(ACCUMULATE_DTYPE)
+    parts = []
     for x in xs:
         x = _operands(x)[0]
-        if not _chunked(x):
-            parts.append(x.square().sum())
-            continue
-        if scratch is None or scratch.dtype != x.dtype:
-            scratch = torch.empty(CHUNK, dtype=x.dtype)
-        flat, n = x.reshape(-1), x.numel()
-        chunks = [torch.mul(flat[i:i + CHUNK], flat[i:i + CHUNK], out=scratch[: min(n, i + CHUNK) - i]).sum()
-                  for i in range(0, n, CHUNK)]
-        parts.append(torch.stack(chunks).to(ACCUMULATE_DTYPE).sum())
-    if all(p.dtype == parts[0].dtype for p in parts):
-        return torch.stack(parts).to(ACCUMULATE_DTYPE)
+        parts.append(_sq_sum(x.view(-1)) if x.dtype in _NATIVE and x.is_contiguous() else x.square().sum())
     return torch.stack([p.to(ACCUMULATE_DTYPE) for p in parts])
 
 
@@ -162,21 +174,36 @@ def _step_sums_chunked(g: Tensor, x: Tensor, p: Tensor | None, o: Tensor | None,
         if p is not None:
             torch.sub(x[i:j], p.reshape(-1)[i:j], out=a)
             columns[0].append(torch.mul(a, g[i:j], out=b).sum())
-            columns[1].append(a.square_().sum())
+            columns[1].append(_sq_sum(a))
         if o is not None:
-            columns[-1].append(torch.sub(x[i:j], o.reshape(-1)[i:j], out=a).square_().sum())
+            columns[-1].append(_sq_sum(torch.sub(x[i:j], o.reshape(-1)[i:j], out=a)))
 
 
 @torch.no_grad()
-def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None) -> Tensor:
+def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None, *,
+              advance: bool = False) -> Tensor:
     """The parameter-space sums of one training step, from one pass over the parameter list
     (float64, additive across shards): ``[⟨g, x − p⟩, ‖x − p‖²]`` when ``prev`` (``p``) is given,
     then ``‖x − o‖²`` when ``origin`` (``o``) is given; shape (0,), (1,), (2,) or (3,).
 
-    The agent's every-step metrics, with the precision of ``dot_diff`` and ``dist_sq`` (cascade
-    sums per tensor or chunk, accumulated in float64), one ``x − p`` for both products, and one
-    stack for all partial sums.
+    The agent's every-step metrics, with the precision of ``dot_diff`` and ``dist_sq`` (see the
+    note on precision above), one ``x − p`` for both products, and one stack for all partial sums.
+
+    ``advance``: afterwards ``prev`` holds ``xs``, bit for bit (the agent's ``x_{t−1}`` becomes
+    ``x_t``). When ``prev`` and ``origin`` are ``FlatCopy`` buffers the differences are then formed
+    in ``prev``'s own memory (``_advancing_step_sums``): a few whole-buffer calls, no temporaries.
     """
+    if not advance or prev is None:
+        return _step_sums(gs, xs, prev, origin)
+    try:
+        if _advances_in_place(gs, xs, prev, origin):
+            return _advancing_step_sums(gs, xs, prev, origin)
+        return _step_sums(gs, xs, prev, origin)
+    finally:
+        copy_(prev, xs)  # whatever happened above, prev ends as x, bit for bit
+
+
+def _step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None) -> Tensor:
     lists = [gs, xs] + [ts for ts in (prev, origin) if ts is not None]
     for ts in lists[2:]:
         _check_pair(xs, ts)
@@ -197,13 +224,43 @@ def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: T
             g, a, p = (gs[i], x, p) if native else _operands(gs[i], x, p)
             d = torch.sub(a, p)
             columns[0].append(torch.mul(d, g).sum())
-            columns[1].append(d.square_().sum())
+            columns[1].append(_sq_sum(d.view(-1)))
         if o is not None:
             a, o = (x, o) if native else _operands(x, o)
-            columns[-1].append(torch.sub(a, o).square_().sum())
+            columns[-1].append(_sq_sum(torch.sub(a, o).view(-1)))
     if native:
-        return torch.stack([torch.stack(column) for column in columns]).to(ACCUMULATE_DTYPE).sum(1)
+        return torch.stack([torch.stack(column).to(ACCUMULATE_DTYPE) for column in columns]).sum(1)
     return torch.stack([_accumulate(column) for column in columns])
+
+
+def _advances_in_place(gs: TensorList, xs: TensorList, prev: TensorList, origin: TensorList | None) -> bool:
+    if not isinstance(prev, FlatCopy) or not (origin is None or isinstance(origin, FlatCopy)):
+        return False
+    shapes = [x.shape for x in xs]
+    if shapes != prev.shapes or [g.shape for g in gs] != shapes or (origin is not None and origin.shapes != shapes):
+        _check_pair(gs, xs)  # raises with the first mismatch
+        _check_pair(xs, prev)
+        _check_pair(xs, origin if origin is not None else xs)
+    kinds = {(t.dtype, t.device) for ts in (gs, xs) for t in ts}
+    return kinds == {(prev.flat.dtype, prev.flat.device)}
+
+
+def _advancing_step_sums(gs: TensorList, xs: TensorList, prev: "FlatCopy", origin: "FlatCopy | None") -> Tensor:
+    """``step_sums(..., advance=True)`` in ``prev``'s buffer ``b`` (views ``p_i``), each pass one
+    call whatever the number of tensors: ``p_i ← p_i − x_i`` (= −(x − p)); ``‖b‖²``;
+    ``p_i ← p_i · g_i``; ``−Σ b`` (the cascade sum: ⟨g, x − p⟩); for the origin ``p_i ← x_i``,
+    ``b ← b − o``, ``‖b‖²``; and last (in ``step_sums``) ``p_i ← x_i``. The padding between views is zero in both
+    buffers and stays zero, so whole-buffer reductions may include it."""
+    views, flat, xs = list(prev), prev.flat, list(xs)
+    torch._foreach_sub_(views, xs)
+    sums = [None, _sq_sum(flat).to(ACCUMULATE_DTYPE)]
+    torch._foreach_mul_(views, list(gs))
+    sums[0] = flat.sum().to(ACCUMULATE_DTYPE).neg()
+    if origin is not None:
+        torch._foreach_copy_(views, xs)
+        flat.sub_(origin.flat)
+        sums.append(_sq_sum(flat).to(ACCUMULATE_DTYPE))
+    return torch.stack(sums)  # (the caller, step_sums, then copies x into prev)
 
 
 @torch.no_grad()
@@ -221,10 +278,8 @@ def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False) -> Te
     parts = []
     for x, y in zip(xs, ys):
         x, y_op = _operands(x, y)
-        if overwrite_ys and y_op.is_contiguous() and not y_op.requires_grad:
-            parts.append(y_op.sub_(x).square_().sum())
-        else:
-            parts.append(torch.sub(x, y_op).square_().sum())
+        diff = y_op.sub_(x) if overwrite_ys and y_op.is_contiguous() and not y_op.requires_grad else torch.sub(x, y_op)
+        parts.append(_sq_sum(diff.view(-1)) if diff.dtype in _NATIVE else diff.square_().sum())
     return _accumulate(parts)
 
 
@@ -262,6 +317,49 @@ def clone(xs: Iterable[Tensor]) -> List[Tensor]:
     """Detached copies of a parameter list (one extra parameter copy of memory)."""
     xs = as_list(xs)
     return [x.detach().clone() for x in xs]
+
+
+FLAT_ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32), for vectorised kernels
+
+
+class FlatCopy(list):
+    """A detached copy of a parameter list in one zero-padded contiguous buffer ``flat``; the list
+    holds views of it shaped like the originals, so every function here takes it as a list.
+
+    One buffer turns a pass over all the parameters into one call whatever their number (a
+    language model has hundreds of tensors, and each call costs microseconds of dispatch), and
+    lets ``step_sums(..., advance=True)`` use the copy itself as the scratch for ``x − p``. The
+    padding between views is zero and stays zero: whole-buffer reductions may include it.
+    """
+
+    flat: Tensor
+    shapes: List[torch.Size]
+
+    def __init__(self, xs: Iterable[Tensor]) -> None:
+        xs = [x.detach() for x in as_list(xs)]
+        if not FlatCopy.fits(xs):
+            raise ValueError("FlatCopy needs a non-empty list of float32 or float64 tensors on one device")
+        offsets, end = [], 0
+        for x in xs:
+            offsets.append(end)
+            end += -(-x.numel() // FLAT_ALIGN) * FLAT_ALIGN
+        self.flat = torch.zeros(end, dtype=xs[0].dtype, device=xs[0].device)
+        self.shapes = [x.shape for x in xs]
+        super().__init__(self.flat[o:o + x.numel()].view(x.shape) for o, x in zip(offsets, xs))
+        torch._foreach_copy_(list(self), xs)
+
+    @staticmethod
+    def fits(xs: TensorList) -> bool:
+        """Whether ``xs`` can share one buffer: non-empty, one float32/float64 dtype, one device."""
+        return (len(xs) > 0 and xs[0].dtype in _NATIVE
+                and all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs))
+
+
+def copy_params(xs: Iterable[Tensor]) -> List[Tensor]:
+    """A detached copy of a parameter list: a ``FlatCopy`` where the tensors can share one buffer,
+    else one copy per tensor (``clone``). Either way one extra parameter copy of memory."""
+    xs = as_list(xs)
+    return FlatCopy(xs) if FlatCopy.fits(xs) else clone(xs)
 
 
 def copy_(dst: TensorList, src: TensorList) -> None:

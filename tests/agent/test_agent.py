@@ -479,3 +479,51 @@ def test_a_decision_applied_before_a_probe_step_records_its_phase_once(url):
     assert opt.committed == {"alpha": 0.1}
     steps, values = open_store(url).series(agent.run, "phase")
     assert steps.tolist() == [0, 5, 10] and values.tolist() == [1.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_reevaluation_stays_exact_when_the_free_metrics_fail(url, monkeypatch, where):
+    """The free metrics advance the agent's copy of x_{t−1} to x_t in place, after the replay. When
+    they fail (at step 3, before or after overwriting that copy), that step keeps loss_diff alone,
+    and from the next step the re-evaluation takes its products from x_{t−1} itself. Every value
+    stored is the closed form, and training never notices."""
+    from moxco import tensors
+
+    a, b, x0 = make_quadratic(4)
+    model = Quadratic(a, b, x0).double()
+    lr, steps, fail_at = 0.1, 8, 3
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    agent = moxco.agent.attach(model, opt, url=url, run="free-fails", reeval_every=1, probe_every=0)
+    real = tensors.step_sums
+
+    def failing(*args, **kwargs):
+        if agent.step == fail_at:
+            if where == "after":
+                real(*args, **kwargs)  # x_{t−1} is now x_t
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tensors, "step_sums", failing)
+    f = lambda x: float(0.5 * x @ a @ x + b @ x)
+    xs = [x0.clone()]
+    for _ in range(steps):
+        model(torch.zeros(1, 1, dtype=torch.float64)).backward()
+        opt.step()
+        opt.zero_grad()
+        xs.append(torch.cat([model.head.detach(), model.tail.detach().reshape(-1)]).clone())
+    agent.close()
+    assert set(agent.errors) == {"free"} and "injected" in agent.errors["free"]
+    for t in range(1, steps):  # SGD on the quadratic: the agent changed nothing
+        assert torch.allclose(xs[t], xs[t - 1] - lr * (a @ xs[t - 1] + b), rtol=0, atol=1e-12)
+    store = open_store(url)
+    series = {m: store.series("free-fails", m) for m in ("loss_diff", "inst_gap", "inst_smooth", "update_corr")}
+    assert list(series["loss_diff"][0]) == list(range(1, steps))
+    gap_steps = [t for t in range(1, steps) if t != fail_at]
+    assert list(series["inst_gap"][0]) == gap_steps and list(series["inst_smooth"][0]) == gap_steps
+    assert list(series["update_corr"][0]) == list(range(1, fail_at))  # free metrics off from step 3
+    for t, loss_diff in zip(series["loss_diff"][0], series["loss_diff"][1]):
+        assert loss_diff == pytest.approx(f(xs[t]) - f(xs[t - 1]), rel=1e-9, abs=1e-14)
+    for t, gap, smooth in zip(series["inst_gap"][0], series["inst_gap"][1], series["inst_smooth"][1]):
+        d = xs[t] - xs[t - 1]
+        assert gap == pytest.approx(float(-0.5 * d @ a @ d), rel=1e-6, abs=1e-14)
+        assert smooth == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-9)
