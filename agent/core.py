@@ -289,8 +289,9 @@ class Agent:
         """Wall seconds the training thread has spent in each metric group since ``attach``:
         ``free`` (the every-step metrics), ``reeval`` (replays at ``x_{t−1}``: ``loss_diff``,
         ``inst_gap``, ``inst_smooth``), ``reference`` (replays at ``x*``), ``probe`` (sharpness,
-        goodness), ``decision``. What the hooks spend around them (the copy to ``x_{t−1}``,
-        handing the step to the writer thread) and the writer thread's own time are not in it.
+        goodness), ``decision``; and ``copy`` when the free metrics are off (they advance the copy
+        of ``x_{t−1}`` to ``x_t`` themselves, else it is one copy). What the hooks spend around them
+        (handing the step to the writer thread) and the writer thread's own time are not in it.
         Under a device's asynchronous execution these are launch times, not kernel times."""
         return dict(self._spent)
 

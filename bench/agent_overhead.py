@@ -44,13 +44,16 @@ two to three orders of magnitude slower than the loop, so it runs few steps (``-
     python bench/agent_overhead.py                 # full, < 10 min on 2 CPU cores
     python bench/agent_overhead.py --quick         # ~4 min
     python bench/agent_overhead.py --profile       # top costs of free and reeval_every=1 instead
+    python bench/agent_overhead.py --malloc tuned  # glibc kept from returning memory (tune_malloc)
+    python bench/agent_overhead.py --models gpt2 --gpt2-batch 8 --malloc tuned   # 1,024 tokens a step
 
-Every run but ``--profile`` ends with the chunked-reduction table: ``moxco.tensors.step_sums``
-on one large tensor with chunking forced on and off.
+Every run but ``--profile`` ends with the table of ``moxco.tensors.step_sums`` on one large
+tensor: whole-tensor temporaries, chunked, and in the copy's own buffer (what the agent does).
 
 The markdown is printed and written into docs/benchmarks-agent.md between the ``bench:agent``
-markers (``--profile``: the ``bench:agent-profile`` markers); ``--out FILE`` writes it to FILE too,
-``--no-doc`` leaves the doc alone. Never a timed test: the numbers are reported, not asserted.
+markers (``--malloc tuned``: ``bench:agent-tuned``; ``--gpt2-batch``: ``bench:agent-gpt2-batch``;
+``--profile``: ``bench:agent-profile``); ``--out FILE`` writes it to FILE too, ``--no-doc``
+leaves the doc alone. Never a timed test: the numbers are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks-agent.md"
 BEGIN, END = "<!-- bench:agent:begin -->", "<!-- bench:agent:end -->"
+TUNED_BEGIN, TUNED_END = "<!-- bench:agent-tuned:begin -->", "<!-- bench:agent-tuned:end -->"
 FREE_TARGET, REEVAL_TARGET = 0.03, 1.1  # DESIGN §6
 FREE_COPIES, REEVAL_REF_COPIES = 1, 3
 
@@ -452,7 +456,7 @@ def measure_rss(model_name: str, args) -> Dict[str, Optional[float]]:
     out: Dict[str, Optional[float]] = {}
     for key in RSS_CONFIGS:
         cmd = [sys.executable, __file__, "--_rss-child", model_name, key, "--rss-steps", str(args.rss_steps),
-               "--threads", str(torch.get_num_threads())]
+               "--threads", str(torch.get_num_threads()), "--malloc", args.malloc]
         if args.gpt2_batch:
             cmd += ["--gpt2-batch", str(args.gpt2_batch)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -714,39 +718,48 @@ def report_model(data: Dict[str, Any], args) -> str:
 
 
 def chunking_table(sizes=(100_000, 1_000_000, 4_000_000, 16_000_000), repeats: int = 5) -> str:
-    """``moxco.tensors.step_sums`` on one float32 tensor of each size (g, x, x_{t−1}, x_0): chunked
-    through cached buffers above ``CHUNKED_ABOVE`` (what the agent does on CPU) vs whole-tensor
-    temporaries (the limit raised past every size); median wall time of ``repeats`` calls."""
+    """``moxco.tensors.step_sums`` on one float32 tensor of each size (g, x, x_{t−1}, x_0), three
+    ways: whole-tensor temporaries (``CHUNKED_ABOVE`` raised past every size); chunked through
+    cached buffers above ``CHUNKED_ABOVE`` (the path for copies that cannot share one buffer);
+    and ``advance=True`` on ``FlatCopy`` buffers (what the agent does every step: the differences
+    formed in the copy itself, which then holds x). Median wall time of ``repeats`` calls."""
     from moxco import tensors
 
     gen = torch.Generator().manual_seed(0)
-    rows = ["| elements | whole-tensor temporaries, ms | chunked (the agent, CPU), ms | speed-up |",
-            "| ---: | ---: | ---: | ---: |"]
+    rows = ["| elements | whole-tensor temporaries, ms | chunked, ms | in the copy's buffer (the agent), ms | "
+            "speed-up of the agent's |", "| ---: | ---: | ---: | ---: | ---: |"]
     limit = tensors.CHUNKED_ABOVE
     for n in sizes:
         g, x, x0 = (torch.randn(n, generator=gen) for _ in range(3))
         prev = x - 1e-3
+        flat_prev, flat_origin = tensors.FlatCopy([prev]), tensors.FlatCopy([x0])
         timings = {}
-        for label, above in (("whole", 1 << 62), ("chunked", min(limit, n - 1))):
+        for label, above in (("whole", 1 << 62), ("chunked", min(limit, n - 1)), ("flat", limit)):
             tensors.CHUNKED_ABOVE = above
+            if label == "flat":
+                call = lambda: (tensors.copy_(flat_prev, [prev]),  # untimed: back to x_{t−1}
+                                time.perf_counter(), tensors.step_sums([g], [x], flat_prev, flat_origin, advance=True))
+            else:
+                call = lambda: (None, time.perf_counter(), tensors.step_sums([g], [x], [prev], [x0]))
             try:
-                tensors.step_sums([g], [x], [prev], [x0])  # warm
+                call()  # warm
                 times = []
                 for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    tensors.step_sums([g], [x], [prev], [x0])
+                    _, t0, _ = call()
                     times.append(time.perf_counter() - t0)
             finally:
                 tensors.CHUNKED_ABOVE = limit
             timings[label] = statistics.median(times)
         rows.append(f"| {n:,} | {timings['whole'] * 1e3:.2f} | {timings['chunked'] * 1e3:.2f} | "
-                    f"{timings['whole'] / timings['chunked']:.1f}× |")
+                    f"{timings['flat'] * 1e3:.2f} | {timings['whole'] / timings['flat']:.1f}× |")
     return "\n".join(["### The free metrics' pass over one large tensor", "",
                       "`moxco.tensors.step_sums` (`⟨g, x − x_{t−1}⟩`, `‖x − x_{t−1}‖²`, `‖x − x_0‖²`) on one "
-                      f"float32 tensor, median of {repeats} calls. On CPU the agent walks tensors above "
-                      f"{limit:,} elements in chunks of {tensors.CHUNK:,} through two reused buffers instead of "
-                      "allocating tensor-sized temporaries (which page-fault in on every call); the chunked "
-                      "column forces chunking at every size, to show where the limit sits.",
+                      f"float32 tensor, median of {repeats} calls. Whole-tensor temporaries page-fault in on "
+                      f"every call. Chunked: tensors above {limit:,} elements walked in chunks of "
+                      f"{tensors.CHUNK:,} through two reused buffers (the path for copies that cannot share "
+                      "one buffer, forced at every size here). The agent's: `advance=True` on `FlatCopy` "
+                      "buffers, the differences formed in the copy of x_{t−1} itself, which then holds x "
+                      "(the copy back to x_{t−1} between calls is not timed).",
                       "", *rows, ""])
 
 
@@ -775,6 +788,34 @@ def machine_line() -> str:
         pass
     return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU, shared with other jobs; torch {torch.__version__}, "
             f"{torch.get_num_threads()} intra-op thread(s); Python {platform.python_version()}; {source_state()}")
+
+
+def tune_malloc() -> None:
+    """``--malloc tuned``: glibc keeps the memory it frees instead of giving it back to the kernel
+    (``mallopt``: ``M_MMAP_THRESHOLD`` 32 MiB, its maximum, so tensor-sized blocks come from the
+    heap, not from a fresh ``mmap`` each; ``M_TRIM_THRESHOLD`` 2 GiB, so the heap's top is not
+    trimmed; ``M_TOP_PAD`` 64 MiB). Every allocation is then served from memory already mapped:
+    no page faults after warm-up, in every configuration alike. Setting these also turns off
+    glibc's dynamic thresholds, whose state depends on the order of past allocations and made
+    fault counts, and the step times that carry them, differ between identical processes. It is
+    what the PyTorch CPU tuning advice (jemalloc or tcmalloc) achieves, without a new library."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    for option, value in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, (1 << 31) - 1), (m_top_pad, 64 << 20)):
+        if libc.mallopt(option, value) != 1:
+            raise RuntimeError(f"mallopt({option}, {value}) failed: is this glibc?")
+
+
+def doc_markers(args) -> tuple[str, str]:
+    """Where a run's markdown goes in the doc: the profile, a run with more GPT-2 tokens a step
+    (``--gpt2-batch``), a tuned-allocator run, or the main results."""
+    if args.profile:
+        return PROFILE_BEGIN, PROFILE_END
+    if args.gpt2_batch:
+        return "<!-- bench:agent-gpt2-batch:begin -->", "<!-- bench:agent-gpt2-batch:end -->"
+    return (TUNED_BEGIN, TUNED_END) if args.malloc == "tuned" else (BEGIN, END)
 
 
 def write_doc(markdown: str, begin: str, end: str) -> None:
@@ -812,6 +853,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on 2 shared cores, 2 OpenMP threads stall for "
                              "100s of ms whenever another job holds a core; 0 keeps torch's default)")
+    parser.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                        help="glibc's allocator as it comes (default), or tuned to keep freed memory mapped "
+                             "(see tune_malloc; results go to their own section of the doc)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the benchmark: profile the free and reeval_every=1 configurations "
                              "(torch.profiler and cProfile) and write the profile section of the doc")
@@ -819,6 +863,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--no-doc", action="store_true", help=f"do not update {DOC.relative_to(ROOT)}")
     parser.add_argument("--_rss-child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.malloc == "tuned":
+        tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._rss_child:
@@ -855,7 +901,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.out:
         args.out.write_text(markdown)
     if not args.no_doc:
-        write_doc(markdown, *((PROFILE_BEGIN, PROFILE_END) if args.profile else (BEGIN, END)))
+        write_doc(markdown, *doc_markers(args))
 
 
 if __name__ == "__main__":
