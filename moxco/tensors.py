@@ -191,7 +191,8 @@ def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: T
 
     ``advance``: afterwards ``prev`` holds ``xs``, bit for bit (the agent's ``x_{t−1}`` becomes
     ``x_t``). When ``prev`` and ``origin`` are ``FlatCopy`` buffers the differences are then formed
-    in ``prev``'s own memory (``_advancing_step_sums``): a few whole-buffer calls, no temporaries.
+    in ``prev``'s own memory (``_advancing_step_sums``): a few whole-buffer calls, no temporaries;
+    except on the CPU with a tensor above ``CHUNKED_ABOVE``, walked in chunks, then copied.
     """
     if not advance or prev is None:
         return _step_sums(gs, xs, prev, origin)
@@ -242,7 +243,12 @@ def _advances_in_place(gs: TensorList, xs: TensorList, prev: TensorList, origin:
         _check_pair(xs, prev)
         _check_pair(xs, origin if origin is not None else xs)
     kinds = {(t.dtype, t.device) for ts in (gs, xs) for t in ts}
-    return kinds == {(prev.flat.dtype, prev.flat.device)}
+    if kinds != {(prev.flat.dtype, prev.flat.device)}:
+        return False
+    # whole-buffer passes stream from memory: on the CPU, a tensor above CHUNKED_ABOVE is walked
+    # faster in cache-sized chunks (bench/agent_overhead.py, the step_sums table), and the chunked
+    # walk plus one copy beats them from 4·10⁶ elements on
+    return not (prev.flat.device.type == "cpu" and any(_chunked(x) for x in xs))
 
 
 def _advancing_step_sums(gs: TensorList, xs: TensorList, prev: "FlatCopy", origin: "FlatCopy | None") -> Tensor:

@@ -438,6 +438,13 @@ def test_advancing_step_sums_in_the_copys_own_buffer(with_origin):
     again = tensors.step_sums(g, x, separate, x0 if with_origin else None, advance=True)
     assert [float(v) for v in again] == [pytest.approx(e, rel=1e-6) for e in exact]
     assert all(torch.equal(p, t) for p, t in zip(separate, x))
+    # a CPU tensor above CHUNKED_ABOVE: the chunked walk, then the copy, on the same FlatCopy
+    big = [torch.randn(tensors.CHUNKED_ABOVE + 5, generator=gen) for _ in range(3)]
+    big_prev = tensors.FlatCopy([big[1] - 1e-3])
+    big_origin = tensors.FlatCopy([big[2]]) if with_origin else None
+    chunked = tensors.step_sums([big[0]], [big[1]], big_prev, big_origin, advance=True)
+    expected = tensors.step_sums([big[0]], [big[1]], [big[1] - 1e-3], [big[2]] if with_origin else None)
+    assert torch.equal(chunked, expected) and torch.equal(big_prev[0], big[1])
 
 
 def test_advancing_step_sums_leave_prev_at_x_when_they_fail(monkeypatch):
