@@ -100,7 +100,8 @@ DOT_CHUNK = 1 << 16
 
 
 def _sq_sum(flat: Tensor) -> Tensor:
-    """``‖v‖²`` of a contiguous 1-D float32/float64 tensor, in its dtype (see ``DOT_CHUNK``)."""
+    """``‖v‖²`` of a contiguous 1-D float32/float64 tensor (see ``DOT_CHUNK``): in its dtype, or
+    in float64 when summed from pieces."""
     n = flat.numel()
     if flat.device.type != "cpu" or n <= DOT_CHUNK:
         return torch.dot(flat, flat)
@@ -255,8 +256,8 @@ def _advancing_step_sums(gs: TensorList, xs: TensorList, prev: "FlatCopy", origi
     """``step_sums(..., advance=True)`` in ``prev``'s buffer ``b`` (views ``p_i``), each pass one
     call whatever the number of tensors: ``p_i ← p_i − x_i`` (= −(x − p)); ``‖b‖²``;
     ``p_i ← p_i · g_i``; ``−Σ b`` (the cascade sum: ⟨g, x − p⟩); for the origin ``p_i ← x_i``,
-    ``b ← b − o``, ``‖b‖²``; and last (in ``step_sums``) ``p_i ← x_i``. The padding between views is zero in both
-    buffers and stays zero, so whole-buffer reductions may include it."""
+    ``b ← b − o``, ``‖b‖²``; and last (in ``step_sums``) ``p_i ← x_i``. The padding between
+    views is zero in both buffers and stays zero, so whole-buffer reductions may include it."""
     views, flat, xs = list(prev), prev.flat, list(xs)
     torch._foreach_sub_(views, xs)
     sums = [None, _sq_sum(flat).to(ACCUMULATE_DTYPE)]
