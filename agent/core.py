@@ -268,7 +268,9 @@ class Agent:
         log.warning("moxco: %s metrics disabled for run %r after an error: %s\n%s", group, self.run, message,
                     "".join(traceback.format_exception(exc)[-3:]))
         try:
-            if self.store is not None:
+            if self.writer is not None and self.writer.running:  # stored off the training thread
+                self.writer.update_run({"errors": dict(self.errors)})
+            elif self.store is not None:  # attach or close: not inside a step
                 self.store.create_run(self.run, {"errors": dict(self.errors)})
         except Exception:
             pass
@@ -609,8 +611,8 @@ class Agent:
                         "it is recorded but not applied", ident, self.run)
             return
         self._applied.add(ident)
-        if self.store is not None:
-            self.store.acknowledge_decision(ident, applied_step=self.step)
+        if self.writer is not None:  # the store is written from the writer thread, never from the step
+            self.writer.acknowledge(ident, self.step)
         self.phase = int(action.get("phase", 2))
         point = self._phase_point()
         if point:

@@ -93,6 +93,11 @@ class MetricWriter:
         self._last_flush = time.monotonic()
         self._disabled: set[str] = set()
         self._warned: set[str] = set()
+        # store updates handed over by the training thread, applied at the next flush (in order,
+        # kept and retried while the store refuses them)
+        self._updates_lock = threading.Lock()
+        self._run_config: Optional[Dict[str, Any]] = None
+        self._acknowledgements: List[tuple[str, int]] = []
         self._thread = threading.Thread(target=self._loop, name=f"moxco-writer[{run}]", daemon=True)
         self._thread.start()
 
@@ -108,10 +113,29 @@ class MetricWriter:
             self.dropped += 1
             return False
 
+    def update_run(self, config: Dict[str, Any]) -> None:
+        """Merge ``config`` into the run's stored config (``Store.create_run``), from the writer
+        thread: the training thread never waits on the store (a locked SQLite file can hold a
+        writer for its whole busy timeout)."""
+        with self._updates_lock:
+            self._run_config = {**(self._run_config or {}), **config}
+
+    def acknowledge(self, ident: str, applied_step: int) -> None:
+        """``Store.acknowledge_decision(ident, applied_step)``, from the writer thread (see ``update_run``)."""
+        with self._updates_lock:
+            self._acknowledgements.append((ident, applied_step))
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is there to apply ``update_run`` and ``acknowledge``."""
+        return self._thread.is_alive()
+
     def close(self, timeout: float = 30.0) -> None:
         """Flush everything queued and stop the thread."""
         self._queue.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # what arrived during the last flush
+            self._apply_updates()
 
     # --- writer thread ---------------------------------------------------------------------------
 
@@ -193,8 +217,28 @@ class MetricWriter:
                 ident = self.store.add_decision(self.run, decision)
                 self.on_decision(ident, decision)
 
+    def _apply_updates(self) -> None:
+        with self._updates_lock:
+            config, self._run_config = self._run_config, None
+            acknowledgements, self._acknowledgements = self._acknowledgements, []
+        try:
+            if config is not None:
+                self.store.create_run(self.run, config)
+                config = None
+            while acknowledgements:
+                ident, applied_step = acknowledgements[0]
+                self.store.acknowledge_decision(ident, applied_step=applied_step)
+                acknowledgements.pop(0)
+        except Exception as exc:
+            with self._updates_lock:  # kept for the next flush, ahead of what came since
+                if config is not None:
+                    self._run_config = {**config, **(self._run_config or {})}
+                self._acknowledgements = acknowledgements + self._acknowledgements
+            self.on_error("store", exc)
+
     def _flush(self) -> None:
         self._last_flush = time.monotonic()
+        self._apply_updates()
         if not self._buffer:
             return
         batch, self._buffer = self._buffer, []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import sqlite3
+import threading
 import time
 
 import numpy as np
@@ -252,6 +254,44 @@ def test_injected_failures_never_reach_the_training_loop(url, caplog, monkeypatc
     store = open_store(url)
     assert store.run("faults").config["errors"] == agent.errors  # stored with the run
     assert store.series("faults", "loss")[0].size >= 1  # the free metrics still flowed
+
+
+def test_the_training_thread_never_writes_the_store_and_nothing_is_lost_while_it_is_locked(url, monkeypatch):
+    """Another process holds the SQLite file's write lock while a metric fails: the step does not
+    wait on the store (a write from the training thread would block for the busy timeout and then
+    lose the error), and the error reaches the run once the lock is gone."""
+    a, b, x0 = make_quadratic(6)
+    model = Quadratic(a, b, x0).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    agent = moxco.agent.attach(model, opt, url=url, run="locked", reeval_every=1, probe_every=0)
+    from_training_thread = []
+    create_run = agent.store.create_run
+
+    def recording_create_run(*args, **kwargs):
+        from_training_thread.append(threading.current_thread() is threading.main_thread())
+        return create_run(*args, **kwargs)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(agent.store, "create_run", recording_create_run)
+    monkeypatch.setattr(agent.capture, "replay", boom)
+    holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(5):
+            model(torch.zeros(1, 1, dtype=torch.float64)).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    agent.close()
+    assert set(agent.errors) == {"reeval"}
+    assert from_training_thread and not any(from_training_thread)  # only ever the writer thread
+    store = open_store(url)
+    assert store.run("locked").config["errors"] == agent.errors
+    assert store.series("locked", "loss")[0].size == 5  # and no point lost either
 
 
 def test_a_training_loop_runs_on_when_the_store_breaks(url, monkeypatch):

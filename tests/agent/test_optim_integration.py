@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -35,6 +36,14 @@ def test_moxco_optimizer_state_target_and_commit(tmp_path):
                                policy={"threshold": 0.9, "consecutive": 2, "min_step": 20,
                                        "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}})
     assert agent._sharpness_target() == pytest.approx(opt.eos_sharpness())
+    acknowledged_from = []
+    acknowledge = agent.store.acknowledge_decision
+
+    def recording_acknowledge(*args, **kwargs):
+        acknowledged_from.append(threading.current_thread().name)
+        return acknowledge(*args, **kwargs)
+
+    agent.store.acknowledge_decision = recording_acknowledge
     for _ in range(150):
         criterion(model(x), y).backward()
         opt.step()
@@ -42,6 +51,7 @@ def test_moxco_optimizer_state_target_and_commit(tmp_path):
     agent.close()
     assert agent.errors == {}
     assert opt.phase == 2
+    assert acknowledged_from == ["moxco-writer[moxco]"]  # the store is never written from the step
 
     store = open_store(url)
     (decision,) = store.decisions("moxco")
