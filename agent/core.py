@@ -140,6 +140,7 @@ class Agent:
         self.raw_gradient = (ShardedRawGradient(self.shards, scaler) if self.shards is not None
                              else RawGradient(self.params, scaler))
         self._step_grads: Optional[List[Tensor]] = None
+        self._grad_scale: Optional[Tensor] = None  # g_t = _grad_scale · .grad this step (None: 1)
         self._free: Optional[metrics.FreeSums] = None  # this step's, while the pre-step hook runs
         self._versions_after_step: Optional[List[int]] = None  # see _after_step_metrics
         self._prev: Optional[List[Tensor]] = None  # x_{t−1} (the one copy free metrics need)
@@ -307,7 +308,9 @@ class Agent:
     # --- the step ------------------------------------------------------------------------------
 
     def _grads(self) -> List[Tensor]:
-        """``g_t``: ``.grad`` as autograd left it (AMP scale removed, before clipping)."""
+        """``.grad`` as the user left it at ``optimizer.step()``: ``g_t = _grad_scale · _grads()``
+        (DESIGN §2: the AMP scale removed, before clipping), passed to ``moxco.metrics`` as
+        ``grad_scale`` so that ``g_t`` is never materialised."""
         if self._step_grads is None and self.shards is not None:
             self._step_grads = self.shards.grads()
         if self._step_grads is None:
@@ -319,8 +322,8 @@ class Agent:
         if not self.raw_gradient.modified():
             return
         m, ratios = self.raw_gradient.multiplier()
-        # one transient copy on steps where the user rescaled .grad in place (clipping, AMP)
-        self._step_grads = tensors.scale(self._grads(), m)
+        # the user rescaled .grad in place (clipping, AMP): the sums over it are rescaled instead
+        self._grad_scale = m
         values["_grad_rescale_ratios"] = ratios
 
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -329,6 +332,7 @@ class Agent:
         values: Dict[str, Any] = {}
         probe: Optional[Dict[str, Any]] = None
         self._step_grads = None
+        self._grad_scale = None
         if self.shards is not None:
             self.params = self.shards.local()  # FSDP's lazy init may replace the shard tensors
         with torch.no_grad():
@@ -359,6 +363,7 @@ class Agent:
         record = StepRecord(self.step, values, epoch_start=self._epoch_start, probe=probe)
         self._epoch_start = False
         self._step_grads = None
+        self._grad_scale = None
         self.raw_gradient.clear()
         self._submit(record)
 
@@ -381,7 +386,7 @@ class Agent:
         # copy as the scratch for the differences (tensors.step_sums(advance=True))
         self._free = metrics.free_sums(self._grads(), self.params, self._prev, self._x0,
                                        grad_norms_sq=raw_norms_sq, reduce=self._reduce, scale=self._scale,
-                                       advance_prev=True)
+                                       advance_prev=True, grad_scale=self._grad_scale)
         self._prev_advanced = self._prev is not None
         values[FREE_SUMS] = self._free
 
@@ -441,23 +446,25 @@ class Agent:
         if free is not None and free.has_update:
             dot_step, step_sq = free.update_products()
         elif self._prev_is_previous:
-            dot_step, step_sq = metrics.free_sums(grads, self.params, self._prev, None,
-                                                  reduce=self._reduce).update_products()
+            dot_step, step_sq = metrics.free_sums(grads, self.params, self._prev, None, reduce=self._reduce,
+                                                  grad_scale=self._grad_scale).update_products()
         else:  # the free metrics failed this step after x_{t−1} was overwritten: loss_diff alone
             return
         values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, None, reduce=self._reduce,
                                               grad_dot_step=dot_step)
         # the replay's gradient is the agent's own and read for the last time here: overwritten
         values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, None, reduce=self._reduce,
-                                                    step_sq=step_sq, consume_grad_ref=True)
+                                                    step_sq=step_sq, consume_grad_ref=True,
+                                                    grad_scale=self._grad_scale)
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
         loss_ref, grad_ref = self._replay_with_grad(self._reference, "reference")
         loss, grads = values.get("loss", self._step_loss()), self._grads()
         values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference,
-                                                  reduce=self._reduce)
+                                                  reduce=self._reduce, grad_scale=self._grad_scale)
         values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference,
-                                                        reduce=self._reduce, consume_grad_ref=True)
+                                                        reduce=self._reduce, consume_grad_ref=True,
+                                                        grad_scale=self._grad_scale)
 
     def _probe(self, probe: Dict[str, Any], values: Dict[str, Any]) -> None:
         calls = list(self.capture.calls)
@@ -500,7 +507,7 @@ class Agent:
                     lambda: (torch.tensor(math.nan, dtype=torch.float64), None))
             values["convexity_ratio"] = self._convexity.update(
                 self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference,
-                reduce=self._reduce)
+                reduce=self._reduce, grad_scale=self._grad_scale)
         self._guard("optimizer", self._optimizer_state, values)
         values.update(self._phase_point())
         # λ_target read here, with the optimizer state of this step (the hypergradient changes lr

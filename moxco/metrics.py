@@ -44,6 +44,16 @@ def _reduced(partials: list[Tensor], reduce: Reduce) -> Tensor:
     return stacked if out is None else out
 
 
+def _scaled(total: Tensor, grad_scale: Optional[Tensor], power: int = 1) -> Tensor:
+    """A sum over the gradient as the user left it, ``.grad``, turned into the same sum over
+    ``g = grad_scale · .grad``: ``× s`` for a sum linear in the gradient, ``× s²`` for its squared
+    norm. After backward, AMP's unscale and clipping rescale ``.grad`` in place uniformly, and
+    ``g`` (the raw gradient, DESIGN §2) is recovered as ``s · .grad`` without a copy of it."""
+    if grad_scale is None:
+        return total
+    return total * grad_scale.to(device=total.device, dtype=total.dtype) ** power
+
+
 def _scalar(value: float | Tensor, like: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().to(dtype=ACCUMULATE_DTYPE, device=like.device).reshape(())
@@ -65,6 +75,7 @@ def inst_gap(
     *,
     reduce: Reduce = None,
     grad_dot_step: Optional[Tensor] = None,
+    grad_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """Instantaneous convexity gap (audit eq. 2) with respect to a reference point ``y``.
 
@@ -72,10 +83,11 @@ def inst_gap(
     ``loss_ref = f(y, z)``, ``grad = ∇f(x, z)``, ``params = x``, ``params_ref = y``
     (``y = x_{t−1}`` for ``inst_gap``, ``y = x*`` for ``inst_gap_ref``). ``grad_dot_step``: the
     (reduced) ``⟨∇f(x, z), x − y⟩`` when the caller already has it (with ``y = x_{t−1}`` it is
-    ``update_corr``); the lists are then not read.
+    ``update_corr``); the lists are then not read. ``grad_scale``: ``∇f(x, z) = grad_scale · grad``
+    (see ``_scaled``).
     """
     if grad_dot_step is None:
-        (grad_dot_step,) = _reduced([tensors.dot_diff(grad, params, params_ref)], reduce)
+        (grad_dot_step,) = _reduced([_scaled(tensors.dot_diff(grad, params, params_ref), grad_scale)], reduce)
     return loss_diff(loss, loss_ref).to(grad_dot_step.device) - grad_dot_step
 
 
@@ -88,6 +100,7 @@ def inst_smooth(
     reduce: Reduce = None,
     step_sq: Optional[Tensor] = None,
     consume_grad_ref: bool = False,
+    grad_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """Instantaneous smoothness (audit eq. 4): ``‖∇f(x,z) − ∇f(y,z)‖ / ‖x − y‖``.
 
@@ -95,9 +108,14 @@ def inst_smooth(
     both are stored as they are, the aggregates below skip NaN. ``step_sq``: the (reduced)
     ``‖x − y‖²`` when the caller already has it; ``params`` and ``params_ref`` are then not read.
     ``consume_grad_ref``: ``grad_ref`` is the caller's temporary and may be overwritten
-    (``tensors.dist_sq(..., overwrite_ys=True)``: no gradient-sized allocation).
+    (``tensors.dist_sq(..., overwrite_ys=True)``: no gradient-sized allocation). ``grad_scale``:
+    ``∇f(x, z) = grad_scale · grad`` (see ``_scaled``), taken as ``‖s·g − h‖² = s²‖g − h/s‖²``
+    with ``h/s`` formed in ``grad_ref`` when it may be consumed: ``s·g`` is never materialised.
     """
-    grad_diff = tensors.dist_sq(grad, grad_ref, overwrite_ys=consume_grad_ref)
+    if grad_scale is not None:
+        grad_ref = tensors.divide(grad_ref, grad_scale, in_place=consume_grad_ref)
+        consume_grad_ref = True  # the quotients are this function's own
+    grad_diff = _scaled(tensors.dist_sq(grad, grad_ref, overwrite_ys=consume_grad_ref), grad_scale, power=2)
     if step_sq is None:
         grad_diff_sq, step_sq = _reduced([grad_diff, tensors.dist_sq(params, params_ref)], reduce)
     else:
@@ -177,13 +195,18 @@ class FreeSums:
 
 def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], origin: Optional[TensorList], *,
               grad_norms_sq: Optional[Tensor] = None, reduce: Reduce = None, scale: float = 1.0,
-              advance_prev: bool = False) -> FreeSums:
+              advance_prev: bool = False, grad_scale: Optional[Tensor] = None) -> FreeSums:
     """The free metrics of one step from one pass over the parameters (``tensors.step_sums``) and
     one collective when sharded: see ``FreeSums``. ``grad_norms_sq``: per-tensor ``‖g_i‖²`` the
     caller already has (the agent records them at the end of backward); else ``grad`` is read.
-    ``advance_prev``: ``prev`` holds ``params`` afterwards (``step_sums(..., advance=True)``)."""
-    grad_sq = tensors.norms_sq(grad) if grad_norms_sq is None else grad_norms_sq
+    ``advance_prev``: ``prev`` holds ``params`` afterwards (``step_sums(..., advance=True)``).
+    ``grad_scale``: ``g = grad_scale · grad`` (see ``_scaled``; ``grad_norms_sq`` are of ``g``)."""
+    if grad_norms_sq is None:
+        grad_norms_sq = _scaled(tensors.norms_sq(grad), grad_scale, power=2)
+    grad_sq = grad_norms_sq
     step = tensors.step_sums(grad, params, prev, origin, advance=advance_prev)
+    if grad_scale is not None and prev is not None:  # ⟨g, x − x_{t−1}⟩ is the one sum of grad
+        step = torch.cat([_scaled(step[:1], grad_scale), step[1:]])
     partials = torch.cat([grad_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1), step])
     out = partials if reduce is None else reduce(partials)
     return FreeSums(partials if out is None else out, prev is not None, origin is not None, scale)
@@ -319,8 +342,10 @@ class ConvexityRatio:
         params_ref: TensorList,
         *,
         reduce: Reduce = None,
+        grad_scale: Optional[Tensor] = None,
     ) -> float:
-        (grad_dot_gap,) = _reduced([tensors.dot_diff(grad, params, params_ref)], reduce)
+        """Add one probe (``∇F(x_t) = grad_scale · grad``, see ``_scaled``); return the ratio."""
+        (grad_dot_gap,) = _reduced([_scaled(tensors.dot_diff(grad, params, params_ref), grad_scale)], reduce)
         return self.update_terms(float(grad_dot_gap), float(loss) - float(loss_ref))
 
     def update_terms(self, grad_dot_gap: float, loss_gap: float) -> float:

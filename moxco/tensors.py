@@ -320,6 +320,18 @@ def scale(xs: TensorList, factor: float | Tensor) -> List[Tensor]:
     return list(torch._foreach_mul(list(xs), factor))
 
 
+def divide(xs: TensorList, divisor: Tensor, *, in_place: bool = False) -> List[Tensor]:
+    """Elementwise ``x / d`` for a 0-dim tensor ``d`` (no host read of it): in the tensors
+    themselves with ``in_place``, else new tensors."""
+    xs = list(xs)
+    if not xs:
+        return []
+    if in_place:
+        torch._foreach_div_(xs, divisor)
+        return xs
+    return list(torch._foreach_div(xs, divisor))
+
+
 def clone(xs: Iterable[Tensor]) -> List[Tensor]:
     """Detached copies of a parameter list (one extra parameter copy of memory)."""
     xs = as_list(xs)

@@ -27,8 +27,11 @@ def test_clip_grad_norm_metrics_use_the_raw_gradient_and_the_update_is_what_the_
     model = Quadratic(a, b, x0 * 10).double()  # far from the minimum: clipping is active
     lr, max_norm = 0.05, 0.5
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    agent = moxco.agent.attach(model, opt, url=url, run="clip", reeval_every=1, probe_every=0)
+    x_star = -torch.linalg.solve(a, b)
+    reference = {"head": x_star[:3].clone(), "tail": x_star[3:].reshape(2, 2).clone()}
+    agent = moxco.agent.attach(model, opt, url=url, run="clip", reeval_every=1, probe_every=0, reference=reference)
     grad = lambda x: a @ x + b
+    f = lambda x: float(0.5 * x @ a @ x + b @ x)
     xs = [flat_params(model)]
     for _ in range(15):
         model(torch.zeros(1, dtype=torch.float64)).backward()
@@ -50,6 +53,19 @@ def test_clip_grad_norm_metrics_use_the_raw_gradient_and_the_update_is_what_the_
     for t in range(1, 15):
         d = xs[t] - xs[t - 1]
         assert gaps[t - 1] == pytest.approx(float(-0.5 * d @ a @ d), rel=1e-6)
+    # every metric of g_t, the raw gradient (never formed: the sums over .grad are rescaled)
+    series = lambda name: dict(zip(*store.series("clip", name)))
+    corr, smooth = series("update_corr"), series("inst_smooth")
+    gap_ref, smooth_ref = series("inst_gap_ref"), series("inst_smooth_ref")
+    assert sorted(corr) == sorted(smooth) == list(range(1, 15)) and sorted(gap_ref) == list(range(15))
+    for t in range(15):
+        g, e = grad(xs[t]), xs[t] - x_star
+        if t:
+            d = xs[t] - xs[t - 1]
+            assert corr[t] == pytest.approx(float(g @ d), rel=1e-9)
+            assert smooth[t] == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-9)
+        assert gap_ref[t] == pytest.approx(f(xs[t]) - f(x_star) - float(g @ e), rel=1e-9, abs=1e-9)
+        assert smooth_ref[t] == pytest.approx(float((a @ e).norm() / e.norm()), rel=1e-9)
 
 
 def test_grad_scaler_scale_is_removed_from_g_t(url):
@@ -67,10 +83,17 @@ def test_grad_scaler_scale_is_removed_from_g_t(url):
         opt.zero_grad()
         xs.append(flat_params(model).double())
     agent.close()
-    grad_sq = open_store(url).series("scaler", "grad_norm_sq")[1]
+    store = open_store(url)
+    grad_sq = store.series("scaler", "grad_norm_sq")[1]
+    corr, smooth = (dict(zip(*store.series("scaler", name))) for name in ("update_corr", "inst_smooth"))
+    assert sorted(corr) == sorted(smooth) == list(range(1, 8))
     for t in range(8):
         g = a @ xs[t] + b
         assert grad_sq[t] == pytest.approx(float(g @ g), rel=1e-4)
+        if t:  # ⟨g_t, x_t − x_{t−1}⟩ and ‖g_t − ∇f(x_{t−1})‖ / ‖x_t − x_{t−1}‖ with g_t unscaled
+            d = xs[t] - xs[t - 1]
+            assert corr[t] == pytest.approx(float(g @ d), rel=1e-3)
+            assert smooth[t] == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-3)
 
 
 def test_clip_grad_value_is_detected_and_gradient_metrics_are_skipped(url, caplog):

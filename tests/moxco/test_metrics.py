@@ -364,6 +364,35 @@ def test_free_sums_give_the_step_metrics_and_the_previous_update_norm():
     assert calls == [(4,)]
 
 
+def test_a_gradient_scale_gives_the_metrics_of_the_scaled_gradient_without_forming_it():
+    """``grad_scale = s`` (clipping or AMP rescaled .grad in place; the agent passes s = g_t / .grad)
+    gives every gradient metric of ``g = s · grad``, checked against the metrics of the materialised
+    ``s · grad`` in float64; the consumable replay gradient is divided in place, the caller's
+    gradient is never written."""
+    gen = torch.Generator().manual_seed(8)
+    grad, x, prev, x0, h, ref = ([torch.randn(5, 3, generator=gen, dtype=torch.float64),
+                                  torch.randn(4, generator=gen, dtype=torch.float64)] for _ in range(6))
+    s = torch.tensor(0.37, dtype=torch.float64)
+    g = [s * t for t in grad]
+    grad_before = [t.clone() for t in grad]
+    now, before = metrics.free_sums(grad, x, prev, x0, grad_scale=s).values()
+    want_now, want_before = metrics.free_sums(g, x, prev, x0).values()
+    assert now == pytest.approx(want_now, rel=1e-12) and before == pytest.approx(want_before, rel=1e-12)
+    assert metrics.free_sums(grad, x, prev, x0, grad_norms_sq=tensors.norms_sq(g), grad_scale=s).values()[0] == \
+        pytest.approx(want_now, rel=1e-12)  # norms recorded before the rescaling are of g already
+    assert float(metrics.inst_gap(1.5, 0.25, grad, x, ref, grad_scale=s)) == \
+        pytest.approx(float(metrics.inst_gap(1.5, 0.25, g, x, ref)), rel=1e-12)
+    want = float(metrics.inst_smooth(g, h, x, prev))
+    assert float(metrics.inst_smooth(grad, h, x, prev, grad_scale=s)) == pytest.approx(want, rel=1e-12)
+    consumed = [t.clone() for t in h]
+    assert float(metrics.inst_smooth(grad, consumed, x, prev, grad_scale=s, consume_grad_ref=True)) == \
+        pytest.approx(want, rel=1e-12)
+    assert not torch.equal(consumed[0], h[0])  # the replay's gradient was the scratch space
+    ratio, plain = metrics.ConvexityRatio(), metrics.ConvexityRatio()
+    assert ratio.update(2.0, 0.5, grad, x, ref, grad_scale=s) == pytest.approx(plain.update(2.0, 0.5, g, x, ref), rel=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(grad, grad_before))
+
+
 def test_dist_sq_overwriting_its_second_argument_gives_the_same_value():
     """overwrite_ys forms y − x in the caller's temporaries: the same sum as with a new tensor
     (float32, mixed bf16), a fallback for tensors that cannot be written in place (an expanded
