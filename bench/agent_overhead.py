@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import gc
 import io
 import json
@@ -797,8 +798,11 @@ def chunking_table(sizes=(100_000, 1_000_000, 4_000_000, 16_000_000), repeats: i
                       "", *rows, ""])
 
 
+@functools.lru_cache(maxsize=1)
 def source_state() -> str:
-    """The commit benchmarked and whether agent/ or moxco/ had uncommitted changes (read-only git)."""
+    """The commit benchmarked and whether agent/ or moxco/ had uncommitted changes (read-only git),
+    taken once when the run starts (``main``): the code it imported, not what the tree holds by
+    the end of a run."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -867,6 +871,7 @@ PROFILE_BEGIN, PROFILE_END = "<!-- bench:agent-profile:begin -->", "<!-- bench:a
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    source_state()  # the code this run imports
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mlp,gpt2", help="comma-separated, from: mlp, gpt2 (default both)")
