@@ -221,7 +221,10 @@ class StepCapture:
                     loss = self._loss_of(call, output) / len(calls)
                 if with_grad:
                     grads = torch.autograd.grad(loss, list(grad_wrt), allow_unused=True)
-                    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, grad_wrt)]
+                    # sparse gradients (nn.Embedding(sparse=True)) densified: the agent's own
+                    # temporaries, compared elementwise with the dense x_t-side quantities
+                    grads = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
+                             for g, p in zip(grads, grad_wrt)]
                     total_grad = grads if total_grad is None else [a + b for a, b in zip(total_grad, grads)]
                 loss = loss.detach().to(torch.float64)
                 total_loss = loss if total_loss is None else total_loss + loss

@@ -264,8 +264,7 @@ class Agent:
     def _record_error(self, group: str, exc: BaseException) -> None:
         if group in self.errors:
             return
-        message = f"{type(exc).__name__}: {exc}"
-        self.errors[group] = message
+        self.errors[group] = message = error_summary(exc)
         log.warning("moxco: %s metrics disabled for run %r after an error: %s\n%s", group, self.run, message,
                     "".join(traceback.format_exception(exc)[-3:]))
         try:
@@ -290,13 +289,16 @@ class Agent:
 
     def overhead(self) -> Dict[str, float]:
         """Wall seconds the training thread has spent in each metric group since ``attach``:
-        ``free`` (the every-step metrics), ``reeval`` (replays at ``x_{t−1}``: ``loss_diff``,
+        ``free`` (the every-step metrics, with the gradient norms recorded at the end of each
+        backward), ``reeval`` (replays at ``x_{t−1}``: ``loss_diff``,
         ``inst_gap``, ``inst_smooth``), ``reference`` (replays at ``x*``), ``probe`` (sharpness,
         goodness), ``decision``; and ``copy`` when the free metrics are off (they advance the copy
         of ``x_{t−1}`` to ``x_t`` themselves, else it is one copy). What the hooks spend around them
         (handing the step to the writer thread) and the writer thread's own time are not in it.
         Under a device's asynchronous execution these are launch times, not kernel times."""
-        return dict(self._spent)
+        spent = dict(self._spent)
+        spent["free"] = spent.get("free", 0.0) + self.raw_gradient.spent
+        return spent
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -319,6 +321,7 @@ class Agent:
         return self._step_grads
 
     def _recover_raw_gradient(self, values: Dict[str, Any]) -> None:
+        self.raw_gradient.check()
         if not self.raw_gradient.modified():
             return
         m, ratios = self.raw_gradient.multiplier()
@@ -633,6 +636,18 @@ class Agent:
             return {}
         self._phase_recorded = (self.step, self.phase)
         return {"phase": self.phase}
+
+
+ERROR_SUMMARY_CHARS = 300
+
+
+def error_summary(exc: BaseException) -> str:
+    """``"Type: first line of the message"``, at most ``ERROR_SUMMARY_CHARS`` characters: what is
+    stored with the run (``config["errors"]``) and shown by ``agent.errors``. PyTorch's dispatcher
+    errors run to kilobytes (every backend listed); the log keeps the whole message once."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= ERROR_SUMMARY_CHARS else text[: ERROR_SUMMARY_CHARS - 1] + "…"
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Agent:

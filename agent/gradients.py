@@ -20,6 +20,7 @@ Everything stays on the device as 0-dim tensors: no synchronisation on the train
 
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -38,6 +39,8 @@ class RawGradient:
         self._norm_sq: Optional[Tensor] = None  # per parameter, at the end of the last backward
         self._version: List[Optional[int]] = [None] * len(self.params)
         self._queued = False
+        self.spent = 0.0  # seconds in the end-of-backward records (the training thread's, in backward)
+        self.error: Optional[BaseException] = None  # the last record failed: reported at the step
         self._handles = [p.register_post_accumulate_grad_hook(self._on_accumulate)
                          for p in self.params if p.requires_grad]
 
@@ -51,10 +54,28 @@ class RawGradient:
         Variable._execution_engine.queue_callback(self._snapshot)
 
     def _snapshot(self) -> None:
+        # an autograd callback: an exception here would leave the user's backward(), so it is kept
+        # and raised at the step, inside the agent's guard (``check``)
         self._queued = False
+        start = time.perf_counter()
+        try:
+            self._record()
+            self.error = None
+        except Exception as exc:
+            self._norm_sq, self.error = None, exc
+        finally:
+            self.spent += time.perf_counter() - start
+
+    def _record(self) -> None:
         grads = [p.grad.detach() if p.grad is not None else torch.zeros(0, dtype=p.dtype) for p in self.params]
         self._norm_sq = tensors.norms_sq(grads)
         self._version = [p.grad._version if p.grad is not None else None for p in self.params]
+
+    def check(self) -> None:
+        """Raise (at the step, where the agent's guard catches it) what the last end-of-backward
+        record raised."""
+        if self.error is not None:
+            raise RuntimeError(f"the end-of-backward gradient record failed: {self.error}") from self.error
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -308,8 +308,7 @@ class ShardedRawGradient(RawGradient):
         return [_local(p.grad).detach() if p.grad is not None else torch.zeros(0, dtype=p.dtype)
                 for p in self.params]
 
-    def _snapshot(self) -> None:
-        self._queued = False
+    def _record(self) -> None:
         self._norm_sq = tensors.norms_sq(self._local_grads())
         self._now = None
 

@@ -294,6 +294,63 @@ def test_the_training_thread_never_writes_the_store_and_nothing_is_lost_while_it
     assert store.series("locked", "loss")[0].size == 5  # and no point lost either
 
 
+def test_a_failing_end_of_backward_record_never_leaves_backward(url, monkeypatch):
+    """The gradient norms are recorded in an autograd callback, inside the user's ``backward()``:
+    a failure there is kept and reported at the step (the free metrics disabled), never raised
+    from ``backward()``; the run's parameters are those of the same loop without the agent."""
+    a, b, x0 = make_quadratic(9)
+    plain, watched = Quadratic(a, b, x0).double(), Quadratic(a, b, x0).double()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (plain, watched)]
+    agent = moxco.agent.attach(watched, opts[1], url=url, run="record-fails", reeval_every=1, probe_every=0)
+
+    def boom():
+        raise RuntimeError("injected in the autograd callback")
+
+    monkeypatch.setattr(agent.raw_gradient, "_record", boom)
+    for _ in range(4):
+        for model, opt in zip((plain, watched), opts):
+            model(torch.zeros(1, 1, dtype=torch.float64)).backward()  # must not raise
+            opt.step()
+            opt.zero_grad()
+    agent.close()
+    assert "free" in agent.errors and "injected in the autograd callback" in agent.errors["free"]
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), watched.parameters()))
+    assert agent.overhead()["free"] > 0  # the callbacks' time is counted with the free metrics
+
+
+def test_a_long_error_is_stored_as_its_first_line(url, caplog, monkeypatch):
+    """PyTorch's dispatcher errors list every backend (kilobytes): the run keeps the type and the
+    first line, at most ERROR_SUMMARY_CHARS characters; the log has the whole message once."""
+    from moxco.agent.core import ERROR_SUMMARY_CHARS
+
+    a, b, x0 = make_quadratic(2)
+    model = Quadratic(a, b, x0).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    agent = moxco.agent.attach(model, opt, url=url, run="long-error", reeval_every=1, probe_every=1)
+    first = "Could not run 'aten::view' with arguments from the 'SparseCPU' backend."
+    detail = "\n".join(f"Backend{i}: registered at somewhere.cpp:{i} [kernel]" for i in range(200))
+
+    def dispatcher_error(*args, **kwargs):
+        raise NotImplementedError(f"{first}\n\n{detail}")
+
+    def long_line(*args, **kwargs):
+        raise RuntimeError("x" * 5000)
+
+    monkeypatch.setattr(agent.capture, "replay", dispatcher_error)
+    monkeypatch.setattr(agent, "_sharpness", long_line)
+    with caplog.at_level(logging.WARNING, logger="moxco.agent"):
+        model(torch.zeros(1, 1, dtype=torch.float64)).backward()
+        opt.step()
+        opt.zero_grad()
+        model(torch.zeros(1, 1, dtype=torch.float64)).backward()
+        opt.step()
+        agent.close()
+    assert agent.errors["reeval"] == f"NotImplementedError: {first}"
+    assert len(agent.errors["probe"]) == ERROR_SUMMARY_CHARS and agent.errors["probe"].endswith("…")
+    assert open_store(url).run("long-error").config["errors"] == agent.errors
+    assert "Backend199" in caplog.text  # the log keeps the whole message
+
+
 def test_a_training_loop_runs_on_when_the_store_breaks(url, monkeypatch):
     a, b, x0 = make_quadratic(4)
     model = Quadratic(a, b, x0).double()

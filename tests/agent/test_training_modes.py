@@ -156,3 +156,44 @@ def test_torch_compiled_model(url, backend):
     assert store.series(f"compiled-{backend}", "inst_smooth")[0].size == 5
     assert store.series(f"compiled-{backend}", "sharpness")[0].size == 3
     assert np.all(np.isfinite(store.series(f"compiled-{backend}", "inst_gap")[1]))
+
+
+class SparseEmbeddingModel(nn.Module):
+    """A scalar loss through an embedding with sparse gradients (``sparse=True``) or dense ones."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4, sparse=sparse)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, ids):
+        return self.head(self.embedding(ids).flatten(1)).pow(2).mean()
+
+
+def test_sparse_embedding_gradients_give_the_dense_model_metrics(tmp_path):
+    """``nn.Embedding(sparse=True)`` (repeated ids: uncoalesced gradient rows): every metric, the
+    re-evaluation and the probe included, equals the dense twin's, and nothing is disabled (the
+    replay's sparse gradients used to fail ``inst_smooth`` and the probe)."""
+    ids = torch.tensor([[1, 1], [1, 2], [3, 1], [1, 1], [2, 2]])
+    stored = {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = SparseEmbeddingModel(sparse)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        url = f"sqlite:///{tmp_path / f'sparse-{sparse}.db'}"
+        agent = moxco.agent.attach(model, opt, url=url, run="emb", reeval_every=1, probe_every=2)
+        for _ in range(6):
+            model(ids).backward()
+            assert model.embedding.weight.grad.is_sparse == sparse
+            opt.step()
+            opt.zero_grad()
+        agent.close()
+        assert agent.errors == {}
+        store = open_store(url)
+        stored[sparse] = {name: store.series("emb", name) for name in store.metrics("emb")}
+    assert set(stored[True]) == set(stored[False]) >= {"grad_norm_sq", "update_corr", "inst_gap", "inst_smooth",
+                                                       "sharpness", "goodness"}
+    for name, (steps, values) in stored[False].items():
+        sparse_steps, sparse_values = stored[True][name]
+        assert np.array_equal(steps, sparse_steps), name
+        np.testing.assert_allclose(sparse_values, values, rtol=1e-4, atol=1e-7, err_msg=name)
