@@ -203,11 +203,10 @@ def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], 
     ``grad_scale``: ``g = grad_scale · grad`` (see ``_scaled``; ``grad_norms_sq`` are of ``g``)."""
     if grad_norms_sq is None:
         grad_norms_sq = _scaled(tensors.norms_sq(grad), grad_scale, power=2)
-    grad_sq = grad_norms_sq
     step = tensors.step_sums(grad, params, prev, origin, advance=advance_prev)
     if grad_scale is not None and prev is not None:  # ⟨g, x − x_{t−1}⟩ is the one sum of grad
         step = torch.cat([_scaled(step[:1], grad_scale), step[1:]])
-    partials = torch.cat([grad_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1), step])
+    partials = torch.cat([grad_norms_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1), step])
     out = partials if reduce is None else reduce(partials)
     return FreeSums(partials if out is None else out, prev is not None, origin is not None, scale)
 

@@ -321,15 +321,17 @@ def scale(xs: TensorList, factor: float | Tensor) -> List[Tensor]:
 
 
 def divide(xs: TensorList, divisor: Tensor, *, in_place: bool = False) -> List[Tensor]:
-    """Elementwise ``x / d`` for a 0-dim tensor ``d`` (no host read of it): in the tensors
-    themselves with ``in_place``, else new tensors."""
+    """Elementwise ``x / d`` for a 0-dim tensor ``d`` (no host read of it): with ``in_place``, in
+    the tensors themselves where they can be written (contiguous, not requiring grad: an expanded
+    gradient cannot), else new tensors."""
     xs = list(xs)
     if not xs:
         return []
-    if in_place:
+    writable = [in_place and x.is_contiguous() and not x.requires_grad for x in xs]
+    if all(writable):
         torch._foreach_div_(xs, divisor)
         return xs
-    return list(torch._foreach_div(xs, divisor))
+    return [x.div_(divisor) if w else x / divisor for x, w in zip(xs, writable)]
 
 
 def clone(xs: Iterable[Tensor]) -> List[Tensor]:

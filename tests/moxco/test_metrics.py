@@ -388,6 +388,11 @@ def test_a_gradient_scale_gives_the_metrics_of_the_scaled_gradient_without_formi
     assert float(metrics.inst_smooth(grad, consumed, x, prev, grad_scale=s, consume_grad_ref=True)) == \
         pytest.approx(want, rel=1e-12)
     assert not torch.equal(consumed[0], h[0])  # the replay's gradient was the scratch space
+    # an expanded gradient (a summed parameter's, from autograd) cannot be divided in place
+    expanded = [h[0].clone(), torch.full((1,), 0.5, dtype=torch.float64).expand(4)]
+    want_expanded = float(metrics.inst_smooth(g, [t.clone() for t in expanded], x, prev))
+    assert float(metrics.inst_smooth(grad, expanded, x, prev, grad_scale=s, consume_grad_ref=True)) == \
+        pytest.approx(want_expanded, rel=1e-12)
     ratio, plain = metrics.ConvexityRatio(), metrics.ConvexityRatio()
     assert ratio.update(2.0, 0.5, grad, x, ref, grad_scale=s) == pytest.approx(plain.update(2.0, 0.5, g, x, ref), rel=1e-12)
     assert all(torch.equal(a, b) for a, b in zip(grad, grad_before))
