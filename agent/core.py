@@ -153,7 +153,6 @@ class Agent:
             owners = self.shards.owners if self.shards is not None else self.params
             ref = _load_reference(reference, dict(zip(self.names, owners)))
             self._reference = self.shards.shard_full(ref) if self.shards is not None else [ref[n] for n in self.names]
-            self._convexity = metrics.ConvexityRatio()
         self._generator = torch.Generator().manual_seed(seed)
         # the agent draws its random numbers from its own generator: the user's RNG stream is untouched
         hvp_params = self.shards.owners if self.shards is not None else self.params  # (no HVPs under FSDP)
@@ -508,7 +507,8 @@ class Agent:
                 loss_ref, _ = self._local(
                     "probe", lambda: self.capture.replay(calls, self._named(self._reference), with_grad=False),
                     lambda: (torch.tensor(math.nan, dtype=torch.float64), None))
-            values["convexity_ratio"] = self._convexity.update(
+            # summed on the writer thread (ConvexityRatio there): no device read on this one
+            probe["convexity_terms"] = metrics.convexity_terms(
                 self._step_loss(), self.group.mean_scalar(loss_ref), self._grads(), self.params, self._reference,
                 reduce=self._reduce, grad_scale=self._grad_scale)
         self._guard("optimizer", self._optimizer_state, values)

@@ -84,6 +84,7 @@ class MetricWriter:
         self.on_decision = on_decision
         self.on_error = on_error
         self.aggregates = metrics.GapSmoothAggregates()
+        self.convexity = metrics.ConvexityRatio()  # convexity_ratio's running sums (audit eq. 6)
         self.loss_denoiser = Aligator()
         self.grad_norm_estimator = GradNormSqEstimator()
         self.dropped = 0
@@ -171,7 +172,8 @@ class MetricWriter:
             values.update(now)
             for name, value in before.items():  # update_norm = ‖x_t − x_{t−1}‖ belongs to step t−1
                 self._emit(step - 1, name, value, wall)
-        if ratios is not None and not _uniform(ratios):
+        gradient_known = ratios is None or _uniform(ratios)
+        if not gradient_known:
             # .grad was changed non-uniformly after backward (e.g. clip_grad_value_): g_t cannot be
             # recovered, so the metrics that use it are left out for this step rather than wrong
             if "nonuniform_gradient" not in self._warned:
@@ -187,6 +189,9 @@ class MetricWriter:
         if "loss" in values:
             self.loss_denoiser.update(values["loss"])
         if record.probe is not None:
+            terms = record.probe.pop("convexity_terms", None)
+            if terms is not None and gradient_known:  # a step whose g_t is unknown adds no wrong term
+                self._emit(step, "convexity_ratio", self.convexity.update_terms(*terms.detach().cpu().tolist()), wall)
             self._probe(step, record.probe, values, wall)
 
     def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:

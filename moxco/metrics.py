@@ -343,9 +343,9 @@ class ConvexityRatio:
         reduce: Reduce = None,
         grad_scale: Optional[Tensor] = None,
     ) -> float:
-        """Add one probe (``∇F(x_t) = grad_scale · grad``, see ``_scaled``); return the ratio."""
-        (grad_dot_gap,) = _reduced([_scaled(tensors.dot_diff(grad, params, params_ref), grad_scale)], reduce)
-        return self.update_terms(float(grad_dot_gap), float(loss) - float(loss_ref))
+        """Add one probe (see ``convexity_terms``); return the ratio."""
+        terms = convexity_terms(loss, loss_ref, grad, params, params_ref, reduce=reduce, grad_scale=grad_scale)
+        return self.update_terms(*terms.tolist())
 
     def update_terms(self, grad_dot_gap: float, loss_gap: float) -> float:
         """Add one probe's ``⟨∇F(x_t), x_t − x*⟩`` and ``F(x_t) − F(x*)``; return the ratio."""
@@ -368,6 +368,16 @@ class ConvexityRatio:
     def load_state_dict(self, state: dict) -> None:
         self.count = int(state["count"])
         self.numerator, self.denominator = float(state["numerator"]), float(state["denominator"])
+
+
+def convexity_terms(loss: float | Tensor, loss_ref: float | Tensor, grad: TensorList, params: TensorList,
+                    params_ref: TensorList, *, reduce: Reduce = None, grad_scale: Optional[Tensor] = None) -> Tensor:
+    """One probe's summands of ``convexity_ratio`` (audit eq. 6): ``[⟨∇F(x_t), x_t − x*⟩,
+    F(x_t) − F(x*)]`` as a float64 vector on the gradient's device, not read from it (the agent
+    hands it to its writer thread; ``ConvexityRatio.update_terms`` adds it up).
+    ``∇F(x_t) = grad_scale · grad`` (see ``_scaled``)."""
+    (grad_dot_gap,) = _reduced([_scaled(tensors.dot_diff(grad, params, params_ref), grad_scale)], reduce)
+    return torch.stack([grad_dot_gap.reshape(()), loss_diff(loss, loss_ref).to(grad_dot_gap.device)])
 
 
 def interpret_convexity_ratio(ratio: float) -> str:

@@ -96,6 +96,35 @@ def test_grad_scaler_scale_is_removed_from_g_t(url):
             assert smooth[t] == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-3)
 
 
+def test_convexity_ratio_sums_only_the_probes_whose_raw_gradient_is_known(url):
+    """``convexity_ratio`` (audit eq. 6) on a quadratic with a reference ``x*``, a probe every
+    step, and ``clip_grad_value_`` (a non-uniform change: ``g_t`` unknown) on every other step:
+    the stored ratio is the closed form summed over the other steps only, and no point is stored
+    at the clipped ones."""
+    a, b, x0 = make_quadratic(11)
+    model = Quadratic(a, b, x0 * 10).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x_star = -torch.linalg.solve(a, b)
+    reference = {"head": x_star[:3].clone(), "tail": x_star[3:].reshape(2, 2).clone()}
+    agent = moxco.agent.attach(model, opt, url=url, run="ratio", reeval_every=0, probe_every=1, reference=reference)
+    f = lambda x: float(0.5 * x @ a @ x + b @ x)
+    numerator = denominator = 0.0
+    for t in range(8):
+        x = flat_params(model)
+        model(torch.zeros(1, dtype=torch.float64)).backward()
+        if t % 2:
+            nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+        else:
+            numerator += float((a @ x + b) @ (x - x_star))
+            denominator += f(x) - f(x_star)
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    steps, ratio = open_store(url).series("ratio", "convexity_ratio")
+    assert list(steps) == [0, 2, 4, 6]
+    assert ratio[-1] == pytest.approx(numerator / denominator, rel=1e-9)
+
+
 def test_clip_grad_value_is_detected_and_gradient_metrics_are_skipped(url, caplog):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
