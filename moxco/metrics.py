@@ -109,13 +109,10 @@ def inst_smooth(
     ``‖x − y‖²`` when the caller already has it; ``params`` and ``params_ref`` are then not read.
     ``consume_grad_ref``: ``grad_ref`` is the caller's temporary and may be overwritten
     (``tensors.dist_sq(..., overwrite_ys=True)``: no gradient-sized allocation). ``grad_scale``:
-    ``∇f(x, z) = grad_scale · grad`` (see ``_scaled``), taken as ``‖s·g − h‖² = s²‖g − h/s‖²``
-    with ``h/s`` formed in ``grad_ref`` when it may be consumed: ``s·g`` is never materialised.
+    ``∇f(x, z) = grad_scale · grad`` (see ``_scaled``); ``grad_ref − s·grad`` is formed in one
+    pass (``dist_sq``'s ``x_scale``): ``s·grad`` is never materialised.
     """
-    if grad_scale is not None:
-        grad_ref = tensors.divide(grad_ref, grad_scale, in_place=consume_grad_ref)
-        consume_grad_ref = True  # the quotients are this function's own
-    grad_diff = _scaled(tensors.dist_sq(grad, grad_ref, overwrite_ys=consume_grad_ref), grad_scale, power=2)
+    grad_diff = tensors.dist_sq(grad, grad_ref, overwrite_ys=consume_grad_ref, x_scale=grad_scale)
     if step_sq is None:
         grad_diff_sq, step_sq = _reduced([grad_diff, tensors.dist_sq(params, params_ref)], reduce)
     else:

@@ -271,13 +271,15 @@ def _advancing_step_sums(gs: TensorList, xs: TensorList, prev: "FlatCopy", origi
 
 
 @torch.no_grad()
-def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False) -> Tensor:
-    """``‖x − y‖²`` computed tensor by tensor (float64, additive across shards).
+def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False, x_scale: Tensor | None = None) -> Tensor:
+    """``‖x − y‖²``, or ``‖s·x − y‖²`` with ``x_scale = s`` (a 0-dim tensor, not read on the host),
+    computed tensor by tensor (float64, additive across shards).
 
-    ``overwrite_ys``: the ``ys`` are temporaries of the caller (a replay's gradient), so ``y − x``
-    is formed in their memory instead of a new tensor of each one's size (the values of ``ys``
-    are then garbage). Tensors that cannot be written in place (non-contiguous, such as the
-    expanded gradient of a summed parameter, or requiring grad) still get a temporary.
+    ``overwrite_ys``: the ``ys`` are temporaries of the caller (a replay's gradient), so ``y − s·x``
+    is formed in their memory (one ``sub_``/``addcmul_`` pass) instead of a new tensor of each
+    one's size (the values of ``ys`` are then garbage). Tensors that cannot be written in place
+    (non-contiguous, such as the expanded gradient of a summed parameter, or requiring grad) still
+    get a temporary.
     """
     _check_pair(xs, ys)
     if not xs:
@@ -285,9 +287,19 @@ def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False) -> Te
     parts = []
     for x, y in zip(xs, ys):
         x, y_op = _operands(x, y)
-        diff = y_op.sub_(x) if overwrite_ys and y_op.is_contiguous() and not y_op.requires_grad else torch.sub(x, y_op)
+        scale = None if x_scale is None else x_scale.to(device=x.device, dtype=x.dtype)
+        if overwrite_ys and _writable(y_op):
+            diff = y_op.sub_(x) if scale is None else y_op.addcmul_(x, scale, value=-1)
+        else:
+            diff = torch.sub(x if scale is None else x * scale, y_op)
         parts.append(_sq_sum(diff.view(-1)) if diff.dtype in _NATIVE else diff.square_().sum())
     return _accumulate(parts)
+
+
+def _writable(t: Tensor) -> bool:
+    """Whether a caller's temporary can take a result in place (not an expanded view, not a leaf
+    that requires grad)."""
+    return t.is_contiguous() and not t.requires_grad
 
 
 def norm(xs: TensorList) -> Tensor:
@@ -318,20 +330,6 @@ def scale(xs: TensorList, factor: float | Tensor) -> List[Tensor]:
     if isinstance(factor, Tensor):
         return [x * factor.to(x.dtype) for x in xs]
     return list(torch._foreach_mul(list(xs), factor))
-
-
-def divide(xs: TensorList, divisor: Tensor, *, in_place: bool = False) -> List[Tensor]:
-    """Elementwise ``x / d`` for a 0-dim tensor ``d`` (no host read of it): with ``in_place``, in
-    the tensors themselves where they can be written (contiguous, not requiring grad: an expanded
-    gradient cannot), else new tensors."""
-    xs = list(xs)
-    if not xs:
-        return []
-    writable = [in_place and x.is_contiguous() and not x.requires_grad for x in xs]
-    if all(writable):
-        torch._foreach_div_(xs, divisor)
-        return xs
-    return [x.div_(divisor) if w else x / divisor for x, w in zip(xs, writable)]
 
 
 def clone(xs: Iterable[Tensor]) -> List[Tensor]:
