@@ -16,8 +16,8 @@ with and without ``track_distance``; ``reeval_every=1`` (probe off); the default
 the step's batch (``torch.autograd.grad``, ``.grad`` untouched) right before ``optimizer.step()``,
 where the agent replays, timed directly: the physical floor of the re-evaluation; and ``bytes``: no
 agent plus, at the same point, a pass that moves exactly the bytes the free metrics must move
-(``x_t``, ``x_{t−1}``, ``g_t``, ``x_0`` read once, ``x_{t−1}`` written once) in two fused operations
-per tensor and computes nothing: the floor under the free metrics. The agent's own
+(``x_t``, ``x_{t−1}``, ``g_t``, ``x_0`` read once, ``x_{t−1}`` written once) in two multi-tensor
+calls and computes nothing: the floor under the free metrics. The agent's own
 re-evaluation is timed directly too (``Agent.overhead()``, the training thread's seconds per metric
 group). Each repeat runs
 every configuration once, in an order rotated from repeat to repeat, from the same seed, on a
@@ -371,13 +371,14 @@ def move_free_metric_bytes(params: List[torch.Tensor], previous: List[torch.Tens
                            origin: List[torch.Tensor]) -> None:
     """The least memory traffic of any implementation of the free metrics with ``track_distance``:
     read ``x_t``, ``x_{t−1}``, ``g_t`` and ``x_0`` once and write ``x_{t−1}`` once (five parameter
-    sizes), in two fused operations per tensor. What it computes is garbage, never read: the
-    step-time cost of this pass is the floor under the free metrics on the machine and workload."""
-    for p, prev, x0 in zip(params, previous, origin):
-        if p.grad is not None:
-            torch.addcmul(p.detach(), prev, p.grad, out=prev)  # reads x_t, x_{t−1}, g_t; writes x_{t−1}
-        flat = x0.view(-1)
-        torch.dot(flat, flat)  # reads x_0
+    sizes), in two multi-tensor calls whatever the number of tensors. What it computes is garbage,
+    never read: the step-time cost of this pass is the floor under the free metrics on the machine
+    and workload."""
+    with_grad = [(p.detach(), prev, p.grad) for p, prev in zip(params, previous) if p.grad is not None]
+    if with_grad:
+        xs, prevs, grads = (list(t) for t in zip(*with_grad))
+        torch._foreach_addcmul_(prevs, xs, grads)  # reads x_t, x_{t−1}, g_t; writes x_{t−1}
+    torch._foreach_norm(origin)  # reads x_0
 
 
 # --- Cockpit ------------------------------------------------------------------------------------
@@ -735,7 +736,7 @@ def report_model(data: Dict[str, Any], args) -> str:
         + verdict(free <= FREE_TARGET, f"target ≤ {FREE_TARGET:.0%}"
                   + ("" if free <= FREE_TARGET else f"; {(free - FREE_TARGET) * 100:.1f} points over")) + ".",
         f"* The free metrics' bytes floor (no agent; `x_t`, `x_{{t−1}}`, `g_t`, `x_0` read and `x_{{t−1}}` "
-        "written once each, two fused operations per tensor, nothing computed: the least memory traffic of any "
+        "written once each, two multi-tensor calls, nothing computed: the least memory traffic of any "
         f"implementation): **{bytes_over:+.1%}** [{spread([r - 1 for r in ratio['bytes']], '+.1%')}], "
         f"{fmt_ms(median(bytes_added))} ms a step; its pass timed directly: {fmt_ms(median(bytes_direct))} ms "
         f"({median(bytes_direct_share):.1%} of the no-agent step [{spread(bytes_direct_share, '.1%')}]). "
