@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
 from moxco.agent.transport import open_sink
 from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
-from moxco.agent.writer import FREE_SUMS, GoodnessSettings, MetricWriter, StepRecord
+from moxco.agent.writer import FREE_SUMS, REPLAY_SUMS, GoodnessSettings, MetricWriter, StepRecord
 from moxco.aligator import split_sums
 from moxco.collector.storage import Store
 from moxco.goodness import eos_sharpness
@@ -343,7 +343,7 @@ class Agent:
         # in place, and the re-evaluation's formulas take their products from the free metrics.
         # The raw gradient's norms are read before it: an FSDP replay's backward records its own
         raw_norms_sq = self._guard("free", self.raw_gradient.raw_norms_sq)
-        replay = self._guard("reeval", self._replay_with_grad, self._prev, "reeval") if self._reeval_due() else None
+        replay = self._guard("reeval", self._replay_at_previous) if self._reeval_due() else None
         # the free metrics overwrite x_{t−1} with x_t when they run, also when they fail part way
         self._prev_is_previous = "free" in self.errors or self._prev is None
         self._prev_advanced = False
@@ -437,36 +437,42 @@ class Agent:
         averaged = self.group.mean([loss.reshape(1), *grads])
         return averaged[0].reshape(()), averaged[1:]
 
-    def _reeval(self, values: Dict[str, Any], loss_prev: Tensor, grad_prev: List[Tensor]) -> None:
+    def _replay_at_previous(self) -> Tuple[Tensor, Tensor]:
+        """The replay at ``x_{t−1}``: ``(f(x_{t−1}, z_t), this rank's ‖∇f(x_t, z_t) − ∇f(x_{t−1}, z_t)‖²)``.
+        The difference is formed at once, in the replay's gradient (the agent's own, overwritten),
+        while it is still in cache."""
+        loss_prev, grad_prev = self._replay_with_grad(self._prev, "reeval")
+        return loss_prev, tensors.dist_sq(self._grads(), grad_prev, overwrite_ys=True, x_scale=self._grad_scale)
+
+    def _reeval(self, values: Dict[str, Any], loss_prev: Tensor, grad_diff_sq: Tensor) -> None:
         """``loss_diff``, ``inst_gap``, ``inst_smooth`` from the replay at ``x_{t−1}`` (run before
-        the free metrics advanced the copy of ``x_{t−1}``) and the free metrics' products."""
-        loss, grads = values.get("loss", self._step_loss()), self._grads()
-        values["loss_diff"] = metrics.loss_diff(loss, loss_prev)
+        the free metrics advanced the copy of ``x_{t−1}``) and the free metrics' products, as
+        ``metrics.ReplaySums``: the formulas are applied on the writer thread."""
+        loss = values["loss"] if "loss" in values else self._step_loss()
+        replays = values.setdefault(REPLAY_SUMS, [])
         # (⟨g_t, x_t − x_{t−1}⟩, ‖x_t − x_{t−1}‖²) from this hook's free metrics, when they ran;
         # else from x_{t−1}, which is then still in place (the free metrics are off)
         free = self._free
         if free is not None and free.has_update:
             dot_step, step_sq = free.update_products()
-        elif self._prev_is_previous:
-            dot_step, step_sq = metrics.free_sums(grads, self.params, self._prev, None, reduce=self._reduce,
-                                                  grad_scale=self._grad_scale).update_products()
-        else:  # the free metrics failed this step after x_{t−1} was overwritten: loss_diff alone
+        elif not self._prev_is_previous:  # the free metrics failed after overwriting x_{t−1}: loss_diff alone
+            replays.append(metrics.replay_sums(loss, loss_prev))
             return
-        values["inst_gap"] = metrics.inst_gap(loss, loss_prev, grads, self.params, None, reduce=self._reduce,
-                                              grad_dot_step=dot_step)
-        # the replay's gradient is the agent's own and read for the last time here: overwritten
-        values["inst_smooth"] = metrics.inst_smooth(grads, grad_prev, self.params, None, reduce=self._reduce,
-                                                    step_sq=step_sq, consume_grad_ref=True,
-                                                    grad_scale=self._grad_scale)
+        else:
+            dot_step = step_sq = None
+        replays.append(metrics.replay_sums(loss, loss_prev, grad_diff_sq, self._grads(), self.params, self._prev,
+                                           grad_dot_step=dot_step, step_sq=step_sq, reduce=self._reduce,
+                                           grad_scale=self._grad_scale))
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
+        """``inst_gap_ref``, ``inst_smooth_ref`` from the replay at ``x*`` (``metrics.ReplaySums``)."""
         loss_ref, grad_ref = self._replay_with_grad(self._reference, "reference")
-        loss, grads = values.get("loss", self._step_loss()), self._grads()
-        values["inst_gap_ref"] = metrics.inst_gap(loss, loss_ref, grads, self.params, self._reference,
-                                                  reduce=self._reduce, grad_scale=self._grad_scale)
-        values["inst_smooth_ref"] = metrics.inst_smooth(grads, grad_ref, self.params, self._reference,
-                                                        reduce=self._reduce, consume_grad_ref=True,
-                                                        grad_scale=self._grad_scale)
+        grads = self._grads()
+        grad_diff_sq = tensors.dist_sq(grads, grad_ref, overwrite_ys=True, x_scale=self._grad_scale)
+        loss = values["loss"] if "loss" in values else self._step_loss()
+        values.setdefault(REPLAY_SUMS, []).append(
+            metrics.replay_sums(loss, loss_ref, grad_diff_sq, grads, self.params, self._reference, reference=True,
+                                reduce=self._reduce, grad_scale=self._grad_scale))
 
     def _probe(self, probe: Dict[str, Any], values: Dict[str, Any]) -> None:
         calls = list(self.capture.calls)

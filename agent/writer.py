@@ -34,6 +34,7 @@ GRADIENT_METRICS = ("grad_norm_sq", "update_corr", "update_corr_rs", "inst_gap",
 UNIFORM_TOLERANCE = 1e-4
 FLUSH_POINTS = 2000
 FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, read here in one go
+REPLAY_SUMS = "_replay_sums"  # a StepRecord value: a list of metrics.ReplaySums (x_{t−1}, x*), read here
 
 
 @dataclass
@@ -166,7 +167,10 @@ class MetricWriter:
             self.aggregates.reset_epoch()
         ratios = record.values.pop("_grad_rescale_ratios", None)
         free = record.values.pop(FREE_SUMS, None)
+        replays = record.values.pop(REPLAY_SUMS, ())
         values = {name: _read(value) for name, value in record.values.items()}
+        for replay in replays:
+            values.update(replay.values())
         if free is not None:
             now, before = free.values()
             values.update(now)

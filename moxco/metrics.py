@@ -88,6 +88,11 @@ def inst_gap(
     """
     if grad_dot_step is None:
         (grad_dot_step,) = _reduced([_scaled(tensors.dot_diff(grad, params, params_ref), grad_scale)], reduce)
+    return gap_from_products(loss, loss_ref, grad_dot_step)
+
+
+def gap_from_products(loss: float | Tensor, loss_ref: float | Tensor, grad_dot_step: Tensor) -> Tensor:
+    """``inst_gap`` (audit eq. 2) from its terms: ``f(x, z) − f(y, z) − ⟨∇f(x, z), x − y⟩``."""
     return loss_diff(loss, loss_ref).to(grad_dot_step.device) - grad_dot_step
 
 
@@ -117,6 +122,12 @@ def inst_smooth(
         grad_diff_sq, step_sq = _reduced([grad_diff, tensors.dist_sq(params, params_ref)], reduce)
     else:
         (grad_diff_sq,) = _reduced([grad_diff], reduce)
+    return smooth_from_products(grad_diff_sq, step_sq)
+
+
+def smooth_from_products(grad_diff_sq: Tensor, step_sq: Tensor) -> Tensor:
+    """``inst_smooth`` (audit eq. 4) from the reduced squared norms ``‖∇f(x,z) − ∇f(y,z)‖²`` and
+    ``‖x − y‖²`` (0/0 is NaN, c/0 is +Inf)."""
     return grad_diff_sq.sqrt() / step_sq.sqrt()
 
 
@@ -206,6 +217,70 @@ def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], 
     partials = torch.cat([grad_norms_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1), step])
     out = partials if reduce is None else reduce(partials)
     return FreeSums(partials if out is None else out, prev is not None, origin is not None, scale)
+
+
+@dataclass
+class ReplaySums:
+    """The metrics of one replay of step ``t``'s batch at a point ``y`` (DESIGN §3), as one float64
+    vector of reduced sums: ``f(x_t, z_t)``, ``f(y, z_t)``; then, if ``has_products``,
+    ``‖∇f(x_t, z_t) − ∇f(y, z_t)‖²``, ``⟨∇f(x_t, z_t), x_t − y⟩`` and ``‖x_t − y‖²``.
+
+    ``y = x_{t−1}`` (``reference=False``): ``loss_diff``, ``inst_gap``, ``inst_smooth``; ``y = x*``:
+    ``inst_gap_ref``, ``inst_smooth_ref``. Made on the training thread without reading the device
+    (``replay_sums``); ``values()`` reads it once, off that thread, and applies the formulas
+    (``loss_diff``, ``gap_from_products``, ``smooth_from_products``)."""
+
+    sums: Tensor
+    has_products: bool
+    reference: bool = False
+
+    def values(self) -> Dict[str, float]:
+        sums = self.sums.detach().to("cpu", ACCUMULATE_DTYPE)
+        suffix = "_ref" if self.reference else ""
+        out: Dict[str, float] = {}
+        if not self.reference:
+            out["loss_diff"] = float(loss_diff(sums[0], sums[1]))
+        if self.has_products:
+            out["inst_gap" + suffix] = float(gap_from_products(sums[0], sums[1], sums[3]))
+            out["inst_smooth" + suffix] = float(smooth_from_products(sums[2], sums[4]))
+        return out
+
+
+def replay_sums(loss: float | Tensor, loss_ref: float | Tensor, grad_diff_sq: Optional[Tensor] = None,
+                grad: Optional[TensorList] = None, params: Optional[TensorList] = None,
+                params_ref: Optional[TensorList] = None, *, grad_dot_step: Optional[Tensor] = None,
+                step_sq: Optional[Tensor] = None, reduce: Reduce = None, grad_scale: Optional[Tensor] = None,
+                reference: bool = False) -> ReplaySums:
+    """``ReplaySums`` of a replay at ``y`` (``loss_ref = f(y, z)``, ``params_ref = y``), with one
+    collective when sharded.
+
+    ``grad_diff_sq``: this rank's partial ``‖∇f(x, z) − ∇f(y, z)‖²``, which the caller forms where
+    the replay's gradient is still in cache (``tensors.dist_sq(grad, grad_ref, overwrite_ys=True)``);
+    without it only the losses are kept (``loss_diff`` alone). ``grad_dot_step`` and ``step_sq``
+    (reduced) when the caller has them, else they are computed from ``grad``, ``params`` and
+    ``params_ref``; ``grad_scale`` as in ``inst_gap``."""
+    like = loss if isinstance(loss, Tensor) else torch.zeros(())
+    losses = [_scalar(loss, like), _scalar(loss_ref, like)]
+    if grad_diff_sq is None:
+        return ReplaySums(torch.stack(losses), False, reference)
+    partials = [grad_diff_sq]
+    if grad_dot_step is None:
+        partials.append(_scaled(tensors.dot_diff(grad, params, params_ref), grad_scale))
+    if step_sq is None:
+        partials.append(tensors.dist_sq(params, params_ref))
+    # the common case (one process, products from the free metrics) takes no reduction step: every
+    # small op is a dispatch on the training thread, a kernel launch on an accelerator
+    reduced = partials if reduce is None and len(partials) == 1 else list(_reduced(partials, reduce).unbind())
+    grad_diff_sq = reduced.pop(0)
+    if grad_dot_step is None:
+        grad_dot_step = reduced.pop(0)
+    if step_sq is None:
+        step_sq = reduced.pop(0)
+    terms = losses + [grad_diff_sq, grad_dot_step, step_sq]
+    device = grad_diff_sq.device
+    if any(t.dtype != ACCUMULATE_DTYPE or t.device != device or t.dim() for t in terms):
+        terms = [t.to(device=device, dtype=ACCUMULATE_DTYPE).reshape(()) for t in terms]
+    return ReplaySums(torch.stack(terms), True, reference)
 
 
 # --- streaming aggregates (audit eq. 3 and eq. 5) -------------------------------------------------
