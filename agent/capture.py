@@ -4,8 +4,8 @@ The re-evaluation metrics need ``f(y, z_t)`` and ``âˆ‡f(y, z_t)`` at ``y = x_{tâ
 *same* minibatch ``z_t`` the user's step saw. A forward pre-hook records every training-mode call
 of the model since the last optimizer step (several under gradient accumulation) with the RNG
 state it started from; replaying one is ``torch.func.functional_call`` with the other parameters
-substituted and the RNG state restored inside ``torch.random.fork_rng`` (same dropout masks, the
-user's RNG stream untouched), on copies of the buffers (BatchNorm running statistics are not
+substituted and the RNG state restored for it (same dropout masks, the user's RNG stream saved and
+put back), on copies of the buffers (BatchNorm running statistics are not
 updated). The user's parameters and ``.grad`` are never written.
 
 How the loss is found, in order: the model's output is a scalar tensor; it has a ``loss`` field
@@ -17,7 +17,6 @@ the loss is not ``criterion(model(x), y)`` verbatim.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -30,18 +29,47 @@ from moxco.agent.distributed import unwrap
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
-def _replay_context(call: "ForwardCall") -> contextlib.ExitStack:
-    """The user's forward conditions for a replay: its RNG state (in a forked RNG, so the user's
-    stream is untouched) and its autocast state (bf16 forwards replay in bf16)."""
-    stack = contextlib.ExitStack()
-    devices = [call.cuda_rng[0]] if call.cuda_rng is not None else []
-    stack.enter_context(torch.random.fork_rng(devices=devices))
-    torch.set_rng_state(call.rng_state)
-    if call.cuda_rng is not None:
-        torch.cuda.set_rng_state(call.cuda_rng[1], call.cuda_rng[0])
-    for kind, dtype in call.autocast:
-        stack.enter_context(torch.autocast(kind, dtype=dtype))
-    return stack
+class _ReplayConditions:
+    """The user's forward conditions for a replay: its RNG state (the user's stream saved and put
+    back afterwards, so it is untouched: same dropout masks, as ``torch.random.fork_rng`` does, in
+    a few calls instead of its generic context manager) and its autocast state (bf16 forwards
+    replay in bf16)."""
+
+    __slots__ = ("call", "cpu_state", "cuda_state", "autocasts")
+
+    def __init__(self, call: "ForwardCall") -> None:
+        self.call = call
+
+    def __enter__(self) -> None:
+        call = self.call
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = None
+        if call.cuda_rng is not None:
+            self.cuda_state = torch.cuda.get_rng_state(call.cuda_rng[0])
+        self.autocasts = []
+        try:
+            torch.set_rng_state(call.rng_state)
+            if call.cuda_rng is not None:
+                torch.cuda.set_rng_state(call.cuda_rng[1], call.cuda_rng[0])
+            for kind, dtype in call.autocast:
+                autocast = torch.autocast(kind, dtype=dtype)
+                autocast.__enter__()
+                self.autocasts.append(autocast)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for autocast in reversed(self.autocasts):
+                autocast.__exit__(None, None, None)
+        finally:
+            self._restore_rng()
+
+    def _restore_rng(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda_state is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.call.cuda_rng[0])
 
 
 class CaptureError(RuntimeError):
@@ -92,6 +120,7 @@ class StepCapture:
         self.calls: List[ForwardCall] = []
         self.replaying = False
         self.error: Optional[CaptureError] = None
+        self._aliases: Optional[Dict[str, str]] = None  # see _substitution
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -200,6 +229,27 @@ class StepCapture:
             raise CaptureError("the replayed output carries no loss")
         return loss
 
+    def _substitution(self, buffers: Dict[str, Tensor], named_params: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """What ``functional_call`` substitutes, with every alias of a tied parameter or buffer (GPT-2's
+        ``lm_head.weight`` is ``transformer.wte.weight``) given the same tensor. The aliases are found
+        once, so the replays call ``functional_call(..., tie_weights=False)``, which skips the walk
+        over every module that it otherwise makes at each call to find them."""
+        module = self.replay_module
+        if self._aliases is None:
+            first: Dict[int, str] = {}
+            aliases: Dict[str, str] = {}
+            named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+            for name, tensor in named:
+                canonical = first.setdefault(id(tensor), name)
+                if canonical != name:
+                    aliases[name] = canonical
+            self._aliases = aliases
+        values = {**buffers, **named_params}
+        for alias, canonical in self._aliases.items():
+            if canonical in values:
+                values[alias] = values[canonical]
+        return values
+
     def replay(self, calls: Sequence[ForwardCall], named_params: Dict[str, Tensor], *, with_grad: bool,
                grad_wrt: Optional[Sequence[Tensor]] = None) -> Tuple[Tensor, Optional[List[Tensor]]]:
         """Mean loss of ``calls`` at the parameters ``named_params`` and, if ``with_grad``, its
@@ -209,16 +259,19 @@ class StepCapture:
         forward graph, as in the user's accumulation loop.
         """
         module = self.replay_module
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        substitution = self._substitution({name: b.detach().clone() for name, b in module.named_buffers()},
+                                          named_params)
         total_loss: Optional[Tensor] = None
         total_grad: Optional[List[Tensor]] = None
         self.replaying = True
         try:
             for call in calls:
-                with _replay_context(call), torch.set_grad_enabled(with_grad):
-                    output = torch.func.functional_call(module, {**buffers, **named_params}, call.args, call.kwargs,
-                                                        strict=False)
-                    loss = self._loss_of(call, output) / len(calls)
+                with _ReplayConditions(call), torch.set_grad_enabled(with_grad):
+                    output = torch.func.functional_call(module, substitution, call.args, call.kwargs,
+                                                        strict=False, tie_weights=False)
+                    loss = self._loss_of(call, output)
+                    if len(calls) > 1:
+                        loss = loss / len(calls)
                 if with_grad:
                     grads = torch.autograd.grad(loss, list(grad_wrt), allow_unused=True)
                     # sparse gradients (nn.Embedding(sparse=True)) densified: the agent's own
@@ -235,12 +288,13 @@ class StepCapture:
     def replay_graph(self, calls: Sequence[ForwardCall], named_params: Dict[str, Tensor]) -> Tensor:
         """Differentiable mean loss of ``calls`` at ``named_params`` (graphs kept: for HVPs)."""
         module = self.replay_module
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        substitution = self._substitution({name: b.detach().clone() for name, b in module.named_buffers()},
+                                          named_params)
         losses = []
         for call in calls:
-            with _replay_context(call), torch.enable_grad():
-                output = torch.func.functional_call(module, {**buffers, **named_params}, call.args, call.kwargs,
-                                                    strict=False)
+            with _ReplayConditions(call), torch.enable_grad():
+                output = torch.func.functional_call(module, substitution, call.args, call.kwargs, strict=False,
+                                                    tie_weights=False)
                 losses.append(self._loss_of(call, output))
         return torch.stack(losses).mean()
 

@@ -218,7 +218,7 @@ class ShardedParams:
         ``with_grad``, the local shards of the gradient of the *global* mean loss (FSDP's
         reduce-scatter averages it over ranks). Entered by every rank together; a failure on one
         rank gives NaN values (on every rank, after the caller's reductions), never a hang."""
-        from moxco.agent.capture import _replay_context
+        from moxco.agent.capture import _ReplayConditions
 
         nan_loss = torch.tensor(math.nan, dtype=torch.float64)
         saved_grads: Optional[List[Optional[Tensor]]] = None
@@ -245,7 +245,7 @@ class ShardedParams:
             capture.replaying = True
             try:
                 for call in calls:
-                    with _replay_context(call), torch.set_grad_enabled(with_grad):
+                    with _ReplayConditions(call), torch.set_grad_enabled(with_grad):
                         output = self.module(*call.args, **call.kwargs)
                         try:
                             loss = capture._loss_of(call, output) / len(calls)

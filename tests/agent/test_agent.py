@@ -624,3 +624,56 @@ def test_reevaluation_stays_exact_when_the_free_metrics_fail(url, monkeypatch, w
         d = xs[t] - xs[t - 1]
         assert gap == pytest.approx(float(-0.5 * d @ a @ d), rel=1e-6, abs=1e-14)
         assert smooth == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-9)
+
+
+class TiedLanguageModel(nn.Module):
+    """Embedding and output layer sharing one weight (as GPT-2's ``lm_head`` and ``wte``)."""
+
+    def __init__(self, vocab: int = 11, width: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):  # logits of every position, (batch · length, vocab)
+        return self.head(torch.tanh(self.mix(self.embed(ids)))).reshape(-1, self.head.out_features)
+
+
+def test_replays_substitute_every_alias_of_a_tied_weight(url):
+    """The replay at x_{t−1} must substitute the tied weight under both of its names: loss_diff,
+    inst_gap and inst_smooth equal a recomputation on a copy of the model loaded with x_{t−1}
+    (float64, the gradient of the shared weight summing both uses)."""
+    torch.manual_seed(5)
+    model = TiedLanguageModel().double()
+    criterion = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    agent = moxco.agent.attach(model, opt, url=url, run="tied", reeval_every=1, probe_every=0, criterion=criterion)
+    batches = [torch.randint(0, 11, (8, 5)) for _ in range(5)]
+    states = []
+    for ids in batches:
+        states.append(copy.deepcopy(model.state_dict()))
+        criterion(model(ids[:, :-1]), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    assert agent.errors == {}
+
+    def loss_and_grad(state, ids):
+        twin = TiedLanguageModel().double()
+        twin.load_state_dict(state)
+        loss = criterion(twin(ids[:, :-1]), ids[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, list(twin.parameters()))  # the shared weight once
+        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])
+        return float(loss), flat(grads), flat([p.detach() for p in twin.parameters()])
+
+    store = open_store(url)
+    series = {m: dict(zip(*store.series("tied", m))) for m in ("loss_diff", "inst_gap", "inst_smooth")}
+    assert sorted(series["inst_smooth"]) == list(range(1, len(batches)))
+    for t in range(1, len(batches)):
+        f_t, g_t, x_t = loss_and_grad(states[t], batches[t])
+        f_prev, g_prev, x_prev = loss_and_grad(states[t - 1], batches[t])
+        assert series["loss_diff"][t] == pytest.approx(f_t - f_prev, rel=1e-9)
+        assert series["inst_gap"][t] == pytest.approx(f_t - f_prev - float(g_t @ (x_t - x_prev)), rel=1e-9)
+        assert series["inst_smooth"][t] == pytest.approx(float((g_t - g_prev).norm() / (x_t - x_prev).norm()),
+                                                         rel=1e-9)
