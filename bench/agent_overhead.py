@@ -14,7 +14,11 @@ Configurations, all in one process: ``no agent``; ``free`` (``reeval_every=0, pr
 with and without ``track_distance``; ``reeval_every=1`` (probe off); the defaults
 (``reeval_every=10, probe_every=100``); and ``floor``: no agent plus one extra forward+backward of
 the step's batch (``torch.autograd.grad``, ``.grad`` untouched) right before ``optimizer.step()``,
-where the agent replays, timed directly: the physical floor of the re-evaluation; and ``bytes``: no
+where the agent replays, timed directly: the physical floor of the re-evaluation. Its passes
+alternate, a step each, between the two points it could run at: ``x_{t−1}``, held by a twin of the
+model whose parameters are copied from the live ones (untimed) after every step, which is where
+``inst_smooth`` needs the gradient and so the floor the verdict is on; and ``x_t``, the live
+parameters, whose values the backward has just read, reported beside it; and ``bytes``: no
 agent plus, at the same point, a pass that moves exactly the bytes the free metrics must move
 (``x_t``, ``x_{t−1}``, ``g_t``, ``x_0`` read once, ``x_{t−1}`` written once) in two multi-tensor
 calls and computes nothing: the floor under the free metrics. The agent's own
@@ -63,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import cProfile
 import functools
 import gc
@@ -187,6 +192,7 @@ class Config:
     agent: Optional[Dict[str, Any]] = None  # attach options; None: no agent
     floor: bool = False  # time one extra forward+backward per step
     bytes_floor: bool = False  # move the free metrics' bytes before each step, computing nothing
+    interleave: bool = False  # with the agent: the floor's pass at x_{t−1} on odd steps (interleaved ratio)
 
 
 CONFIGS = [
@@ -196,7 +202,9 @@ CONFIGS = [
            dict(reeval_every=0, probe_every=0, track_distance=False)),
     Config("reeval1", "`reeval_every=1` (probe off)", dict(reeval_every=1, probe_every=0)),
     Config("defaults", "defaults (`reeval_every=10, probe_every=100`)", dict(reeval_every=10, probe_every=100)),
-    Config("floor", "no agent + one extra forward+backward (the floor)", floor=True),
+    Config("floor", "no agent + one extra forward+backward (the floor: at `x_{t−1}` and `x_t`, a step each)", floor=True),
+    Config("reeval1_floor", "`reeval_every=1`, and the floor's pass at `x_{t−1}` every other step",
+           dict(reeval_every=1, probe_every=0), interleave=True),
     Config("bytes", "no agent + the free metrics' bytes moved, nothing computed (their floor)", bytes_floor=True),
 ]
 RSS_CONFIGS = ["base", "free", "free_nodist", "reeval1", "defaults", "defaults_nodist"]
@@ -290,7 +298,9 @@ class RunResult:
     step_s: float  # wall time per step
     cpu_s: float = math.nan  # process CPU time (user + sys, all threads: the writer's too) per step
     faults: float = math.nan  # minor page faults per step
-    floor_s: float = math.nan
+    floor_s: float = math.nan  # the extra forward+backward at x_{t−1} (a twin model), per pass
+    floor_live_s: float = math.nan  # the same at x_t (the live model), per pass
+    reeval_alone_s: float = math.nan  # interleave: the agent's re-evaluation on the steps without a floor pass
     optimizer_s: float = math.nan  # the optimizer's own step() (no agent: nothing else runs in it)
     retained: Dict[str, int] = field(default_factory=dict)
     close_s: float = math.nan
@@ -308,36 +318,54 @@ def run_config(work: Workload, config: Config, steps: int, warmup: int, tmpdir: 
     torch.manual_seed(seed)
     model, optimizer, criterion = work.build()
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.floor or config.interleave:  # copied before attach: the twin carries no agent hooks
+        twin = copy.deepcopy(model)  # holds x_{t−1}: the point inst_smooth's gradient is taken at
+        twin_params = [p for p in twin.parameters() if p.requires_grad]
     agent = None
     if config.agent is not None:
         url = f"sqlite:///{tmpdir}/{work.name}-{config.key}-{uuid.uuid4().hex[:8]}.db"
         agent = moxco.agent.attach(model, optimizer, url=url, run=f"{work.name}-{config.key}",
                                    **work.attach_options(criterion), **config.agent)
-    extra, in_step, moved = [0.0], [0.0], [0.0]
+    extra, in_step, moved, reeval_alone = [0.0, 0.0], [0.0], [0.0], [0.0]
     if config.bytes_floor:
         previous, origin = [p.detach().clone() for p in params], [p.detach().clone() for p in params]
 
     def step(i: int) -> None:
         batch = work.batches[i % len(work.batches)]
+        if config.interleave and i % 2 == 0:
+            # x_i, which is x_{t−1} at the next (odd) step's floor pass; copied here, before the
+            # step's forward, so that the copy's traffic does not sit just before the agent's work
+            with torch.no_grad():
+                torch._foreach_copy_(twin_params, params)
         loss = work.loss(model, criterion, batch)
         loss.backward()
         if config.bytes_floor:
             t0 = time.perf_counter()
             move_free_metric_bytes(params, previous, origin)
             moved[0] += time.perf_counter() - t0
-        if config.floor:
+        # floor: even steps at x_{t−1} (the twin), odd steps at x_t (the live model); interleaved
+        # with the agent: odd steps at x_{t−1}, and the agent's re-evaluation timed on even steps
+        if config.floor or (config.interleave and i % 2 == 1):
+            at_previous = config.interleave or i % 2 == 0
+            evaluated, wrt = (twin, twin_params) if at_previous else (model, params)
             t0 = time.perf_counter()
-            again = work.loss(model, criterion, batch)
-            torch.autograd.grad(again, params)
-            extra[0] += time.perf_counter() - t0
+            again = work.loss(evaluated, criterion, batch)
+            torch.autograd.grad(again, wrt)
+            extra[0 if at_previous else 1] += time.perf_counter() - t0
+        if config.floor:
+            with torch.no_grad():
+                torch._foreach_copy_(twin_params, params)  # x_t, which is x_{t−1} at the next step
+        before = agent.overhead().get("reeval", 0.0) if config.interleave and i % 2 == 0 else None
         t0 = time.perf_counter()
         optimizer.step()
         in_step[0] += time.perf_counter() - t0
+        if before is not None:
+            reeval_alone[0] += agent.overhead().get("reeval", 0.0) - before
         optimizer.zero_grad(set_to_none=True)
 
     for i in range(warmup):
         step(i)
-    extra[0] = in_step[0] = moved[0] = 0.0
+    extra[0] = extra[1] = in_step[0] = moved[0] = reeval_alone[0] = 0.0
     gc.collect()
     spent0 = agent.overhead() if agent is not None else {}
     with (profiler() if profiler is not None else contextlib.nullcontext()):
@@ -347,8 +375,15 @@ def run_config(work: Workload, config: Config, steps: int, warmup: int, tmpdir: 
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     spent1 = agent.overhead() if agent is not None else {}
-    result = RunResult(elapsed / steps, cpu / steps, faults / steps, extra[0] / steps if config.floor else math.nan,
-                       in_step[0] / steps if config.agent is None else math.nan)
+    result = RunResult(elapsed / steps, cpu_s=cpu / steps, faults=faults / steps,
+                       optimizer_s=in_step[0] / steps if config.agent is None else math.nan)
+    even = len([i for i in range(warmup, warmup + steps) if i % 2 == 0])
+    if config.floor:
+        result.floor_s = extra[0] / even
+        result.floor_live_s = extra[1] / (steps - even)
+    if config.interleave:
+        result.floor_s = extra[0] / (steps - even)
+        result.reeval_alone_s = reeval_alone[0] / even
     if config.bytes_floor:
         result.bytes_s = moved[0] / steps
     if agent is not None:
@@ -645,11 +680,16 @@ def report_model(data: Dict[str, Any], args) -> str:
     ratio = {k: [r.step_s / b for r, b in zip(v, base)] for k, v in results.items()}
     cpu_ratio = {k: [r.cpu_s / b for r, b in zip(v, base_cpu)] for k, v in results.items()}
     floor = [r.floor_s for r in results["floor"]]
+    floor_live = [r.floor_live_s for r in results["floor"]]
     reeval_cost = [a.step_s - f.step_s for a, f in zip(results["reeval1"], results["free"])]
     reeval_ratio = [c / fl for c, fl in zip(reeval_cost, floor)]
     # like for like: the agent's re-evaluation and the floor, both timed directly where they run
     reeval_direct = [r.reeval_s for r in results["reeval1"]]
     direct_ratio = [c / fl for c, fl in zip(reeval_direct, floor)]
+    live_ratio = [c / fl for c, fl in zip(reeval_direct, floor_live)]
+    # the verdict's measure: both in one run, a step each, so the machine's drift cancels
+    together = results["reeval1_floor"]
+    together_ratio = [r.reeval_alone_s / r.floor_s for r in together]
     floor_diff = [f.step_s - b for f, b in zip(results["floor"], base)]
     rss = data.get("rss") or {}
     rss_base = rss.get("base")
@@ -714,20 +754,30 @@ def report_model(data: Dict[str, Any], args) -> str:
     bytes_direct_share = [d / b for d, b in zip(bytes_direct, base)]
     free_direct = [r.free_s for r in results["free"]]
     free_direct_share = [d / b for d, b in zip(free_direct, base)]
-    rr = median(direct_ratio)
+    rr = median(together_ratio)
     rr_steps = median(reeval_ratio)
     retained_free = median([sum(r.retained.values()) for r in results["free"]]) / pbytes
     retained_free_nd = median([sum(r.retained.values()) for r in results["free_nodist"]]) / pbytes
     retained_defaults = median([sum(r.retained.values()) for r in results["defaults"]]) / pbytes
     lines += [
         "",
-        f"* Floor (one extra forward+backward of the same batch, timed directly): **{fmt_ms(median(floor))} ms** "
-        f"(cross-check, floor step − no-agent step: {fmt_ms(median(floor_diff))} ms).",
-        f"* Re-evaluation, timed directly like the floor (the agent's own account, `agent.overhead()['reeval']` "
-        f"per step: the replay at `x_{{t−1}}` and `loss_diff`, `inst_gap`, `inst_smooth`) = "
-        f"{fmt_ms(median(reeval_direct))} ms = **{rr:.2f} × the floor** [{spread(direct_ratio, '.2f')}]: "
+        f"* Floor (one extra forward+backward of the same batch, timed directly) at `x_{{t−1}}`, a twin model's "
+        f"parameters, where `inst_smooth` needs the gradient: **{fmt_ms(median(floor))} ms**; at `x_t`, the live "
+        f"parameters the backward has just read: {fmt_ms(median(floor_live))} ms "
+        f"(× {median([a / b for a, b in zip(floor, floor_live)]):.3f}). Cross-check, floor step − no-agent step: "
+        f"{fmt_ms(median(floor_diff))} ms (one pass a step, and the twin's untimed copy).",
+        f"* Re-evaluation against its floor in one run (the `reeval_every=1`, floor every other step row: the "
+        f"agent's own account of its re-evaluation, `agent.overhead()['reeval']`, on the steps without a floor pass "
+        f"— the replay at `x_{{t−1}}` and `loss_diff`, `inst_gap`, `inst_smooth` — against the floor's pass at "
+        f"`x_{{t−1}}` on the others, so that both see the same process and the same minutes of a noisy machine): "
+        f"{fmt_ms(median([r.reeval_alone_s for r in together]))} ms against "
+        f"{fmt_ms(median([r.floor_s for r in together]))} ms = **{rr:.2f} × the floor** "
+        f"[{spread(together_ratio, '.2f')}]: "
         + verdict(rr <= REEVAL_TARGET, f"target ≤ {REEVAL_TARGET}×"
                   + ("" if rr <= REEVAL_TARGET else f"; {rr / REEVAL_TARGET - 1:.0%} over")) + ". "
+        f"From separate runs (`reeval_every=1` against the floor row): {fmt_ms(median(reeval_direct))} ms = "
+        f"{median(direct_ratio):.2f} × the floor at `x_{{t−1}}` [{spread(direct_ratio, '.2f')}], "
+        f"{median(live_ratio):.2f} × the pass at `x_t` [{spread(live_ratio, '.2f')}]. "
         f"Cross-check by step times, `step[reeval_every=1] − step[free]` = {fmt_ms(median(reeval_cost))} ms = "
         f"{rr_steps:.2f} × the floor [{spread(reeval_ratio, '.2f')}] (a difference of two noisy step means, "
         "which also carries the writer thread storing the three extra metrics a step).",
