@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moxco import metrics
 from moxco.aligator import Aligator, GradNormSqEstimator
-from moxco.collector.storage import Point, Store
+from moxco.collector.storage import Point, Store, StoreError
 from moxco.goodness import goodness
 from moxco.names import GOODNESS_TERM_METRICS
 from moxco.policy import Decision, DecisionPolicy
@@ -236,7 +236,12 @@ class MetricWriter:
                 config = None
             while acknowledgements:
                 ident, applied_step = acknowledgements[0]
-                self.store.acknowledge_decision(ident, applied_step=applied_step)
+                try:
+                    self.store.acknowledge_decision(ident, applied_step=applied_step)
+                except StoreError as exc:
+                    # refused for good (the decision's row is gone): reported, not retried, so the
+                    # acknowledgements behind it are not held; a store that is away raises others
+                    self.on_error("store", exc)
                 acknowledgements.pop(0)
         except Exception as exc:
             with self._updates_lock:  # kept for the next flush, ahead of what came since

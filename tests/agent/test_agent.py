@@ -677,3 +677,26 @@ def test_replays_substitute_every_alias_of_a_tied_weight(url):
         assert series["inst_gap"][t] == pytest.approx(f_t - f_prev - float(g_t @ (x_t - x_prev)), rel=1e-9)
         assert series["inst_smooth"][t] == pytest.approx(float((g_t - g_prev).norm() / (x_t - x_prev).norm()),
                                                          rel=1e-9)
+
+
+def test_an_acknowledgement_the_store_refuses_for_good_does_not_hold_the_others(url):
+    """The writer applies decision acknowledgements in order and retries while the store is away;
+    one the store refuses for good (its decision's row is gone) is reported once and dropped, and
+    the acknowledgements behind it are stored."""
+    from moxco.policy import Decision
+
+    a, b, x0 = make_quadratic(7)
+    model = Quadratic(a, b, x0).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    agent = moxco.agent.attach(model, opt, url=url, run="acks", reeval_every=0, probe_every=0)
+    kept = agent.store.add_decision("acks", Decision(step=1, action={"lr": 0.01}, source="operator"))
+    agent.writer.acknowledge("acks:operator:999", 2)  # no such decision
+    agent.writer.acknowledge(kept, 3)
+    for _ in range(3):
+        model(torch.zeros(1, 1, dtype=torch.float64)).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    assert "acks:operator:999" in agent.errors["store"]
+    (decision,) = open_store(url).decisions("acks")
+    assert decision["id"] == kept and decision["applied_step"] == 3
