@@ -18,7 +18,10 @@ where the agent replays, timed directly: the physical floor of the re-evaluation
 alternate, a step each, between the two points it could run at: ``x_{t−1}``, held by a twin of the
 model whose parameters are copied from the live ones (untimed) after every step, which is where
 ``inst_smooth`` needs the gradient and so the floor the verdict is on; and ``x_t``, the live
-parameters, whose values the backward has just read, reported beside it; and ``bytes``: no
+parameters, whose values the backward has just read, reported beside it; ``reeval_every=1`` with
+the floor's pass at ``x_{t−1}`` every other step, the agent's re-evaluation timed on the steps
+between: the verdict's ratio, both halves measured in the same run (on a noisy machine two runs
+minutes apart differ by more than the 10 % budget); and ``bytes``: no
 agent plus, at the same point, a pass that moves exactly the bytes the free metrics must move
 (``x_t``, ``x_{t−1}``, ``g_t``, ``x_0`` read once, ``x_{t−1}`` written once) in two multi-tensor
 calls and computes nothing: the floor under the free metrics. The agent's own
@@ -27,8 +30,9 @@ group). Each repeat runs
 every configuration once, in an order rotated from repeat to repeat, from the same seed, on a
 fresh model, optimizer, agent and temporary SQLite store; the tables give medians over repeats of
 per-repeat ratios to that repeat's no-agent run (the machines are noisy). The re-evaluation ratio
-is ``reeval / floor`` per repeat, both timed directly, then the median; ``(step[reeval_every=1] −
-step[free]) / floor`` is reported beside it as a cross-check.
+is ``reeval / floor`` per repeat from the interleaved run, both timed directly, then the median;
+the same from the separate ``reeval_every=1`` and floor runs, and ``(step[reeval_every=1] −
+step[free]) / floor``, are reported beside it as cross-checks.
 
 A step's time is the wall time of ``--steps`` consecutive steps (after ``--warmup`` steps, which
 include the agent's first, cold, sharpness probe) over their number: the amortised cost, the
