@@ -3,10 +3,11 @@
 The re-evaluation metrics need ``f(y, z_t)`` and ``∇f(y, z_t)`` at ``y = x_{t−1}`` (or ``x*``) on the
 *same* minibatch ``z_t`` the user's step saw. A forward pre-hook records every training-mode call
 of the model since the last optimizer step (several under gradient accumulation) with the RNG
-state it started from; replaying one is ``torch.func.functional_call`` with the other parameters
-substituted and the RNG state restored for it (same dropout masks, the user's RNG stream saved and
-put back), on copies of the buffers (BatchNorm running statistics are not
-updated). The user's parameters and ``.grad`` are never written.
+state it started from; replaying one runs the model with the other parameters substituted in
+their slots, as ``torch.func.functional_call`` does (``_Slots``), and the RNG state restored for
+it (same dropout masks, the user's RNG stream saved and put back), on copies of the buffers
+(BatchNorm running statistics are not updated). The user's parameters and ``.grad`` are never
+written.
 
 How the loss is found, in order: the model's output is a scalar tensor; it has a ``loss`` field
 (Hugging Face models given labels); it is a tuple whose first item is a scalar. Otherwise the
@@ -72,6 +73,53 @@ class _ReplayConditions:
             torch.cuda.set_rng_state(self.cuda_state, self.call.cuda_rng[0])
 
 
+class _Slots:
+    """Where a module keeps each of its parameters and buffers: the owning submodule's
+    ``_parameters`` or ``_buffers`` dict and the key, under every name that reaches the tensor (a
+    tied weight, GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``, has two), each with the
+    name ``named_parameters()``/``named_buffers()`` give it.
+
+    A replay substitutes its tensors there and puts the originals back, as ``functional_call``
+    does, but the walk over the modules that finds them is made once instead of at every call
+    (``StepCapture.slots`` makes it again when a slot no longer holds the tensor found there)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.entries: List[Tuple[str, Dict[str, Any], str, Tensor]] = []  # (canonical name, dict, key, tensor)
+        self.buffers: List[Tuple[str, Tensor]] = []  # (name, tensor), each buffer once
+        first: Dict[int, str] = {}
+        for kind, named in (("_parameters", module.named_parameters(remove_duplicate=False)),
+                            ("_buffers", module.named_buffers(remove_duplicate=False))):
+            for name, tensor in named:
+                prefix, _, key = name.rpartition(".")
+                canonical = first.setdefault(id(tensor), name)
+                self.entries.append((canonical, getattr(module.get_submodule(prefix), kind), key, tensor))
+                if kind == "_buffers" and canonical == name:
+                    self.buffers.append((name, tensor))
+
+    def current(self) -> bool:
+        """Whether every slot still holds the tensor found there."""
+        return all(slots.get(key) is tensor for _, slots, key, tensor in self.entries)
+
+    def swap_in(self, values: Dict[str, Tensor]) -> List[Tuple[Dict[str, Any], str, Tensor]]:
+        """Put ``values`` (by canonical name) in their slots; returns what ``restore`` puts back."""
+        swapped: List[Tuple[Dict[str, Any], str, Tensor]] = []
+        try:
+            for canonical, slots, key, tensor in self.entries:
+                value = values.get(canonical)
+                if value is not None:
+                    swapped.append((slots, key, slots[key]))
+                    slots[key] = value
+        except BaseException:
+            self.restore(swapped)
+            raise
+        return swapped
+
+    @staticmethod
+    def restore(swapped: List[Tuple[Dict[str, Any], str, Tensor]]) -> None:
+        for slots, key, original in reversed(swapped):
+            slots[key] = original
+
+
 class CaptureError(RuntimeError):
     """The step's loss cannot be found or replayed; the message says what to pass to ``attach``."""
 
@@ -120,7 +168,7 @@ class StepCapture:
         self.calls: List[ForwardCall] = []
         self.replaying = False
         self.error: Optional[CaptureError] = None
-        self._aliases: Optional[Dict[str, str]] = None  # see _substitution
+        self._slots: Optional[_Slots] = None  # where the replay module keeps its tensors (slots())
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -229,26 +277,24 @@ class StepCapture:
             raise CaptureError("the replayed output carries no loss")
         return loss
 
-    def _substitution(self, buffers: Dict[str, Tensor], named_params: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """What ``functional_call`` substitutes, with every alias of a tied parameter or buffer (GPT-2's
-        ``lm_head.weight`` is ``transformer.wte.weight``) given the same tensor. The aliases are found
-        once, so the replays call ``functional_call(..., tie_weights=False)``, which skips the walk
-        over every module that it otherwise makes at each call to find them."""
-        module = self.replay_module
-        if self._aliases is None:
-            first: Dict[int, str] = {}
-            aliases: Dict[str, str] = {}
-            named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
-            for name, tensor in named:
-                canonical = first.setdefault(id(tensor), name)
-                if canonical != name:
-                    aliases[name] = canonical
-            self._aliases = aliases
-        values = {**buffers, **named_params}
-        for alias, canonical in self._aliases.items():
-            if canonical in values:
-                values[alias] = values[canonical]
-        return values
+    def slots(self) -> _Slots:
+        """The replay module's ``_Slots``, found again when the module's tensors changed."""
+        if self._slots is None or not self._slots.current():
+            self._slots = _Slots(self.replay_module)
+        return self._slots
+
+    def _substituted(self, named_params: Dict[str, Tensor]) -> Tuple[_Slots, Dict[str, Tensor]]:
+        """The slots and what a replay puts in them: ``named_params``, and copies of the buffers
+        (BatchNorm running statistics are updated in the copies, not in the user's)."""
+        slots = self.slots()
+        return slots, {**{name: b.detach().clone() for name, b in slots.buffers}, **named_params}
+
+    def _forward(self, slots: _Slots, values: Dict[str, Tensor], call: ForwardCall) -> Any:
+        swapped = slots.swap_in(values)
+        try:
+            return self.replay_module(*call.args, **call.kwargs)
+        finally:
+            slots.restore(swapped)
 
     def replay(self, calls: Sequence[ForwardCall], named_params: Dict[str, Tensor], *, with_grad: bool,
                grad_wrt: Optional[Sequence[Tensor]] = None) -> Tuple[Tensor, Optional[List[Tensor]]]:
@@ -258,17 +304,14 @@ class StepCapture:
         Calls are replayed one at a time and their gradients summed, so the peak memory is one
         forward graph, as in the user's accumulation loop.
         """
-        module = self.replay_module
-        substitution = self._substitution({name: b.detach().clone() for name, b in module.named_buffers()},
-                                          named_params)
+        slots, values = self._substituted(named_params)
         total_loss: Optional[Tensor] = None
         total_grad: Optional[List[Tensor]] = None
         self.replaying = True
         try:
             for call in calls:
                 with _ReplayConditions(call), torch.set_grad_enabled(with_grad):
-                    output = torch.func.functional_call(module, substitution, call.args, call.kwargs,
-                                                        strict=False, tie_weights=False)
+                    output = self._forward(slots, values, call)
                     loss = self._loss_of(call, output)
                     if len(calls) > 1:
                         loss = loss / len(calls)
@@ -287,15 +330,11 @@ class StepCapture:
 
     def replay_graph(self, calls: Sequence[ForwardCall], named_params: Dict[str, Tensor]) -> Tensor:
         """Differentiable mean loss of ``calls`` at ``named_params`` (graphs kept: for HVPs)."""
-        module = self.replay_module
-        substitution = self._substitution({name: b.detach().clone() for name, b in module.named_buffers()},
-                                          named_params)
+        slots, values = self._substituted(named_params)
         losses = []
         for call in calls:
             with _ReplayConditions(call), torch.enable_grad():
-                output = torch.func.functional_call(module, substitution, call.args, call.kwargs, strict=False,
-                                                    tie_weights=False)
-                losses.append(self._loss_of(call, output))
+                losses.append(self._loss_of(call, self._forward(slots, values, call)))
         return torch.stack(losses).mean()
 
     @staticmethod

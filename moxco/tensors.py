@@ -319,7 +319,7 @@ def _dist_sq_in_place(xs: List[Tensor], ys: List[Tensor], x_scale: Tensor | None
         for x, y in zip(xs, ys):
             y.addcmul_(x, scale, value=-1)
         torch._foreach_pow_(ys, 2)
-    return torch.stack([y.sum() for y in ys]).to(ACCUMULATE_DTYPE).sum()
+    return torch.stack([y.sum() for y in ys]).sum(dtype=ACCUMULATE_DTYPE)
 
 
 def _writable(t: Tensor) -> bool:

@@ -700,3 +700,38 @@ def test_an_acknowledgement_the_store_refuses_for_good_does_not_hold_the_others(
     assert "acks:operator:999" in agent.errors["store"]
     (decision,) = open_store(url).decisions("acks")
     assert decision["id"] == kept and decision["applied_step"] == 3
+
+
+class ScaledLinear(nn.Module):
+    """A linear map times a buffer the user may replace between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def test_replays_follow_a_buffer_the_user_replaces(url):
+    """The replay finds where the module keeps its tensors once, and again when one was replaced:
+    with lr = 0 the replay at x_{t−1} reproduces the user's loss exactly (loss_diff = 0) before and
+    after the user assigns a new tensor to a buffer, and the user's buffer is never written."""
+    torch.manual_seed(8)
+    model = ScaledLinear()
+    criterion = nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = moxco.agent.attach(model, opt, url=url, run="buffer", reeval_every=1, probe_every=0, criterion=criterion)
+    for step in range(6):
+        if step == 3:
+            model.scale = torch.tensor(3.0)  # a new tensor in the module's _buffers
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        criterion(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    assert agent.errors == {} and float(model.scale) == 3.0
+    steps, diffs = open_store(url).series("buffer", "loss_diff")
+    assert list(steps) == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(diffs, 0.0)
