@@ -343,7 +343,7 @@ class Agent:
         # in place, and the re-evaluation's formulas take their products from the free metrics.
         # The raw gradient's norms are read before it: an FSDP replay's backward records its own
         raw_norms_sq = self._guard("free", self.raw_gradient.raw_norms_sq)
-        replay = self._guard("reeval", self._replay_at_previous) if self._reeval_due() else None
+        replay = self._guard("reeval", self._replay_difference, self._prev, "reeval") if self._reeval_due() else None
         # the free metrics overwrite x_{t−1} with x_t when they run, also when they fail part way
         self._prev_is_previous = "free" in self.errors or self._prev is None
         self._prev_advanced = False
@@ -437,12 +437,12 @@ class Agent:
         averaged = self.group.mean([loss.reshape(1), *grads])
         return averaged[0].reshape(()), averaged[1:]
 
-    def _replay_at_previous(self) -> Tuple[Tensor, Tensor]:
-        """The replay at ``x_{t−1}``: ``(f(x_{t−1}, z_t), this rank's ‖∇f(x_t, z_t) − ∇f(x_{t−1}, z_t)‖²)``.
-        The difference is formed at once, in the replay's gradient (the agent's own, overwritten),
-        while it is still in cache."""
-        loss_prev, grad_prev = self._replay_with_grad(self._prev, "reeval")
-        return loss_prev, tensors.dist_sq(self._grads(), grad_prev, overwrite_ys=True, x_scale=self._grad_scale)
+    def _replay_difference(self, point: Sequence[Tensor], group: str) -> Tuple[Tensor, Tensor]:
+        """The replay at ``y = point`` (``x_{t−1}`` or ``x*``): ``(f(y, z_t), this rank's
+        ‖∇f(x_t, z_t) − ∇f(y, z_t)‖²)``. The difference is formed at once, in the replay's gradient
+        (the agent's own, overwritten), while it is still in cache."""
+        loss_ref, grad_ref = self._replay_with_grad(point, group)
+        return loss_ref, tensors.dist_sq(self._grads(), grad_ref, overwrite_ys=True, x_scale=self._grad_scale)
 
     def _reeval(self, values: Dict[str, Any], loss_prev: Tensor, grad_diff_sq: Tensor) -> None:
         """``loss_diff``, ``inst_gap``, ``inst_smooth`` from the replay at ``x_{t−1}`` (run before
@@ -466,13 +466,11 @@ class Agent:
 
     def _reeval_reference(self, values: Dict[str, Any]) -> None:
         """``inst_gap_ref``, ``inst_smooth_ref`` from the replay at ``x*`` (``metrics.ReplaySums``)."""
-        loss_ref, grad_ref = self._replay_with_grad(self._reference, "reference")
-        grads = self._grads()
-        grad_diff_sq = tensors.dist_sq(grads, grad_ref, overwrite_ys=True, x_scale=self._grad_scale)
+        loss_ref, grad_diff_sq = self._replay_difference(self._reference, "reference")
         loss = values["loss"] if "loss" in values else self._step_loss()
         values.setdefault(REPLAY_SUMS, []).append(
-            metrics.replay_sums(loss, loss_ref, grad_diff_sq, grads, self.params, self._reference, reference=True,
-                                reduce=self._reduce, grad_scale=self._grad_scale))
+            metrics.replay_sums(loss, loss_ref, grad_diff_sq, self._grads(), self.params, self._reference,
+                                reference=True, reduce=self._reduce, grad_scale=self._grad_scale))
 
     def _probe(self, probe: Dict[str, Any], values: Dict[str, Any]) -> None:
         calls = list(self.capture.calls)

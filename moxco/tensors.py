@@ -277,8 +277,8 @@ def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False, x_sca
 
     ``overwrite_ys``: the ``ys`` are temporaries of the caller (a replay's gradient), so ``y − s·x``
     is formed in their memory instead of a new tensor of each one's size (the values of ``ys`` are
-    then garbage). When every ``y`` can be written (``_dist_sq_in_place``) that is three
-    multi-tensor passes and one cascade sum per tensor. Tensors that cannot be written in place
+    then garbage). When every ``y`` can be written (``_dist_sq_in_place``) that is one elementwise
+    pass and one cascade sum per tensor. Tensors that cannot be written in place
     (non-contiguous, such as the expanded gradient of a summed parameter, or requiring grad) still
     get a temporary.
     """
