@@ -206,15 +206,19 @@ def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], 
               advance_prev: bool = False, grad_scale: Optional[Tensor] = None) -> FreeSums:
     """The free metrics of one step from one pass over the parameters (``tensors.step_sums``) and
     one collective when sharded: see ``FreeSums``. ``grad_norms_sq``: per-tensor ``‖g_i‖²`` the
-    caller already has (the agent records them at the end of backward); else ``grad`` is read.
+    caller already has (the agent records them at the end of backward when ``.grad`` may be
+    rescaled after it); else they come from the same pass.
     ``advance_prev``: ``prev`` holds ``params`` afterwards (``step_sums(..., advance=True)``).
     ``grad_scale``: ``g = grad_scale · grad`` (see ``_scaled``; ``grad_norms_sq`` are of ``g``)."""
+    # without recorded norms ‖g‖² comes from the same pass as the rest (one read of grad)
+    step = tensors.step_sums(grad, params, prev, origin, advance=advance_prev, grad_norm_sq=grad_norms_sq is None)
     if grad_norms_sq is None:
-        grad_norms_sq = _scaled(tensors.norms_sq(grad), grad_scale, power=2)
-    step = tensors.step_sums(grad, params, prev, origin, advance=advance_prev)
+        grad_norm_sq, step = _scaled(step[:1], grad_scale, power=2), step[1:]
+    else:
+        grad_norm_sq = grad_norms_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1)
     if grad_scale is not None and prev is not None:  # ⟨g, x − x_{t−1}⟩ is the one sum of grad
         step = torch.cat([_scaled(step[:1], grad_scale), step[1:]])
-    partials = torch.cat([grad_norms_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1), step])
+    partials = torch.cat([grad_norm_sq, step])
     out = partials if reduce is None else reduce(partials)
     return FreeSums(partials if out is None else out, prev is not None, origin is not None, scale)
 

@@ -14,10 +14,13 @@ measurements, never part of an autograd graph: they run under ``torch.no_grad()`
 
 from __future__ import annotations
 
+import ctypes
 from typing import Iterable, List, Sequence
 
 import torch
 from torch import Tensor
+
+from moxco import native
 
 TensorList = Sequence[Tensor]
 
@@ -55,7 +58,8 @@ def _zero(xs: TensorList) -> Tensor:
 # exact but costs ~7x more time and parameter-sized temporaries (bench/agent_overhead.py measured
 # it as the agent's main cost). Differences ``x − y`` are taken in the working dtype: exact for
 # nearby iterates (Sterbenz), else rounded once (2^-24 relative). bf16/fp16 tensors are widened
-# to float32 (exact) one tensor at a time.
+# to float32 (exact) one tensor at a time. On the CPU, ``step_sums(advance=True)``, ``norms_sq`` and
+# ``dist_sq`` first try ``moxco.native``'s fused kernels: one pass, float64 accumulators (~1e-12).
 _NATIVE = (torch.float32, torch.float64)
 
 
@@ -127,6 +131,9 @@ def norms_sq(xs: TensorList) -> Tensor:
     """``[‖x_1‖², ‖x_2‖², …]``: the squared norm of every tensor of the list (float64, shape (n,))."""
     if not xs:
         return torch.zeros(0, dtype=ACCUMULATE_DTYPE)
+    fused = native.norms_sq(xs)
+    if fused is not None:
+        return fused
     if _one_native_dtype(xs) and all(x.is_contiguous() for x in xs):  # the common case, in few dispatches
         return torch.stack([_sq_sum(x.view(-1)) for x in xs]).to(ACCUMULATE_DTYPE)
     parts = []
@@ -151,6 +158,9 @@ def dot_diff(gs: TensorList, xs: TensorList, ys: TensorList) -> Tensor:
     _check_pair(xs, ys)
     if not gs:
         return _zero(gs)
+    fused = native.step_sums(gs, xs, ys, None, advance=False)
+    if fused is not None:
+        return fused[0]
     parts = []
     for g, x, y in zip(gs, xs, ys):
         g, x, y = _operands(g, x, y)
@@ -182,19 +192,58 @@ def _step_sums_chunked(g: Tensor, x: Tensor, p: Tensor | None, o: Tensor | None,
 
 @torch.no_grad()
 def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None, *,
-              advance: bool = False) -> Tensor:
+              advance: bool = False, grad_norm_sq: bool = False) -> Tensor:
     """The parameter-space sums of one training step, from one pass over the parameter list
-    (float64, additive across shards): ``[⟨g, x − p⟩, ‖x − p‖²]`` when ``prev`` (``p``) is given,
-    then ``‖x − o‖²`` when ``origin`` (``o``) is given; shape (0,), (1,), (2,) or (3,).
+    (float64, additive across shards): ``‖g‖²`` when ``grad_norm_sq``; then ``⟨g, x − p⟩`` and
+    ``‖x − p‖²`` when ``prev`` (``p``) is given; then ``‖x − o‖²`` when ``origin`` (``o``) is given;
+    shape (0,) to (4,).
 
     The agent's every-step metrics, with the precision of ``dot_diff`` and ``dist_sq`` (see the
     note on precision above), one ``x − p`` for both products, and one stack for all partial sums.
+    On the CPU they are one fused pass (``moxco.native``: every array read once, ``prev`` written
+    once if at all, float64 accumulators) where the kernels are available.
 
     ``advance``: afterwards ``prev`` holds ``xs``, bit for bit (the agent's ``x_{t−1}`` becomes
-    ``x_t``). When ``prev`` and ``origin`` are ``FlatCopy`` buffers the differences are then formed
-    in ``prev``'s own memory (``_advancing_step_sums``): a few whole-buffer calls, no temporaries;
-    except on the CPU with a tensor above ``CHUNKED_ABOVE``, walked in chunks, then copied.
+    ``x_t``). Without the kernels, when ``prev`` and ``origin`` are ``FlatCopy`` buffers the
+    differences are then formed in ``prev``'s own memory (``_advancing_step_sums``): a few
+    whole-buffer calls, no temporaries; except on the CPU with a tensor above ``CHUNKED_ABOVE``,
+    walked in chunks, then copied.
     """
+    _check_pair(gs, xs)
+    for ts in (prev, origin):
+        if ts is not None:
+            _check_pair(xs, ts)
+    fused = _fused_step_sums(gs, xs, prev, origin, advance, grad_norm_sq)
+    if fused is not None:
+        return fused
+    sums = _eager_step_sums(gs, xs, prev, origin, advance)
+    if grad_norm_sq:
+        sums = torch.cat([norm_sq(gs).reshape(1).to(sums.device), sums])
+    return sums
+
+
+def _fused_step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None,
+                     advance: bool, grad_norm_sq: bool) -> Tensor | None:
+    """``step_sums`` from ``native.step_sums`` (``[⟨g, x − p⟩, ‖x − p‖², ‖x − o‖², ‖g‖²]``), or
+    ``None``. Without ``prev`` the origin takes its place: ``‖x − o‖²`` is then the second sum."""
+    if not xs or (prev is None and origin is None and not grad_norm_sq):
+        return None
+    if prev is None and origin is None:
+        norms = native.norms_sq(gs)
+        return None if norms is None else norms.sum().reshape(1)
+    if prev is not None:
+        sums = native.step_sums(gs, xs, prev, origin, advance=advance)
+        keep = [0, 1] + ([2] if origin is not None else [])
+    else:
+        sums = native.step_sums(gs, xs, origin, None, advance=False)
+        keep = [1]
+    if sums is None:
+        return None
+    return sums[([3] if grad_norm_sq else []) + keep]
+
+
+def _eager_step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None,
+                     advance: bool) -> Tensor:
     if not advance or prev is None:
         return _step_sums(gs, xs, prev, origin)
     try:
@@ -207,30 +256,27 @@ def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: T
 
 def _step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None) -> Tensor:
     lists = [gs, xs] + [ts for ts in (prev, origin) if ts is not None]
-    for ts in lists[2:]:
-        _check_pair(xs, ts)
-    _check_pair(gs, xs)
     n_columns = (2 if prev is not None else 0) + (1 if origin is not None else 0)
     if n_columns == 0 or not xs:
         return torch.zeros(n_columns, dtype=ACCUMULATE_DTYPE, device=xs[0].device if len(xs) else "cpu")
     columns: List[List[Tensor]] = [[] for _ in range(n_columns)]
     scratch: List[Tensor] = []  # CHUNK-sized, made on the first large tensor
-    native = _one_native_dtype(*lists)  # the common case: no per-tensor dtype handling
+    one_dtype = _one_native_dtype(*lists)  # the common case: no per-tensor dtype handling
     for i, x in enumerate(xs):
         p = prev[i] if prev is not None else None
         o = origin[i] if origin is not None else None
-        if native and _chunked(x):
+        if one_dtype and _chunked(x):
             _step_sums_chunked(gs[i], x, p, o, columns, scratch)
             continue
         if p is not None:
-            g, a, p = (gs[i], x, p) if native else _operands(gs[i], x, p)
+            g, a, p = (gs[i], x, p) if one_dtype else _operands(gs[i], x, p)
             d = torch.sub(a, p)
             columns[0].append(torch.mul(d, g).sum())
-            columns[1].append(_sq_sum(d.view(-1)))
+            columns[1].append(_sq_sum(d.reshape(-1)))
         if o is not None:
-            a, o = (x, o) if native else _operands(x, o)
-            columns[-1].append(_sq_sum(torch.sub(a, o).view(-1)))
-    if native:
+            a, o = (x, o) if one_dtype else _operands(x, o)
+            columns[-1].append(_sq_sum(torch.sub(a, o).reshape(-1)))
+    if one_dtype:
         return torch.stack([torch.stack(column).to(ACCUMULATE_DTYPE) for column in columns]).sum(1)
     return torch.stack([_accumulate(column) for column in columns])
 
@@ -285,6 +331,10 @@ def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False, x_sca
     _check_pair(xs, ys)
     if not xs:
         return _zero(xs)
+    if x_scale is None or x_scale.device.type == "cpu":  # (reading a CPU scale synchronises nothing)
+        fused = native.dist_sq(xs, ys, 1.0 if x_scale is None else float(x_scale))
+        if fused is not None:
+            return fused
     if (overwrite_ys and _one_native_dtype(xs, ys) and all(_writable(y) for y in ys)
             and all(x.layout == torch.strided for x in xs)  # not a sparse .grad (nn.Embedding(sparse=True))
             and len({t.device for ts in (xs, ys) for t in ts}) == 1):
@@ -297,7 +347,7 @@ def dist_sq(xs: TensorList, ys: TensorList, *, overwrite_ys: bool = False, x_sca
             diff = y_op.sub_(x) if scale is None else y_op.addcmul_(x, scale, value=-1)
         else:
             diff = torch.sub(x if scale is None else x * scale, y_op)
-        parts.append(_sq_sum(diff.view(-1)) if diff.dtype in _NATIVE else diff.square_().sum())
+        parts.append(_sq_sum(diff.reshape(-1)) if diff.dtype in _NATIVE else diff.square_().sum())
     return _accumulate(parts)
 
 
@@ -379,6 +429,7 @@ class FlatCopy(list):
 
     flat: Tensor
     shapes: List[torch.Size]
+    numels: List[int]
 
     def __init__(self, xs: Iterable[Tensor]) -> None:
         xs = [x.detach() for x in as_list(xs)]
@@ -390,8 +441,11 @@ class FlatCopy(list):
             end += -(-x.numel() // FLAT_ALIGN) * FLAT_ALIGN
         self.flat = torch.zeros(end, dtype=xs[0].dtype, device=xs[0].device)
         self.shapes = [x.shape for x in xs]
+        self.numels = [x.numel() for x in xs]
         super().__init__(self.flat[o:o + x.numel()].view(x.shape) for o, x in zip(offsets, xs))
         torch._foreach_copy_(list(self), xs)
+        # the views' addresses, for moxco.native's kernels: fixed for the copy's life
+        self.pointers = (ctypes.c_void_p * len(self))(*[v.data_ptr() for v in self])
 
     @staticmethod
     def fits(xs: TensorList) -> bool:

@@ -1,5 +1,6 @@
-"""Session fixtures that several test folders share: a private PostgreSQL cluster (tests/servers.py)
-with one fresh database per test, and ``moxco serve`` subprocesses stopped after each test."""
+"""Fixtures that several test folders share: a private PostgreSQL cluster (tests/servers.py)
+with one fresh database per test; ``moxco serve`` subprocesses stopped after each test; and
+``kernels``, which runs a test on both the fused and the eager CPU reductions."""
 
 from __future__ import annotations
 
@@ -42,3 +43,17 @@ def serve():
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(params=["fused", "eager"])
+def kernels(request):
+    """Runs the test on both of ``moxco.tensors``' CPU paths: the fused kernels (``moxco.native``),
+    which must build on this machine, and the eager multi-tensor one they fall back to."""
+    from moxco import native
+
+    if request.param == "fused":
+        assert native.warm(), native.status()
+        yield request.param
+    else:
+        with native.disabled():
+            yield request.param

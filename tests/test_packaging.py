@@ -60,11 +60,15 @@ def test_import_moxco_agent_from_a_regular_install(wheel, tmp_path):
         capture_output=True,
     )
     # run from an unrelated folder with only the installed copy (plus torch & co.) importable
-    code = "import moxco, moxco.agent, moxco.collector, moxco.metrics; print(moxco.agent.__file__)"
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    # and the wheel carries the kernels' source: they build from the installed copy
+    code = ("import moxco, moxco.agent, moxco.collector, moxco.metrics, moxco.native; "
+            "print(moxco.native.status()); print(moxco.agent.__file__)")
+    env = {**os.environ, "PYTHONPATH": str(target), "MOXCO_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
-    assert Path(result.stdout.strip()).is_relative_to(target)
-    assert Path(result.stdout.strip()).parent.name == "agent"
+    status, agent_file = result.stdout.strip().splitlines()[-2:]
+    assert status == "loaded"
+    assert Path(agent_file).is_relative_to(target)
+    assert Path(agent_file).parent.name == "agent"
 
 
 def test_import_moxco_agent_from_the_editable_install(tmp_path):

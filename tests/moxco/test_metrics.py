@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moxco import metrics, tensors
+from moxco import metrics, native, tensors
 
 SHAPES = [(3,), (2, 2), (4, 1)]  # a parameter list with several tensors: 3 + 4 + 4 = 11 numbers
 DIM = sum(int(np.prod(s)) for s in SHAPES)
@@ -345,7 +345,7 @@ def test_fused_update_corr_and_step_length_equal_the_separate_formulas():
         float(metrics.inst_smooth(g, g_ref, x, y)), rel=1e-12)
 
 
-def test_step_sums_match_float64_ground_truth_in_both_regimes():
+def test_step_sums_match_float64_ground_truth_in_both_regimes(kernels):
     # small tensors reduced whole; one above CHUNKED_ABOVE (and not a multiple of CHUNK) in chunks
     gen = torch.Generator().manual_seed(4)
     shapes = [(3, 5), (tensors.CHUNKED_ABOVE + 12_345,), (257,), (1000, 300)]
@@ -361,8 +361,9 @@ def test_step_sums_match_float64_ground_truth_in_both_regimes():
     # 1.3·10⁶-element tensor would be off by ~7e-6)
     assert [float(v) for v in both] == [pytest.approx(exact_dot, rel=1e-6), pytest.approx(exact_step, rel=1e-6),
                                         pytest.approx(exact_origin, rel=1e-6)]
-    assert [float(v) for v in tensors.step_sums(g, x, prev, None)] == [float(both[0]), float(both[1])]
-    assert [float(v) for v in tensors.step_sums(g, x, None, x0)] == [float(both[2])]
+    assert [float(v) for v in tensors.step_sums(g, x, prev, None)] == [pytest.approx(float(both[0]), rel=1e-12),
+                                                                      pytest.approx(float(both[1]), rel=1e-12)]
+    assert [float(v) for v in tensors.step_sums(g, x, None, x0)] == [pytest.approx(float(both[2]), rel=1e-12)]
     assert tensors.step_sums(g, x, None, None).shape == (0,)
     # the chunked squared norms agree with the whole-tensor ones and with float64
     exact_norms = [float((t.double() ** 2).sum()) for t in g]
@@ -372,37 +373,58 @@ def test_step_sums_match_float64_ground_truth_in_both_regimes():
     assert [float(v) for v in mixed] == [pytest.approx(float(v), rel=1e-6) for v in both]
 
 
-def test_free_sums_give_the_step_metrics_and_the_previous_update_norm():
+@pytest.mark.parametrize("advance", [False, True])
+def test_step_sums_lead_with_the_gradient_norm_when_asked(kernels, advance):
+    """``grad_norm_sq=True`` puts ``‖g‖²`` first, from the same pass, for every combination of
+    ``prev`` and ``origin``; the other sums are unchanged."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(31, 7), (5,), (40_000,)]
+    g, x, x0 = ([torch.randn(s, generator=gen) for s in shapes] for _ in range(3))
+    prev_values = [t - 1e-2 * torch.randn(t.shape, generator=gen) for t in x]
+    grad_sq = sum(float((t.double() ** 2).sum()) for t in g)
+    for prev, origin in ((prev_values, x0), (prev_values, None), (None, x0), (None, None)):
+        copy = None if prev is None else tensors.FlatCopy(prev)
+        plain = tensors.step_sums(g, x, None if prev is None else [t.clone() for t in prev], origin)
+        both = tensors.step_sums(g, x, copy, origin, advance=advance and copy is not None, grad_norm_sq=True)
+        assert both.shape == (1 + plain.numel(),) and float(both[0]) == pytest.approx(grad_sq, rel=1e-6)
+        assert [float(v) for v in both[1:]] == [pytest.approx(float(v), rel=1e-6) for v in plain]
+        if copy is not None:
+            assert all(torch.equal(a, b) for a, b in zip(copy, x if advance else prev))
+
+
+def test_free_sums_give_the_step_metrics_and_the_previous_update_norm(kernels):
     gen = torch.Generator().manual_seed(5)
     g, x, prev, x0 = ([torch.randn(4, 3, generator=gen), torch.randn(6, generator=gen)] for _ in range(4))
     free = metrics.free_sums(g, x, prev, x0, scale=0.25)
     now, before = free.values()
-    d = [a - b for a, b in zip(x, prev)]
-    corr = float(tensors.dot(g, d))
-    assert now == {"grad_norm_sq": pytest.approx(float(tensors.norm_sq(g)), rel=1e-12),
-                   "update_corr": pytest.approx(corr, rel=1e-12),
-                   "update_corr_rs": pytest.approx(corr / 0.25, rel=1e-12),  # audit eq. 13: x_t − x_{t−1} = s Δ
-                   "distance": pytest.approx(float(metrics.distance(x, x0)), rel=1e-12)}
-    assert before == {"update_norm": pytest.approx(float(metrics.distance(x, prev)), rel=1e-12)}
+    # ground truth in float64, from the float32 difference both paths form
+    d = [(a - b).double() for a, b in zip(x, prev)]
+    corr = sum(float((t.double() * u).sum()) for t, u in zip(g, d))
+    norm_sq = lambda ts: sum(float((t.double() ** 2).sum()) for t in ts)
+    assert now == {"grad_norm_sq": pytest.approx(norm_sq(g), rel=1e-6),
+                   "update_corr": pytest.approx(corr, rel=1e-6),
+                   "update_corr_rs": pytest.approx(corr / 0.25, rel=1e-6),  # audit eq. 13: x_t − x_{t−1} = s Δ
+                   "distance": pytest.approx(math.sqrt(norm_sq([a - b for a, b in zip(x, x0)])), rel=1e-6)}
+    assert before == {"update_norm": pytest.approx(math.sqrt(norm_sq(d)), rel=1e-6)}
     dot_step, step_sq = free.update_products()
-    assert float(dot_step) == pytest.approx(corr, rel=1e-12)
-    assert float(step_sq) == pytest.approx(float(tensors.dist_sq(x, prev)), rel=1e-12)
+    assert float(dot_step) == pytest.approx(corr, rel=1e-6)
+    assert float(step_sq) == pytest.approx(norm_sq(d), rel=1e-6)
     # the first step: no previous iterate, no update metrics; without x_0 no distance
     first, none_before = metrics.free_sums(g, x, None, None, grad_norms_sq=tensors.norms_sq(g)).values()
-    assert first == {"grad_norm_sq": pytest.approx(float(tensors.norm_sq(g)), rel=1e-12)} and none_before == {}
+    assert first == {"grad_norm_sq": pytest.approx(norm_sq(g), rel=1e-6)} and none_before == {}
     with pytest.raises(ValueError, match="first step"):
         metrics.free_sums(g, x, None, None).update_products()
     # NaN (a diverged run) passes through as NaN, never as an absent value
     nan_now, nan_before = metrics.free_sums([t * math.nan for t in g], x, prev, x0).values()
     assert math.isnan(nan_now["grad_norm_sq"]) and math.isnan(nan_now["update_corr"])
-    assert nan_before["update_norm"] == pytest.approx(float(metrics.distance(x, prev)), rel=1e-12)
+    assert nan_before["update_norm"] == pytest.approx(math.sqrt(norm_sq(d)), rel=1e-6)
     # one collective for all of them when sharded: the reducer sees the whole vector once
     calls = []
     metrics.free_sums(g, x, prev, x0, reduce=lambda v: calls.append(v.shape) or v)
     assert calls == [(4,)]
 
 
-def test_a_gradient_scale_gives_the_metrics_of_the_scaled_gradient_without_forming_it():
+def test_a_gradient_scale_gives_the_metrics_of_the_scaled_gradient_without_forming_it(kernels):
     """``grad_scale = s`` (clipping or AMP rescaled .grad in place; the agent passes s = g_t / .grad)
     gives every gradient metric of ``g = s · grad``, checked against the metrics of the materialised
     ``s · grad`` in float64; the consumable replay gradient is divided in place, the caller's
@@ -425,7 +447,8 @@ def test_a_gradient_scale_gives_the_metrics_of_the_scaled_gradient_without_formi
     consumed = [t.clone() for t in h]
     assert float(metrics.inst_smooth(grad, consumed, x, prev, grad_scale=s, consume_grad_ref=True)) == \
         pytest.approx(want, rel=1e-12)
-    assert not torch.equal(consumed[0], h[0])  # the replay's gradient was the scratch space
+    # the eager path uses the replay's gradient as its scratch space; the fused one reads it only
+    assert torch.equal(consumed[0], h[0]) == (kernels == "fused")
     # an expanded gradient (a summed parameter's, from autograd) cannot be divided in place
     expanded = [h[0].clone(), torch.full((1,), 0.5, dtype=torch.float64).expand(4)]
     want_expanded = float(metrics.inst_smooth(g, [t.clone() for t in expanded], x, prev))
@@ -436,7 +459,7 @@ def test_a_gradient_scale_gives_the_metrics_of_the_scaled_gradient_without_formi
     assert all(torch.equal(a, b) for a, b in zip(grad, grad_before))
 
 
-def test_dist_sq_overwriting_its_second_argument_gives_the_same_value():
+def test_dist_sq_overwriting_its_second_argument_gives_the_same_value(kernels):
     """overwrite_ys forms y − x in the caller's temporaries: the same sum as with a new tensor
     (float32, mixed bf16), a fallback for tensors that cannot be written in place (an expanded
     gradient, as autograd returns for a summed parameter), and the xs untouched."""
@@ -450,11 +473,13 @@ def test_dist_sq_overwriting_its_second_argument_gives_the_same_value():
     overwritten = tensors.dist_sq(xs, ys, overwrite_ys=True)
     assert float(overwritten) == pytest.approx(expected, rel=1e-6) and float(plain) == pytest.approx(expected, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(xs, xs_before))
-    assert not torch.equal(ys[0], ys_before[0])  # written in place: no new tensor of its size
+    # eager: written in place, no new tensor of its size (the fused pass only reads ys; the mixed
+    # bf16 list is never fused)
+    assert not torch.equal(ys[0], ys_before[0])
     assert torch.equal(ys[1], ys_before[1]) and torch.equal(ys[2], ys_before[2])  # expanded; widened copy
 
 
-def test_dist_sq_in_place_keeps_float64_level_accuracy_on_heavy_tailed_differences():
+def test_dist_sq_in_place_keeps_float64_level_accuracy_on_heavy_tailed_differences(kernels):
     """The replay's ‖h − g‖² (every y writable: the multi-tensor in-place path, with and without a
     gradient scale) on differences whose magnitudes span decades, as a real gradient difference's
     do: within 3e-7 of float64 (float32 dots of 6.5·10⁴-element chunks are off by 1e-6 here, and by
@@ -500,7 +525,7 @@ def test_flat_copy_is_a_list_of_views_of_one_zero_padded_buffer():
 
 
 @pytest.mark.parametrize("with_origin", [True, False])
-def test_advancing_step_sums_in_the_copys_own_buffer(with_origin):
+def test_advancing_step_sums_in_the_copys_own_buffer(with_origin, kernels):
     """step_sums(..., advance=True) on FlatCopy buffers: the sums of step_sums (float64 ground
     truth), then prev holds x bit for bit, the padding still zero, the origin and x untouched;
     lists of separate copies (the fallback) advance the same way."""
@@ -539,6 +564,8 @@ def test_advancing_step_sums_in_the_copys_own_buffer(with_origin):
 
 
 def test_advancing_step_sums_leave_prev_at_x_when_they_fail(monkeypatch):
+    # the eager path's passes (the fused one writes prev in the same pass that reads it)
+    monkeypatch.setattr(native, "_disabled", 1)
     gen = torch.Generator().manual_seed(8)
     x = [torch.randn(4, 3, generator=gen), torch.randn(9, generator=gen)]
     prev = tensors.FlatCopy([t + 1.0 for t in x])
