@@ -38,14 +38,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from moxco import metrics, tensors
+from moxco import metrics, native, tensors
 from moxco.names import OPTIMIZER_METRICS
 from moxco.agent.capture import StepCapture
 from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
 from moxco.agent.transport import open_sink
 from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
-from moxco.agent.writer import FREE_SUMS, REPLAY_SUMS, GoodnessSettings, MetricWriter, StepRecord
+from moxco.agent.writer import FREE_SUMS, GRADIENT_UNKNOWN, REPLAY_SUMS, GoodnessSettings, MetricWriter, StepRecord
 from moxco.aligator import split_sums
 from moxco.collector.storage import Store
 from moxco.goodness import eos_sharpness
@@ -136,6 +136,9 @@ class Agent:
         if self.shards is not None:
             self.params = self.shards.local()
 
+        # the fused CPU reductions are built (once per machine, ~0.3 s) here, not in the first step
+        if any(p.device.type == "cpu" for p in self.params):
+            native.warm()
         self.capture = StepCapture(model, criterion=criterion, loss_fn=loss_fn)
         self.raw_gradient = (ShardedRawGradient(self.shards, scaler) if self.shards is not None
                              else RawGradient(self.params, scaler))
@@ -321,7 +324,16 @@ class Agent:
 
     def _recover_raw_gradient(self, values: Dict[str, Any]) -> None:
         self.raw_gradient.check()
-        if not self.raw_gradient.modified():
+        modified = self.raw_gradient.modified()
+        known = not modified or self.raw_gradient.has_norms()
+        # while .grad is left as autograd wrote it, ‖g_t‖² comes from the free metrics' own pass
+        self.raw_gradient.step_seen(modified)
+        if not modified:
+            return
+        if not known:  # the first change to .grad, after steps that made none: this step's g_t is unknown
+            values[GRADIENT_UNKNOWN] = ("the loop began changing .grad after backward (clipping or scaling) at this "
+                                        "step, and the norms that undo it were not recorded for it; they are from the "
+                                        "next backward on")
             return
         m, ratios = self.raw_gradient.multiplier()
         # the user rescaled .grad in place (clipping, AMP): the sums over it are rescaled instead

@@ -16,6 +16,15 @@ counter are recorded. At the step:
   then the gradient metrics of that step are flagged, not silently wrong).
 
 Everything stays on the device as 0-dim tensors: no synchronisation on the training thread.
+
+The norms cost one read of the whole gradient per backward, and they are needed only on steps
+whose ``.grad`` is changed after backward. So while no step has found ``.grad`` changed (and no
+scaler is enabled), only the version counters are recorded after the first step (``record_norms``
+off; ``‖g_t‖²`` then comes from the free metrics' own pass over the gradient). The first step that
+finds ``.grad`` changed after that cannot recover its ``g_t`` (``has_norms()`` is false: the agent
+leaves that step's gradient metrics out, and says so), and the norms are recorded for the rest of
+the run. A loop that clips or scales from its first step, as loops do, loses nothing; one that
+starts later loses one step's gradient metrics.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ class RawGradient:
         self.scaler = scaler
         self._norm_sq: Optional[Tensor] = None  # per parameter, at the end of the last backward
         self._version: List[Optional[int]] = [None] * len(self.params)
+        self.record_norms = True  # see the module docstring
+        self._changes_seen = False
         self._queued = False
         self.spent = 0.0  # seconds in the end-of-backward records (the training thread's, in backward)
         self.error: Optional[BaseException] = None  # the last record failed: reported at the step
@@ -67,9 +78,22 @@ class RawGradient:
             self.spent += time.perf_counter() - start
 
     def _record(self) -> None:
-        grads = [p.grad.detach() if p.grad is not None else torch.zeros(0, dtype=p.dtype) for p in self.params]
-        self._norm_sq = tensors.norms_sq(grads)
+        if self.record_norms:
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros(0, dtype=p.dtype) for p in self.params]
+            self._norm_sq = tensors.norms_sq(grads)
+        else:
+            self._norm_sq = None
         self._version = [p.grad._version if p.grad is not None else None for p in self.params]
+
+    def step_seen(self, modified: bool) -> None:
+        """After a step's check: record the norms from the next backward on only once ``.grad`` has
+        been found changed in this run (see the module docstring)."""
+        self._changes_seen = self._changes_seen or modified
+        self.record_norms = self._changes_seen
+
+    def has_norms(self) -> bool:
+        """Whether the last backward's gradient norms were recorded (``multiplier`` needs them)."""
+        return self._norm_sq is not None
 
     def check(self) -> None:
         """Raise (at the step, where the agent's guard catches it) what the last end-of-backward

@@ -309,6 +309,7 @@ class ShardedRawGradient(RawGradient):
                 for p in self.params]
 
     def _record(self) -> None:
+        # always: a change is detected by comparing these norms (no version counters to go by)
         self._norm_sq = tensors.norms_sq(self._local_grads())
         self._now = None
 

@@ -35,6 +35,7 @@ UNIFORM_TOLERANCE = 1e-4
 FLUSH_POINTS = 2000
 FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, read here in one go
 REPLAY_SUMS = "_replay_sums"  # a StepRecord value: a list of metrics.ReplaySums (x_{t−1}, x*), read here
+GRADIENT_UNKNOWN = "_gradient_unknown"  # a StepRecord value: why this step's g_t cannot be known
 
 
 @dataclass
@@ -168,6 +169,7 @@ class MetricWriter:
         ratios = record.values.pop("_grad_rescale_ratios", None)
         free = record.values.pop(FREE_SUMS, None)
         replays = record.values.pop(REPLAY_SUMS, ())
+        unknown = record.values.pop(GRADIENT_UNKNOWN, None)
         values = {name: _read(value) for name, value in record.values.items()}
         for replay in replays:
             values.update(replay.values())
@@ -176,14 +178,17 @@ class MetricWriter:
             values.update(now)
             for name, value in before.items():  # update_norm = ‖x_t − x_{t−1}‖ belongs to step t−1
                 self._emit(step - 1, name, value, wall)
-        gradient_known = ratios is None or _uniform(ratios)
+        gradient_known = unknown is None and (ratios is None or _uniform(ratios))
+        if unknown is not None and "gradient_unknown" not in self._warned:
+            self._warned.add("gradient_unknown")
+            log.warning("moxco: gradient-based metrics of step %d are skipped: %s (run %r)", step, unknown, self.run)
+        elif not gradient_known and "nonuniform_gradient" not in self._warned:
+            # .grad was changed non-uniformly after backward (e.g. clip_grad_value_)
+            self._warned.add("nonuniform_gradient")
+            log.warning("moxco: .grad was modified non-uniformly after backward (clip_grad_value_?); "
+                        "gradient-based metrics are skipped on such steps (run %r)", self.run)
         if not gradient_known:
-            # .grad was changed non-uniformly after backward (e.g. clip_grad_value_): g_t cannot be
-            # recovered, so the metrics that use it are left out for this step rather than wrong
-            if "nonuniform_gradient" not in self._warned:
-                self._warned.add("nonuniform_gradient")
-                log.warning("moxco: .grad was modified non-uniformly after backward (clip_grad_value_?); "
-                            "gradient-based metrics are skipped on such steps (run %r)", self.run)
+            # g_t cannot be recovered, so the metrics that use it are left out for this step rather than wrong
             for name in GRADIENT_METRICS:
                 values.pop(name, None)
         for name, value in values.items():

@@ -68,6 +68,46 @@ def test_clip_grad_norm_metrics_use_the_raw_gradient_and_the_update_is_what_the_
         assert smooth_ref[t] == pytest.approx(float((a @ e).norm() / e.norm()), rel=1e-9)
 
 
+def test_clipping_that_starts_mid_run_costs_one_steps_gradient_metrics(url, caplog):
+    """While ``.grad`` is never changed after backward, the end-of-backward record reads no norms
+    (``‖g_t‖²`` comes from the free metrics' pass); the first clipped step after that cannot undo
+    the clipping and stores no gradient metric (said once in the log); from the next step on the
+    norms are recorded again and every gradient metric is the raw gradient's closed form."""
+    a, b, x0 = make_quadratic(9)
+    model = Quadratic(a, b, x0 * 10).double()  # far from the minimum: clipping is active
+    lr, max_norm, start = 0.05, 0.5, 4
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    agent = moxco.agent.attach(model, opt, url=url, run="late", reeval_every=1, probe_every=0)
+    grad = lambda x: a @ x + b
+    xs, recorded = [flat_params(model)], []
+    for t in range(10):
+        model(torch.zeros(1, dtype=torch.float64)).backward()
+        recorded.append(agent.raw_gradient.has_norms())
+        if t >= start:
+            assert nn.utils.clip_grad_norm_(model.parameters(), max_norm) > max_norm
+        opt.step()
+        opt.zero_grad()
+        xs.append(flat_params(model))
+    agent.close()
+    assert agent.errors == {}
+    assert recorded == [True] + [False] * start + [True] * (9 - start)
+    store = open_store(url)
+    series = lambda name: dict(zip(*store.series("late", name)))
+    grad_sq, corr, smooth = series("grad_norm_sq"), series("update_corr"), series("inst_smooth")
+    assert sorted(grad_sq) == [t for t in range(10) if t != start]
+    assert sorted(corr) == sorted(smooth) == [t for t in range(1, 10) if t != start]
+    assert sorted(series("loss")) == list(range(10))  # the step itself is recorded
+    for t in grad_sq:
+        g = grad(xs[t])
+        assert grad_sq[t] == pytest.approx(float(g @ g), rel=1e-9)  # raw, not clipped
+        if t:
+            d = xs[t] - xs[t - 1]
+            assert corr[t] == pytest.approx(float(g @ d), rel=1e-9)
+            assert smooth[t] == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-9)
+    said = [r.message for r in caplog.records if "began changing .grad" in r.message]
+    assert len(said) == 1 and f"step {start}" in said[0]
+
+
 def test_grad_scaler_scale_is_removed_from_g_t(url):
     a, b, x0 = make_quadratic(7)
     model = Quadratic(a, b, x0).float()
