@@ -57,13 +57,16 @@ two to three orders of magnitude slower than the loop, so it runs few steps (``-
     python bench/agent_overhead.py --profile       # top costs of free and reeval_every=1 instead
     python bench/agent_overhead.py --malloc tuned  # glibc kept from returning memory (tune_malloc)
     python bench/agent_overhead.py --models gpt2 --gpt2-batch 8 --malloc tuned   # 1,024 tokens a step
+    python bench/agent_overhead.py --sweep         # free metrics vs batch size: a table and a plot, ~6 min
 
-Every run but ``--profile`` ends with the table of ``moxco.tensors.step_sums`` on one large
-tensor: whole-tensor temporaries, chunked, and in the copy's own buffer (what the agent does).
+Every run but ``--profile`` and ``--sweep`` ends with the table of ``moxco.tensors.step_sums`` on
+one large tensor: the eager paths (whole-tensor temporaries, chunked, in the copy's own buffer) and
+the fused kernel of ``moxco.native`` (what the agent runs on the CPU), with their precision.
 
 The markdown is printed and written into docs/benchmarks-agent.md between the ``bench:agent``
 markers (``--malloc tuned``: ``bench:agent-tuned``; ``--gpt2-batch``: ``bench:agent-gpt2-batch``;
-``--profile``: ``bench:agent-profile``); ``--out FILE`` writes it to FILE too, ``--no-doc``
+``--profile``: ``bench:agent-profile``; ``--sweep``: ``bench:agent-sweep``, and the plot
+docs/img/agent-free-overhead.png); ``--out FILE`` writes it to FILE too, ``--no-doc``
 leaves the doc alone. Never a timed test: the numbers are reported, not asserted.
 """
 
@@ -120,12 +123,12 @@ class Workload:
         return {"criterion": criterion} if criterion is not None else {}
 
 
-def mlp_workload(seed: int = 0, n_batches: int = 8) -> Workload:
+def mlp_workload(seed: int = 0, n_batches: int = 8, batch: int = 128) -> Workload:
     g = torch.Generator().manual_seed(seed + 1)
     teacher = torch.randn(784, 10, generator=g)
     batches = []
     for _ in range(n_batches):
-        x = torch.randn(128, 784, generator=g)
+        x = torch.randn(batch, 784, generator=g)
         batches.append((x, (x @ teacher).argmax(1)))
 
     def build():
@@ -136,7 +139,7 @@ def mlp_workload(seed: int = 0, n_batches: int = 8) -> Workload:
         x, y = batch
         return criterion(model(x), y)
 
-    return Workload("mlp", "MLP 784→512→512→10, batch 128, CrossEntropyLoss, AdamW", build, loss, batches)
+    return Workload("mlp", f"MLP 784→512→512→10, batch {batch}, CrossEntropyLoss, AdamW", build, loss, batches)
 
 
 def local_token_ids(vocab: int) -> torch.Tensor:
@@ -824,49 +827,159 @@ def report_model(data: Dict[str, Any], args) -> str:
 
 
 def chunking_table(sizes=(100_000, 1_000_000, 4_000_000, 16_000_000), repeats: int = 5) -> str:
-    """``moxco.tensors.step_sums`` on one float32 tensor of each size (g, x, x_{t−1}, x_0), three
-    ways: whole-tensor temporaries (``CHUNKED_ABOVE`` raised past every size); chunked through
-    cached buffers above ``CHUNKED_ABOVE`` (the path for copies that cannot share one buffer);
-    and ``advance=True`` on ``FlatCopy`` buffers (what the agent does every step: the differences
-    formed in the copy itself, which then holds x). Median wall time of ``repeats`` calls."""
-    from moxco import tensors
+    """``moxco.tensors.step_sums(..., grad_norm_sq=True)`` (the free metrics' four sums, what the
+    agent computes every step) on one float32 tensor of each size (g, x, x_{t−1}, x_0), four ways:
+    the eager paths (``moxco.native.disabled()``) with whole-tensor temporaries (``CHUNKED_ABOVE``
+    raised past every size), chunked through cached buffers above ``CHUNKED_ABOVE`` (for copies
+    that cannot share one buffer), and ``advance=True`` on ``FlatCopy`` buffers (the differences
+    formed in the copy itself); and the fused kernel (``moxco.native``, ``advance=True`` on the
+    same buffers: what the agent runs on the CPU). Median wall time of ``repeats`` calls, and the
+    relative error of ``⟨g, x − x_{t−1}⟩`` against float64 for the eager in-buffer path and the
+    fused one."""
+    from moxco import native, tensors
 
     gen = torch.Generator().manual_seed(0)
-    rows = ["| elements | whole-tensor temporaries, ms | chunked, ms | in the copy's buffer (the agent), ms | "
-            "speed-up of the agent's |", "| ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| elements | eager, whole-tensor temporaries, ms | eager, chunked, ms | eager, in the copy's buffer, ms | "
+            "fused kernel (the agent's), ms | fused vs the best eager | ⟨g, x − x_{t−1}⟩ rel. error, eager / fused |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     limit = tensors.CHUNKED_ABOVE
+    fused_ok = native.warm()
     for n in sizes:
         g, x, x0 = (torch.randn(n, generator=gen) for _ in range(3))
-        prev = x - 1e-3
+        prev = x - 1e-3 * torch.randn(n, generator=gen)
+        exact = float((g.double() * (x - prev).double()).sum())
         flat_prev, flat_origin = tensors.FlatCopy([prev]), tensors.FlatCopy([x0])
-        timings = {}
-        for label, above in (("whole", 1 << 62), ("chunked", min(limit, n - 1)), ("flat", limit)):
+        timings, errors = {}, {}
+        for label, above in (("whole", 1 << 62), ("chunked", min(limit, n - 1)), ("flat", limit), ("fused", limit)):
+            if label == "fused" and not fused_ok:
+                continue
             tensors.CHUNKED_ABOVE = above
-            if label == "flat":
+            if label in ("flat", "fused"):
                 call = lambda: (tensors.copy_(flat_prev, [prev]),  # untimed: back to x_{t−1}
-                                time.perf_counter(), tensors.step_sums([g], [x], flat_prev, flat_origin, advance=True))
+                                time.perf_counter(), tensors.step_sums([g], [x], flat_prev, flat_origin, advance=True,
+                                                                       grad_norm_sq=True))
             else:
-                call = lambda: (None, time.perf_counter(), tensors.step_sums([g], [x], [prev], [x0]))
+                call = lambda: (None, time.perf_counter(), tensors.step_sums([g], [x], [prev], [x0], grad_norm_sq=True))
             try:
-                call()  # warm
-                times = []
-                for _ in range(repeats):
-                    _, t0, _ = call()
-                    times.append(time.perf_counter() - t0)
+                with (contextlib.nullcontext() if label == "fused" else native.disabled()):
+                    call()  # warm
+                    times = []
+                    for _ in range(repeats):
+                        _, t0, sums = call()
+                        times.append(time.perf_counter() - t0)
             finally:
                 tensors.CHUNKED_ABOVE = limit
             timings[label] = statistics.median(times)
+            errors[label] = abs(float(sums[1]) - exact) / abs(exact)
+        best_eager = min(timings[k] for k in ("whole", "chunked", "flat"))
+        fused = (f"{timings['fused'] * 1e3:.2f} | {best_eager / timings['fused']:.1f}× faster | "
+                 f"{errors['flat']:.0e} / {errors['fused']:.0e}") if "fused" in timings else \
+            f"unavailable ({native.status()}) | | {errors['flat']:.0e} / –"
         rows.append(f"| {n:,} | {timings['whole'] * 1e3:.2f} | {timings['chunked'] * 1e3:.2f} | "
-                    f"{timings['flat'] * 1e3:.2f} | {timings['whole'] / timings['flat']:.1f}× |")
+                    f"{timings['flat'] * 1e3:.2f} | {fused} |")
     return "\n".join(["### The free metrics' pass over one large tensor", "",
-                      "`moxco.tensors.step_sums` (`⟨g, x − x_{t−1}⟩`, `‖x − x_{t−1}‖²`, `‖x − x_0‖²`) on one "
-                      f"float32 tensor, median of {repeats} calls. Whole-tensor temporaries page-fault in on "
-                      f"every call. Chunked: tensors above {limit:,} elements walked in chunks of "
+                      "`moxco.tensors.step_sums` with `grad_norm_sq=True` (`‖g‖²`, `⟨g, x − x_{t−1}⟩`, "
+                      "`‖x − x_{t−1}‖²`, `‖x − x_0‖²`) on one float32 tensor, median of "
+                      f"{repeats} calls. Eager (`moxco.native.disabled()`): whole-tensor temporaries page-fault "
+                      f"in on every call; chunked: tensors above {limit:,} elements walked in chunks of "
                       f"{tensors.CHUNK:,} through two reused buffers (the path for copies that cannot share "
-                      "one buffer, forced at every size here). The agent's: `advance=True` on `FlatCopy` "
-                      "buffers, the differences formed in the copy of x_{t−1} itself, which then holds x "
-                      "(the copy back to x_{t−1} between calls is not timed).",
+                      "one buffer, forced at every size here); in the copy's buffer: `advance=True` on "
+                      "`FlatCopy` buffers, the differences formed in the copy of x_{t−1} itself, which then "
+                      "holds x. Fused: `moxco.native`'s one pass over the same buffers, float64 accumulators "
+                      "(what the agent runs on the CPU). The copy back to x_{t−1} between calls is not timed.",
                       "", *rows, ""])
+
+
+# --- the free metrics' overhead against the work per step (--sweep) ------------------------------
+
+SWEEP = {"mlp": ("samples", [32, 128, 512, 2048]), "gpt2": ("tokens", [1, 2, 8, 32])}  # batch sizes
+SWEEP_SECONDS = 1.5  # timed wall time per run, whatever the step's length
+SWEEP_IMAGE = ROOT / "docs" / "img" / "agent-free-overhead.png"
+
+
+def sweep_point(model: str, batch: int, repeats: int, warmup: int, tmpdir: str) -> Dict[str, Any]:
+    """No agent, the free metrics and the bytes floor at one batch size, ``repeats`` rotated
+    rounds: medians of the per-round step-time ratios, and of the directly timed passes (the
+    agent's ``overhead()['free']`` and the bytes floor's pass) over the round's no-agent step."""
+    work = mlp_workload(batch=batch) if model == "mlp" else gpt2_workload(batch=batch)
+    pilot = run_config(work, config_by_key("base"), 5, 2, tmpdir)
+    steps = max(20, min(300, int(SWEEP_SECONDS / pilot.step_s)))
+    keys = ["base", "free", "bytes"]
+    runs: Dict[str, List[RunResult]] = {k: [] for k in keys}
+    for r in range(repeats):
+        for key in keys[r % 3:] + keys[:r % 3]:
+            runs[key].append(run_config(work, config_by_key(key), steps, warmup, tmpdir, seed=r))
+    base = [x.step_s for x in runs["base"]]
+    per_step = 128 * batch if model == "gpt2" else batch
+    free = [f.step_s / b - 1 for f, b in zip(runs["free"], base)]
+    return {"batch": batch, "work": per_step, "steps": steps, "base_ms": median(base) * 1e3,
+            "free": median(free), "free_low": min(free), "free_high": max(free),
+            "free_direct": median([f.free_s / b for f, b in zip(runs["free"], base)]),
+            "bytes": median([f.step_s / b - 1 for f, b in zip(runs["bytes"], base)]),
+            "bytes_direct": median([f.bytes_s / b for f, b in zip(runs["bytes"], base)])}
+
+
+def sweep_plot(results: Dict[str, List[Dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.8), squeeze=False)
+    for ax, (model, points) in zip(axes[0], results.items()):
+        unit = SWEEP[model][0]
+        x = [p["work"] for p in points]
+        pct = lambda key: [100 * p[key] for p in points]
+        low = [100 * (p["free"] - p["free_low"]) for p in points]
+        high = [100 * (p["free_high"] - p["free"]) for p in points]
+        ax.errorbar(x, pct("free"), yerr=[low, high], fmt="o-", color="C0", capsize=3,
+                    label="free metrics, step time (median, min–max)")
+        ax.plot(x, pct("free_direct"), "o--", color="C0", alpha=0.6, label="free metrics, their pass timed")
+        ax.plot(x, pct("bytes_direct"), "s:", color="C3", label="bytes floor, its pass timed")
+        ax.axhline(3, color="k", lw=1, ls="-.", label="budget, 3 %")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("symlog", linthresh=1)  # step-time medians can come out below zero
+        ax.set_xticks(x, [f"{v:,}" for v in x])
+        ax.set_xlabel(f"{unit} per step")
+        ax.set_ylabel("overhead, % of the step without the agent")
+        ax.set_title(f"{model}: {'MLP 784→512→512→10' if model == 'mlp' else 'tiny GPT-2, 128-token sequences'}",
+                     fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep(models: List[str], repeats: int, warmup: int, tmpdir: str, image: Optional[Path]) -> str:
+    results: Dict[str, List[Dict[str, Any]]] = {}
+    lines = ["### The free metrics' overhead against the work per step", "",
+             "The free metrics cost a fixed number of passes over the parameters; the step grows with the "
+             "batch. Each point: no agent, the free metrics (`reeval_every=0, probe_every=0`, "
+             "`track_distance=True`) and the bytes floor, "
+             f"{repeats} rotated rounds of about {SWEEP_SECONDS:g} s each; step-time ratios, and the passes timed "
+             "directly (`agent.overhead()['free']`; the bytes floor's pass) over the no-agent step, medians "
+             "over rounds.", ""]
+    for model in models:
+        unit, batches = SWEEP[model]
+        results[model] = []
+        for batch in batches:
+            print(f"sweep {model} batch {batch} …", file=sys.stderr, flush=True)
+            results[model].append(sweep_point(model, batch, repeats, warmup, tmpdir))
+        lines += [f"| {model}: {unit} per step | no-agent step, ms | free metrics, step time | free metrics, "
+                  "their pass timed | bytes floor, step time | bytes floor, its pass timed | meets 3 % |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for p in results[model]:
+            lines.append(f"| {p['work']:,} | {p['base_ms']:.2f} | {100 * p['free']:+.1f}% "
+                         f"[{100 * p['free_low']:+.1f}%–{100 * p['free_high']:+.1f}%] | {100 * p['free_direct']:.1f}% | "
+                         f"{100 * p['bytes']:+.1f}% | {100 * p['bytes_direct']:.1f}% | "
+                         f"{'yes' if p['free'] <= 0.03 else 'no'} |")
+        lines.append("")
+    if image is not None:
+        sweep_plot(results, image)
+        lines += [f"![free-metric overhead against work per step]({image.relative_to(DOC.parent).as_posix()})", ""]
+    return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=1)
@@ -918,10 +1031,12 @@ def tune_malloc() -> None:
 
 
 def doc_markers(args) -> tuple[str, str]:
-    """Where a run's markdown goes in the doc: the profile, a run with more GPT-2 tokens a step
-    (``--gpt2-batch``), a tuned-allocator run, or the main results."""
+    """Where a run's markdown goes in the doc: the profile, the batch-size sweep, a run with more
+    GPT-2 tokens a step (``--gpt2-batch``), a tuned-allocator run, or the main results."""
     if args.profile:
         return PROFILE_BEGIN, PROFILE_END
+    if args.sweep:
+        return "<!-- bench:agent-sweep:begin -->", "<!-- bench:agent-sweep:end -->"
     if args.gpt2_batch:
         return "<!-- bench:agent-gpt2-batch:begin -->", "<!-- bench:agent-gpt2-batch:end -->"
     return (TUNED_BEGIN, TUNED_END) if args.malloc == "tuned" else (BEGIN, END)
@@ -969,6 +1084,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="instead of the benchmark: profile the free and reeval_every=1 configurations "
                              "(torch.profiler and cProfile) and write the profile section of the doc")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the benchmark: the free metrics' overhead at several batch sizes "
+                             f"(the sweep section of the doc, and {SWEEP_IMAGE.relative_to(ROOT)})")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown to this file")
     parser.add_argument("--no-doc", action="store_true", help=f"do not update {DOC.relative_to(ROOT)}")
     parser.add_argument("--_rss-child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
@@ -993,6 +1111,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     started = time.perf_counter()
     sections = []
     with tempfile.TemporaryDirectory(prefix="moxco-bench-") as tmpdir:
+        if args.sweep:
+            sections.append(sweep(models, args.repeats or 3, args.warmup, tmpdir, None if args.no_doc else SWEEP_IMAGE))
+            models = []
         for m in models:
             print(f"{'profiling' if args.profile else 'benchmarking'} {m} …", file=sys.stderr, flush=True)
             if args.profile:
@@ -1001,7 +1122,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 sections += [profile_config(work, key, steps, args.warmup, tmpdir) for key in ("free", "reeval1")]
             else:
                 sections.append(report_model(bench_model(m, args, tmpdir), args))
-        if not args.profile:
+        if not (args.profile or args.sweep):
             print("benchmarking the chunked reduction …", file=sys.stderr, flush=True)
             sections.append(chunking_table())
     elapsed = time.perf_counter() - started

@@ -13,7 +13,7 @@
  *
  * Operations (`op`):
  *   OP_STEP   a = g, b = x, c = p (written), d = o or NULL:
- *             out = [<g, x - p>, |x - p|^2, |x - o|^2, |g|^2], and p <- x, bit for bit;
+ *             out = [|g|^2, <g, x - p>, |x - p|^2, |x - o|^2], and p <- x, bit for bit;
  *   OP_NORMS  a = v: out[t] = |v_t|^2 for every tensor t;
  *   OP_DIST   a = x, b = y, scale s: out = [|s x - y|^2];
  *   OP_SUMS   OP_STEP's sums without writing p.
@@ -55,7 +55,7 @@ typedef struct {
         else if (o) { STEP_LOOP(T, 1, 0) }                                                          \
         else if (write) { STEP_LOOP(T, 0, 1) }                                                      \
         else { STEP_LOOP(T, 0, 0) }                                                                 \
-        out[0] += gd; out[1] += dd; out[2] += oo; out[3] += gg;                                     \
+        out[0] += gg; out[1] += gd; out[2] += dd; out[3] += oo;                                     \
     }                                                                                               \
     static double sq_##SFX(const T *v, int64_t n) {                                                 \
         double s = 0;                                                                               \

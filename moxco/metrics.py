@@ -212,13 +212,16 @@ def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], 
     ``grad_scale``: ``g = grad_scale · grad`` (see ``_scaled``; ``grad_norms_sq`` are of ``g``)."""
     # without recorded norms ‖g‖² comes from the same pass as the rest (one read of grad)
     step = tensors.step_sums(grad, params, prev, origin, advance=advance_prev, grad_norm_sq=grad_norms_sq is None)
-    if grad_norms_sq is None:
-        grad_norm_sq, step = _scaled(step[:1], grad_scale, power=2), step[1:]
+    if grad_norms_sq is None and grad_scale is None:
+        partials = step  # [‖g‖², ...] as it comes: the common case, no more small operations
     else:
-        grad_norm_sq = grad_norms_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1)
-    if grad_scale is not None and prev is not None:  # ⟨g, x − x_{t−1}⟩ is the one sum of grad
-        step = torch.cat([_scaled(step[:1], grad_scale), step[1:]])
-    partials = torch.cat([grad_norm_sq, step])
+        if grad_norms_sq is None:
+            grad_norm_sq, step = _scaled(step[:1], grad_scale, power=2), step[1:]
+        else:
+            grad_norm_sq = grad_norms_sq.to(device=step.device, dtype=ACCUMULATE_DTYPE).sum().reshape(1)
+        if grad_scale is not None and prev is not None:  # ⟨g, x − x_{t−1}⟩ is the one sum of grad
+            step = torch.cat([_scaled(step[:1], grad_scale), step[1:]])
+        partials = torch.cat([grad_norm_sq, step])
     out = partials if reduce is None else reduce(partials)
     return FreeSums(partials if out is None else out, prev is not None, origin is not None, scale)
 

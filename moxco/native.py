@@ -215,7 +215,7 @@ def _run(op: int, lists: Sequence[Sequence[Tensor]], width: int, scale: float = 
 def step_sums(gs: Sequence[Tensor], xs: Sequence[Tensor], prev: Sequence[Tensor],
               origin: Optional[Sequence[Tensor]], *, advance: bool,
               threads: Optional[int] = None) -> Optional[Tensor]:
-    """``[⟨g, x − p⟩, ‖x − p‖², ‖x − o‖², ‖g‖²]`` (float64; the third is 0 without ``origin``) in
+    """``[‖g‖², ⟨g, x − p⟩, ‖x − p‖², ‖x − o‖²]`` (float64; the last is 0 without ``origin``) in
     one pass (``tensors.step_sums``), and with ``advance`` ``p ← x`` bit for bit on the way;
     ``None``, touching nothing, when not applicable."""
     lists: List[Sequence[Tensor]] = [gs, xs, prev]

@@ -160,7 +160,7 @@ def dot_diff(gs: TensorList, xs: TensorList, ys: TensorList) -> Tensor:
         return _zero(gs)
     fused = native.step_sums(gs, xs, ys, None, advance=False)
     if fused is not None:
-        return fused[0]
+        return fused[1]
     parts = []
     for g, x, y in zip(gs, xs, ys):
         g, x, y = _operands(g, x, y)
@@ -224,22 +224,20 @@ def step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: T
 
 def _fused_step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None,
                      advance: bool, grad_norm_sq: bool) -> Tensor | None:
-    """``step_sums`` from ``native.step_sums`` (``[⟨g, x − p⟩, ‖x − p‖², ‖x − o‖², ‖g‖²]``), or
-    ``None``. Without ``prev`` the origin takes its place: ``‖x − o‖²`` is then the second sum."""
+    """``step_sums`` from ``native.step_sums`` (``[‖g‖², ⟨g, x − p⟩, ‖x − p‖², ‖x − o‖²]``: what is
+    asked for is a slice of it), or ``None``. Without ``prev`` the origin takes its place."""
     if not xs or (prev is None and origin is None and not grad_norm_sq):
         return None
     if prev is None and origin is None:
         norms = native.norms_sq(gs)
         return None if norms is None else norms.sum().reshape(1)
-    if prev is not None:
-        sums = native.step_sums(gs, xs, prev, origin, advance=advance)
-        keep = [0, 1] + ([2] if origin is not None else [])
-    else:
+    if prev is None:  # the first step: ‖x − o‖² is the "‖x − p‖²" of the origin
         sums = native.step_sums(gs, xs, origin, None, advance=False)
-        keep = [1]
+        return None if sums is None else (sums[[0, 2]] if grad_norm_sq else sums[2:3])
+    sums = native.step_sums(gs, xs, prev, origin, advance=advance)
     if sums is None:
         return None
-    return sums[([3] if grad_norm_sq else []) + keep]
+    return sums[0 if grad_norm_sq else 1:4 if origin is not None else 3]
 
 
 def _eager_step_sums(gs: TensorList, xs: TensorList, prev: TensorList | None, origin: TensorList | None,
