@@ -185,10 +185,10 @@ def _eligible(lists: Sequence[Sequence[Tensor]]) -> Optional[torch.dtype]:
 
 
 def _pointers(ts: Sequence[Tensor]):
-    cached = getattr(ts, "pointers", None)  # a FlatCopy's views never move
-    if cached is not None:
-        return cached
-    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+    addresses = getattr(ts, "addresses", None)  # a FlatCopy's views never move
+    if addresses is None:
+        addresses = [t.data_ptr() for t in ts]
+    return (ctypes.c_void_p * len(ts))(*addresses)
 
 
 def _threads(total: int) -> int:

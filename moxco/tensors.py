@@ -14,7 +14,6 @@ measurements, never part of an autograd graph: they run under ``torch.no_grad()`
 
 from __future__ import annotations
 
-import ctypes
 from typing import Iterable, List, Sequence
 
 import torch
@@ -58,7 +57,7 @@ def _zero(xs: TensorList) -> Tensor:
 # exact but costs ~7x more time and parameter-sized temporaries (bench/agent_overhead.py measured
 # it as the agent's main cost). Differences ``x − y`` are taken in the working dtype: exact for
 # nearby iterates (Sterbenz), else rounded once (2^-24 relative). bf16/fp16 tensors are widened
-# to float32 (exact) one tensor at a time. On the CPU, ``step_sums(advance=True)``, ``norms_sq`` and
+# to float32 (exact) one tensor at a time. On the CPU, ``step_sums``, ``dot_diff``, ``norms_sq`` and
 # ``dist_sq`` first try ``moxco.native``'s fused kernels: one pass, float64 accumulators (~1e-12).
 _NATIVE = (torch.float32, torch.float64)
 
@@ -428,6 +427,7 @@ class FlatCopy(list):
     flat: Tensor
     shapes: List[torch.Size]
     numels: List[int]
+    addresses: tuple
 
     def __init__(self, xs: Iterable[Tensor]) -> None:
         xs = [x.detach() for x in as_list(xs)]
@@ -443,7 +443,7 @@ class FlatCopy(list):
         super().__init__(self.flat[o:o + x.numel()].view(x.shape) for o, x in zip(offsets, xs))
         torch._foreach_copy_(list(self), xs)
         # the views' addresses, for moxco.native's kernels: fixed for the copy's life
-        self.pointers = (ctypes.c_void_p * len(self))(*[v.data_ptr() for v in self])
+        self.addresses = tuple(v.data_ptr() for v in self)
 
     @staticmethod
     def fits(xs: TensorList) -> bool:
