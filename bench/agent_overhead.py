@@ -923,6 +923,7 @@ def sweep_plot(results: Dict[str, List[Dict[str, Any]]], path: Path) -> None:
     """The passes timed directly against the work per step, log-log, with the budget's line (the
     step-time ratios carry the host's noise, several %: they are in the table)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -937,6 +938,9 @@ def sweep_plot(results: Dict[str, List[Dict[str, Any]]], path: Path) -> None:
         ax.axhline(3, color="k", lw=1, ls="-.", label="budget, 3 %")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
         ax.set_xticks(x, [f"{v:,}" for v in x])
         ax.set_xlabel(f"{unit} per step")
         ax.set_ylabel("time a step, % of the step without the agent")
@@ -971,8 +975,8 @@ def sweep(models: List[str], repeats: int, warmup: int, tmpdir: str, image: Opti
                   "| ---: | ---: | ---: | ---: | ---: | --- |"]
         for p in results[model]:
             lines.append(f"| {p['work']:,} | {p['base_ms']:.2f} | {100 * p['free']:+.1f}% "
-                         f"[{100 * p['free_low']:+.1f}%–{100 * p['free_high']:+.1f}%] | {100 * p['free_direct']:.1f}% | "
-                         f"{100 * p['bytes_direct']:.1f}% | {'yes' if p['free'] <= 0.03 else 'no'} / "
+                         f"[{100 * p['free_low']:+.1f}%–{100 * p['free_high']:+.1f}%] | {100 * p['free_direct']:.2f}% | "
+                         f"{100 * p['bytes_direct']:.2f}% | {'yes' if p['free'] <= 0.03 else 'no'} / "
                          f"{'yes' if p['free_direct'] <= 0.03 else 'no'} |")
         lines.append("")
     if image is not None:
