@@ -26,6 +26,15 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "bash scripts/test.sh" in README and "bash scripts/demo.sh" in README
 
 
+def _heading_anchors(markdown: str) -> set:
+    """GitHub's anchors for a document's headings: lower case, punctuation dropped, spaces → '-'."""
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_readme_links_point_to_existing_docs():
     for target in re.findall(r"\]\((docs/[^)]+)\)", README):
-        assert (REPO / target).is_file(), target
+        path, _, anchor = target.partition("#")
+        assert (REPO / path).is_file(), target
+        if anchor:
+            assert anchor in _heading_anchors((REPO / path).read_text()), target
