@@ -32,7 +32,7 @@ FLUSH_SECONDS = 0.25
 # after a record wakes the writer it waits this long and then takes every record queued: a few
 # wake-ups a second, not one per step (the writer's Python work holds the GIL, and the training
 # thread's own, a for-loop optimizer's step for one, waits for it: measured at 1–4 % of the
-# benchmark MLP's 7 ms step with a wake-up per step, a third of the writer's CPU time since)
+# benchmark MLP's 7 ms step with a wake-up per step; its time per record fell from 0.16 to 0.05 ms)
 GATHER_SECONDS = 0.05
 GRADIENT_METRICS = ("grad_norm_sq", "update_corr", "update_corr_rs", "inst_gap", "inst_smooth", "inst_gap_ref",
                     "inst_smooth_ref", "convexity_ratio")
