@@ -159,9 +159,14 @@ def disabled() -> Iterator[None]:
         _disabled -= 1
 
 
+# tensors whose data pointer is their memory: subclasses (DTensor, fake and functorch tensors) are not
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _eligible(lists: Sequence[Sequence[Tensor]]) -> Optional[torch.dtype]:
-    """The one dtype of the lists' tensors when the kernels may read them: contiguous, strided,
-    on the CPU, all float32 or all float64, pairwise of equal size; else ``None``."""
+    """The one dtype of the lists' tensors when the kernels may read them: plain tensors (no
+    subclass), contiguous, strided, on the CPU, all float32 or all float64, pairwise of equal size;
+    else ``None``."""
     first = lists[0]
     if not first:
         return None
@@ -178,8 +183,8 @@ def _eligible(lists: Sequence[Sequence[Tensor]]) -> Optional[torch.dtype]:
         if len(ts) != len(numel):
             return None
         for t, n in zip(ts, numel):
-            if not (t.is_cpu and t.dtype is dtype and t.layout is torch.strided and t.is_contiguous()
-                    and t.numel() == n):
+            if not (type(t) in _PLAIN and t.is_cpu and t.dtype is dtype and t.layout is torch.strided
+                    and t.is_contiguous() and t.numel() == n):
                 return None
     return dtype
 

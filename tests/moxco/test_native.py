@@ -96,6 +96,7 @@ def test_what_the_kernels_cannot_read_is_left_to_the_eager_path_untouched():
         "lengths differ": (g[:2], x, prev),
         "sparse": ([g[3].to_sparse()], [x[3]], [prev[3]]),
         "empty": ([], [], []),
+        "a tensor subclass": ([_Wrapped(g[0])], [x[0]], [prev[0]]),
     }
     for why, (gs, xs, ps) in refused.items():
         assert native.step_sums(gs, xs, ps, None, advance=True) is None, why
@@ -108,6 +109,10 @@ def test_what_the_kernels_cannot_read_is_left_to_the_eager_path_untouched():
     with native.disabled():
         assert native.norms_sq(g) is None
     assert native.norms_sq(g) is not None
+
+
+class _Wrapped(torch.Tensor):
+    """A tensor subclass, as DTensor or a fake tensor is one: the kernels leave it to torch."""
 
 
 def _probe(env: dict, cache: Path) -> dict:
