@@ -6,12 +6,15 @@ over every parameter. Eagerly, each sum is one or more passes of multi-tensor ke
 same parameter-sized arrays go through memory several times (about 16 array transfers for the
 free metrics, where reading ``g``, ``x``, ``x_{t−1}``, ``x_0`` once and writing ``x_{t−1}`` once is
 5). One fused loop does each job in one pass, in double-precision accumulators (relative error
-~1e-12 where the eager sums give ~1e-7): bench/agent_overhead.py's ``kernels`` table measures it.
+~1e-12 where the eager sums give ~1e-7): the step_sums table of bench/agent_overhead.py measures
+both.
 
 Everything here is an optimisation with an exact fallback. ``moxco.tensors`` calls these functions
-first; they return ``None`` (and the eager path runs) when the tensors are not all contiguous CPU
-float32 or float64 tensors of one dtype, when ``MOXCO_NATIVE=0``, or when no compiler is found or
-the build fails (logged once). Accelerators keep the eager multi-tensor kernels.
+first; they return ``None`` (and the eager path runs) when the tensors are not all plain contiguous
+CPU float32 or float64 tensors of one dtype, when ``MOXCO_NATIVE=0``, or when no compiler is found
+or the build fails (logged once). Accelerators keep the eager multi-tensor kernels. The kernels
+write ``x_{t−1}``'s memory without bumping its version counter, which nothing reads: the agent's
+copies are never saved by autograd across a step.
 
 The shared library is cached per source, compiler, flags and CPU in ``$MOXCO_CACHE``, else
 ``$XDG_CACHE_HOME/moxco``, else ``~/.cache/moxco`` (a private temporary folder if that cannot be
