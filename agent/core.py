@@ -45,7 +45,8 @@ from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
 from moxco.agent.transport import open_sink
 from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
-from moxco.agent.writer import FREE_SUMS, GRADIENT_UNKNOWN, REPLAY_SUMS, GoodnessSettings, MetricWriter, StepRecord
+from moxco.agent.writer import (FREE_SUMS, GRAD_RESCALE_RATIOS, GRADIENT_UNKNOWN, REPLAY_SUMS, GoodnessSettings,
+                                MetricWriter, StepRecord)
 from moxco.aligator import split_sums
 from moxco.collector.storage import Store
 from moxco.goodness import eos_sharpness
@@ -338,7 +339,7 @@ class Agent:
         m, ratios = self.raw_gradient.multiplier()
         # the user rescaled .grad in place (clipping, AMP): the sums over it are rescaled instead
         self._grad_scale = m
-        values["_grad_rescale_ratios"] = ratios
+        values[GRAD_RESCALE_RATIOS] = ratios
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if self._closed:

@@ -41,6 +41,7 @@ FLUSH_POINTS = 2000
 FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, read here in one go
 REPLAY_SUMS = "_replay_sums"  # a StepRecord value: a list of metrics.ReplaySums (x_{t−1}, x*), read here
 GRADIENT_UNKNOWN = "_gradient_unknown"  # a StepRecord value: why this step's g_t cannot be known
+GRAD_RESCALE_RATIOS = "_grad_rescale_ratios"  # a StepRecord value: per-parameter g_t / .grad, checked uniform
 
 
 @dataclass
@@ -184,7 +185,7 @@ class MetricWriter:
         step, wall = record.step, record.wall_time
         if record.epoch_start:
             self.aggregates.reset_epoch()
-        ratios = record.values.pop("_grad_rescale_ratios", None)
+        ratios = record.values.pop(GRAD_RESCALE_RATIOS, None)
         free = record.values.pop(FREE_SUMS, None)
         replays = record.values.pop(REPLAY_SUMS, ())
         unknown = record.values.pop(GRADIENT_UNKNOWN, None)

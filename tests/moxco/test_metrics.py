@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moxco import metrics, native, tensors
+from moxco import metrics, tensors
 
 SHAPES = [(3,), (2, 2), (4, 1)]  # a parameter list with several tensors: 3 + 4 + 4 = 11 numbers
 DIM = sum(int(np.prod(s)) for s in SHAPES)
@@ -563,9 +563,8 @@ def test_advancing_step_sums_in_the_copys_own_buffer(with_origin, kernels):
     assert torch.equal(chunked, expected) and torch.equal(big_prev[0], big[1])
 
 
-def test_advancing_step_sums_leave_prev_at_x_when_they_fail(monkeypatch):
-    # the eager path's passes (the fused one writes prev in the same pass that reads it)
-    monkeypatch.setattr(native, "_disabled", 1)
+@pytest.mark.parametrize("kernels", ["eager"], indirect=True)  # the fused pass writes prev as it reads it
+def test_advancing_step_sums_leave_prev_at_x_when_they_fail(kernels, monkeypatch):
     gen = torch.Generator().manual_seed(8)
     x = [torch.randn(4, 3, generator=gen), torch.randn(9, generator=gen)]
     prev = tensors.FlatCopy([t + 1.0 for t in x])
