@@ -452,8 +452,9 @@ class Agent:
 
     def _replay_difference(self, point: Sequence[Tensor], group: str) -> Tuple[Tensor, Tensor]:
         """The replay at ``y = point`` (``x_{t−1}`` or ``x*``): ``(f(y, z_t), this rank's
-        ‖∇f(x_t, z_t) − ∇f(y, z_t)‖²)``. The difference is formed at once, in the replay's gradient
-        (the agent's own, overwritten), while it is still in cache."""
+        ‖∇f(x_t, z_t) − ∇f(y, z_t)‖²)``, taken at once while the replay's gradient is still in
+        cache: one fused read on the CPU (``moxco.native``), elsewhere formed in that gradient (the
+        agent's own, overwritten)."""
         loss_ref, grad_ref = self._replay_with_grad(point, group)
         return loss_ref, tensors.dist_sq(self._grads(), grad_ref, overwrite_ys=True, x_scale=self._grad_scale)
 
