@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from moxco import metrics, native, tensors
-from moxco.names import OPTIMIZER_METRICS
+from moxco.catalogue import names as catalogue_names
 from moxco.agent.capture import StepCapture
 from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
@@ -51,7 +51,8 @@ from moxco.aligator import split_sums
 from moxco.collector.storage import Store
 from moxco.goodness import eos_sharpness
 from moxco.hessian import Sharpness
-from moxco.policy import Decision, DecisionPolicy, PolicyConfig
+from moxco.decision import Decision
+from moxco.policy import DecisionPolicy, PolicyConfig
 
 log = logging.getLogger("moxco.agent")
 
@@ -544,7 +545,7 @@ class Agent:
         if not callable(describe):
             return
         state = describe()
-        for key in OPTIMIZER_METRICS:
+        for key in catalogue_names("optimizer"):
             value = state.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[key] = float(value)

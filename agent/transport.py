@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
 from urllib.parse import quote, urlsplit
 
-from moxco.policy import Decision
+from moxco.decision import Decision
 
 log = logging.getLogger("moxco.agent.transport")
 

@@ -23,8 +23,9 @@ from moxco import metrics
 from moxco.aligator import Aligator, GradNormSqEstimator
 from moxco.collector.storage import Point, Store, StoreError
 from moxco.goodness import goodness
-from moxco.names import GOODNESS_TERM_METRICS
-from moxco.policy import Decision, DecisionPolicy
+from moxco.catalogue import GOODNESS_TERMS, needing
+from moxco.decision import Decision
+from moxco.policy import DecisionPolicy
 
 log = logging.getLogger("moxco.agent")
 
@@ -34,8 +35,7 @@ FLUSH_SECONDS = 0.25
 # thread's own, a for-loop optimizer's step for one, waits for it: measured at 1–4 % of the
 # benchmark MLP's 7 ms step with a wake-up per step; its time per record fell from 0.16 to 0.05 ms)
 GATHER_SECONDS = 0.05
-GRADIENT_METRICS = ("grad_norm_sq", "update_corr", "update_corr_rs", "inst_gap", "inst_smooth", "inst_gap_ref",
-                    "inst_smooth_ref", "convexity_ratio")
+GRADIENT_METRICS = needing("gradient")  # what a step whose raw gradient is unknown leaves out
 UNIFORM_TOLERANCE = 1e-4
 FLUSH_POINTS = 2000
 FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, read here in one go
@@ -241,7 +241,7 @@ class MetricWriter:
         score = goodness(max(grad_sq, 0.0) if not math.isnan(grad_sq) else grad_sq, sharpness,
                          self.loss_denoiser.estimate, tau=s.tau, sharpness_target=target,
                          loss_target=s.loss_target, form=s.form)
-        for name, value in zip(("goodness",) + GOODNESS_TERM_METRICS, score):
+        for name, value in zip(("goodness",) + GOODNESS_TERMS, score):
             self._emit(step, name, value, wall)
         if self.policy is not None:
             decision = self.policy.observe(step, score)

@@ -62,10 +62,11 @@ from moxco.collector.schema import (
 from moxco.collector import downsample as ds
 from moxco.collector.schema import BLOCK_STEPS, SUMMARY_FIELDS
 from moxco.goodness import Goodness
-from moxco.policy import Decision, DecisionPolicy, PolicyConfig, decision_id
+from moxco.catalogue import GOODNESS_TERMS
+from moxco.decision import Decision, decision_id
+from moxco.policy import DecisionPolicy, PolicyConfig
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-GOODNESS_TERMS = ("goodness_grad_term", "goodness_sharpness_term", "goodness_loss_term")
 _UNSET: Any = object()
 
 
@@ -862,7 +863,7 @@ class Store:
         return made
 
     def _store_decision(self, conn, run_id: int, name: str, decision: Decision, reason: Optional[str] = None) -> str:
-        ident = decision_id(name, decision)
+        ident = decision_id(name, decision.source, decision.step)
         conn.execute(self._insert_ignore(decisions), [{
             "id": ident, "run_id": run_id, "step": int(decision.step), "source": decision.source,
             "action": dict(decision.action), "goodness": _to_db(decision.goodness),
@@ -913,7 +914,7 @@ class Store:
             if step is None:
                 step = conn.execute(select(runs.c.last_step).where(runs.c.id == run.id)).scalar() or 0
             decision = Decision(int(step), dict(action), source="operator")
-            ident = decision_id(name, decision)
+            ident = decision_id(name, decision.source, decision.step)
             existing = self._decisions(conn, run.id, name, ident=ident)
             if existing:
                 if existing[0]["action"] != dict(action):
@@ -959,7 +960,7 @@ class Store:
 
     def add_decision(self, name: str, decision: Decision) -> str:
         """Store a decision (idempotent: the same decision stored twice is one row). Returns its id."""
-        ident = decision_id(name, decision)
+        ident = decision_id(name, decision.source, decision.step)
         row = {
             "id": ident, "step": int(decision.step), "source": decision.source, "action": dict(decision.action),
             "goodness": _to_db(decision.goodness), "grad_term": _to_db(decision.grad_term),

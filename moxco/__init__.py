@@ -18,7 +18,8 @@ from typing import Any
 # it eagerly binds the function, not the submodule). The rest is resolved on first use (PEP 562),
 # so the collector, which needs only the policy, and ``moxco --help`` do not import torch.
 from moxco.goodness import Goodness, eos_sharpness, goodness
-from moxco.policy import Decision, DecisionPolicy, PolicyConfig
+from moxco.decision import Decision
+from moxco.policy import DecisionPolicy, PolicyConfig
 
 _EXPORTS = {
     "Aligator": "aligator", "GradNormSqEstimator": "aligator",

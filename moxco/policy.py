@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from moxco.decision import DEFAULT_ACTION, Decision, DecisionError, validate_action
 from moxco.goodness import Goodness
-
-DEFAULT_ACTION: Dict[str, Any] = {"phase": 2, "alpha": 0.1, "beta": 0.1}
 
 
 @dataclass(frozen=True)
@@ -48,11 +47,10 @@ class PolicyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.action, Mapping):
-            raise ValueError(f"action must be a mapping such as {DEFAULT_ACTION}, got {self.action!r}")
-        phase = self.action.get("phase", 2)
-        if phase not in (1, 2):
-            raise ValueError(f"action['phase'] must be 1 or 2, got {phase!r}")
+        try:
+            object.__setattr__(self, "action", validate_action(self.action))
+        except DecisionError as exc:
+            raise ValueError(f"policy action: {exc}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -65,33 +63,6 @@ class PolicyConfig:
         if unknown:
             raise ValueError(f"unknown policy fields: {sorted(unknown)}")
         return cls(**dict(data))
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A phase-switch decision: the step it was taken at, the goodness behind it, the action.
-
-    ``source`` is ``"policy"`` for decisions this state machine takes and ``"operator"`` for ones a
-    person issues. Carriers (agent, collector) add the run and an id: ``decision_id``.
-    """
-
-    step: int
-    action: Mapping[str, Any]
-    goodness: float = math.nan
-    grad_term: float = math.nan
-    sharpness_term: float = math.nan
-    loss_term: float = math.nan
-    source: str = "policy"
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = asdict(self)
-        out["action"] = dict(self.action)
-        return out
-
-
-def decision_id(run: str, decision: Decision) -> str:
-    """Deterministic id of a decision, so the same decision derived twice is stored once."""
-    return f"{run}:{decision.source}:{decision.step}"
 
 
 class DecisionPolicy:
@@ -136,7 +107,8 @@ class DecisionPolicy:
         self._streak = 0
         self._decisions += 1
         self._last_decision_step = step
-        return Decision(step, dict(cfg.action), score, *terms)
+        return Decision(step, dict(cfg.action), score, *terms, source="policy", issued_by="policy",
+                        policy=cfg.to_dict())
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -153,3 +125,36 @@ class DecisionPolicy:
         self._last_step = state["last_step"]
         self._last_decision_step = state["last_decision_step"]
         self._decisions = int(state["decisions"])
+
+
+def decide(config: Mapping[str, Any], state: Optional[Mapping[str, Any]],
+           probes: Mapping[int, Goodness | float]) -> Tuple[Dict[str, Any], List[Decision]]:
+    """Run a policy over a batch of goodness probes: the one implementation the collector (under the
+    run's row lock, state kept with the run) and the embedded agent call.
+
+    ``config``: ``PolicyConfig.to_dict()``; ``state``: the policy's ``state_dict()`` so far (None:
+    fresh); ``probes``: ``{step: goodness}``, observed in step order. Returns the new state and the
+    decisions taken (without a run; the caller sets it)."""
+    policy = DecisionPolicy(PolicyConfig.from_dict(config))
+    if state is not None:
+        policy.load_state_dict({**state, "config": dict(config)})
+    made = [d for d in (policy.observe(step, probes[step]) for step in sorted(probes)) if d is not None]
+    return policy.state_dict(), made
+
+
+def goodness_probes(metrics: Iterable[str], steps: Iterable[int], values: Iterable[float],
+                    ranks: Iterable[int]) -> Dict[int, Goodness]:
+    """The goodness probes in a batch of points (``wire.parse_points`` columns): ``{step: Goodness}``
+    from the run-level ``goodness`` points, with their three terms where the batch has them."""
+    from moxco.catalogue import GOODNESS_TERMS
+    from moxco.wire import RUN_LEVEL_RANK
+
+    columns = list(zip(metrics, steps, values, ranks))
+    probes: Dict[int, List[float]] = {}
+    for metric, step, value, rank in columns:
+        if metric == "goodness" and rank == RUN_LEVEL_RANK:
+            probes[int(step)] = [float(value), math.nan, math.nan, math.nan]
+    for metric, step, value, rank in columns:
+        if metric in GOODNESS_TERMS and rank == RUN_LEVEL_RANK and int(step) in probes:
+            probes[int(step)][1 + GOODNESS_TERMS.index(metric)] = float(value)
+    return {step: Goodness(*terms) for step, terms in probes.items()}

@@ -552,7 +552,7 @@ def test_a_decision_applied_before_a_probe_step_records_its_phase_once(url):
     """The decision applied at the boundary before step 5 records phase 2 at step 5, and the probe
     of step 5 does not send the same point again (the fault test saw ('phase', 260) sent twice);
     a later probe still records the phase, and the store holds one point per step."""
-    from moxco.policy import Decision
+    from moxco.decision import Decision
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -683,7 +683,7 @@ def test_an_acknowledgement_the_store_refuses_for_good_does_not_hold_the_others(
     """The writer applies decision acknowledgements in order and retries while the store is away;
     one the store refuses for good (its decision's row is gone) is reported once and dropped, and
     the acknowledgements behind it are stored."""
-    from moxco.policy import Decision
+    from moxco.decision import Decision
 
     a, b, x0 = make_quadratic(7)
     model = Quadratic(a, b, x0).double()

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import inspect
 
 from moxco.collector import Point, StoreError, open_store
-from moxco.policy import Decision
+from moxco.decision import Decision
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moxco import names
+from moxco import catalogue
 from moxco.dashboards import build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def documented_exposition() -> set:
     """Every metric family name docs/api.md's exposition section promises: ``moxco_<metric>`` for
-    each DESIGN §3 metric name (moxco.names), plus the families it names explicitly."""
+    each DESIGN §3 metric name (moxco.catalogue), plus the families it names explicitly."""
     text = (REPO / "docs" / "api.md").read_text("utf-8")
     section = text[text.index("## Prometheus exposition"):]
     explicit = set(re.findall(r"`(moxco_[a-z_]+)", section))
-    exposed = {f"moxco_{metric}" for metric in names.ALL_METRICS} | explicit
+    exposed = {f"moxco_{metric}" for metric in catalogue.ALL} | explicit
     # a histogram family is scraped as its _bucket, _sum and _count series
     for family in list(exposed):
         if family.endswith("_seconds") and "duration" in family:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moxco import names
+from moxco import catalogue
 from moxco.cli import main as moxco_main
 from moxco.dashboards import build
 from moxco.dashboards.validate import (check_dashboard, iter_panels, iter_queries, promql_metric_names,
@@ -217,7 +217,7 @@ def test_sql_reads_only_metric_names_of_the_contract(models):
     for model in models.values():
         for where, lang, text in iter_queries(model):
             if lang == "sql":
-                assert sql_metric_names(text) <= set(names.ALL_METRICS), where
+                assert sql_metric_names(text) <= set(catalogue.ALL), where
 
 
 def test_every_promql_query_parses(models, tmp_path):

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moxco.goodness import Goodness
-from moxco.policy import Decision, DecisionPolicy, PolicyConfig, decision_id
+from moxco.decision import Decision, decision_id
+from moxco.policy import DecisionPolicy, PolicyConfig
 
 
 def feed(policy: DecisionPolicy, scores, start: int = 0, every: int = 10):
@@ -44,12 +45,16 @@ def test_min_step_and_cooldown_and_max_decisions():
 
 
 def test_carries_the_three_goodness_terms():
-    policy = DecisionPolicy(PolicyConfig(consecutive=1, action={"phase": 2, "alpha": 0.2, "beta": 0.0, "lr": 0.01}))
+    config = PolicyConfig(consecutive=1, action={"phase": 2, "alpha": 0.2, "beta": 0.0, "lr": 0.01})
+    policy = DecisionPolicy(config)
     decision = policy.observe(7, Goodness(0.9, 0.01, 0.05, 0.04))
+    # the decision records its cause: the policy that fired it, with its configuration then
     assert decision == Decision(step=7, action={"phase": 2, "alpha": 0.2, "beta": 0.0, "lr": 0.01}, goodness=0.9,
-                                grad_term=0.01, sharpness_term=0.05, loss_term=0.04)
-    assert decision_id("run-a", decision) == "run-a:policy:7"
-    assert decision.to_dict()["action"]["lr"] == 0.01
+                                grad_term=0.01, sharpness_term=0.05, loss_term=0.04, source="policy",
+                                issued_by="policy", policy=config.to_dict())
+    assert decision_id("run-a", decision.source, decision.step) == "run-a:policy:7"
+    assert decision.with_run("run-a").id == "run-a:policy:7"
+    assert decision.to_json()["action"]["lr"] == 0.01
 
 
 def test_replayed_and_out_of_order_steps_are_ignored():
