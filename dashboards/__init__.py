@@ -1,4 +1,4 @@
 """moxco.dashboards: Grafana dashboards as code, their generated JSON and the push to Grafana.
 
-Lives in the top-level ``dashboards/`` folder and installs as ``moxco.dashboards`` (DESIGN §1).
+Lives in the top-level ``dashboards/`` folder and installs as ``moxco.dashboards``.
 """

@@ -4,7 +4,7 @@ Two dashboards:
 
 * ``moxco-live-run`` (**moxco · live run**): one run (variable ``run`` from
   ``label_values(moxco_run_step, run)``), the MoXCo story top to bottom: where the run is now,
-  loss and gradient norm, sharpness against ``λ_target`` (the EOS bound, DESIGN §3), goodness
+  loss and gradient norm, sharpness against ``λ_target`` (the edge-of-stability bound), goodness
   against the threshold C and its three terms, the phase, the optimizer's state, the audit metrics
   (gaps, smoothness, update correlations, convexity ratio, distance), and the run's full history
   from the store.
@@ -39,6 +39,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 
+from moxco import catalogue
 from moxco.dashboards.sdk import AnnotationBuilder, SQLQueryBuilder
 
 # --- datasources: fixed uids, so provisioning, push and the dashboards agree --------------------
@@ -106,9 +107,11 @@ def _thresholds(*steps: tuple) -> db.ThresholdsConfig:
         [dm.Threshold(value=v, color=c) for v, c in steps])
 
 
-def _dashed(color: str) -> List[dm.DynamicConfigValue]:
-    return [dm.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
-            dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color})]
+def _dashed(color: str = "", dash: Sequence[int] = (10, 10)) -> List[dm.DynamicConfigValue]:
+    style = [dm.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": list(dash)})]
+    if color:
+        style.append(dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color}))
+    return style
 
 
 def series_panel(ids: _Ids, title: str, description: str, targets: Iterable, *, unit: str = "short",
@@ -140,6 +143,41 @@ def stat_panel(ids: _Ids, title: str, description: str, expr: str, *, unit: str 
     if decimals is not None:
         panel = panel.decimals(decimals)
     return panel
+
+
+def _span(panel: "catalogue.Panel") -> int:
+    """Grid width: a wide panel takes the row; the others share it, up to three a row."""
+    if panel.wide:
+        return 24
+    narrow = sum(1 for p in catalogue.PANELS if p.section == panel.section and not p.wide)
+    return 24 // min(3, max(narrow, 1))
+
+
+def catalogue_panel(ids: _Ids, panel: "catalogue.Panel", query: Callable[[str], str]) -> timeseries.Panel:
+    """A time-series panel drawn from a ``moxco.catalogue`` panel: its metrics (``query(name)``, with
+    their labels and dashes), its scale, range, the threshold C and its reference lines."""
+    metrics = catalogue.panel_metrics(panel.id)
+    refs = [chr(ord("A") + i) for i in range(len(metrics) + 1)]
+    targets = [prom(query(m.name), m.label or m.name, ref) for m, ref in zip(metrics, refs)]
+    if panel.threshold:
+        targets.append(prom("vector($C)", "C", refs[len(metrics)]))
+    out = series_panel(ids, panel.title, panel.help, targets, unit=panel.grafana_unit, log=panel.log,
+                       span=_span(panel), step_line=panel.stepped)
+    if panel.value_range is not None:
+        out = out.min(panel.value_range[0]).max(panel.value_range[1])
+    if panel.phase:
+        out = out.decimals(0)
+    for m in metrics:
+        if m.dash:
+            out = out.override_by_name(m.label or m.name, _dashed(m.color, m.dash))
+    if panel.threshold:
+        out = out.override_by_name("C", _dashed("green"))
+    if panel.refs:
+        steps = [(None, "red")] + [(value, "green" if value > 0 else "orange") for value, _label, _color in
+                                   sorted(panel.refs)]
+        out = (out.thresholds(_thresholds(*steps))
+               .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphTresholdsStyleMode.DASHED)))
+    return out
 
 
 # --- PromQL --------------------------------------------------------------------------------------
@@ -296,66 +334,13 @@ def live_run() -> db.Dashboard:
         f"time() - max(moxco_run_last_ingest_timestamp_seconds{{{sel}}})", unit="s", decimals=0,
         thresholds=_thresholds((None, "green"), (120, "orange"), (600, "red"))))
 
-    # Training signal.
-    d = d.with_row(db.Row("Training").id(ids()))
-    d = d.with_panel(series_panel(ids, "Loss", "Minibatch loss f(x_t, z_t). NaN/Inf show as gaps and fire "
-                                  "the MoxcoLossNotFinite alert.", [prom(g("loss"), "loss", "A")], span=8))
-    d = d.with_panel(series_panel(ids, "Squared gradient norm", "‖g_t‖², the raw minibatch value (biased up by "
-                                  "gradient noise; goodness uses the ALIGATOR estimate).",
-                                  [prom(g("grad_norm_sq"), "‖g‖²", "A")], log=True, span=8))
-    d = d.with_panel(series_panel(ids, "Update norm and distance", "‖x_{t+1} − x_t‖ and how far the run has "
-                                  "travelled, ‖x_t − x_0‖.",
-                                  [prom(g("update_norm"), "update ‖Δx‖", "A"),
-                                   prom(g("distance"), "distance ‖x − x₀‖", "B")], log=True, span=8))
-
-    # MoXCo.
-    d = d.with_row(db.Row("MoXCo: sharpness, goodness, phase").id(ids()))
-    d = d.with_panel(series_panel(
-        ids, "Sharpness vs λ_target (EOS)", "Top Hessian eigenvalue λ̂ (power iteration) against the target "
-        "k·λ_EOS, λ_EOS = 2(1+α)/(η(1+2β)). Above the dashed line for long: MoxcoSharpnessAboveEOS.",
-        [prom(g("sharpness"), "λ̂ sharpness", "A"), prom(g("sharpness_target"), "λ_target", "B")])
-        .override_by_name("λ_target", _dashed("red")))
-    d = d.with_panel(series_panel(
-        ids, "Goodness vs threshold C", "MoXCo goodness score in [0, 1]; the policy decides when it stays at or "
-        "above C (dashed) for `consecutive` probes.",
-        [prom(g("goodness"), "goodness", "A"), prom("vector($C)", "C", "B")], unit="none")
-        .min(0).max(1).override_by_name("C", _dashed("green")))
-    d = d.with_panel(series_panel(
-        ids, "Goodness terms", "The three bracketed terms of eq. 6: ĝ² (gradient), |λ̂/λ_target − 1| "
-        "(sharpness), |f̂ − f_target| (loss). Goodness = exp(−τ · their sum).",
-        [prom(g("goodness_grad_term"), "gradient ĝ²", "A"),
-         prom(g("goodness_sharpness_term"), "sharpness |λ̂/λ_target − 1|", "B"),
-         prom(g("goodness_loss_term"), "loss |f̂ − f_target|", "C")], log=True, span=8))
-    d = d.with_panel(series_panel(ids, "Phase", "1 explore, 2 commit.", [prom(g("phase"), "phase", "A")],
-                                  unit="none", span=8, step_line=True).min(1).max(2).decimals(0))
-    d = d.with_panel(series_panel(ids, "Optimizer state", "The moxco.optim optimizer's lr, α and β (they change "
-                                  "when a decision is applied).",
-                                  [prom(g("lr"), "lr", "A"), prom(g("alpha"), "α", "B"), prom(g("beta"), "β", "C")],
-                                  log=True, span=8, step_line=True))
-
-    # The audit metrics.
-    d = d.with_row(db.Row("Audit: convexity and smoothness along the path").id(ids()))
-    d = d.with_panel(series_panel(
-        ids, "Convexity gap", "inst_gap = f(x_t) − f(x_{t−1}) − ⟨g_t, x_t − x_{t−1}⟩ (≤ 0 when convex along the "
-        "step), its running mean avg_gap and EMA exp_gap: a mostly convex path keeps them ≤ 0.",
-        [prom(g("inst_gap"), "inst_gap", "A"), prom(g("avg_gap"), "avg_gap", "B"), prom(g("exp_gap"), "exp_gap", "C")],
-        log=True))
-    d = d.with_panel(series_panel(
-        ids, "Smoothness", "inst_smooth = ‖g_t − ∇f(x_{t−1})‖ / ‖x_t − x_{t−1}‖ (≤ L when L-smooth), its running "
-        "max and EMA: global against local smoothness.",
-        [prom(g("inst_smooth"), "inst_smooth", "A"), prom(g("max_smooth"), "max_smooth", "B"),
-         prom(g("exp_smooth"), "exp_smooth", "C")], log=True))
-    d = d.with_panel(series_panel(
-        ids, "Update correlation and progress", "update_corr = ⟨g_{t+1}, x_{t+1} − x_t⟩ (the descent lemma "
-        "predicts < 0), update_corr_rs = ⟨g_{t+1}, Δ_t⟩, and loss_diff on the same batch.",
-        [prom(g("update_corr"), "update_corr", "A"), prom(g("update_corr_rs"), "update_corr_rs", "B"),
-         prom(g("loss_diff"), "loss_diff", "C")], log=True))
-    d = d.with_panel(series_panel(
-        ids, "Convexity ratio", "Σ⟨∇F(x_t), x_t − x*⟩ / Σ(F(x_t) − F(x*)): > 1 convex-like, (0, 1] convex analysis "
-        "applies with a 1/K slow-down, ≤ 0 strongly non-convex. Needs a reference x*.",
-        [prom(g("convexity_ratio"), "convexity_ratio", "A")], unit="none")
-        .thresholds(_thresholds((None, "red"), (0, "orange"), (1, "green")))
-        .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphTresholdsStyleMode.DASHED)))
+    # Training, MoXCo and the audit: one row per section of the metric catalogue, one panel per
+    # catalogue panel (the run page draws the same ones)
+    for section, title in catalogue.SECTIONS:
+        d = d.with_row(db.Row(title).id(ids()))
+        for panel in catalogue.PANELS:
+            if panel.section == section:
+                d = d.with_panel(catalogue_panel(ids, panel, g))
 
     # Full history from the store (collapsed: it queries PostgreSQL).
     history = db.Row("Full history (PostgreSQL store)").id(ids())

@@ -235,3 +235,16 @@ def test_every_promql_query_parses(models, tmp_path):
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(rules)} rules found" in done.stdout
+
+
+def test_live_dashboard_draws_every_catalogue_panel(models):
+    """The Training, MoXCo and audit rows come from moxco.catalogue: a metric added there is drawn here
+    with no other change (the run page draws the same panels from the catalogue's JSON)."""
+    live = models[build.LIVE_UID]
+    by_title = {p["title"]: p for p in iter_panels(live) if p["type"] == "timeseries"}
+    for panel in catalogue.PANELS:
+        drawn = by_title.get(panel.title)
+        assert drawn is not None, panel.id
+        expected = {f"moxco_{m.name}" for m in catalogue.panel_metrics(panel.id)}
+        assert _panel_metrics(drawn) == expected, panel.id
+        assert drawn["description"] == panel.help
