@@ -8,8 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 
-from moxco.collector.app import create_app
-from moxco.collector.storage import Store
+from moxco.collector.api import create_app
+from moxco.collector.store import Store
 
 POLICY = {"threshold": 0.85, "min_step": 0, "consecutive": 2, "cooldown": 0, "max_decisions": 1,
           "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}}
@@ -38,7 +38,7 @@ def test_migrations_from_empty(store_url):
         if store.dialect == "postgresql":  # points in chunks, read through the metric_points view (0005)
             assert "point_chunks" in tables and "metric_points" in inspect(store.engine).get_view_names()
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0005"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
     Store(store_url).close()  # a second upgrade is a no-op
 
 
