@@ -236,3 +236,32 @@ def test_background_checkpointer_moves_the_wal_into_the_database(tmp_path):
                          batch_id=f"b{b}")
         wait_until(lambda: path.stat().st_size > size + 200_000, timeout=60, what="the checkpointer to copy the WAL")
         assert store.series_columns("r", "loss")[0].size == 20_000
+
+
+def test_migration_0006_keeps_decisions_and_retires_invalid_ones_still_pending(tmp_path):
+    """Decisions stored at revision 0005 read back as ``Decision``s with their cause filled in
+    (``issued_by`` = ``source``); one whose action the decision type refuses and that no agent
+    acknowledged is marked rejected, so it is never handed to an agent; an applied one keeps its
+    acknowledgement and its action as stored."""
+    import json
+
+    from sqlalchemy import create_engine
+
+    from moxco.collector.store import Store, upgrade
+
+    path = tmp_path / "old.db"
+    engine = create_engine(f"sqlite:///{path}")
+    upgrade(engine, "0005")
+    engine.dispose()
+    row = "INSERT INTO decisions (id, run_id, step, source, action, created_at, applied_step) VALUES (?, 1, ?, ?, ?, 1, ?)"
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO runs (name, status, config, created_at, updated_at) VALUES ('r', 'running', '{}', 1, 1)")
+        conn.execute(row, ("r:operator:1", 1, "operator", json.dumps({"phase": 2, "alpha": 0.2}), None))
+        conn.execute(row, ("r:operator:2", 2, "operator", json.dumps({"phase": 2, "alpha": 5}), None))
+        conn.execute(row, ("r:policy:3", 3, "policy", json.dumps({"phase": 2, "lr": -1}), 4))
+    with Store(str(path)) as store:
+        first, invalid, applied = store.decisions("r")
+        assert first.status == "pending" and first.issued_by == "operator" and first.action == {"phase": 2, "alpha": 0.2}
+        assert invalid.status == "rejected" and "alpha" in invalid.rejected and invalid.applied_step == 2
+        assert applied.status == "applied" and applied.applied_step == 4 and applied.action == {"phase": 2, "lr": -1}
+        assert store.decisions("r", pending_only=True) == [first]
