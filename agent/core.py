@@ -18,9 +18,9 @@ Hooks (all removable, none on the user's tensors):
 
 Values leave the training thread as unread 0-dim tensors on a bounded queue
 (``writer.MetricWriter``); the writer thread reads them, keeps the aggregates, the ALIGATOR
-denoisers, goodness and the policy, and writes through the store. Every piece of agent work runs
-under ``_guard``: an exception disables that metric group, is logged once and stored with the run,
-and training goes on.
+denoisers and goodness, and writes through the sink, whose store runs the decision policy. Every
+piece of agent work runs under ``_guard``: an exception disables that metric group, is logged once
+and stored with the run, and training goes on.
 """
 
 from __future__ import annotations
@@ -43,16 +43,17 @@ from moxco.catalogue import names as catalogue_names
 from moxco.agent.capture import StepCapture
 from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
+from moxco.agent.sink import EmbeddedSink
 from moxco.agent.transport import open_sink
 from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
 from moxco.agent.writer import (FREE_SUMS, GRAD_RESCALE_RATIOS, GRADIENT_UNKNOWN, REPLAY_SUMS, GoodnessSettings,
                                 MetricWriter, StepRecord)
 from moxco.aligator import split_sums
-from moxco.collector.storage import Store
+from moxco.collector.store import Store
 from moxco.goodness import eos_sharpness
 from moxco.hessian import Sharpness
 from moxco.decision import Decision
-from moxco.policy import DecisionPolicy, PolicyConfig
+from moxco.policy import PolicyConfig
 
 log = logging.getLogger("moxco.agent")
 
@@ -199,22 +200,24 @@ class Agent:
 
     def _open_writer(self, store, url, optimizer, reeval_every, probe_every, reference, start_step,
                      goodness_settings, policy_config, config, token=None, transport=None) -> None:
-        # an http(s):// URL gives the HTTP transport (agent.transport), anything else the embedded store
-        self.store = store if store is not None else open_sink(
-            url or default_url(), self.run, token=token, on_decision=self._receive_decision, **dict(transport or {}))
-        self.store.create_run(self.run, {
-            "optimizer": type(optimizer).__name__,
-            "hyperparameters": {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))},
+        # an http(s):// URL gives the HTTP transport (agent.transport), anything else the embedded
+        # store (agent.sink); both register the run with its policy, and the store's ingest decides
+        if store is not None:
+            self.store = EmbeddedSink(store, on_decision=self._receive_decision, owns_store=False)
+        else:
+            self.store = open_sink(url or default_url(), self.run, token=token, on_decision=self._receive_decision,
+                                   **dict(transport or {}))
+        hyperparameters = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
+        self.store.put_run(self.run, config={
+            "optimizer": type(optimizer).__name__, "hyperparameters": hyperparameters,
             "reeval_every": reeval_every, "probe_every": probe_every, "random_scaling": self.random_scaling,
             "reference": reference is not None, "start_step": start_step,
             "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(),
             "world_size": self.group.world, **dict(config or {}),
-        })
-        # over HTTP the collector runs the policy (it got policy_config with the run): never both
-        remote = getattr(self.store, "decides_remotely", False)
-        self.writer = MetricWriter(self.store, self.run, policy=None if remote else DecisionPolicy(policy_config),
-                                   goodness_settings=goodness_settings, sharpness_target=self._sharpness_target,
-                                   on_decision=self._receive_decision, on_error=self._record_error)
+        }, optimizer={"class": type(optimizer).__name__, **hyperparameters}, policy=policy_config.to_dict(),
+            status="running")
+        self.writer = MetricWriter(self.store, self.run, goodness_settings=goodness_settings,
+                                   sharpness_target=self._sharpness_target, on_error=self._record_error)
 
     # --- user-facing ---------------------------------------------------------------------------
 
@@ -226,7 +229,9 @@ class Agent:
         """For plain-function losses: tell the agent the targets of the latest forward call."""
         self._guard("capture", self.capture.set_targets, *targets)
 
-    def decisions(self) -> List[Dict[str, Any]]:
+    def decisions(self) -> List[Decision]:
+        """The run's decisions (``moxco.decision.Decision``, the same in embedded and HTTP mode),
+        with their acknowledgements; read from the store now, on the caller's thread."""
         return self.store.decisions(self.run) if self.store is not None else []
 
     def _submit(self, record: StepRecord) -> None:
@@ -275,7 +280,7 @@ class Agent:
             if self.writer is not None and self.writer.running:  # stored off the training thread
                 self.writer.update_run({"errors": dict(self.errors)})
             elif self.store is not None:  # attach or close: not inside a step
-                self.store.create_run(self.run, {"errors": dict(self.errors)})
+                self.store.put_run(self.run, config={"errors": dict(self.errors)})
         except Exception:
             pass
 

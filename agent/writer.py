@@ -4,7 +4,8 @@ The training thread hands each step's values (0-dim tensors, not yet read) to ``
 never blocks: the queue is bounded and, when it is full, the record is counted as dropped and a
 warning is logged once (issue 8 adds a disk spool). The writer thread reads the tensors (the only
 place a device synchronisation happens), updates the running aggregates, the ALIGATOR denoisers,
-the goodness score and the decision policy, and writes batches of points through the store.
+and the goodness score, and writes batches of points (with decision acknowledgements) through the
+sink, whose store runs the run's decision policy on them.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from torch import Tensor
 
 from moxco import metrics
 from moxco.aligator import Aligator, GradNormSqEstimator
-from moxco.collector.storage import Point, Store, StoreError
 from moxco.goodness import goodness
 from moxco.catalogue import GOODNESS_TERMS, needing
-from moxco.decision import Decision
-from moxco.policy import DecisionPolicy
+from moxco.wire import Point
 
 log = logging.getLogger("moxco.agent")
 
@@ -80,16 +79,14 @@ def _read(value: Any) -> float:
 
 
 class MetricWriter:
-    """Owns the store connection, the aggregates, the denoisers, goodness and the policy."""
+    """Owns the sink (``agent.transport.Sink``), the aggregates, the denoisers and goodness."""
 
-    def __init__(self, store: Store, run: str, *, policy: Optional[DecisionPolicy], goodness_settings: GoodnessSettings,
-                 sharpness_target: Callable[[], Optional[float]], on_decision: Callable[[str, Decision], None],
-                 on_error: Callable[[str, BaseException], None], queue_size: int = 10_000) -> None:
+    def __init__(self, store: Any, run: str, *, goodness_settings: GoodnessSettings,
+                 sharpness_target: Callable[[], Optional[float]], on_error: Callable[[str, BaseException], None],
+                 queue_size: int = 10_000) -> None:
         self.store, self.run = store, run
-        self.policy = policy
         self.goodness_settings = goodness_settings
         self.sharpness_target = sharpness_target
-        self.on_decision = on_decision
         self.on_error = on_error
         self.aggregates = metrics.GapSmoothAggregates()
         self.convexity = metrics.ConvexityRatio()  # convexity_ratio's running sums (audit eq. 6)
@@ -106,7 +103,7 @@ class MetricWriter:
         # kept and retried while the store refuses them)
         self._updates_lock = threading.Lock()
         self._run_config: Optional[Dict[str, Any]] = None
-        self._acknowledgements: List[tuple[str, int]] = []
+        self._acknowledgements: List[tuple] = []
         self._thread = threading.Thread(target=self._loop, name=f"moxco-writer[{run}]", daemon=True)
         self._thread.start()
 
@@ -123,16 +120,18 @@ class MetricWriter:
             return False
 
     def update_run(self, config: Dict[str, Any]) -> None:
-        """Merge ``config`` into the run's stored config (``Store.create_run``), from the writer
+        """Merge ``config`` into the run's stored config (the sink's ``put_run``), from the writer
         thread: the training thread never waits on the store (a locked SQLite file can hold a
         writer for its whole busy timeout)."""
         with self._updates_lock:
             self._run_config = {**(self._run_config or {}), **config}
 
-    def acknowledge(self, ident: str, applied_step: int) -> None:
-        """``Store.acknowledge_decision(ident, applied_step)``, from the writer thread (see ``update_run``)."""
+    def acknowledge(self, ident: str, applied_step: int, rejected: Optional[str] = None) -> None:
+        """Acknowledge decision ``ident`` as applied at ``applied_step`` (or refused: ``rejected``):
+        it rides with the next batch the writer thread ingests (see ``update_run``)."""
         with self._updates_lock:
-            self._acknowledgements.append((ident, applied_step))
+            self._acknowledgements.append((ident, applied_step) if rejected is None else
+                                          (ident, applied_step, rejected))
 
     @property
     def running(self) -> bool:
@@ -144,7 +143,7 @@ class MetricWriter:
         self._queue.put(None)
         self._thread.join(timeout)
         if not self._thread.is_alive():  # what arrived during the last flush
-            self._apply_updates()
+            self._flush()
 
     # --- writer thread ---------------------------------------------------------------------------
 
@@ -243,48 +242,42 @@ class MetricWriter:
                          loss_target=s.loss_target, form=s.form)
         for name, value in zip(("goodness",) + GOODNESS_TERMS, score):
             self._emit(step, name, value, wall)
-        if self.policy is not None:
-            decision = self.policy.observe(step, score)
-            if decision is not None:
-                self._flush()
-                ident = self.store.add_decision(self.run, decision)
-                self.on_decision(ident, decision)
+        self._flush()  # the probe goes to the store now: its ingest runs the run's decision policy
 
     def _apply_updates(self) -> None:
         with self._updates_lock:
             config, self._run_config = self._run_config, None
-            acknowledgements, self._acknowledgements = self._acknowledgements, []
+        if config is None:
+            return
         try:
-            if config is not None:
-                self.store.create_run(self.run, config)
-                config = None
-            while acknowledgements:
-                ident, applied_step = acknowledgements[0]
-                try:
-                    self.store.acknowledge_decision(ident, applied_step=applied_step)
-                except StoreError as exc:
-                    # refused for good (the decision's row is gone): reported, not retried, so the
-                    # acknowledgements behind it are not held; a store that is away raises others
-                    self.on_error("store", exc)
-                acknowledgements.pop(0)
+            self.store.put_run(self.run, config=config)
         except Exception as exc:
             with self._updates_lock:  # kept for the next flush, ahead of what came since
-                if config is not None:
-                    self._run_config = {**config, **(self._run_config or {})}
-                self._acknowledgements = acknowledgements + self._acknowledgements
+                self._run_config = {**config, **(self._run_config or {})}
             self.on_error("store", exc)
 
     def _flush(self) -> None:
+        """Send the buffered points with the acknowledgements queued so far in one ``ingest`` (kept
+        and retried while the store refuses them). An acknowledgement the store has no decision for
+        is reported, not retried, so the others are not held."""
         self._last_flush = time.monotonic()
         self._apply_updates()
-        if not self._buffer:
+        with self._updates_lock:
+            acks, self._acknowledgements = self._acknowledgements, []
+        if not self._buffer and not acks:
             return
         batch, self._buffer = self._buffer, []
         try:
-            self.written += self.store.write_points(self.run, batch)
+            result = self.store.ingest(self.run, batch, acks=acks)
         except Exception as exc:
             self.on_error("store", exc)
             self._buffer = batch + self._buffer  # keep them for the next flush: nothing lost
+            with self._updates_lock:
+                self._acknowledgements = acks + self._acknowledgements
             if len(self._buffer) > 50 * FLUSH_POINTS:  # bounded memory while the store is away
                 self.dropped += len(self._buffer) - 50 * FLUSH_POINTS
                 self._buffer = self._buffer[-50 * FLUSH_POINTS :]
+            return
+        self.written += len(batch)
+        for ident in getattr(result, "unknown_acks", None) or ():
+            self.on_error("store", LookupError(f"run {self.run!r} has no decision {ident!r} to acknowledge"))

@@ -499,7 +499,7 @@ def _status_kib(field_name: str) -> int:
 def rss_child(work: Workload, key: str, steps: int) -> None:
     """Runs in a subprocess: prints JSON with the peak RSS growth (KiB) over ``steps`` steps."""
     import moxco.agent
-    from moxco.collector.storage import open_store
+    from moxco.collector.store import open_store
 
     config = config_by_key(key)
     with tempfile.TemporaryDirectory() as tmp:

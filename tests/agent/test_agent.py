@@ -265,16 +265,16 @@ def test_the_training_thread_never_writes_the_store_and_nothing_is_lost_while_it
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     agent = moxco.agent.attach(model, opt, url=url, run="locked", reeval_every=1, probe_every=0)
     from_training_thread = []
-    create_run = agent.store.create_run
+    put_run = agent.store.put_run
 
-    def recording_create_run(*args, **kwargs):
+    def recording_put_run(*args, **kwargs):
         from_training_thread.append(threading.current_thread() is threading.main_thread())
-        return create_run(*args, **kwargs)
+        return put_run(*args, **kwargs)
 
     def boom(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(agent.store, "create_run", recording_create_run)
+    monkeypatch.setattr(agent.store, "put_run", recording_put_run)
     monkeypatch.setattr(agent.capture, "replay", boom)
     holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
@@ -360,7 +360,7 @@ def test_a_training_loop_runs_on_when_the_store_breaks(url, monkeypatch):
     def unavailable(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(agent.store, "write_points", unavailable)
+    monkeypatch.setattr(agent.store, "ingest", unavailable)
     monkeypatch.setattr(agent.store, "set_status", unavailable)
     for _ in range(5):
         model(torch.zeros(1, 1, dtype=torch.float64)).backward()
@@ -412,7 +412,7 @@ def test_runs_are_named_and_closed_with_status(url):
         nn.MSELoss()(model(torch.randn(4, 3)), torch.randn(4, 1)).backward()
         opt.step()
     store = open_store(url)
-    (run,) = store.runs()
+    (run,) = store.list_runs()[1]
     assert run.name == agent.run and run.status == "finished" and run.config["optimizer"] == "SGD"
     assert len(run.name.split("-")) == 4
 
@@ -566,7 +566,8 @@ def test_a_decision_applied_before_a_probe_step_records_its_phase_once(url):
     for step in range(11):
         if step == 4:  # queued before step 4 runs: applied at its end, the boundary before step 5
             decision = Decision(step=4, action={"phase": 2, "alpha": 0.1}, source="operator")
-            agent._receive_decision(agent.store.add_decision(agent.run, decision), decision)
+            stored, _ = open_store(url).add_decision(agent.run, decision)
+            agent._receive_decision(stored.id, stored)
         criterion(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -689,7 +690,7 @@ def test_an_acknowledgement_the_store_refuses_for_good_does_not_hold_the_others(
     model = Quadratic(a, b, x0).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     agent = moxco.agent.attach(model, opt, url=url, run="acks", reeval_every=0, probe_every=0)
-    kept = agent.store.add_decision("acks", Decision(step=1, action={"lr": 0.01}, source="operator"))
+    kept = open_store(url).add_decision("acks", Decision(step=1, action={"lr": 0.01}, source="operator"))[0].id
     agent.writer.acknowledge("acks:operator:999", 2)  # no such decision
     agent.writer.acknowledge(kept, 3)
     for _ in range(3):
@@ -699,7 +700,7 @@ def test_an_acknowledgement_the_store_refuses_for_good_does_not_hold_the_others(
     agent.close()
     assert "acks:operator:999" in agent.errors["store"]
     (decision,) = open_store(url).decisions("acks")
-    assert decision["id"] == kept and decision["applied_step"] == 3
+    assert decision.id == kept and decision.applied_step == 3
 
 
 class ScaledLinear(nn.Module):

@@ -327,12 +327,12 @@ def test_decision_sent_while_the_agent_is_offline_is_applied_exactly_once(tmp_pa
         network.mode = "proxy"
         job.steps_until(lambda: commits, "the decision to be applied")
         delivered_before_ack = job.sink.stats.decisions_received
-        job.steps_until(lambda: open_store(collector.db).decisions("offline")[0]["applied_step"] is not None,
+        job.steps_until(lambda: open_store(collector.db).decisions("offline")[0].applied_step is not None,
                         "the acknowledgement")
         job.steps(60)
         job.agent.close()
         (row,) = open_store(collector.db).decisions("offline")
-        assert row["id"] == ident and row["applied_step"] == commits[0][0]
+        assert row.id == ident and row.applied_step == commits[0][0]
         assert len(commits) == 1 and commits[0][1] == {"alpha": 0.1, "beta": 0.1} and job.opt.phase == 2
         assert delivered_before_ack == 1
         job.account(collector.db, "operator decision issued while the agent's link was cut; link restored",
