@@ -52,7 +52,7 @@ from moxco.agent.groups.reference import Reference, load_reference
 from moxco.agent.options import OPTION_NAMES, AgentOptions, check_names, default_run_name, default_url
 from moxco.agent.replays import Replays
 from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
-from moxco.agent.step import StepContext, StepState, grad_of
+from moxco.agent.step import Previous, StepContext, StepState, grad_of
 from moxco.agent.transport import open_sink
 from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord
 from moxco.decision import Decision  # noqa: F401 (the decision type decisions are applied as)
@@ -68,7 +68,7 @@ class Agent:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, options: Optional[AgentOptions] = None,
                  **keywords: Any) -> None:
         o = options if options is not None else AgentOptions.from_keywords(**keywords)
-        self.model, self.optimizer, self.options = model, optimizer, o
+        self.model, self.optimizer = model, optimizer
         self.random_scaling, self.on_decision = o.random_scaling, o.on_decision
         self.group = DataParallelGroup()
         # every rank must agree on the run name and on the agent's random numbers
@@ -186,7 +186,8 @@ class Agent:
             self.probe.compute(ctx)
             if self.group.active:  # decisions come from rank 0's policy: every rank applies them at one boundary
                 self.failures.run("decision", self.inbox.share)
-        self.failures.run("copy", state.settle, ctx.params)  # x_{t−1} ← x_t where the free metrics did not
+        if state.holds is not Previous.X_T:  # x_{t−1} ← x_t where the free metrics did not do it in passing
+            self.failures.run("copy", state.settle, ctx.params)
         self._submit(StepRecord(step, ctx.values, epoch_start=state.epoch_start, probe=ctx.probe))
         state.epoch_start = False
         self.raw_gradient.clear()
@@ -194,8 +195,7 @@ class Agent:
     def _context(self) -> StepContext:
         if self.shards is not None:
             self.params = self.shards.local()  # FSDP's lazy init may replace the shard tensors
-        return StepContext(self.state.step, self.params, self._reduce, self.capture.calls, self.capture.has_batch(),
-                           self._read_grad)
+        return StepContext(self.state.step, self.params, self._reduce, self.capture, self._read_grad)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._closed:

@@ -49,21 +49,24 @@ class Failures:
         self._parts: Dict[str, Tuple[str, Tuple[str, ...]]] = {}  # part → (group, metrics it gives or takes away)
         self._dropped: Dict[str, str] = {}  # metric → the part whose failure dropped it
         self._notes: Dict[str, str] = {}
+        self._off: set = set()  # the parts that do not run (live), updated at each failure
         self._lock = threading.Lock()  # the writer thread reports its own failures here too
 
     def declare(self, part: str, group: str, metrics: Iterable[str] = (), *, note: str = "") -> None:
         """``part`` is a computation of metric ``group`` (the key of its time in ``spent``) giving
         ``metrics``, which its failure drops; ``note``: what else its failure means, for the log."""
         self._parts[part] = (group, tuple(metrics))
+        self._update_off()
         if note:
             self._notes[part] = note
 
     def live(self, part: str) -> bool:
         """Whether ``part`` runs: it has not failed, and not all of its metrics are dropped."""
-        if part in self.errors:
-            return False
-        metrics = self._parts[part][1]
-        return not metrics or any(m not in self._dropped for m in metrics)
+        return part not in self._off
+
+    def _update_off(self) -> None:
+        self._off = {part for part, (_, metrics) in self._parts.items()
+                     if part in self.errors or (metrics and all(m in self._dropped for m in metrics))}
 
     def dropped(self) -> Dict[str, str]:
         """Each metric dropped by a failure, with the part whose failure dropped it."""
@@ -80,6 +83,7 @@ class Failures:
             metrics = [] if rank_local else [m for m in self._parts.get(part, ("", ()))[1] if m not in self._dropped]
             for metric in metrics:
                 self._dropped[metric] = part
+            self._update_off()
         if rank_local:
             what = f"{part} failed on this rank; every rank stores NaN for its metrics where it fails"
         elif metrics:
@@ -97,7 +101,7 @@ class Failures:
 
     def run(self, part: str, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` unless ``part`` is off; an exception is recorded (``record``) and gives None."""
-        if not self.live(part):
+        if part in self._off:  # (live, inlined: this runs a few times a step)
             return None
         start = time.perf_counter()
         try:

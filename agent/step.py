@@ -120,13 +120,13 @@ class StepContext:
     ``has_batch``: whether they can be replayed (every call's loss known). ``values`` and ``probe``:
     what goes to the writer thread (``writer.StepRecord``)."""
 
-    __slots__ = ("step", "params", "reduce", "calls", "has_batch", "values", "probe", "grad_scale", "raw_norms_sq",
-                 "loss", "free", "_grad", "_read_grad")
+    __slots__ = ("step", "params", "reduce", "calls", "values", "probe", "grad_scale", "raw_norms_sq", "loss", "free",
+                 "_grad", "_read_grad", "_has_batch", "_capture")
 
-    def __init__(self, step: int, params: List[Tensor], reduce: metrics.Reduce, calls: list, has_batch: bool,
+    def __init__(self, step: int, params: List[Tensor], reduce: metrics.Reduce, capture: Any,
                  read_grad: Callable[[], List[Tensor]]) -> None:
         self.step, self.params, self.reduce = step, params, reduce
-        self.calls, self.has_batch = calls, has_batch
+        self.calls, self._capture, self._has_batch = capture.calls, capture, None
         self.values: Dict[str, Any] = {}
         self.probe: Optional[Dict[str, Any]] = None
         self.grad_scale: Optional[Tensor] = None
@@ -135,6 +135,13 @@ class StepContext:
         self.free: Optional[metrics.FreeSums] = None
         self._grad: Optional[List[Tensor]] = None
         self._read_grad = read_grad
+
+    @property
+    def has_batch(self) -> bool:
+        """Whether the step's batch can be replayed (``StepCapture.has_batch``), asked once."""
+        if self._has_batch is None:
+            self._has_batch = self._capture.has_batch()
+        return self._has_batch
 
     @property
     def grad(self) -> List[Tensor]:
