@@ -43,7 +43,7 @@ from moxco import native, tensors
 from moxco.agent.capture import StepCapture
 from moxco.agent.decisions import DecisionInbox, apply_decision
 from moxco.agent.distributed import DataParallelGroup, unwrap
-from moxco.agent.failures import ERROR_SUMMARY_CHARS, Failures, error_summary  # noqa: F401 (re-exported)
+from moxco.agent.failures import Failures
 from moxco.agent.gradients import RawGradient
 from moxco.agent.groups.free import FreeMetrics
 from moxco.agent.groups.probe import Probe
@@ -55,7 +55,6 @@ from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRaw
 from moxco.agent.step import Previous, StepContext, StepState, grad_of
 from moxco.agent.transport import open_sink
 from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord
-from moxco.decision import Decision  # noqa: F401 (the decision type decisions are applied as)
 from moxco.hessian import Sharpness
 from moxco.policy import DecisionPolicy
 

@@ -31,6 +31,11 @@ def every(n: int) -> Callable[[int], bool]:
     return lambda step: step % n == 0
 
 
+def always(step: int) -> bool:
+    """The schedule of the free group: every step."""
+    return True
+
+
 def never(step: int) -> bool:
     """The schedule of a group that is off."""
     return False

@@ -31,6 +31,7 @@ from moxco.agent.capture import StepCapture
 from moxco.agent.distributed import DataParallelGroup
 from moxco.agent.failures import Failures
 from moxco.agent.gradients import RawGradient
+from moxco.agent.groups import always
 from moxco.agent.step import Previous, StepContext, StepState
 from moxco.agent.writer import FREE_SUMS, GRAD_RESCALE_RATIOS, GRADIENT_UNKNOWN
 from moxco.catalogue import names, needing
@@ -39,11 +40,6 @@ GRADIENT_RECORD_FAILED = ("the end-of-backward gradient record failed (agent.err
                           "a rescaled gradient")
 FIRST_CHANGE = ("the loop began changing .grad after backward (clipping or scaling) at this step, and the norms that "
                 "undo it were not recorded for it; they are from the next backward on")
-
-
-def due(step: int) -> bool:
-    """Every step."""
-    return True
 
 
 class FreeMetrics:
@@ -55,12 +51,11 @@ class FreeMetrics:
                  group: DataParallelGroup, *, random_scaling: bool) -> None:
         self.failures, self.state, self.capture, self.raw_gradient = failures, state, capture, raw_gradient
         self.group, self.random_scaling = group, random_scaling
+        self.due = always
         failures.declare("gradient", self.name, needing("gradient"))
         failures.declare("loss", self.name, needing("loss"))
         failures.declare("free", self.name, [n for n in names("free") if n != "loss"])
         failures.declare("random_scaling", self.name)
-
-    due = staticmethod(due)
 
     # --- the step pre-hook ----------------------------------------------------------------------
 
