@@ -2,7 +2,7 @@
 
 The training thread hands each step's values (0-dim tensors, not yet read) to ``submit``, which
 never blocks: the queue is bounded and, when it is full, the record is counted as dropped and a
-warning is logged once (issue 8 adds a disk spool). The writer thread reads the tensors (the only
+warning is logged once. The writer thread reads the tensors (the only
 place a device synchronisation happens), updates the running aggregates, the ALIGATOR denoisers,
 and the goodness score, and writes batches of points (with decision acknowledgements) through the
 sink, whose store runs the run's decision policy on them.
@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, List, Optional
 from torch import Tensor
 
 from moxco import metrics
-from moxco.aligator import Aligator, GradNormSqEstimator
-from moxco.goodness import goodness
+from moxco.agent.options import GoodnessSettings
+from moxco.aligator import Aligator, GradNormSqEstimator, split_terms
+from moxco.goodness import Goodness, goodness
 from moxco.catalogue import GOODNESS_TERMS, needing
 from moxco.wire import Point
 
@@ -41,6 +42,12 @@ FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, rea
 REPLAY_SUMS = "_replay_sums"  # a StepRecord value: a list of metrics.ReplaySums (x_{t−1}, x*), read here
 GRADIENT_UNKNOWN = "_gradient_unknown"  # a StepRecord value: why this step's g_t cannot be known
 GRAD_RESCALE_RATIOS = "_grad_rescale_ratios"  # a StepRecord value: per-parameter g_t / .grad, checked uniform
+# the writer's own parts (agent.failures) and the metrics a failure of each drops; convexity_ratio's
+# sum is the probe's part of that name
+WRITER_PARTS = {
+    "aggregates": tuple(metrics.GapSmoothAggregates().update(0.0, 0.0)),  # avg_gap, exp_gap, max_smooth, exp_smooth
+    "goodness": ("goodness",) + GOODNESS_TERMS,  # ALIGATOR's f̂ and ĝ², the score
+}
 
 
 @dataclass
@@ -50,17 +57,6 @@ class StepRecord:
     wall_time: float = field(default_factory=time.time)
     epoch_start: bool = False
     probe: Optional[Dict[str, Any]] = None  # sharpness, split sums for the grad-norm estimator
-
-
-@dataclass(frozen=True)
-class GoodnessSettings:
-    """How the agent scores goodness (MoXCo eq. 6): see ``moxco.goodness.goodness``."""
-
-    tau: float = 1.0
-    sharpness_target: Optional[float] = None  # None: k · eos_sharpness(optimizer's lr, α, β)
-    k: float = 1.0
-    loss_target: float = 0.0
-    form: str = "eos"
 
 
 def _uniform(ratios: Tensor) -> bool:
@@ -211,38 +207,62 @@ class MetricWriter:
                 values.pop(name, None)
         for name, value in values.items():
             self._emit(step, name, value, wall)
-        for name, value in self.aggregates.update(values.get("inst_gap"), values.get("inst_smooth")).items():
-            self._emit(step, name, value, wall)
+        self._part("aggregates", self._aggregates, step, values, wall)
         if "loss" in values:
-            self.loss_denoiser.update(values["loss"])
+            self._part("goodness", self.loss_denoiser.update, values["loss"])
         if record.probe is not None:
             terms = record.probe.pop("convexity_terms", None)
             if terms is not None and gradient_known:  # a step whose g_t is unknown adds no wrong term
-                self._emit(step, "convexity_ratio", self.convexity.update_terms(*terms.detach().cpu().tolist()), wall)
+                self._part("convexity_ratio", self._convexity_ratio, step, terms, wall)
             self._probe(step, record.probe, values, wall)
 
-    def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:
-        from moxco.aligator import split_terms
+    def _part(self, part: str, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` unless ``part`` failed before; a failure disables ``part`` (its metrics,
+        ``WRITER_PARTS``), is reported once (``on_error``), and the rest of the record goes on."""
+        if part in self._disabled:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._disabled.add(part)
+            self.on_error(part, exc)
+            return None
 
-        sharpness = _read(probe["sharpness"]) if "sharpness" in probe else math.nan
-        if "sharpness" in probe:
-            self._emit(step, "sharpness", sharpness, wall)
+    def _aggregates(self, step: int, values: Dict[str, float], wall: float) -> None:
+        for name, value in self.aggregates.update(values.get("inst_gap"), values.get("inst_smooth")).items():
+            self._emit(step, name, value, wall)
+
+    def _convexity_ratio(self, step: int, terms: Tensor, wall: float) -> None:
+        self._emit(step, "convexity_ratio", self.convexity.update_terms(*terms.detach().cpu().tolist()), wall)
+
+    def _goodness(self, probe: Dict[str, Any], values: Dict[str, float], sharpness: float,
+                  target: Optional[float], step: int, wall: float) -> Optional[Goodness]:
+        """The goodness score (MoXCo eq. 6) on ALIGATOR's ``f̂`` and ``ĝ²`` (the three-way split's
+        estimate; without a split, the raw ``‖g_t‖²``), when there is a sharpness and a target."""
         if "split_sums" in probe:
             grad_sq = self.grad_norm_estimator.update_terms(*split_terms(probe["split_sums"].cpu(), probe.get("split_sizes")))
         else:
             grad_sq = values.get("grad_norm_sq", math.nan)
-        target = probe["sharpness_target"] if "sharpness_target" in probe else self.sharpness_target()
-        if target is not None:
-            self._emit(step, "sharpness_target", float(target), wall)
-        if target is None or math.isnan(sharpness) or "goodness" in self._disabled:
-            return
+        if target is None or math.isnan(sharpness):
+            return None
         s = self.goodness_settings
         score = goodness(max(grad_sq, 0.0) if not math.isnan(grad_sq) else grad_sq, sharpness,
                          self.loss_denoiser.estimate, tau=s.tau, sharpness_target=target,
                          loss_target=s.loss_target, form=s.form)
         for name, value in zip(("goodness",) + GOODNESS_TERMS, score):
             self._emit(step, name, value, wall)
-        self._flush()  # the probe goes to the store now: its ingest runs the run's decision policy
+        return score
+
+    def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:
+        sharpness = _read(probe["sharpness"]) if "sharpness" in probe else math.nan
+        if "sharpness" in probe:
+            self._emit(step, "sharpness", sharpness, wall)
+        target = probe["sharpness_target"] if "sharpness_target" in probe else self.sharpness_target()
+        if target is not None:
+            self._emit(step, "sharpness_target", float(target), wall)
+        score = self._part("goodness", self._goodness, probe, values, sharpness, target, step, wall)
+        if score is not None:
+            self._flush()  # the probe goes to the store now: its ingest runs the run's decision policy
 
     def _apply_updates(self) -> None:
         with self._updates_lock:

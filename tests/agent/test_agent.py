@@ -139,7 +139,7 @@ def test_replay_reproduces_dropout_masks_and_leaves_batchnorm_statistics_alone(u
     agent.close()
     # the loss here is MSE computed outside the model, so the agent needs the criterion: it disabled
     # only what it could not compute and said why
-    assert "free" in agent.errors and "criterion" in agent.errors["free"]
+    assert set(agent.errors) == {"loss"} and "criterion" in agent.errors["loss"]
 
 
 def test_dropout_replay_with_criterion_gives_zero_loss_diff_at_zero_step(url):
@@ -240,7 +240,7 @@ def test_injected_failures_never_reach_the_training_loop(url, caplog, monkeypatc
         raise RuntimeError("injected")
 
     monkeypatch.setattr(agent.capture, "replay", boom)
-    monkeypatch.setattr(agent, "_sharpness", boom)
+    monkeypatch.setattr(agent.probe, "sharpness", boom)
     monkeypatch.setattr(agent.writer.loss_denoiser, "update", boom)
     with caplog.at_level(logging.WARNING, logger="moxco.agent"):
         for _ in range(10):
@@ -248,9 +248,9 @@ def test_injected_failures_never_reach_the_training_loop(url, caplog, monkeypatc
             opt.step()
             opt.zero_grad()
         agent.close()
-    assert set(agent.errors) == {"reeval", "probe", "writer"}
+    assert set(agent.errors) == {"reeval", "sharpness", "goodness"}  # goodness: the writer thread's ALIGATOR
     assert all("injected" in message for message in agent.errors.values())
-    assert sum("disabled" in r.message for r in caplog.records) == 3  # logged once per group
+    assert sum("disabled" in r.message for r in caplog.records) == 3  # logged once per failure
     store = open_store(url)
     assert store.run("faults").config["errors"] == agent.errors  # stored with the run
     assert store.series("faults", "loss")[0].size >= 1  # the free metrics still flowed
@@ -296,8 +296,9 @@ def test_the_training_thread_never_writes_the_store_and_nothing_is_lost_while_it
 
 def test_a_failing_end_of_backward_record_never_leaves_backward(url, monkeypatch):
     """The gradient norms are recorded in an autograd callback, inside the user's ``backward()``:
-    a failure there is kept and reported at the step (the free metrics disabled), never raised
-    from ``backward()``; the run's parameters are those of the same loop without the agent."""
+    a failure there is kept and reported at the step (the metrics that need the raw gradient are
+    dropped), never raised from ``backward()``; the run's parameters are those of the same loop
+    without the agent."""
     a, b, x0 = make_quadratic(9)
     plain, watched = Quadratic(a, b, x0).double(), Quadratic(a, b, x0).double()
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (plain, watched)]
@@ -313,7 +314,7 @@ def test_a_failing_end_of_backward_record_never_leaves_backward(url, monkeypatch
             opt.step()
             opt.zero_grad()
     agent.close()
-    assert "free" in agent.errors and "injected in the autograd callback" in agent.errors["free"]
+    assert set(agent.errors) == {"gradient"} and "injected in the autograd callback" in agent.errors["gradient"]
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), watched.parameters()))
     assert agent.overhead()["free"] > 0  # the callbacks' time is counted with the free metrics
 
@@ -321,7 +322,7 @@ def test_a_failing_end_of_backward_record_never_leaves_backward(url, monkeypatch
 def test_a_long_error_is_stored_as_its_first_line(url, caplog, monkeypatch):
     """PyTorch's dispatcher errors list every backend (kilobytes): the run keeps the type and the
     first line, at most ERROR_SUMMARY_CHARS characters; the log has the whole message once."""
-    from moxco.agent.core import ERROR_SUMMARY_CHARS
+    from moxco.agent.failures import ERROR_SUMMARY_CHARS
 
     a, b, x0 = make_quadratic(2)
     model = Quadratic(a, b, x0).double()
@@ -337,7 +338,7 @@ def test_a_long_error_is_stored_as_its_first_line(url, caplog, monkeypatch):
         raise RuntimeError("x" * 5000)
 
     monkeypatch.setattr(agent.capture, "replay", dispatcher_error)
-    monkeypatch.setattr(agent, "_sharpness", long_line)
+    monkeypatch.setattr(agent.probe, "sharpness", long_line)
     with caplog.at_level(logging.WARNING, logger="moxco.agent"):
         model(torch.zeros(1, 1, dtype=torch.float64)).backward()
         opt.step()
@@ -346,7 +347,7 @@ def test_a_long_error_is_stored_as_its_first_line(url, caplog, monkeypatch):
         opt.step()
         agent.close()
     assert agent.errors["reeval"] == f"NotImplementedError: {first}"
-    assert len(agent.errors["probe"]) == ERROR_SUMMARY_CHARS and agent.errors["probe"].endswith("…")
+    assert len(agent.errors["sharpness"]) == ERROR_SUMMARY_CHARS and agent.errors["sharpness"].endswith("…")
     assert open_store(url).run("long-error").config["errors"] == agent.errors
     assert "Backend199" in caplog.text  # the log keeps the whole message
 

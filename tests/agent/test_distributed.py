@@ -91,7 +91,7 @@ def _faulty_worker(rank, world, init_file, url):
             opt.zero_grad()
         agent.close()
         if rank == 1:
-            assert set(agent.errors) == {"reeval (rank 1)", "probe (rank 1)"}, agent.errors
+            assert set(agent.errors) == {"reeval (rank 1)", "sharpness (rank 1)", "split (rank 1)"}, agent.errors
 
 
 @pytest.mark.timeout(300)

@@ -99,7 +99,8 @@ def _faulty_run(rank, world, url):
         opt.step()
         opt.zero_grad()
     agent.close()
-    expected = {"sharpness"} | ({"reeval (rank 1)", "reference (rank 1)", "probe (rank 1)"} if rank == 1 else set())
+    expected = {"sharpness"} | ({"reeval (rank 1)", "reference (rank 1)", "split (rank 1)", "convexity_ratio (rank 1)"}
+                                if rank == 1 else set())
     assert set(agent.errors) == expected, agent.errors
 
 
