@@ -61,7 +61,7 @@ class GoodnessSettings:
     sharpness_target: Optional[float] = None  # None: k · eos_sharpness(optimizer's lr, α, β)
     k: float = 1.0
     loss_target: float = 0.0
-    form: str = "eos"
+    form: str = "relative"
 
 
 def _uniform(ratios: Tensor) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 # The torch-free parts are imported here (``moxco.goodness`` is also a function name: importing
 # it eagerly binds the function, not the submodule). The rest is resolved on first use (PEP 562),
 # so the collector, which needs only the policy, and ``moxco --help`` do not import torch.
-from moxco.goodness import Goodness, eos_sharpness, goodness
+from moxco.goodness import Goodness, adaptive_eos_sharpness, eos_sharpness, goodness
 from moxco.decision import Decision
 from moxco.policy import DecisionPolicy, PolicyConfig
 
