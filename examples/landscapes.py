@@ -160,12 +160,12 @@ SCENES: Tuple[Scene, ...] = (
         methods=(
             Method("GD", "gd", 0.005),
             Method("Adam", "adam", 0.1),
-            Method("MoXCo-GD", "moxco", 0.0005, alpha=0.9, base="gd"),
+            Method("MoXCo-GD", "moxco", 0.002, alpha=0.9, base="gd"),
             Method("MoXCo-Adam", "moxco", 0.01, alpha=0.9, base="adam"),
             Method("Adam+CM", "adamcm", 0.1),
         ),
         log_contour=True,
-        source="best stable lr of bench/optim_claims.py's grids (GD 0.005, Adam 0.1, MoXCo-GD 0.0005/α 0.9, "
+        source="best stable lr of bench/optim_claims.py's grids (GD 0.005, Adam 0.1, MoXCo-GD 0.002/α 0.9, "
                "MoXCo-Adam 0.01/α 0.9); Adam+CM at Adam's lr",
     ),
     Scene(
