@@ -106,7 +106,12 @@ def _hessian_times(grads, params: List[Tensor], vs: List[Tensor], retain_graph: 
             retain_graph=retain_graph,
             allow_unused=True,
         )
-    return [torch.zeros_like(p).detach() if h is None else h.detach() for h, p in zip(hv, params)]
+    return [torch.zeros_like(p).detach() if h is None else _dense(h.detach()) for h, p in zip(hv, params)]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """Products are dense vectors like the directions (a sparse embedding's gradient is sparse)."""
+    return t.to_dense() if t.layout != torch.strided else t
 
 
 class AutogradHessian:
@@ -170,7 +175,7 @@ def _autograd_gradient(loss_fn: LossFn, params: List[Tensor]) -> tuple[Tensor, L
     with torch.enable_grad():
         loss = _scalar_loss(loss_fn())
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return loss.detach(), [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+    return loss.detach(), [torch.zeros_like(p) if g is None else _dense(g.detach()) for g, p in zip(grads, params)]
 
 
 class FiniteDifferenceHessian:
@@ -207,7 +212,7 @@ class FiniteDifferenceHessian:
     def _gradient(self) -> tuple[Tensor, List[Tensor]]:
         if self.grad_fn is not None:
             loss, grads = self.grad_fn()
-            return loss.detach().reshape(()), [g.detach() for g in grads]
+            return loss.detach().reshape(()), [_dense(g.detach()) for g in grads]
         return _autograd_gradient(self.loss_fn, self.params)
 
     def __call__(self, vs: TensorList) -> tuple[Tensor, List[Tensor]]:

@@ -18,7 +18,8 @@ import torch
 from curvature_problems import DIM, MLP, SHAPES, Quadratic, flat, gen, spd, split
 from moxco import tensors
 from moxco.curvature import (
-    AutogradHessian, FiniteDifferenceHessian, Preconditioned, adam_preconditioner, fd_epsilon, fd_hvp, hvp,
+    AutogradHessian, FiniteDifferenceHessian, Preconditioned, adam_preconditioner, extreme_eigenvalues, fd_epsilon,
+    fd_hvp, hvp,
 )
 
 
@@ -240,3 +241,23 @@ def test_preconditioned_operator_is_explicit_p_inv_sqrt_h_p_inv_sqrt():
     torch.testing.assert_close(flat(mv), explicit @ flat(v), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="finite and > 0"):
         Preconditioned(AutogradHessian(mlp.loss, mlp.params), [torch.zeros_like(p) for p in mlp.params])
+
+
+def test_sparse_embedding_products_are_dense_and_equal_the_dense_models():
+    torch.manual_seed(0)
+    weights = torch.randn(10, 3, dtype=torch.float64)
+    idx = torch.tensor([1, 4, 4, 7])
+    target = torch.randn(4, 3, dtype=torch.float64)
+    results = []
+    for sparse in (True, False):
+        emb = torch.nn.Embedding(10, 3, sparse=sparse).double()
+        with torch.no_grad():
+            emb.weight.copy_(weights)
+        loss_fn = lambda: (torch.tanh(emb(idx)) - target).pow(2).sum()  # noqa: E731
+        v = [torch.randn(10, 3, generator=gen(1), dtype=torch.float64)]
+        _, auto = hvp(loss_fn, [emb.weight], v)
+        _, fd = fd_hvp(loss_fn, [emb.weight], tensors.normalized(v))
+        assert auto[0].layout == torch.strided and fd[0].layout == torch.strided
+        results.append(auto[0])
+        assert math.isfinite(extreme_eigenvalues(loss_fn, [emb.weight], iters=10, generator=gen(0)).eigenvalue)
+    torch.testing.assert_close(results[0], results[1])
