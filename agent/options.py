@@ -47,14 +47,14 @@ def _finite(value: Any) -> bool:
 class GoodnessSettings:
     """How the agent scores goodness (MoXCo eq. 6, ``moxco.goodness.goodness``): ``tau`` the
     temperature τ, ``sharpness_target`` λ_target (None: ``k`` · the edge of stability of the
-    optimizer's own lr, α, β, MoXCo Theorem 2), ``loss_target`` f_target, ``form`` ``"eos"`` (the
-    hinge ``(λ̂ − λ_target)_+``) or ``"relative"`` (``|λ̂/λ_target − 1|``)."""
+    optimizer's own lr, α, β, MoXCo Theorem 2), ``loss_target`` f_target, ``form`` ``"relative"``
+    (``|λ̂/λ_target − 1|``, eq. 6, the default) or ``"eos"`` (the short paper's hinge ``(λ̂ − λ_target)_+``)."""
 
     tau: float = 1.0
     sharpness_target: Optional[float] = None
     k: float = 1.0
     loss_target: float = 0.0
-    form: str = "eos"
+    form: str = "relative"
 
     def __post_init__(self) -> None:
         for name in ("tau", "k"):

@@ -16,8 +16,8 @@ Writes into ``DIR``:
   regression the four metrics per initialisation and their CDF "hit rates".
 
 The MoXCo runs are the product's Algorithm 1, run by :func:`moxco.optim.studies.run_moxco`: the
-goodness score (:func:`moxco.goodness.goodness`, hinge form, ``τ = 0.2``, ``λ_target`` the
-optimizer's own edge-of-stability bound) is evaluated at ``θ`` every 10 steps and fed to a
+goodness score (:func:`moxco.goodness.goodness`, the full paper's eq. 6 (relative form), ``τ = 0.2``,
+``λ_target`` the optimizer's own edge-of-stability bound) is evaluated at ``θ`` every 10 steps and fed to a
 :class:`moxco.policy.DecisionPolicy` (``C = 0.85``); its decision is applied with
 ``MoXCo.commit(alpha=0.1, beta=0.1)`` (Phase 2: hypergradient step size). A run the policy never
 switches is committed at the Phase-1 budget ``T₁`` = 70 % of the steps (Algorithm 1's ``T₁``);
@@ -160,12 +160,12 @@ SCENES: Tuple[Scene, ...] = (
         methods=(
             Method("GD", "gd", 0.005),
             Method("Adam", "adam", 0.1),
-            Method("MoXCo-GD", "moxco", 0.0005, alpha=0.9, base="gd"),
+            Method("MoXCo-GD", "moxco", 0.002, alpha=0.9, base="gd"),
             Method("MoXCo-Adam", "moxco", 0.01, alpha=0.9, base="adam"),
             Method("Adam+CM", "adamcm", 0.1),
         ),
         log_contour=True,
-        source="best stable lr of bench/optim_claims.py's grids (GD 0.005, Adam 0.1, MoXCo-GD 0.0005/α 0.9, "
+        source="best stable lr of bench/optim_claims.py's grids (GD 0.005, Adam 0.1, MoXCo-GD 0.002/α 0.9, "
                "MoXCo-Adam 0.01/α 0.9); Adam+CM at Adam's lr",
     ),
     Scene(

@@ -2,7 +2,9 @@
 
 * ``moxco.metrics``: the audit metrics (``inst_gap``, ``inst_smooth``, ``loss_diff``,
   ``update_corr``, ``update_corr_rs``) and their running aggregates, ``ConvexityRatio``;
-* ``moxco.hessian``: ``top_eigenvalue`` and the warm-started ``Sharpness`` tracker (MoXCo A.2.1);
+* ``moxco.curvature``: Hessian-vector product operators (autograd, finite-difference, Adam-preconditioned),
+  Lanczos / power iteration / Hutchinson, and the warm ``Sharpness`` tracker of the algebraic ``λ_max``
+  (MoXCo A.2.1); ``moxco.hessian`` re-exports its public names;
 * ``moxco.aligator``: the ALIGATOR denoiser and the gradient-norm estimator (MoXCo A.2.2);
 * ``moxco.goodness``: the goodness score (MoXCo eq. 6) and ``eos_sharpness`` (Theorem 2);
 * ``moxco.policy``: the phase-switch decision policy;
@@ -17,13 +19,13 @@ from typing import Any
 # The torch-free parts are imported here (``moxco.goodness`` is also a function name: importing
 # it eagerly binds the function, not the submodule). The rest is resolved on first use (PEP 562),
 # so the collector, which needs only the policy, and ``moxco --help`` do not import torch.
-from moxco.goodness import Goodness, eos_sharpness, goodness
+from moxco.goodness import Goodness, adaptive_eos_sharpness, eos_sharpness, goodness
 from moxco.decision import Decision
 from moxco.policy import DecisionPolicy, PolicyConfig
 
 _EXPORTS = {
     "Aligator": "aligator", "GradNormSqEstimator": "aligator",
-    "Sharpness": "hessian", "hvp": "hessian", "power_iteration": "hessian", "top_eigenvalue": "hessian",
+    "Sharpness": "curvature", "hvp": "curvature", "power_iteration": "curvature", "top_eigenvalue": "curvature",
     "ConvexityRatio": "metrics", "ExponentialAverage": "metrics", "GapSmoothAggregates": "metrics",
     "RunningMax": "metrics", "RunningMean": "metrics", "grad_norm_sq": "metrics", "inst_gap": "metrics",
     "inst_smooth": "metrics", "loss_diff": "metrics", "update_corr": "metrics", "update_corr_rs": "metrics",

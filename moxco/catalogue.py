@@ -62,7 +62,8 @@ class Metric:
     forward+backward), ``hvp`` (Hessian-vector products), ``reference`` (a reference point x*).
     ``panel``: the id of the ``Panel`` it is drawn in (``""``: not drawn). ``label``, ``color``,
     ``dash``: how it is drawn there. ``stored_at``: when the step it is stored at is not the step it
-    describes, which step that is.
+    describes, which step that is. ``requires``: what a run needs for it to have points, where that is
+    more than its group's requirement (e.g. an Adam-family optimizer).
     """
 
     name: str
@@ -78,6 +79,7 @@ class Metric:
     dash: Tuple[int, ...] = ()
     stored_at: str = ""
     reading: str = ""
+    requires: str = ""  # what a run needs for it, where more than its group needs
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:
@@ -126,7 +128,16 @@ PANELS: Tuple[Panel, ...] = (
     Panel("update", "training", "Update norm and distance",
           "‖x_{t+1} − x_t‖ and how far the run has travelled, ‖x_t − x_0‖.", log=True),
     Panel("sharpness", "moxco", "Sharpness vs λ_target (EOS)",
-          "Top Hessian eigenvalue λ̂ against the target k·λ_EOS, λ_EOS = 2(1+α)/(η(1+2β)) (dashed).", wide=True),
+          "Top Hessian eigenvalue λ̂ (the algebraic λ_max) against the target k·λ_EOS, λ_EOS = 2(1+α)/(η(1+2β)) "
+          "(dashed); λ_min, the most negative eigenvalue, where a probe has it (below 0: negative curvature).",
+          wide=True),
+    Panel("sharpness_precond", "moxco", "Preconditioned sharpness vs adaptive EOS",
+          "Adam-family runs: λ_max(P⁻¹H), P = diag(√v̂ + ε) from the optimizer's second moments, against the "
+          "adaptive edge of stability 2(1+β₁)/((1−β₁)η) (dashed; 38/η for β₁ = 0.9), where Adam equilibrates "
+          "(Cohen et al. 2022).", log=True),
+    Panel("hessian_trace", "moxco", "Hessian trace",
+          "tr(∇²f), Hutchinson's estimate (opt-in): the sum of all curvatures, the mean curvature times the "
+          "parameter count.", log=True),
     Panel("goodness", "moxco", "Goodness vs threshold C",
           "MoXCo goodness score in [0, 1]; the policy decides when it stays at or above C (dashed) for "
           "`consecutive` probes.", value_range=(0.0, 1.0), threshold=True, grafana_unit="none"),
@@ -200,12 +211,32 @@ METRICS: Tuple[Metric, ...] = (
            needs=("loss", "gradient", "replay", "reference"), panel="convexity_ratio", label="convexity_ratio",
            reading="> 1 convex-like; (0, 1] convex analysis applies with a 1/K slow-down; ≤ 0 strongly non-convex"),
     # --- probe ---
-    Metric("sharpness", "probe", "top eigenvalue of the Hessian, tracked warm", "λ_max(∇²f)", "MoXCo A.2.1",
-           needs=("loss", "hvp"), panel="sharpness", label="λ̂ sharpness",
-           reading="compare with the edge of stability, sharpness_target"),
+    Metric("sharpness", "probe", "top (algebraic largest) eigenvalue of the Hessian, tracked warm",
+           "λ_max(∇²f)", "MoXCo A.2.1", needs=("loss", "hvp"), panel="sharpness", label="λ̂ sharpness",
+           reading="compare with the edge of stability, sharpness_target (2/η for GD); for Adam-family runs "
+                   "sharpness_precond is the one to compare"),
+    Metric("sharpness_min", "probe", "most negative eigenvalue of the Hessian, when a probe has it at no extra HVP",
+           "λ_min(∇²f)", "Lanczos (Paige 1976)", needs=("loss", "hvp"), panel="sharpness", label="λ_min",
+           color="#7c3aed", dash=(2, 3),
+           reading="< 0: negative curvature (a saddle direction); only from probes that run Lanczos "
+                   "(the cold start, or sharpness_iters ≥ 2), when converged"),
     Metric("sharpness_target", "probe", "λ_target of the goodness score: the user's, else k·λ_EOS",
            "k · 2(1+α)/(η(1+2β))", "MoXCo Theorem 2", panel="sharpness", label="λ_target", color=RED,
            dash=(8, 5)),
+    Metric("sharpness_precond", "probe", "top eigenvalue of the Adam-preconditioned Hessian, tracked warm",
+           "λ_max(P⁻¹∇²f), P = diag(√v̂ + ε)", "Cohen et al. 2022", needs=("loss", "hvp"),
+           panel="sharpness_precond", label="λ_max(P⁻¹H)",
+           reading="Adam-family runs rise to and hover at sharpness_precond_target (the adaptive edge of stability)",
+           requires="needs an Adam-family optimizer (Adam, AdamW, or MoXCo over one) and probe_every > 0"),
+    Metric("sharpness_precond_target", "probe", "the adaptive edge of stability of Adam with β₁ and step size η",
+           "2(1+β₁)/((1−β₁)η)", "Cohen et al. 2022", panel="sharpness_precond", label="2(1+β₁)/((1−β₁)η)",
+           color=RED, dash=(8, 5), reading="38/η for β₁ = 0.9",
+           requires="needs an Adam-family optimizer (Adam, AdamW, or MoXCo over one) and probe_every > 0"),
+    Metric("hessian_trace", "probe", "trace of the Hessian, Hutchinson's estimate (opt-in)",
+           "tr(∇²f) ≈ (1/s) Σ zᵢᵀ∇²f zᵢ, zᵢ Rademacher", "Hutchinson 1990", needs=("loss", "hvp"),
+           panel="hessian_trace", label="tr(∇²f)",
+           reading="the sum of all curvatures: mean curvature × parameter count; costs s HVPs per probe",
+           requires="opt-in (s HVPs per probe) and probe_every > 0"),
     # --- goodness ---
     Metric("goodness", "goodness", "MoXCo goodness score on ALIGATOR-denoised estimates",
            "exp(−τ [ĝ² + |λ̂/λ_target − 1| + |f̂ − f_target|])", "MoXCo eq. 6", needs=("loss", "hvp"), panel="goodness",
@@ -296,6 +327,8 @@ def help_text(name: str) -> str:
 def requirement(name: str) -> str:
     """What a run needs for ``name`` to have points (empty when every run has it)."""
     entry = metric(name)
+    if entry is not None and entry.requires:
+        return entry.requires
     return GROUPS["user" if entry is None else entry.group][1]
 
 
@@ -308,7 +341,7 @@ def to_json() -> Dict[str, Any]:
         for panel in PANELS:
             if panel.section != section_id:
                 continue
-            requirements = sorted({GROUPS[m.group][1] for m in panel_metrics(panel.id) if GROUPS[m.group][1]})
+            requirements = sorted({requirement(m.name) for m in panel_metrics(panel.id) if requirement(m.name)})
             panels.append({
                 "id": panel.id, "title": panel.title, "help": panel.help, "log": panel.log,
                 "stepped": panel.stepped, "range": list(panel.value_range) if panel.value_range else None,
@@ -321,7 +354,7 @@ def to_json() -> Dict[str, Any]:
         sections.append({"id": section_id, "title": title, "panels": panels})
     metrics = [{"name": m.name, "group": m.group, "meaning": m.meaning, "formula": m.formula, "paper": m.paper,
                 "needs": list(m.needs), "unit": m.unit, "panel": m.panel or None, "stored_at": m.stored_at or None,
-                "requires": GROUPS[m.group][1] or None} for m in METRICS]
+                "requires": requirement(m.name) or None} for m in METRICS]
     groups = [{"id": g, "what": what, "requires": req or None} for g, (what, req) in GROUPS.items()]
     return {"sections": sections, "metrics": metrics, "groups": groups}
 

@@ -10,6 +10,9 @@
 
 * ``eos_sharpness``: MoXCo Theorem 2, the largest curvature inertial momentum with step size η,
   inertia α and gradient-extrapolation β is stable on: ``2(1+α) / (η(1+2β))`` (``2/η`` for GD).
+* ``adaptive_eos_sharpness``: the adaptive edge of stability of Adam-family optimizers (Cohen et al.
+  2022): the *preconditioned* sharpness ``λ_max(P⁻¹H)`` Adam with ``β₁`` and step size η is stable
+  below, ``2(1+β₁) / ((1−β₁)η)`` (``38/η`` for ``β₁ = 0.9``).
 
 In the ``"eos"`` form ``sharpness_target`` *is* the bound ``1/η̃``; pass ``eos_sharpness(...)`` so
 that "stable fixed point of GD with step η̃" (Theorem 1 (b)) means exactly ``λ_max ≤ 1/η̃`` and
@@ -49,6 +52,23 @@ def eos_sharpness(lr: float, alpha: float = 0.0, beta: float = 0.0) -> float:
     if not (math.isfinite(beta) and beta >= 0.0):
         raise ValueError(f"beta must be finite and ≥ 0, got {beta!r}")
     return 2.0 * (1.0 + alpha) / (lr * (1.0 + 2.0 * beta))
+
+
+def adaptive_eos_sharpness(lr: float, beta1: float = 0.9) -> float:
+    """Adaptive edge of stability, Cohen et al. 2022 ("Adaptive gradient methods at the edge of
+    stability"): ``2(1+β₁) / ((1−β₁)·lr)``.
+
+    Adam's update with a frozen preconditioner ``P = diag(√v̂ + ε)`` is heavy-ball momentum with an
+    exponential moving average, ``m ← β₁m + (1−β₁)g``, ``θ ← θ − lr·P⁻¹m``, on the preconditioned
+    Hessian ``P⁻¹H``; on ``f = ½ a x²`` in an eigendirection of ``P⁻¹H`` it diverges when ``a`` exceeds
+    this value. ``β₁ = 0.9`` gives ``38/lr``; ``β₁ = 0`` (RMSProp) gives ``2/lr``. Compare it with
+    ``λ_max(P⁻¹H)`` (``Sharpness(..., preconditioner=optimizer)``), not with the plain ``λ_max(H)``.
+    """
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
+    if not (isinstance(beta1, (int, float)) and math.isfinite(beta1) and 0.0 <= beta1 < 1.0):
+        raise ValueError(f"beta1 must be in [0, 1), got {beta1!r}")
+    return 2.0 * (1.0 + beta1) / ((1.0 - beta1) * lr)
 
 
 def goodness(

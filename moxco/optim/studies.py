@@ -13,6 +13,14 @@ The test suite runs them at reduced scale (``tests/moxco/optim/test_optim_claims
   from ``U[−5, 5]^D`` that end at the flat minimum (the origin) for Adam, Adam+CG, Adam+CM.
 * :func:`loss_sharpness_study` — Adam+CM table 1: final loss and sharpness (top Hessian eigenvalue)
   of Adam vs Adam+CM (and Adam+CG) on Goldstein-Price and Levy.
+* :func:`escape_count_study` — the short MoXCo paper's Fig. 2: on a 1-D function with a flat and a
+  sharp minimum (the sharp/flat family, eq. 9 of Adam+CM, D = 1), how many of the runs of GD, Adam,
+  MoXCo-GD and MoXCo-Adam end at the flat minimum.
+
+Goodness is scored in the form of the paper whose experiment a study reproduces: the full paper's
+eq. 6 (relative, ``|λ/λ_target − 1|``) for the hit rates on Beale and Ackley (and the 2-layer ReLU
+regression of ``examples/landscapes.py``), the short paper's hinge ``(λ − 1/η̃)_+`` for its escape
+count (``MoXCoSetting.form``).
 
 Runs are independent: each initialisation is its own parameter tensor (shape ``(d,)``), every
 optimizer used here acts per tensor (coordinate-wise, or ``buffer_scope="tensor"`` for the CM/CG
@@ -30,7 +38,7 @@ import torch
 from torch import Tensor
 
 from moxco import landscapes
-from moxco.goodness import eos_sharpness, goodness
+from moxco.goodness import GOODNESS_FORMS, eos_sharpness, goodness
 from moxco.optim.critical import AdamCG, AdamCM
 from moxco.optim.moxco_wrapper import PHASE_COMMIT, MoXCo
 from moxco.policy import DecisionPolicy, PolicyConfig
@@ -46,6 +54,7 @@ __all__ = [
     "hit_rate_study",
     "escape_study",
     "loss_sharpness_study",
+    "escape_count_study",
     "MoXCoSetting",
 ]
 
@@ -113,6 +122,11 @@ class MoXCoSetting:
     restart: Tuple[float, float] = (0.1, 0.1)
     hypergrad_lr: float = 1e-2  # MoXCo A.4: β_hypergradient = 1e-2 in §4
     hypergrad_rule: str = "multiplicative"
+    form: str = "relative"  # goodness: MoXCo eq. 6 (full paper); "eos": the short paper's hinge
+
+    def __post_init__(self) -> None:
+        if self.form not in GOODNESS_FORMS:
+            raise ValueError(f"form must be one of {GOODNESS_FORMS}, got {self.form!r}")
 
     def label(self) -> str:
         return f"MoXCo-{'GD' if self.base == 'gd' else 'Adam'}"
@@ -120,8 +134,9 @@ class MoXCoSetting:
 
 def run_moxco(fn: LossFn, x0: Tensor, setting: MoXCoSetting, steps: int, *, loss_target: float = 0.0,
               seed: int = 0) -> Tuple[Tensor, List[Optional[int]]]:
-    """MoXCo (Algorithm 1) from every row of ``x0``: one optimizer per run, goodness (hinge form,
-    ``λ_target = eos_sharpness(η, α, E[β])``) at ``θ`` every ``check_every`` steps fed to a
+    """MoXCo (Algorithm 1) from every row of ``x0``: one optimizer per run, goodness (``setting.form``:
+    MoXCo eq. 6 by default, or the short paper's hinge; ``λ_target`` resp. the bound
+    ``1/η̃ = eos_sharpness(η, α, E[β])``) at ``θ`` every ``check_every`` steps fed to a
     :class:`DecisionPolicy` (threshold ``C``, one probe), commit on its decision or at ``T₁``.
     Returns final ``θ`` (n, d) and the step each run committed at."""
     base = torch.optim.SGD if setting.base == "gd" else torch.optim.Adam
@@ -151,7 +166,7 @@ def run_moxco(fn: LossFn, x0: Tensor, setting: MoXCoSetting, steps: int, *, loss
             lam = top_hessian_eigenvalue(fn, theta)
             for j, i in enumerate(exploring):
                 score = goodness(float(g2[j]), float(lam[j]), float(f[j]), tau=setting.tau, sharpness_target=target,
-                                 loss_target=loss_target, form="eos")
+                                 loss_target=loss_target, form=setting.form)
                 decision = policies[i].observe(t, score)
                 if decision is not None:
                     opts[i].commit(alpha=decision.action["alpha"], beta=decision.action["beta"])
@@ -273,4 +288,33 @@ def loss_sharpness_study(landscape: str, *, n_inits: int, steps: int, seed: int,
         sharp = top_hessian_eigenvalue(fn, X)
         out[name] = {"loss": float(loss.mean()), "sharpness": float(sharp.mean()),
                      "loss_median": float(loss.median()), "sharpness_median": float(sharp.median())}
+    return out
+
+
+def escape_count_study(s: float, *, n_inits: int, steps: int, seed: int, lr: float = 0.05,
+                       moxco_settings: Optional[Sequence[MoXCoSetting]] = None, tol: float = 0.1) -> Dict[str, Any]:
+    """The short MoXCo paper's escape count (its Fig. 2): ``n_inits`` starts uniform in ``[−5, 5]`` on the
+    1-D sharp/flat function ``min(x², s(x − 1)²)`` (flat minimum 0, curvature 2; sharp minimum 1,
+    curvature 2s), GD and Adam at ``lr`` and MoXCo over GD and Adam bases (default: α = 0.9, random β,
+    τ = 0.15, C = 0.85, restart α = β = 0.1 as the short paper's A.2, goodness in the short paper's
+    hinge form against ``1/η̃ = eos_sharpness(lr, α, ½)``). Counts the runs ending within ``tol`` of the
+    flat minimum (``flat``) and of the sharp one (``sharp``)."""
+    fn = lambda x: landscapes.sharp_flat(x, s)  # noqa: E731
+    x0 = sample_box([-5.0], [5.0], n=n_inits, seed=seed)
+    if moxco_settings is None:
+        moxco_settings = [MoXCoSetting(base, lr, 0.9, tau=0.15, threshold=0.85, form="eos") for base in ("gd", "adam")]
+    out: Dict[str, Any] = {"s": float(s), "n_inits": n_inits, "steps": steps, "seed": seed, "lr": lr, "rows": {}}
+
+    def counts(X: Tensor) -> Dict[str, float]:
+        x = X[:, 0]
+        return {"flat": int(((x - 0.0).abs() < tol).sum()), "sharp": int(((x - 1.0).abs() < tol).sum()),
+                "diverged": int((~torch.isfinite(x)).sum())}
+
+    for name, cls in (("GD", torch.optim.SGD), ("Adam", torch.optim.Adam)):
+        out["rows"][name] = counts(run_independent(fn, x0, lambda ps: cls(ps, lr=lr, foreach=True), steps))
+    for setting in moxco_settings:
+        X, committed = run_moxco(fn, x0, setting, steps, seed=seed)
+        row = counts(X)
+        row["committed_by_policy"] = sum(1 for c in committed if c is not None and c > 0)
+        out["rows"][setting.label()] = row
     return out

@@ -45,3 +45,19 @@ def test_help_text_for_catalogue_and_user_metrics_is_one_line():
 
 def test_docs_tables_are_generated_from_the_catalogue():
     assert catalogue.stale_docs() == [], "run `python -m moxco.catalogue --write`"
+
+
+def test_curvature_probe_metrics_have_entries_panels_and_their_own_requirements():
+    for name in ("sharpness_min", "sharpness_precond", "sharpness_precond_target", "hessian_trace"):
+        entry = catalogue.metric(name)
+        assert entry is not None and entry.group == "probe" and entry.panel, name
+    assert catalogue.metric("sharpness_min").panel == catalogue.metric("sharpness").panel  # drawn beside it
+    precond = catalogue.panel_metrics("sharpness_precond")
+    assert [m.name for m in precond] == ["sharpness_precond", "sharpness_precond_target"]
+    assert "Adam-family" in catalogue.requirement("sharpness_precond")
+    assert "opt-in" in catalogue.requirement("hessian_trace")
+    assert catalogue.requirement("sharpness") == catalogue.GROUPS["probe"][1]
+    panels = {p["id"]: p for s in catalogue.to_json()["sections"] for p in s["panels"]}
+    assert panels["sharpness_precond"]["requires"] == [catalogue.requirement("sharpness_precond")]
+    assert "38/η" in catalogue.help_text("sharpness_precond_target") or "2(1+β₁)" in catalogue.help_text(
+        "sharpness_precond_target")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moxco.goodness import Goodness, eos_sharpness, goodness
+from moxco.goodness import Goodness, adaptive_eos_sharpness, eos_sharpness, goodness
 
 
 def test_eos_sharpness_formula_and_gd_special_case():
@@ -37,6 +37,36 @@ def test_theorem2_divergence_threshold(alpha, beta):
     bound = eos_sharpness(lr, alpha, beta)
     assert inertial_gd_on_eigendirection(bound * 1.02, lr, alpha, beta, steps=3000) == math.inf
     assert inertial_gd_on_eigendirection(bound * 0.98, lr, alpha, beta, steps=3000) < 1e-3
+
+
+def test_adaptive_eos_sharpness_formula():
+    assert adaptive_eos_sharpness(0.01) == pytest.approx(38 / 0.01)
+    assert adaptive_eos_sharpness(0.1, beta1=0.0) == pytest.approx(eos_sharpness(0.1))  # RMSProp: 2/η
+    assert adaptive_eos_sharpness(2e-3, beta1=0.95) == pytest.approx(2 * 1.95 / (0.05 * 2e-3))
+    for bad in ({"lr": 0.0}, {"lr": math.inf}, {"lr": 0.1, "beta1": 1.0}, {"lr": 0.1, "beta1": -0.1},
+                {"lr": 0.1, "beta1": math.nan}):
+        with pytest.raises(ValueError):
+            adaptive_eos_sharpness(**bad)
+
+
+def ema_momentum_on_eigendirection(a: float, lr: float, beta1: float, steps: int = 3000) -> float:
+    """Adam with a frozen preconditioner on f = ½ a x² (a an eigenvalue of P⁻¹H): m ← β₁m + (1−β₁)ax,
+    x ← x − lr·m. Returns |x_T|."""
+    x, m = 1.0, 0.0
+    for _ in range(steps):
+        m = beta1 * m + (1 - beta1) * a * x
+        x = x - lr * m
+        if not math.isfinite(x) or abs(x) > 1e12:
+            return math.inf
+    return abs(x)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9, 0.99])
+def test_adaptive_eos_is_the_divergence_threshold_of_ema_momentum(beta1):
+    lr = 0.01
+    bound = adaptive_eos_sharpness(lr, beta1)
+    assert ema_momentum_on_eigendirection(bound * 1.02, lr, beta1, steps=20000) == math.inf
+    assert ema_momentum_on_eigendirection(bound * 0.98, lr, beta1, steps=20000) < 1e-3
 
 
 def test_relative_form_terms_closed_form():

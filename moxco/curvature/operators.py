@@ -1,0 +1,350 @@
+"""Curvature operators: which matrix a solver works on, as a matrix-free product ``v ↦ M v``.
+
+* ``AutogradHessian``: ``H v = ∇_θ ⟨∇_θ f(θ), v⟩`` by double backward (Pearlmutter 1994; PyHessian,
+  MoXCo Algorithm 2), never forming ``H``.
+* ``FiniteDifferenceHessian``: the central difference of two ordinary gradients,
+  ``H v ≈ (∇f(θ + εv) − ∇f(θ − εv)) / 2ε``, for where double backward is impossible (FSDP's
+  reduce-scatter, fused kernels without a second derivative). Error ``O(ε²)`` from the third
+  derivative plus ``O(u/ε)`` rounding (``u`` the unit roundoff); ``ε = u^{1/3}`` balances them
+  (6.1e-6 in float64, 4.9e-3 in float32, as hessian-eigenthings 1.0 chooses).
+* ``Preconditioned``: ``P^{-1/2} H P^{-1/2}`` for a positive diagonal ``P``; its eigenvalues are those
+  of ``P⁻¹H``. With ``P = diag(√v̂ + ε)`` of an Adam-family optimizer (``adam_preconditioner``) its top
+  eigenvalue is the *preconditioned sharpness* that Adam drives to ``2(1+β₁)/((1−β₁)η)`` (Cohen et al.
+  2022, "Adaptive gradient methods at the edge of stability").
+
+An operator is called with a direction ``vs`` (a list of tensors shaped like the parameters) and
+returns ``(loss, M v)``: the loss (a detached scalar, to tell a diverged model) and the product.
+Vectors are lists of tensors, never one concatenated vector, so the same code runs on FSDP shards;
+``reduce`` (an ``all_reduce`` of float64 partial sums) is what the solvers use for inner products
+across shards, and ``hv_mean`` averages each product over data-parallel ranks (replicated parameters,
+each rank holding part of the batch: the global batch's ``H v`` is the ranks' mean).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from moxco import tensors
+from moxco.tensors import TensorList
+
+LossFn = Callable[[], Tensor]
+GradFn = Callable[[], tuple]
+Reduce = Optional[Callable[[Tensor], Optional[Tensor]]]
+HvMean = Optional[Callable[[List[Tensor]], List[Tensor]]]
+
+__all__ = [
+    "AutogradHessian", "FiniteDifferenceHessian", "Preconditioned", "adam_preconditioner", "fd_epsilon", "hvp",
+    "fd_hvp",
+]
+
+
+def check_params(params) -> List[Tensor]:
+    params = tensors.as_list(params)
+    if not params:
+        raise ValueError("params is empty: need at least one tensor to differentiate by")
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad")
+        if not p.is_floating_point():
+            raise ValueError(f"params[{i}] has non-floating dtype {p.dtype}")
+    return params
+
+
+def check_vector(vs, params: List[Tensor], name: str) -> List[Tensor]:
+    """Validate a direction shaped like ``params`` and return it detached, in their dtype/device."""
+    if isinstance(vs, Tensor) or not isinstance(vs, Sequence):
+        raise TypeError(f"{name} must be a list of tensors shaped like params, got {type(vs).__name__}")
+    vs = list(vs)
+    if len(vs) != len(params):
+        raise ValueError(f"{name} has {len(vs)} tensors but params has {len(params)}")
+    out = []
+    for i, (v, p) in enumerate(zip(vs, params)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(v).__name__}, not a tensor")
+        if v.shape != p.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(v.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        out.append(v.detach().to(dtype=p.dtype, device=p.device))
+    return out
+
+
+def _scalar_loss(loss) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {got}")
+    loss = loss.reshape(())
+    if not loss.requires_grad:
+        raise ValueError("loss_fn returned a loss that does not depend on params (no grad_fn)")
+    return loss
+
+
+def _gradient_graph(loss_fn: LossFn, params: List[Tensor]):
+    """``(loss, g)`` with ``g = ∇f`` still attached to its graph (``create_graph=True``)."""
+    with torch.enable_grad():
+        loss = _scalar_loss(loss_fn())
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    return loss.detach(), grads
+
+
+def _hessian_times(grads, params: List[Tensor], vs: List[Tensor], retain_graph: bool) -> List[Tensor]:
+    """``H v = Σ_i J_{g_i}ᵀ v_i = ∇⟨g, v⟩`` (H is symmetric) as one vector-Jacobian product.
+
+    Gradient blocks that are ``None`` (parameter unused) or constant (no graph) have zero Hessian
+    rows, hence (by symmetry) contribute nothing.
+    """
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not live:
+        return [torch.zeros_like(p).detach() for p in params]
+    with torch.enable_grad():
+        hv = torch.autograd.grad(
+            [grads[i] for i in live],
+            params,
+            grad_outputs=[vs[i].to(grads[i].dtype) for i in live],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    return [torch.zeros_like(p).detach() if h is None else _dense(h.detach()) for h, p in zip(hv, params)]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """Products are dense vectors like the directions (a sparse embedding's gradient is sparse)."""
+    return t.to_dense() if t.layout != torch.strided else t
+
+
+class AutogradHessian:
+    """``v ↦ (f(θ), ∇²f(θ) v)`` by double backward.
+
+    ``loss_fn()`` takes no arguments and returns the scalar loss computed from ``params``. Each call
+    evaluates it once (forward, backward with ``create_graph=True``, and the backward through that
+    graph: about 2-3 gradient evaluations), so a ``loss_fn`` that draws a new minibatch per call gives
+    stochastic HVPs ``∇²f̂(θ) v`` (MoXCo A.2.1 trick 1). ``reuse_graph=True`` evaluates ``loss_fn`` once
+    and keeps its gradient graph for every product until ``close()`` (PyHessian's trick: each further
+    product is only the double backward), for a deterministic ``loss_fn`` only. Uses
+    ``torch.autograd.grad`` only: the parameters' ``.grad`` are never touched, and nothing returned
+    carries a graph. ``hv_mean``: see the module docstring. Use it as a context manager, or call
+    ``close()``, to free a kept graph.
+    """
+
+    def __init__(self, loss_fn: LossFn, params, *, reuse_graph: bool = False, hv_mean: HvMean = None,
+                 reduce: Reduce = None) -> None:
+        self.params = check_params(params)
+        self.loss_fn = loss_fn
+        self.reuse_graph = bool(reuse_graph)
+        self.hv_mean = hv_mean
+        self.reduce = reduce
+        self.hvps = 0
+        self._graph = None  # (loss, grads) kept by reuse_graph
+
+    def __call__(self, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
+        if self.reuse_graph:
+            if self._graph is None:
+                self._graph = _gradient_graph(self.loss_fn, self.params)
+            loss, grads = self._graph
+            hv = _hessian_times(grads, self.params, list(vs), retain_graph=True)
+        else:
+            loss, grads = _gradient_graph(self.loss_fn, self.params)
+            hv = _hessian_times(grads, self.params, list(vs), retain_graph=False)
+            del grads
+        self.hvps += 1
+        if self.hv_mean is not None:  # data-parallel: the HVP of the global batch is the ranks' mean
+            hv = self.hv_mean(hv)
+        return loss, hv
+
+    def close(self) -> None:
+        """Free the gradient graph kept by ``reuse_graph``."""
+        self._graph = None
+
+    def __enter__(self) -> "AutogradHessian":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fd_epsilon(dtype: torch.dtype) -> float:
+    """The central-difference step for unit directions: ``u^{1/3}`` with ``u`` the unit roundoff of
+    ``dtype`` (6.1e-6 float64, 4.9e-3 float32, 0.2 bfloat16), which balances the ``O(ε²)`` truncation
+    error against the ``O(u/ε)`` rounding error of the gradient difference."""
+    return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+
+
+def _autograd_gradient(loss_fn: LossFn, params: List[Tensor]) -> tuple[Tensor, List[Tensor]]:
+    with torch.enable_grad():
+        loss = _scalar_loss(loss_fn())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(p) if g is None else _dense(g.detach()) for g, p in zip(grads, params)]
+
+
+class FiniteDifferenceHessian:
+    """``v ↦ (f(θ+εv), (∇f(θ + εv) − ∇f(θ − εv)) / 2ε)``: Hessian-vector products from two ordinary
+    gradients, no double backward (hessian-eigenthings 1.0's ``method="finite_difference"``).
+
+    ``ε``: ``eps``, else ``fd_epsilon`` of the parameters' dtype, for the unit directions the solvers
+    use. The parameters are moved in place to ``θ ± εv`` and restored bit for bit from a copy (one
+    extra parameter copy during the call); their ``.grad`` is not touched (``torch.autograd.grad``).
+    ``loss_fn`` must be deterministic between the two evaluations (same batch, no dropout): the
+    difference of two different minibatch gradients is not a curvature. ``grad_fn``, if given,
+    replaces ``loss_fn`` as the way to get ``(loss, ∇f)`` at the current parameters (e.g. a replay
+    through FSDP, whose gradients come back sharded). Error: ``O(ε²‖∇³f‖)`` truncation plus rounding
+    ``O(u‖θ‖‖H‖/ε)``; the tests bound it against the autograd product (1e-8 relative in float64,
+    2e-3 in float32 on small MLPs).
+    """
+
+    def __init__(self, loss_fn: Optional[LossFn], params, *, eps: Optional[float] = None,
+                 grad_fn: Optional[GradFn] = None, hv_mean: HvMean = None, reduce: Reduce = None) -> None:
+        self.params = check_params(params)
+        if loss_fn is None and grad_fn is None:
+            raise ValueError("FiniteDifferenceHessian needs loss_fn or grad_fn")
+        if eps is None:
+            eps = fd_epsilon(self.params[0].dtype)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        self.eps = float(eps)
+        self.loss_fn = loss_fn
+        self.grad_fn = grad_fn
+        self.hv_mean = hv_mean
+        self.reduce = reduce
+        self.hvps = 0
+
+    def _gradient(self) -> tuple[Tensor, List[Tensor]]:
+        if self.grad_fn is not None:
+            loss, grads = self.grad_fn()
+            return loss.detach().reshape(()), [_dense(g.detach()) for g in grads]
+        return _autograd_gradient(self.loss_fn, self.params)
+
+    def __call__(self, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
+        vs = list(vs)
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                torch._foreach_add_([p.data for p in self.params], vs, alpha=self.eps)
+            loss, plus = self._gradient()
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], saved)
+                torch._foreach_add_([p.data for p in self.params], vs, alpha=-self.eps)
+            _, minus = self._gradient()
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], saved)
+        hv = list(torch._foreach_sub(plus, minus))
+        torch._foreach_mul_(hv, 0.5 / self.eps)
+        self.hvps += 1
+        if self.hv_mean is not None:
+            hv = self.hv_mean(hv)
+        return loss, hv
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "FiniteDifferenceHessian":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class Preconditioned:
+    """``v ↦ P^{-1/2} M P^{-1/2} v`` for a positive diagonal ``P`` (a list of tensors shaped like the
+    parameters) and an inner operator ``M`` (autograd or finite-difference Hessian).
+
+    ``P^{-1/2} H P^{-1/2}`` is symmetric and similar to ``P⁻¹H`` (same eigenvalues), so the symmetric
+    solvers apply. Cost: the inner product plus two elementwise products.
+    """
+
+    def __init__(self, inner, p_diag: TensorList) -> None:
+        self.inner = inner
+        self.params = inner.params
+        self.reduce = inner.reduce
+        p_diag = check_vector(p_diag, self.params, "preconditioner")
+        for i, d in enumerate(p_diag):
+            if not bool(torch.isfinite(d).all()) or not bool((d > 0).all()):
+                raise ValueError(f"preconditioner[{i}] must be finite and > 0")
+        self.inv_sqrt = list(torch._foreach_rsqrt(p_diag))
+
+    @property
+    def hvps(self) -> int:
+        return self.inner.hvps
+
+    def __call__(self, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
+        loss, hv = self.inner(list(torch._foreach_mul(list(vs), self.inv_sqrt)))
+        return loss, list(torch._foreach_mul(hv, self.inv_sqrt))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self) -> "Preconditioned":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _base_optimizer(optimizer):
+    """The optimizer that holds the second moments: a wrapper's ``base`` (moxco.optim.MoXCo), else itself."""
+    seen = 0
+    while not any("exp_avg_sq" in s for s in optimizer.state.values()) and hasattr(optimizer, "base") and seen < 4:
+        optimizer = optimizer.base
+        seen += 1
+    return optimizer
+
+
+def adam_preconditioner(optimizer, params) -> List[Tensor]:
+    """``P = √v̂ + ε`` per parameter, the denominator of an Adam-family step, from the optimizer's own
+    state: ``v̂ = exp_avg_sq / (1 − β₂^t)`` (``max_exp_avg_sq`` with ``amsgrad``), ``β₂``, ``ε`` and ``t``
+    of the parameter's group, exactly as ``torch.optim.Adam``/``AdamW`` (and moxco.optim's Adam
+    variants) divide by it. A wrapper (moxco.optim.MoXCo) is read through its ``base``.
+
+    Raises ``ValueError`` when a parameter has no second moment yet (before the first step) or the
+    optimizer is not Adam-like (no ``exp_avg_sq``, no ``betas``/``eps``).
+    """
+    params = tensors.as_list(params)
+    opt = _base_optimizer(optimizer)
+    group_of = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            group_of[id(p)] = group
+    out = []
+    for i, p in enumerate(params):
+        group = group_of.get(id(p))
+        if group is None:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not in the optimizer's param_groups")
+        if "betas" not in group or "eps" not in group:
+            raise ValueError(f"{type(opt).__name__} is not an Adam-family optimizer (its groups have no betas/eps)")
+        state = opt.state.get(p, {})
+        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+        if v is None or "step" not in state:
+            raise ValueError(f"params[{i}] has no second-moment estimate yet (the optimizer has not stepped)")
+        step = float(state["step"])
+        if step < 1:
+            raise ValueError(f"params[{i}] has no second-moment estimate yet (step {step:g})")
+        beta2, eps = float(group["betas"][1]), float(group["eps"])
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        with torch.no_grad():
+            out.append((v.detach().sqrt() / bias_correction2_sqrt).add_(eps).to(p.dtype))
+    return out
+
+
+def hvp(loss_fn: LossFn, params, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
+    """Hessian-vector product by double backward: ``(f(θ), H v)`` with ``H v = ∇_θ ⟨∇_θ f(θ), v⟩``.
+
+    ``loss_fn()`` takes no arguments and returns the scalar loss computed from ``params``; it is
+    called once, so a ``loss_fn`` that draws a new minibatch per call gives a stochastic HVP
+    ``∇²f̂(θ) v``. Costs one forward, one backward with ``create_graph=True`` and one backward
+    through that graph (about 2-3 gradient evaluations). Uses ``torch.autograd.grad`` only: the
+    parameters' ``.grad`` are not touched, and no graph outlives the call (the returned loss and
+    ``H v`` are detached). ``vs`` is a list of tensors shaped like ``params``.
+    """
+    op = AutogradHessian(loss_fn, params)
+    return op(check_vector(vs, op.params, "vs"))
+
+
+def fd_hvp(loss_fn: LossFn, params, vs: TensorList, *, eps: Optional[float] = None) -> tuple[Tensor, List[Tensor]]:
+    """``(f(θ + εv), (∇f(θ + εv) − ∇f(θ − εv)) / 2ε)``: ``FiniteDifferenceHessian`` for one direction.
+
+    ``ε`` multiplies ``vs`` as given (``fd_epsilon(dtype)`` by default, chosen for unit directions:
+    normalise ``vs``, or scale ``eps`` by ``1/‖v‖``)."""
+    op = FiniteDifferenceHessian(loss_fn, params, eps=eps)
+    return op(check_vector(vs, op.params, "vs"))
