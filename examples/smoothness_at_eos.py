@@ -127,11 +127,11 @@ def table(rows: Sequence[Dict[str, float]], times: Dict[str, float]) -> str:
     for r in rows:
         lines.append(
             f"| {r['eta']:g} | {r['two_over_eta']:.3g} | {r['initial_sharpness']:.3g} | {r['plateau_sharpness']:.3g} | "
-            f"{r['plateau_over_two_over_eta']:.3f} | {r['median_inst_smooth_late_over_plateau']:.3f} | "
-            f"{r['final_max_smooth_over_plateau']:.3f} | {r['final_exp_smooth_over_plateau']:.3f} | "
-            f"{r['median_smooth_over_sharpness']:.3f} | {r['rank_correlation']:.2f} ({r['rank_correlation_low']:.2f} … "
+            f"{r['plateau_over_two_over_eta']:.3f} | {r['median_inst_smooth_late_over_plateau']:.3g} | "
+            f"{r['final_max_smooth_over_plateau']:.3g} | {r['final_exp_smooth_over_plateau']:.3g} | "
+            f"{r['median_smooth_over_sharpness']:.3g} | {r['rank_correlation']:.2f} ({r['rank_correlation_low']:.2f} … "
             f"{r['rank_correlation_high']:.2f}), {r['pairs']} | {r['verdict']} | "
-            f"{r['plateau_median_smooth_over_sharpness']:.3f}, ×{r['plateau_sharpness_range']:.2f} | "
+            f"{r['plateau_median_smooth_over_sharpness']:.3g}, ×{r['plateau_sharpness_range']:.2f} | "
             f"{r['plateau_verdict']} | {times[str(r['eta'])]:.0f} s |")
     return "\n".join(lines)
 

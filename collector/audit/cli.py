@@ -20,11 +20,11 @@ from pathlib import Path
 def register(commands: "argparse._SubParsersAction") -> None:
     p = commands.add_parser(
         "audit",
-        help="audit a stored run against the convexity/smoothness analyses (HTML report + JSON)",
-        description="Does the classical convexity/smoothness analysis describe a run? Reads a stored run and "
-        "writes a self-contained HTML report (plots embedded) and a JSON summary with one verdict per assumption "
-        "(convexity along the path, global convexity, smoothness vs sharpness, the descent lemma, MoXCo). "
-        "Verdict rules: docs/audit.md.",
+        help="audit a run against the convexity/smoothness analyses (HTML report + JSON)",
+        description="Does the classical convexity/smoothness analysis describe a run? Reads a run from a store or "
+        "from a collector's query API and writes a self-contained HTML report (plots embedded) and a JSON summary "
+        "with one verdict per assumption (convexity along the path, global convexity, smoothness vs sharpness, the "
+        "descent lemma, MoXCo), each stating its test and numbers. Verdict rules: docs/audit.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  moxco audit gpt2-adamw --url sqlite:///runs.db --out gpt2.html\n"
                "  moxco audit gpt2-adamw --url http://collector:8000 --token $READ_TOKEN\n"

@@ -77,8 +77,9 @@ CONVENTIONS: Dict[str, Convention] = {c.quantity: c for c in (
         "epochs",
         "every step after the run's first is measured; the aggregates reset only where the user declares epochs "
         "(agent.epoch()), never in pretraining runs",
-        "§2: the aggregates restart at each epoch",
-        "the first batch of every epoch is skipped (no gap, no smoothness) and the aggregates restart each epoch",
+        "the averages restart at each epoch, except in the GPT-2 and BERT pretraining runs (no reset); every step "
+        "is measured",
+        "the first batch of every epoch is skipped (no gap, no smoothness); the averages restart each epoch",
         f"{TRAIN} lines 21, 27, 48 (step = 0 and the sums reset inside train_step, measured if step > 0); {CLM}, "
         "main(): `if step >0:` inside the epoch loop",
         "differs"),
