@@ -254,21 +254,24 @@ class HttpSource(RunSource):
 
     def series(self, run: str, metric: str) -> Tuple[np.ndarray, np.ndarray]:
         """Every run-level point, read raw (``method=none``) in step ranges of at most
-        ``PAGE_POINTS`` points: a range the collector refuses as too large is split in two."""
+        ``PAGE_POINTS`` points: a range the collector refuses as too large is split in two at the
+        middle of its steps (the metric's last step from ``/latest`` bounds the open-ended last
+        range, which stays open so that nothing after it is missed)."""
         last = self._last_step(run, metric)
         if last is None:  # no run-level point (only per-rank ones): as the store's default-rank read
             return _empty()
         steps: List[int] = []
         values: List[float] = []
-        ranges = [(0, last)]
+        ranges: List[Tuple[int, Optional[int]]] = [(0, None)]
         while ranges:
             lo, hi = ranges.pop()
             status, body = self._get(self._path(run) + "/series/" + urllib.parse.quote(metric, safe=""),
                                      start_step=lo, end_step=hi, method="none", max_points=PAGE_POINTS)
+            top = last if hi is None else hi
             if status == 422 and isinstance(body, dict) and body.get("error", {}).get("code") == "too_many_points" \
-                    and hi > lo:
-                mid = (lo + hi) // 2
-                ranges += [(mid + 1, hi), (lo, mid)]  # popped low range first: pages arrive in step order
+                    and top > lo:
+                mid = (lo + top) // 2
+                ranges += [(mid + 1, hi), (lo, mid)]  # the low range is popped first: pages arrive in step order
                 continue
             body = self._check(status, body, f"reading {metric!r} of {run!r}")
             steps.extend(int(s) for s in body["steps"])
