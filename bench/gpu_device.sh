@@ -31,7 +31,8 @@ case "${1:-}" in
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     source_args=()
     [[ -f .whl/SOURCE ]] && source_args=(--source "$(cat .whl/SOURCE)")
-    timeout 360 python3 bench/gpu.py --device cuda --out "$OUT" "${source_args[@]}" 2>&1 | tee "$OUT/gpu-bench.log"
+    timeout 360 python3 bench/gpu.py --device cuda --out "$OUT" ${source_args[@]+"${source_args[@]}"} 2>&1 \
+      | tee "$OUT/gpu-bench.log"
     ;;
   *)
     echo "usage: bash bench/gpu_device.sh prepare|run" >&2

@@ -61,7 +61,8 @@ def test_tiny_run_reports_every_section_without_errors(tiny_run):
         assert set(timing["configs"]) == set(gpu.CONFIGS)
         for key, c in timing["configs"].items():
             assert not c["errors"], (name, key, c["errors"])
-            for field in ("step_s", "ratio", "wall_ratio", "peak_copies", "retained_copies"):
+            for field in ("step_s", "ratio", "wall_ratio", "optimizer_step_s", "in_step_over_step", "peak_copies",
+                          "retained_copies"):
                 assert _finite(c[field]), (name, key, field, c[field])
         for field in ("reeval_s", "floor_s", "ratio", "cross_check_ratio"):
             assert _finite(timing["reeval"][field]), (name, field)
