@@ -102,9 +102,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from agent_overhead import mlp_workload, source_state  # noqa: E402  (the CPU benchmark's MLP and data)
+# the CPU benchmark's MLP and data, the commit measured, and its doc's marker blocks
+from agent_overhead import DOC, mlp_workload, source_state, write_doc  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks-agent.md"
 BEGIN, END = "<!-- bench:gpu:begin -->", "<!-- bench:gpu:end -->"
 JSON_NAME, MD_NAME = "gpu-bench.json", "gpu-bench.md"
 SCHEMA = 1
@@ -1103,38 +1103,37 @@ def correctness_child(args: argparse.Namespace, plan: Plan) -> None:
     def save() -> None:
         path.write_text(json.dumps(out, indent=1, default=_json_default, allow_nan=True))
 
+    def checks(section: str, what: str, builders: List[Tuple[str, Callable[[], Work]]],
+               check: Callable[[Work], Dict[str, Any]]) -> None:
+        for name, build in builders:
+            log(f"correctness: {name}: {what}")
+            try:
+                work = build()
+                out[section][name] = {"workload": work.description, **check(work)}
+                del work
+            except Exception as exc:
+                out["errors"].append(error_entry(f"correctness/{section}/{name}", exc))
+            _release(dev)
+            save()
+
     with tempfile.TemporaryDirectory(prefix="moxco-gpu-") as tmpdir, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # eager attention: fused attention kernels may accumulate in a nondeterministic order in backward
-        works = [("gpt2", lambda: gpt2_work(dev.device, plan.gpt2, plan.gpt2_batch, plan.gpt2_seq,
-                                            autocast=True, attn="eager")),
-                 ("mlp", lambda: mlp_work(dev.device))]
-        for name, build in works:
-            log(f"correctness: {name}: parameters with and without the agent, {plan.bitwise_steps} steps")
-            try:
-                work = build()
-                out["bitwise"][name] = {"workload": work.description, **bitwise_check(work, plan.bitwise_steps, tmpdir)}
-                del work
-            except Exception as exc:
-                out["errors"].append(error_entry(f"correctness/bitwise/{name}", exc))
-            _release(dev)
-            save()
-        # float32 matrix products in float32 (no TF32), for the replay's tolerance
+        checks("bitwise", f"parameters with and without the agent, {plan.bitwise_steps} steps",
+               [("gpt2", lambda: gpt2_work(dev.device, plan.gpt2, plan.gpt2_batch, plan.gpt2_seq, autocast=True,
+                                           attn="eager")),
+                ("mlp", lambda: mlp_work(dev.device))],
+               lambda work: bitwise_check(work, plan.bitwise_steps, tmpdir))
+        # float32 matrix products in float32 (no TF32), for the replay's tolerance; eager attention: plain
+        # matrix products, which honour that setting on every backend
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
-        # eager attention: plain matrix products, which honour the float32 setting above on every backend
-        replays = [("gpt2", lambda: gpt2_work(dev.device, {**TINY_GPT2, **NO_DROPOUT}, 2, plan.replay_seq,
-                                              autocast=False, attn="eager", name="gpt2-replay")),
-                   ("mlp", lambda: mlp_work(dev.device))]
-        for name, build in replays:
-            log(f"correctness: {name}: metrics against a float64 replay, {plan.replay_steps} steps")
-            try:
-                work = build()
-                out["replay"][name] = {"workload": work.description, **replay_check(work, plan.replay_steps, tmpdir)}
-            except Exception as exc:
-                out["errors"].append(error_entry(f"correctness/replay/{name}", exc))
-            save()
+        checks("replay", f"metrics against a float64 replay, {plan.replay_steps} steps",
+               [("gpt2", lambda: gpt2_work(dev.device, {**TINY_GPT2, **NO_DROPOUT}, 2, plan.replay_seq,
+                                           autocast=False, attn="eager", name="gpt2-replay")),
+                ("mlp", lambda: mlp_work(dev.device))],
+               lambda work: replay_check(work, plan.replay_steps, tmpdir))
         out["nondeterministic_warnings"] = sorted({str(w.message)[:300] for w in caught
                                                    if "determinis" in str(w.message)})
     save()
@@ -1365,18 +1364,6 @@ def safe_markdown(results: Dict[str, Any]) -> str:
         return f"The table could not be rendered ({error_entry('markdown', exc)['error']}); see {JSON_NAME}.\n"
 
 
-def write_doc(text: str, path: Path = DOC) -> None:
-    """Replace what stands between the ``bench:gpu`` markers of ``path`` (appended with them if absent)."""
-    block = f"{BEGIN}\n{text.strip()}\n{END}"
-    doc = path.read_text()
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        path.write_text(head + block + tail)
-    else:
-        path.write_text(doc.rstrip() + "\n\n" + block + "\n")
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -1399,7 +1386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         text = markdown(json.loads(args.report.read_text()))
         print(text)
         if args.write_docs:
-            write_doc(text)
+            write_doc(text, BEGIN, END)
         return 0
     plan = TINY if args.tiny else FULL
     args.threads = plan.threads if args.threads is None else args.threads
@@ -1459,7 +1446,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = safe_markdown(results)
     print(text)
     if args.write_docs:
-        write_doc(text)
+        write_doc(text, BEGIN, END)
     log("done")
     return 0
 

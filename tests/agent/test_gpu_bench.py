@@ -128,13 +128,14 @@ def test_free_metrics_and_reevaluation_read_no_tensor_value_on_the_training_thre
             assert counts[key]["training"] == 0 and counts[key]["agent_per_step"] == 0, (name, key, counts[key])
 
 
-def test_report_renders_the_saved_json_and_writes_it_between_the_doc_markers(tiny_run, tmp_path, capsys):
+def test_report_renders_the_saved_json_and_writes_it_between_the_doc_markers(tiny_run, tmp_path, capsys,
+                                                                             monkeypatch):
     _, text, out = tiny_run
-    assert gpu.main(["--report", str(out / gpu.JSON_NAME)]) == 0
-    assert capsys.readouterr().out.strip() == text.strip()
     doc = tmp_path / "doc.md"
     doc.write_text(f"# Doc\n\nbefore\n\n{gpu.BEGIN}\npending\n{gpu.END}\n\nafter\n")
-    gpu.write_doc(text, doc)
+    monkeypatch.setattr(sys.modules["agent_overhead"], "DOC", doc)  # where write_doc writes
+    assert gpu.main(["--report", str(out / gpu.JSON_NAME), "--write-docs"]) == 0
+    assert capsys.readouterr().out.strip() == text.strip()
     written = doc.read_text()
     assert "pending" not in written and written.startswith("# Doc\n\nbefore\n\n")
     assert written.endswith(f"{text.strip()}\n{gpu.END}\n\nafter\n")
