@@ -2,7 +2,7 @@
 
 ``moxco.agent.attach(model, optimizer)`` is the whole user interface (``agent.core`` says what it
 hooks and computes when). Lives in the top-level ``agent/`` folder and installs as
-``moxco.agent`` (DESIGN §1). It writes through the storage layer of ``moxco.collector`` (SQLite
+``moxco.agent``. It writes through the storage layer of ``moxco.collector`` (SQLite
 by default) and never imports FastAPI or uvicorn.
 """
 
@@ -11,10 +11,10 @@ from typing import Any
 
 # Resolved on first use (PEP 562), so that ``moxco --help`` and the collector's processes, which
 # import ``moxco.agent.demo_cli`` to register the command, do not import torch.
-_EXPORTS = {"CaptureError": "capture", "Agent": "core", "attach": "core", "default_run_name": "core",
-            "GoodnessSettings": "writer"}
+_EXPORTS = {"CaptureError": "capture", "Agent": "core", "attach": "core", "AgentOptions": "options",
+            "default_run_name": "options", "GoodnessSettings": "options"}
 
-__all__ = ["Agent", "CaptureError", "GoodnessSettings", "attach", "default_run_name"]
+__all__ = ["Agent", "AgentOptions", "CaptureError", "GoodnessSettings", "attach", "default_run_name"]
 
 
 def __getattr__(name: str) -> Any:

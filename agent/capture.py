@@ -174,10 +174,7 @@ class StepCapture:
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
         ]
-        if criterion is not None:
-            if not isinstance(criterion, nn.Module):
-                raise TypeError("criterion must be an nn.Module (e.g. nn.CrossEntropyLoss()); for a plain function "
-                                "pass loss_fn=... and tell the agent the targets with agent.targets(y)")
+        if criterion is not None:  # an nn.Module (agent.options checks it)
             self._handles.append(criterion.register_forward_hook(self._after_criterion))
 
     def remove(self) -> None:

@@ -131,8 +131,8 @@ def _report(url, run, agent, model, opt, last_probe, full_loss) -> int:
         print(f"  {name:<24} {steps.size:>6} {values[-1]:>12.5g} {low:>12.5g} {high:>12.5g}")
     decisions = store.decisions(run)
     for d in decisions:
-        print(f"  decision at step {d['step']} (goodness {d['goodness']:.3f}) applied at step {d['applied_step']}: "
-              f"{d['action']}")
+        print(f"  decision at step {d.step} (goodness {d.goodness:.3f}) applied at step {d.applied_step}: "
+              f"{dict(d.action)}")
 
     checks = []
     if last_probe is not None:
@@ -151,7 +151,8 @@ def _report(url, run, agent, model, opt, last_probe, full_loss) -> int:
                    abs(denoised - full_loss) < np.abs(raw - full_loss).mean(),
                    f"{abs(denoised - full_loss):.2e} vs {np.abs(raw - full_loss).mean():.2e}"))
     checks.append(("the policy's decision was stored, committed by the optimizer and acknowledged",
-                   len(decisions) == 1 and opt.phase == 2 and decisions[0]["applied_step"] == opt.hyperparameters()["committed_at"],
+                   len(decisions) == 1 and opt.phase == 2
+                   and decisions[0].applied_step == opt.hyperparameters()["committed_at"],
                    f"{len(decisions)} decision(s), optimizer phase {opt.phase}"))
     checks.append(("no agent errors", not agent.errors, str(agent.errors or "none")))
     print("\nself-check against ground truth")

@@ -1,15 +1,16 @@
 """The agent's HTTP transport: ``attach(url="http://host:port")`` ships points to a collector.
 
-``HttpSink`` offers the methods the agent and its writer call on an embedded ``Store``
-(``create_run``, ``set_status``, ``write_points``, ``acknowledge_decision``, ``decisions``,
-``close``: the ``Sink`` protocol), so ``core`` and ``writer`` do not know which one they hold.
-It speaks the collector's HTTP API (docs/api.md) and is built around one rule: the training job
-never waits on the network and never sees a network error.
+``HttpSink`` offers the calls the agent and its writer make on where points go (``put_run``,
+``ingest``, ``set_status``, ``decisions``, ``close``: the ``Sink`` protocol, the store's own calls),
+as the embedded sink (``agent.sink.EmbeddedSink``, a ``Store`` in this process) does, so ``core``
+and ``writer`` do not know which one they hold. It speaks the collector's HTTP API (docs/api.md)
+and is built around one rule: the training job never waits on the network and never sees a
+network error.
 
 * **Nothing blocks the caller.** Every write only appends to memory under a short lock; a
   background sender thread owns the connection and does every request (each with a timeout).
 * **Batching.** Points are cut into batches of up to ``batch_points`` (default 5000) or after
-  ``linger`` seconds (0.5). A batch never splits one ``write_points`` call, so a goodness point and
+  ``linger`` seconds (0.5). A batch never splits one ``ingest`` call, so a goodness point and
   its three term points (one probe) reach the collector's policy together. Each envelope has an id
   ``<session uuid>-<sequence>``; a batch's id is its ``batch_id``, so a batch sent twice (a
   timeout whose request did land, a spool replayed after a crash) is stored once.
@@ -27,14 +28,14 @@ never waits on the network and never sees a network error.
   means the collector will never take that envelope: it is logged with the server's message,
   its points counted as rejected, and the sender moves on. A 404 on a batch (the collector lost
   the run, e.g. a fresh store) re-registers the run and retries once.
-* **Decisions.** In HTTP mode the decision policy runs in the collector (``PolicyConfig`` goes
-  with the run registration; ``decides_remotely`` tells the agent not to run it locally).
-  Unacknowledged decisions come back in every ingest response and, when the sender is idle, from
-  ``GET …/decisions/pending`` every ``poll_every`` seconds; they are handed to the agent's
-  ``on_decision(ident, Decision)``. Acknowledgements ride in the next batch's ``acks`` (or go as
-  ``POST …/ack`` when no batch is due). Delivery is at-least-once: ids already acknowledged by
-  this run (persisted in ``<spool dir>/acked``, so across restarts too) are never handed over
-  again, and the agent keeps its own set of applied ids.
+* **Decisions.** The decision policy runs in the store, on ingest (``PolicyConfig`` goes with the
+  run registration), in the collector here as in embedded mode. Unacknowledged decisions come
+  back in every ingest response and, when the sender is idle, from ``GET …/decisions/pending``
+  every ``poll_every`` seconds; they are handed to the agent's ``on_decision(ident, Decision)``
+  (parsed with ``Decision.from_json``). Acknowledgements (given to ``ingest``) ride in the next
+  batch's ``acks`` (or go as ``POST …/ack`` when no batch is due). Delivery is at-least-once:
+  ids already acknowledged by this run (persisted in ``<spool dir>/acked``, so across restarts
+  too) are never handed over again, and the agent keeps its own set of applied ids.
 
 The client is ``http.client`` from the standard library rather than httpx: the sender needs one
 keep-alive connection, timeouts and nothing else, and the agent's base install (torch, numpy,
@@ -59,31 +60,36 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, Deque, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 from moxco.decision import Decision
+from moxco.wire import encode_point
 
 log = logging.getLogger("moxco.agent.transport")
 
 API = "/api/v1"
-RUN_LEVEL_RANK = -1
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_UNSET: Any = object()  # put_run: "leave as registered"
 
 
 @runtime_checkable
 class Sink(Protocol):
-    """What the agent and its writer need from where points go: an embedded ``Store`` or ``HttpSink``."""
+    """What the agent and its writer need from where points go: the embedded store
+    (``agent.sink.EmbeddedSink``) or a collector (``HttpSink``). The calls are the store's own
+    (``moxco.collector.store.Store``): ``put_run`` registers the run with its config, optimizer and
+    decision policy (the store's ingest runs the policy); ``ingest`` takes ``Point``s and
+    acknowledgements ``(decision id, applied step[, rejected reason])``; ``decisions`` returns
+    ``Decision`` objects. Decisions the store takes come back through the ``on_decision`` callback
+    the sink was opened with, each id once."""
 
-    def create_run(self, name: str, config: Optional[Mapping[str, Any]] = None) -> Any: ...
+    def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = _UNSET,
+                policy: Any = _UNSET, status: Optional[str] = None, create: bool = True) -> Any: ...
+
+    def ingest(self, name: str, points: Iterable[Any], *, acks: Sequence[Tuple] = ()) -> Any: ...
 
     def set_status(self, name: str, status: str) -> None: ...
 
-    def write_points(self, name: str, points: Iterable[Any]) -> int: ...
-
-    def acknowledge_decision(self, ident: str, applied_step: int) -> None: ...
-
-    def decisions(self, name: str) -> List[Dict[str, Any]]: ...
+    def decisions(self, name: str) -> List[Decision]: ...
 
     def close(self) -> None: ...
 
@@ -94,56 +100,17 @@ def is_http_url(url: Optional[str]) -> bool:
 
 def open_sink(url: str, run: str, *, token: Optional[str] = None,
               on_decision: Optional[Callable[[str, Decision], None]] = None, **options: Any) -> Sink:
-    """An ``HttpSink`` for an ``http(s)://`` collector URL, else the embedded store at ``url``."""
+    """An ``HttpSink`` for an ``http(s)://`` collector URL, else the embedded sink on the store at
+    ``url`` (``agent.sink.EmbeddedSink``)."""
     if is_http_url(url):
         return HttpSink(url, run, token=token, on_decision=on_decision, **options)
     if options:  # e.g. a script with transport options run with MOXCO_URL pointing at a file
         log.warning("moxco: transport options %s apply to an http(s):// collector only; ignored for %s",
                     sorted(options), url)
-    from moxco.collector.storage import open_store
+    from moxco.agent.sink import EmbeddedSink
+    from moxco.collector.store import open_store
 
-    return open_store(url)
-
-
-# --- values on the wire ----------------------------------------------------------------------------
-
-
-def encode_value(value: float) -> Any:
-    """A metric value as JSON: a number, or ``"NaN"``/``"Infinity"``/``"-Infinity"`` (docs/api.md)."""
-    value = float(value)
-    if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def decode_value(value: Any) -> float:
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        return _NONFINITE[value]
-    return float(value)
-
-
-def encode_point(point: Any) -> list:
-    """``Point`` (or a ``(step, metric, value, wall_time[, rank])`` tuple) → the API's point array."""
-    if isinstance(point, tuple):
-        step, metric, value, wall_time, *rest = point
-        rank = rest[0] if rest else RUN_LEVEL_RANK
-    else:
-        step, metric, value, wall_time, rank = point.step, point.metric, point.value, point.wall_time, point.rank
-    out = [metric, int(step), encode_value(value), float(wall_time)]
-    if rank != RUN_LEVEL_RANK:
-        out.append(int(rank))
-    return out
-
-
-def decision_from_json(item: Mapping[str, Any]) -> Tuple[str, Decision]:
-    """A decision of an ingest/pending response as ``(id, Decision)``."""
-    return str(item["id"]), Decision(
-        step=int(item["step"]), action=dict(item.get("action") or {}),
-        goodness=decode_value(item.get("goodness")), grad_term=decode_value(item.get("grad_term")),
-        sharpness_term=decode_value(item.get("sharpness_term")), loss_term=decode_value(item.get("loss_term")),
-        source=str(item.get("source", "policy")))
+    return EmbeddedSink(open_store(url), on_decision=on_decision)
 
 
 def default_spool_dir(run: str) -> Path:
@@ -402,8 +369,6 @@ class HttpSink:
     first retry) and ``max_backoff`` (10 s), ``poll_every`` (2 s), ``close_timeout`` (10 s).
     """
 
-    decides_remotely = True  # the collector runs the decision policy: the agent must not
-
     def __init__(self, url: str, run: str, *, token: Optional[str] = None,
                  on_decision: Optional[Callable[[str, Decision], None]] = None,
                  spool_dir: Optional[os.PathLike | str] = None, spool_max_bytes: int = 1 << 30,
@@ -460,18 +425,23 @@ class HttpSink:
 
     # --- the Sink methods: called by the agent/writer threads; memory only, never the network ----------
 
-    def create_run(self, name: str, config: Optional[Mapping[str, Any]] = None, **_: Any) -> None:
-        """Register (or update) the run: ``PUT /runs/{run}`` with the config merged so far. The
-        ``policy`` and ``optimizer`` entries of the agent's config become the body's own fields."""
+    def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = _UNSET,
+                policy: Any = _UNSET, status: Optional[str] = None, create: bool = True) -> None:
+        """Register (or update) the run: ``PUT /runs/{run}`` with the registration so far (config
+        merged, optimizer and policy as last given; the collector's ingest runs the policy).
+        ``create=False``: ``PATCH``, the run must exist."""
         with self._cond:
-            previous = self._registration or {"config": {}}
-            merged = {**previous["config"], **dict(config or {})}
-            body = {"config": merged, "status": "running"}
-            body["policy"] = merged.get("policy")  # PolicyConfig.to_dict(): the collector decides
-            if "optimizer" in merged:
-                body["optimizer"] = {"class": merged["optimizer"], **dict(merged.get("hyperparameters") or {})}
+            body = dict(self._registration or {"config": {}, "status": "running"})
+            body["config"] = {**body["config"], **dict(config or {})}
+            if optimizer is not _UNSET:
+                body["optimizer"] = optimizer
+            if policy is not _UNSET:
+                body["policy"] = policy.to_dict() if hasattr(policy, "to_dict") else policy
+            if status is not None:
+                body["status"] = status
             self._registration = body
-            self._enqueue("run", json.loads(json.dumps(body)))  # a snapshot: later updates make new envelopes
+            # a snapshot: later updates make new envelopes
+            self._enqueue("run" if create else "status", json.loads(json.dumps(body)))
 
     def set_status(self, name: str, status: str) -> None:
         with self._cond:
@@ -479,11 +449,15 @@ class HttpSink:
                 self._registration["status"] = status
             self._enqueue("status", {"status": status})
 
-    def write_points(self, name: str, points: Iterable[Any]) -> int:
-        """Queue points for the next batch; returns how many were taken (all of them)."""
+    def ingest(self, name: str, points: Iterable[Any], *, acks: Sequence[Tuple] = ()) -> None:
+        """Queue points (and acknowledgements ``(decision id, applied step[, rejected reason])``)
+        for the next batch. What the collector answers comes later: decisions through
+        ``on_decision``, losses in ``stats``."""
         encoded = [encode_point(p) for p in points]
+        for ack in acks:
+            self._acknowledge(*ack)
         if not encoded:
-            return 0
+            return
         with self._cond:
             self.stats.points_enqueued += len(encoded)
             if not self._points:
@@ -496,21 +470,20 @@ class HttpSink:
             if self._memory_points > self.max_memory_points:
                 self._cut_batch()
                 self._spill()  # bounded memory: the collector is slow or away
-        return len(encoded)
 
-    def add_decision(self, name: str, decision: Decision) -> str:  # pragma: no cover - never in HTTP mode
-        raise RuntimeError("in HTTP mode the collector takes decisions; the agent must not run the policy")
-
-    def acknowledge_decision(self, ident: str, applied_step: int) -> None:
-        """Queue the acknowledgement; it rides in the next batch's ``acks`` (or ``POST …/ack``)."""
+    def _acknowledge(self, ident: str, applied_step: int, rejected: Optional[str] = None) -> None:
+        """Queue an acknowledgement; it rides in the next batch's ``acks`` (or ``POST …/ack``)."""
+        ack = {"decision_id": ident, "applied_step": int(applied_step)}
+        if rejected is not None:
+            ack["rejected"] = str(rejected)
         with self._cond:
             self._acked.add(ident)
             if not self._acks:
                 self._acks_since = time.monotonic()
-            self._acks.append({"decision_id": ident, "applied_step": int(applied_step)})
+            self._acks.append(ack)
             self._cond.notify_all()
 
-    def decisions(self, name: str) -> List[Dict[str, Any]]:
+    def decisions(self, name: str) -> List[Decision]:
         """All decisions of the run with their acknowledgements (``GET /runs/{run}/decisions``, a
         ``read``-scope request made now, on the caller's thread; never called by training hooks)."""
         client = Client(self.url, self._token, self.timeout)
@@ -522,13 +495,7 @@ class HttpSink:
         if response.status != 200:
             raise RuntimeError(f"collector answered {response.status} to GET decisions: {response.message}")
         items = response.body.get("decisions", []) if isinstance(response.body, Mapping) else response.body
-        out = []
-        for item in items:
-            item = dict(item)
-            for key in ("goodness", "grad_term", "sharpness_term", "loss_term"):
-                item[key] = decode_value(item.get(key))
-            out.append(item)
-        return out
+        return [Decision.from_json(item) for item in items]
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Send what is queued for at most ``timeout`` seconds (default ``close_timeout``), then
@@ -794,7 +761,7 @@ class HttpSink:
         kind, body, run = envelope["kind"], envelope["body"], self._run_path()
         method, path = {"run": ("PUT", run), "status": ("PATCH", run), "batch": ("POST", f"{run}/batches"),
                         "ack": ("POST", f"{run}/decisions/{quote(str(body.get('decision_id')), safe='')}/ack")}[kind]
-        payload = {"applied_step": body["applied_step"]} if kind == "ack" else body
+        payload = {k: v for k, v in body.items() if k != "decision_id"} if kind == "ack" else body
         try:
             response = self._request(method, path, payload)
             if response.status == 404 and kind in ("batch", "status"):
@@ -864,11 +831,12 @@ class HttpSink:
             return
         for item in items:
             try:
-                ident, decision = decision_from_json(item)
+                decision = Decision.from_json(item)
             except (KeyError, TypeError, ValueError) as exc:
                 self._warn_once("decision", "moxco: run %r: ignoring a malformed decision %r (%s)", self.run, item, exc)
                 continue
-            if ident in self._acked or ident in self._seen or item.get("applied_step") is not None:
+            ident = decision.with_run(decision.run or self.run).id
+            if ident in self._acked or ident in self._seen or decision.applied_step is not None:
                 continue
             self._seen.add(ident)
             self.stats.decisions_received += 1

@@ -2,9 +2,10 @@
 
 The training thread hands each step's values (0-dim tensors, not yet read) to ``submit``, which
 never blocks: the queue is bounded and, when it is full, the record is counted as dropped and a
-warning is logged once (issue 8 adds a disk spool). The writer thread reads the tensors (the only
+warning is logged once. The writer thread reads the tensors (the only
 place a device synchronisation happens), updates the running aggregates, the ALIGATOR denoisers,
-the goodness score and the decision policy, and writes batches of points through the store.
+and the goodness score, and writes batches of points (with decision acknowledgements) through the
+sink, whose store runs the run's decision policy on them.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import Any, Callable, Dict, List, Optional
 from torch import Tensor
 
 from moxco import metrics
-from moxco.aligator import Aligator, GradNormSqEstimator
-from moxco.collector.storage import Point, Store, StoreError
-from moxco.goodness import goodness
+from moxco.agent.options import GoodnessSettings
+from moxco.aligator import Aligator, GradNormSqEstimator, split_terms
+from moxco.goodness import Goodness, goodness
 from moxco.catalogue import GOODNESS_TERMS, needing
-from moxco.decision import Decision
-from moxco.policy import DecisionPolicy
+from moxco.wire import Point
 
 log = logging.getLogger("moxco.agent")
 
@@ -42,6 +42,12 @@ FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, rea
 REPLAY_SUMS = "_replay_sums"  # a StepRecord value: a list of metrics.ReplaySums (x_{t−1}, x*), read here
 GRADIENT_UNKNOWN = "_gradient_unknown"  # a StepRecord value: why this step's g_t cannot be known
 GRAD_RESCALE_RATIOS = "_grad_rescale_ratios"  # a StepRecord value: per-parameter g_t / .grad, checked uniform
+# the writer's own parts (agent.failures) and the metrics a failure of each drops; convexity_ratio's
+# sum is the probe's part of that name
+WRITER_PARTS = {
+    "aggregates": tuple(metrics.GapSmoothAggregates().update(0.0, 0.0)),  # avg_gap, exp_gap, max_smooth, exp_smooth
+    "goodness": ("goodness",) + GOODNESS_TERMS,  # ALIGATOR's f̂ and ĝ², the score
+}
 
 
 @dataclass
@@ -51,17 +57,6 @@ class StepRecord:
     wall_time: float = field(default_factory=time.time)
     epoch_start: bool = False
     probe: Optional[Dict[str, Any]] = None  # sharpness, split sums for the grad-norm estimator
-
-
-@dataclass(frozen=True)
-class GoodnessSettings:
-    """How the agent scores goodness (MoXCo eq. 6): see ``moxco.goodness.goodness``."""
-
-    tau: float = 1.0
-    sharpness_target: Optional[float] = None  # None: k · eos_sharpness(optimizer's lr, α, β)
-    k: float = 1.0
-    loss_target: float = 0.0
-    form: str = "eos"
 
 
 def _uniform(ratios: Tensor) -> bool:
@@ -80,16 +75,14 @@ def _read(value: Any) -> float:
 
 
 class MetricWriter:
-    """Owns the store connection, the aggregates, the denoisers, goodness and the policy."""
+    """Owns the sink (``agent.transport.Sink``), the aggregates, the denoisers and goodness."""
 
-    def __init__(self, store: Store, run: str, *, policy: Optional[DecisionPolicy], goodness_settings: GoodnessSettings,
-                 sharpness_target: Callable[[], Optional[float]], on_decision: Callable[[str, Decision], None],
-                 on_error: Callable[[str, BaseException], None], queue_size: int = 10_000) -> None:
+    def __init__(self, store: Any, run: str, *, goodness_settings: GoodnessSettings,
+                 sharpness_target: Callable[[], Optional[float]], on_error: Callable[[str, BaseException], None],
+                 queue_size: int = 10_000) -> None:
         self.store, self.run = store, run
-        self.policy = policy
         self.goodness_settings = goodness_settings
         self.sharpness_target = sharpness_target
-        self.on_decision = on_decision
         self.on_error = on_error
         self.aggregates = metrics.GapSmoothAggregates()
         self.convexity = metrics.ConvexityRatio()  # convexity_ratio's running sums (audit eq. 6)
@@ -106,7 +99,7 @@ class MetricWriter:
         # kept and retried while the store refuses them)
         self._updates_lock = threading.Lock()
         self._run_config: Optional[Dict[str, Any]] = None
-        self._acknowledgements: List[tuple[str, int]] = []
+        self._acknowledgements: List[tuple] = []
         self._thread = threading.Thread(target=self._loop, name=f"moxco-writer[{run}]", daemon=True)
         self._thread.start()
 
@@ -123,16 +116,18 @@ class MetricWriter:
             return False
 
     def update_run(self, config: Dict[str, Any]) -> None:
-        """Merge ``config`` into the run's stored config (``Store.create_run``), from the writer
+        """Merge ``config`` into the run's stored config (the sink's ``put_run``), from the writer
         thread: the training thread never waits on the store (a locked SQLite file can hold a
         writer for its whole busy timeout)."""
         with self._updates_lock:
             self._run_config = {**(self._run_config or {}), **config}
 
-    def acknowledge(self, ident: str, applied_step: int) -> None:
-        """``Store.acknowledge_decision(ident, applied_step)``, from the writer thread (see ``update_run``)."""
+    def acknowledge(self, ident: str, applied_step: int, rejected: Optional[str] = None) -> None:
+        """Acknowledge decision ``ident`` as applied at ``applied_step`` (or refused: ``rejected``):
+        it rides with the next batch the writer thread ingests (see ``update_run``)."""
         with self._updates_lock:
-            self._acknowledgements.append((ident, applied_step))
+            self._acknowledgements.append((ident, applied_step) if rejected is None else
+                                          (ident, applied_step, rejected))
 
     @property
     def running(self) -> bool:
@@ -144,7 +139,7 @@ class MetricWriter:
         self._queue.put(None)
         self._thread.join(timeout)
         if not self._thread.is_alive():  # what arrived during the last flush
-            self._apply_updates()
+            self._flush()
 
     # --- writer thread ---------------------------------------------------------------------------
 
@@ -212,79 +207,97 @@ class MetricWriter:
                 values.pop(name, None)
         for name, value in values.items():
             self._emit(step, name, value, wall)
-        for name, value in self.aggregates.update(values.get("inst_gap"), values.get("inst_smooth")).items():
-            self._emit(step, name, value, wall)
+        self._part("aggregates", self._aggregates, step, values, wall)
         if "loss" in values:
-            self.loss_denoiser.update(values["loss"])
+            self._part("goodness", self.loss_denoiser.update, values["loss"])
         if record.probe is not None:
             terms = record.probe.pop("convexity_terms", None)
             if terms is not None and gradient_known:  # a step whose g_t is unknown adds no wrong term
-                self._emit(step, "convexity_ratio", self.convexity.update_terms(*terms.detach().cpu().tolist()), wall)
+                self._part("convexity_ratio", self._convexity_ratio, step, terms, wall)
             self._probe(step, record.probe, values, wall)
 
-    def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:
-        from moxco.aligator import split_terms
+    def _part(self, part: str, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` unless ``part`` failed before; a failure disables ``part`` (its metrics,
+        ``WRITER_PARTS``), is reported once (``on_error``), and the rest of the record goes on."""
+        if part in self._disabled:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._disabled.add(part)
+            self.on_error(part, exc)
+            return None
 
-        sharpness = _read(probe["sharpness"]) if "sharpness" in probe else math.nan
-        if "sharpness" in probe:
-            self._emit(step, "sharpness", sharpness, wall)
+    def _aggregates(self, step: int, values: Dict[str, float], wall: float) -> None:
+        for name, value in self.aggregates.update(values.get("inst_gap"), values.get("inst_smooth")).items():
+            self._emit(step, name, value, wall)
+
+    def _convexity_ratio(self, step: int, terms: Tensor, wall: float) -> None:
+        self._emit(step, "convexity_ratio", self.convexity.update_terms(*terms.detach().cpu().tolist()), wall)
+
+    def _goodness(self, probe: Dict[str, Any], values: Dict[str, float], sharpness: float,
+                  target: Optional[float], step: int, wall: float) -> Optional[Goodness]:
+        """The goodness score (MoXCo eq. 6) on ALIGATOR's ``f̂`` and ``ĝ²`` (the three-way split's
+        estimate; without a split, the raw ``‖g_t‖²``), when there is a sharpness and a target."""
         if "split_sums" in probe:
             grad_sq = self.grad_norm_estimator.update_terms(*split_terms(probe["split_sums"].cpu(), probe.get("split_sizes")))
         else:
             grad_sq = values.get("grad_norm_sq", math.nan)
-        target = probe["sharpness_target"] if "sharpness_target" in probe else self.sharpness_target()
-        if target is not None:
-            self._emit(step, "sharpness_target", float(target), wall)
-        if target is None or math.isnan(sharpness) or "goodness" in self._disabled:
-            return
+        if target is None or math.isnan(sharpness):
+            return None
         s = self.goodness_settings
         score = goodness(max(grad_sq, 0.0) if not math.isnan(grad_sq) else grad_sq, sharpness,
                          self.loss_denoiser.estimate, tau=s.tau, sharpness_target=target,
                          loss_target=s.loss_target, form=s.form)
         for name, value in zip(("goodness",) + GOODNESS_TERMS, score):
             self._emit(step, name, value, wall)
-        if self.policy is not None:
-            decision = self.policy.observe(step, score)
-            if decision is not None:
-                self._flush()
-                ident = self.store.add_decision(self.run, decision)
-                self.on_decision(ident, decision)
+        return score
+
+    def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:
+        sharpness = _read(probe["sharpness"]) if "sharpness" in probe else math.nan
+        if "sharpness" in probe:
+            self._emit(step, "sharpness", sharpness, wall)
+        target = probe["sharpness_target"] if "sharpness_target" in probe else self.sharpness_target()
+        if target is not None:
+            self._emit(step, "sharpness_target", float(target), wall)
+        score = self._part("goodness", self._goodness, probe, values, sharpness, target, step, wall)
+        if score is not None:
+            self._flush()  # the probe goes to the store now: its ingest runs the run's decision policy
 
     def _apply_updates(self) -> None:
         with self._updates_lock:
             config, self._run_config = self._run_config, None
-            acknowledgements, self._acknowledgements = self._acknowledgements, []
+        if config is None:
+            return
         try:
-            if config is not None:
-                self.store.create_run(self.run, config)
-                config = None
-            while acknowledgements:
-                ident, applied_step = acknowledgements[0]
-                try:
-                    self.store.acknowledge_decision(ident, applied_step=applied_step)
-                except StoreError as exc:
-                    # refused for good (the decision's row is gone): reported, not retried, so the
-                    # acknowledgements behind it are not held; a store that is away raises others
-                    self.on_error("store", exc)
-                acknowledgements.pop(0)
+            self.store.put_run(self.run, config=config)
         except Exception as exc:
             with self._updates_lock:  # kept for the next flush, ahead of what came since
-                if config is not None:
-                    self._run_config = {**config, **(self._run_config or {})}
-                self._acknowledgements = acknowledgements + self._acknowledgements
+                self._run_config = {**config, **(self._run_config or {})}
             self.on_error("store", exc)
 
     def _flush(self) -> None:
+        """Send the buffered points with the acknowledgements queued so far in one ``ingest`` (kept
+        and retried while the store refuses them). An acknowledgement the store has no decision for
+        is reported, not retried, so the others are not held."""
         self._last_flush = time.monotonic()
         self._apply_updates()
-        if not self._buffer:
+        with self._updates_lock:
+            acks, self._acknowledgements = self._acknowledgements, []
+        if not self._buffer and not acks:
             return
         batch, self._buffer = self._buffer, []
         try:
-            self.written += self.store.write_points(self.run, batch)
+            result = self.store.ingest(self.run, batch, acks=acks)
         except Exception as exc:
             self.on_error("store", exc)
             self._buffer = batch + self._buffer  # keep them for the next flush: nothing lost
+            with self._updates_lock:
+                self._acknowledgements = acks + self._acknowledgements
             if len(self._buffer) > 50 * FLUSH_POINTS:  # bounded memory while the store is away
                 self.dropped += len(self._buffer) - 50 * FLUSH_POINTS
                 self._buffer = self._buffer[-50 * FLUSH_POINTS :]
+            return
+        self.written += len(batch)
+        for ident in getattr(result, "unknown_acks", None) or ():
+            self.on_error("store", LookupError(f"run {self.run!r} has no decision {ident!r} to acknowledge"))

@@ -40,7 +40,7 @@ writer thread's share of the CPU included. CPU time (user + system, all threads)
 faults per step are reported beside it. Memory, two figures:
 
 * retained: the bytes of every tensor the agent holds between steps, found by walking the agent's
-  attributes (``_prev``, ``_x0``, ``_reference``, the sharpness tracker's vectors, …; the user's
+  attributes (``state.prev``, ``state.x0``, ``reference.point``, the sharpness tracker's vectors, …; the user's
   parameters, gradients, optimizer state and batch excluded), in parameter copies;
 * peak RSS growth: each configuration in a fresh subprocess, the kernel's RSS high-water mark
   reset (``/proc/self/clear_refs``) just before ``attach`` and read after ``--rss-steps`` steps,
@@ -499,7 +499,7 @@ def _status_kib(field_name: str) -> int:
 def rss_child(work: Workload, key: str, steps: int) -> None:
     """Runs in a subprocess: prints JSON with the peak RSS growth (KiB) over ``steps`` steps."""
     import moxco.agent
-    from moxco.collector.storage import open_store
+    from moxco.collector.store import open_store
 
     config = config_by_key(key)
     with tempfile.TemporaryDirectory() as tmp:

@@ -274,7 +274,7 @@ def serve(url: str, workers: int, tmp: Path):
 def query_1m(url: str, port: int) -> dict:
     import httpx
 
-    from moxco.collector.storage import Store
+    from moxco.collector.store import Store
 
     store = Store(url)
     store.put_run("big")
@@ -282,8 +282,8 @@ def query_1m(url: str, port: int) -> dict:
     steps = list(range(n))
     values = np.sin(np.arange(n) / 1000.0).tolist()
     for k in range(0, n, 50_000):
-        store.ingest("big", f"b{k}", ["loss"] * 50_000, steps[k:k + 50_000], values[k:k + 50_000],
-                     [1.0] * 50_000, [-1] * 50_000)
+        store.ingest("big", (["loss"] * 50_000, steps[k:k + 50_000], values[k:k + 50_000], [1.0] * 50_000,
+                             [-1] * 50_000), batch_id=f"b{k}")
     store.close()
     times = []
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:

@@ -1,12 +1,12 @@
 """Throughput of the agent's HTTP transport (``agent.transport.HttpSink``) to a local collector.
 
 Starts ``moxco serve`` on a temporary SQLite store (no auth, loopback), then writes ``--points``
-points through one ``HttpSink`` the way the agent's writer does (``write_points`` calls of
+points through one ``HttpSink`` the way the agent's writer does (``ingest`` calls of
 ``--chunk`` points: 12 metrics per step, steps in order), as fast as the caller can, and waits for
 ``flush``. Reports:
 
 * sustained points/s: points over the time from the first write to the last batch acknowledged;
-* the caller's cost: ``write_points`` latency per call (p50/p99/max) and per point. This is what
+* the caller's cost: ``ingest`` latency per call (p50/p99/max) and per point. This is what
   the writer thread pays; the training thread never calls the sink;
 * the sink's counters (batches, duplicates, spooled/dropped: all 0 on a healthy collector).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from moxco.agent.transport import HttpSink
-from moxco.collector.storage import Point
+from moxco.wire import Point
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.servers import CollectorProcess  # noqa: E402  (the repository's server helpers; no pytest needed)
@@ -37,7 +37,7 @@ METRICS = ("loss", "grad_norm_sq", "distance", "update_corr", "update_corr_rs", 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1_000_000)
-    parser.add_argument("--chunk", type=int, default=2000, help="points per write_points call (the writer's flush)")
+    parser.add_argument("--chunk", type=int, default=2000, help="points per ingest call (the writer's flush)")
     parser.add_argument("--batch-points", type=int, default=5000)
     args = parser.parse_args()
 
@@ -47,7 +47,7 @@ def main() -> int:
         try:
             sink = HttpSink(server.url, "bench", spool_dir=Path(tmp) / "spool", batch_points=args.batch_points,
                             max_memory_points=max(200_000, 4 * args.batch_points))
-            sink.create_run("bench", {"policy": None})
+            sink.put_run("bench", policy=None)
             sink.flush(30)
             steps = args.points // len(METRICS)
             wall = 1.7e9
@@ -58,7 +58,7 @@ def main() -> int:
                 batch = [Point(s, m, 0.5 * s, wall + s) for s in range(first, min(steps, first + chunk_steps))
                          for m in METRICS]
                 t = time.perf_counter()
-                sink.write_points("bench", batch)
+                sink.ingest("bench", batch)
                 calls.append(time.perf_counter() - t)
             enqueued = time.perf_counter() - started
             ok = sink.flush(600)
@@ -73,7 +73,7 @@ def main() -> int:
     lat = np.array(calls) * 1e3
     print(f"HttpSink → moxco serve (SQLite, loopback): {n} points in {delivered:.2f} s "
           f"= {n / delivered:,.0f} points/s sustained ({'all delivered' if ok else 'NOT all delivered'})")
-    print(f"  enqueue side: {len(calls)} write_points calls of ~{args.chunk} points in {enqueued:.2f} s; "
+    print(f"  enqueue side: {len(calls)} ingest calls of ~{args.chunk} points in {enqueued:.2f} s; "
           f"per call p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms, max {lat.max():.2f} ms "
           f"({1e6 * enqueued / max(n, 1):.2f} µs/point)")
     print(f"  stats: {asdict(sink.stats)}")

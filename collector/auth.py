@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from moxco.collector.schema import TOKEN_SCOPES
-from moxco.collector.storage import Store, hash_token
+from moxco.collector.store import Store, hash_token
 
 SCOPES = TOKEN_SCOPES
 
@@ -49,7 +49,7 @@ class Principal:
 
 ANONYMOUS = Principal(None, "anonymous", frozenset(SCOPES))
 
-# Issue 8 plugs a per-token rate limiter in here: called with the principal and the route's
+# The per-token rate limiter (``TokenBucket``, or any callable like it): called with the principal and the route's
 # scope, it returns None to let the request through or the seconds the caller should wait (429).
 RateLimiter = Callable[[Principal, str], Optional[float]]
 

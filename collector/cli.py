@@ -95,7 +95,7 @@ def _fail(message: str) -> int:
 
 
 def _open(url: Optional[str]):
-    from moxco.collector.storage import Store
+    from moxco.collector.store import Store
 
     return Store(_store_url(url))
 
@@ -117,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.rate_limit < 0 or (args.rate_burst is not None and args.rate_burst < 1) or args.stale_after < 0:
         return _fail("--rate-limit and --stale-after must be ≥ 0 and --rate-burst ≥ 1")
     url = _store_url(args.url)
-    from moxco.collector.storage import Store, StoreError, normalize_url
+    from moxco.collector.store import Store, StoreError, normalize_url
 
     url = normalize_url(url)
     if args.workers > 1 and url.startswith("sqlite"):
@@ -144,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"moxco collector on http://{args.host}:{args.port} (store {url.split('@')[-1]}, "
           f"{args.workers} worker(s), auth {'off' if args.no_auth else 'on'})", file=sys.stderr)
     try:
-        uvicorn.run("moxco.collector.app:app_from_env", factory=True, host=args.host, port=args.port,
+        uvicorn.run("moxco.collector.api:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level=args.log_level, access_log=False,
                     # a worker imports torch (moxco's math) on start: several seconds on a busy
                     # machine, longer than uvicorn's 5 s default before it kills a "hung" worker
@@ -156,7 +156,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from moxco.collector.storage import StoreError
+    from moxco.collector.store import StoreError
 
     url = _store_url(args.url)
     try:
@@ -171,7 +171,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from moxco.collector.storage import StoreError
+    from moxco.collector.store import StoreError
 
     try:
         with _open(args.url) as store:
@@ -210,13 +210,17 @@ def _decide(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             action[key] = getattr(args, key)
     if args.store:
-        from moxco.collector.storage import StoreError
+        from moxco.collector.store import StoreError
+        from moxco.decision import Decision
 
         try:
             with _open(args.store) as store:
-                decision, created = store.operator_decision(args.run, action, step=args.step, reason=args.reason)
-        except StoreError as exc:
+                step = args.step if args.step is not None else (store.run(args.run).last_step or 0)
+                decision, created = store.add_decision(args.run, Decision(
+                    step, action, source="operator", issued_by="moxco decide", reason=args.reason))
+        except (StoreError, ValueError) as exc:
             return _fail(str(exc))
+        decision = decision.to_json()
     else:
         import httpx
         from urllib.parse import quote

@@ -25,10 +25,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from moxco.collector.storage import Store
+from moxco import catalogue
+from moxco.collector.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")  # whole-string (fullmatch): a Prometheus name moxco_<metric>
 # families the exposition defines itself: a stored metric with one of these names is not re-exported
 _RESERVED = {"run_step", "run_last_ingest_timestamp_seconds", "decisions", "decisions_total", "sharpness_target"}
 
@@ -101,13 +102,12 @@ class RunCollector(Collector):
                 if metric == "sharpness_target":
                     target.add_metric([name], value)
                     continue
-                if not _NAME.match(metric) or metric in _RESERVED or metric.startswith(("collector_", "run_")):
+                if not _NAME.fullmatch(metric) or metric in _RESERVED or metric.startswith(("collector_", "run_")):
                     continue  # not a valid Prometheus name, or would collide with our own families
                 family = families.get(metric)
                 if family is None:
                     family = families[metric] = GaugeMetricFamily(
-                        f"moxco_{metric}", f"Latest value of the run-level metric {metric!r} (DESIGN §3).",
-                        labels=["run"])
+                        f"moxco_{metric}", catalogue.help_text(metric), labels=["run"])
                 family.add_metric([name], value)
         yield step
         yield ingest

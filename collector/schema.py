@@ -1,39 +1,40 @@
 """The tables of the moxco store (SQLAlchemy Core), shared by SQLite and PostgreSQL.
 
-* ``runs``: one row per training run: unique name, status, config (JSON), timestamps, last step.
-* ``metric_points``: the series, one row per point. Primary key ``(run_id, metric, rank, step)``:
-  a point written twice (a retried batch) is stored once, and the key is the index every range
-  scan uses (``WHERE run_id = ? AND metric = ? AND step BETWEEN ? AND ?``), so appends stay cheap.
-  ``value`` NULL means NaN (SQLite cannot store NaN; ±Inf are stored as they are). ``rank`` is
-  -1 for run-level values and the torch.distributed rank for per-rank ones. On PostgreSQL since
-  0005 it is a view over ``point_chunks`` with these same columns (read-only).
-* ``point_chunks`` (0005, PostgreSQL only): the points of one write, one series and one block of
+* ``runs``: one row per training run: unique name, status, config (JSON), timestamps (server
+  clock), last step, ``last_ingest_at``; ``optimizer`` (JSON), ``policy``
+  (``PolicyConfig.to_dict()``; NULL: no policy decisions for the run) and ``policy_state``
+  (``DecisionPolicy.state_dict()``, updated under the run's row lock so several collector workers
+  share one policy).
+* ``metric_points``: the series, one row per point, columns ``(run_id, metric, rank, step, value,
+  wall_time)``. ``value`` NULL means NaN (±Inf are stored as they are); ``rank`` is -1 for
+  run-level values and the torch.distributed rank for per-rank ones. On SQLite it is a
+  ``WITHOUT ROWID`` table keyed by ``(run_id, metric, rank, step)``: a point written twice is stored
+  once, and the key is the index every range scan uses. On PostgreSQL it is a read-only view over
+  ``point_chunks`` with the same columns.
+* ``point_chunks`` (PostgreSQL only): the points of one write, one series and one block of
   ``BLOCK_STEPS`` steps as arrays (``steps`` sorted and unique, ``vals`` with NaN as NaN,
   ``walls``); ``seq`` is the series' ``latest_points.version`` after that write. A series' chunks
-  are disjoint (the store skips steps already stored: first write wins). One row per series and
-  batch instead of one per point: a tenth of the index work and of the size.
-* ``decisions``: phase-switch decisions with their goodness terms, action, and acknowledgement.
-* ``latest_points`` (revision 0002): the newest point of every ``(run, metric, rank)`` series,
-  maintained on every write. It answers "latest values", the Prometheus scrape and "which metrics
-  does this run have" without scanning ``metric_points``, and its ``version`` / ``rewrites``
-  counters let readers cache a series and fetch only what was appended since.
-* ``batches`` (0002): ingested batch ids per run, so a retried batch is a no-op.
-* ``tokens`` (0002): API tokens (SHA-256 of the secret, never the secret), scopes, revocation.
-* ``series_blocks`` (0003): per series, one summary per block of ``BLOCK_STEPS`` steps (block
+  are disjoint (the store skips steps already stored: first write wins).
+* ``latest_points``: the newest point of every ``(run, metric, rank)`` series, maintained on every
+  write; it answers "latest values", the Prometheus scrape and "which metrics does this run have",
+  and its ``version`` / ``rewrites`` counters let readers cache a series and fetch only what was
+  appended since.
+* ``series_blocks``: per series, one summary per block of ``BLOCK_STEPS`` steps (block
   ``step // BLOCK_STEPS``): point count, first/last point, the first point holding the minimum and
-  the first holding the maximum (NaN skipped; NULL when the block has only NaN), the first NaN.
-  Maintained in the ingest transaction (merged for appends, recomputed from the points for the
-  touched blocks otherwise), so a 1 M-point series is downsampled (``minmax``) from ~1,000 rows.
-  No foreign key (like ``metric_points`` on PostgreSQL since 0003 and on SQLite since 0004: the
-  per-row check cost ~40 % of a PostgreSQL ingest; points and summaries are only written under the
-  run's row lock, and runs are never deleted). On SQLite ``metric_points`` is ``WITHOUT ROWID``
-  (0004): one B-tree keyed by the primary key instead of a table plus its key index.
-* ``runs`` gains (0002) ``optimizer``, ``policy`` (``PolicyConfig.to_dict()``, NULL: the collector
-  takes no decisions for the run), ``policy_state`` (``DecisionPolicy.state_dict()``, updated under
-  the run's row lock so several collector workers share one policy) and ``last_ingest_at``.
+  the first holding the maximum (NaN skipped; NULL when the block has only NaN), the first NaN;
+  maintained in the ingest transaction, so a long series is downsampled (``minmax``) from its
+  summaries.
+* ``decisions``: phase-switch decisions (``moxco.decision.Decision``): step, action, cause
+  (``source``, ``issued_by``, the goodness and its three terms, the policy's configuration,
+  ``reason``), ``apply_at``, and the acknowledgement (``applied_step``, ``applied_at``,
+  ``rejected``).
+* ``batches``: ingested batch ids per run, so a retried batch is a no-op.
+* ``tokens``: API tokens (SHA-256 of the secret, never the secret), scopes, revocation.
 
-Schema changes go through Alembic migrations in ``migrations/versions`` (``Store`` upgrades on
-open); this module mirrors the latest revision for queries.
+``metric_points`` (SQLite), ``point_chunks`` and ``series_blocks`` have no foreign key to ``runs``:
+they are written only under the run's row lock, and runs are never deleted. Schema changes go
+through Alembic migrations in ``migrations/versions`` (``Store`` upgrades on open); this module
+mirrors the latest revision for queries.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-RUN_LEVEL_RANK = -1
+from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_RUN_NAME, RUN_LEVEL_RANK  # noqa: F401 (re-exported)
+
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
-MAX_NAME_LENGTH = 200
-MAX_METRIC_LENGTH = 100
-MAX_BATCH_ID_LENGTH = 200
+MAX_NAME_LENGTH = MAX_RUN_NAME
+MAX_METRIC_LENGTH = MAX_METRIC_NAME
+MAX_BATCH_ID_LENGTH = MAX_BATCH_ID
 TOKEN_SCOPES = ("ingest", "read", "decide", "admin")
 BLOCK_STEPS = 1024  # steps per series_blocks row: changing it needs a migration that rebuilds them
 
@@ -83,7 +85,7 @@ runs = Table(
 metric_points = Table(
     "metric_points",
     metadata,
-    Column("run_id", Integer, primary_key=True),  # no foreign key since 0003 (PostgreSQL) / 0004 (SQLite)
+    Column("run_id", Integer, primary_key=True),
     Column("metric", String(MAX_METRIC_LENGTH), primary_key=True),
     Column("rank", Integer, primary_key=True),
     Column("step", BigInteger, primary_key=True),
@@ -107,6 +109,10 @@ decisions = Table(
     Column("applied_step", BigInteger, nullable=True),
     Column("applied_at", Float, nullable=True),
     Column("reason", String(1000), nullable=True),
+    Column("issued_by", String(MAX_NAME_LENGTH), nullable=True),  # NULL: the source (policy)
+    Column("policy", JSON, nullable=True),  # the PolicyConfig that fired a policy decision
+    Column("apply_at", BigInteger, nullable=True),
+    Column("rejected", String(1000), nullable=True),  # the agent refused it: why
     Index("ix_decisions_run_step", "run_id", "step"),
 )
 
@@ -168,7 +174,7 @@ series_blocks = Table(
     Column("nan_wall", Float, nullable=True),
 )
 
-point_chunks = Table(  # PostgreSQL only (revision 0005); SQLite keeps metric_points as a table
+point_chunks = Table(  # PostgreSQL only; SQLite keeps metric_points as a table
     "point_chunks",
     metadata,
     Column("run_id", Integer, primary_key=True),

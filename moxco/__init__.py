@@ -1,4 +1,4 @@
-"""moxco: the math of training diagnostics, one place for every formula (DESIGN §3).
+"""moxco: the math of training diagnostics, one place for every formula.
 
 * ``moxco.metrics``: the audit metrics (``inst_gap``, ``inst_smooth``, ``loss_diff``,
   ``update_corr``, ``update_corr_rs``) and their running aggregates, ``ConvexityRatio``;

@@ -1,8 +1,8 @@
 """ALIGATOR online denoising, and the unbiased squared-gradient-norm estimator built on it.
 
-MoXCo's goodness score (DESIGN.md §3, MoXCo eq. 6) needs the loss ``F(θ_t)`` and the squared
+MoXCo's goodness score (MoXCo eq. 6) needs the loss ``F(θ_t)`` and the squared
 population gradient norm ``‖∇F(θ_t)‖²`` at every step, but each step only sees one noisy minibatch.
-MoXCo A.2.2 (paper file 000) denoises both with ALIGATOR:
+MoXCo A.2.2 denoises both with ALIGATOR:
 
 * ``Aligator``: the online TV-denoiser of Baby, Zhao & Wang, "An Optimal Reduction of
   TV-Denoising to Adaptive Online Learning" (AISTATS 2021). Online-averaging experts, each alive on

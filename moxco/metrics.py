@@ -1,6 +1,6 @@
-"""The audit metrics of DESIGN §3, each written once, over flat parameter lists.
+"""The audit metrics, each written once, over flat parameter lists.
 
-Sources (file 003, "Reevaluating Theoretical Analysis Methods for Optimization in Deep Learning"):
+Source: the audit paper, "Reevaluating Theoretical Analysis Methods for Optimization in Deep Learning":
 
 * ``inst_gap``      eq. 2: ``f(x_t,z_t) − f(y_t,z_t) − ⟨∇f(x_t,z_t), x_t − y_t⟩``; ``y_t = x_{t−1}`` or
   ``x*``. Non-positive on a convex ``f``; ``−½ dᵀAd`` on ``½xᵀAx + bᵀx`` with ``d = x_t − y_t``.
@@ -33,7 +33,7 @@ from moxco.tensors import ACCUMULATE_DTYPE, TensorList
 
 Reduce = Optional[Callable[[Tensor], Optional[Tensor]]]
 
-EXP_BETA = 0.99  # the audit paper's choice for exp_gap / exp_smooth (file 003, after eq. 3)
+EXP_BETA = 0.99  # the audit paper's choice for exp_gap / exp_smooth (after eq. 3)
 
 
 def _reduced(partials: list[Tensor], reduce: Reduce) -> Tensor:
@@ -48,7 +48,7 @@ def _scaled(total: Tensor, grad_scale: Optional[Tensor], power: int = 1) -> Tens
     """A sum over the gradient as the user left it, ``.grad``, turned into the same sum over
     ``g = grad_scale · .grad``: ``× s`` for a sum linear in the gradient, ``× s²`` for its squared
     norm. After backward, AMP's unscale and clipping rescale ``.grad`` in place uniformly, and
-    ``g`` (the raw gradient, DESIGN §2) is recovered as ``s · .grad`` without a copy of it."""
+    ``g`` (the raw gradient: AMP scale removed, before clipping) is recovered as ``s · .grad`` without a copy of it."""
     if grad_scale is None:
         return total
     return total * grad_scale.to(device=total.device, dtype=total.dtype) ** power
@@ -170,7 +170,7 @@ def distance(params: TensorList, params_other: TensorList, *, reduce: Reduce = N
 
 @dataclass(frozen=True)
 class FreeSums:
-    """The every-step ("free", DESIGN §3) metrics of step ``t`` as one float64 vector of reduced
+    """The every-step ("free") metrics of step ``t`` as one float64 vector of reduced
     sums: ``‖g_t‖²``; then ``⟨g_t, x_t − x_{t−1}⟩`` and ``‖x_t − x_{t−1}‖²`` if ``has_update``; then
     ``‖x_t − x_0‖²`` if ``has_origin``. Made on the training thread without reading the device
     (``free_sums``); ``values()`` reads it once, off that thread, and applies the formulas."""
@@ -228,7 +228,7 @@ def free_sums(grad: TensorList, params: TensorList, prev: Optional[TensorList], 
 
 @dataclass
 class ReplaySums:
-    """The metrics of one replay of step ``t``'s batch at a point ``y`` (DESIGN §3), as one float64
+    """The metrics of one replay of step ``t``'s batch at a point ``y``, as one float64
     vector of reduced sums: ``f(x_t, z_t)``, ``f(y, z_t)``; then, if ``has_products``,
     ``‖∇f(x_t, z_t) − ∇f(y, z_t)‖²``, ``⟨∇f(x_t, z_t), x_t − y⟩`` and ``‖x_t − y‖²``.
 
@@ -460,7 +460,7 @@ def convexity_terms(loss: float | Tensor, loss_ref: float | Tensor, grad: Tensor
 
 
 def interpret_convexity_ratio(ratio: float) -> str:
-    """The audit paper's reading of a convexity ratio (file 003, §3.2, fig. 3)."""
+    """The audit paper's reading of a convexity ratio (audit paper §3.2, fig. 3)."""
     if math.isnan(ratio):
         return "undefined"
     if ratio > 1.0:
@@ -474,7 +474,7 @@ class GapSmoothAggregates:
     """The four path aggregates of the audit paper, reset together at an epoch start.
 
     ``update(inst_gap, inst_smooth)`` returns ``{"avg_gap", "exp_gap", "max_smooth", "exp_smooth"}``.
-    Per the paper (file 003, §2, last paragraph) aggregates are reset at each epoch when the run
+    Per the audit paper (§2, last paragraph) aggregates are reset at each epoch when the run
     has epochs (``reset_epoch()``), never otherwise (pretraining).
     """
 

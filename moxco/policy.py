@@ -1,6 +1,6 @@
 """The MoXCo phase-switch decision policy: one pure state machine for the agent and the collector.
 
-MoXCo (file 000, §3.2 and Algorithm 1 line 8-10) leaves Phase 1 (exploration) for Phase 2
+MoXCo (§3.2 and Algorithm 1, lines 8-10) leaves Phase 1 (exploration) for Phase 2
 (commit) once the goodness score ``δ_t`` exceeds a threshold ``C`` (0.85 in the paper's
 experiments). A single noisy probe should not flip an optimizer, so the policy also asks for
 

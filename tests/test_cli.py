@@ -19,7 +19,7 @@ def test_moxco_demo_runs_stores_and_passes_its_self_check(tmp_path):
     assert "FAIL" not in result.stdout and result.stdout.count("[PASS]") == 5
     assert "200/200" in result.stderr  # the progress bar reached the end
     store = open_store(url)
-    (run,) = store.runs()
+    (run,) = store.list_runs()[1]
     assert run.name == "ci-demo" and run.status == "finished"
     assert store.series("ci-demo", "loss")[0].size == 200
     assert len(store.decisions("ci-demo")) == 1

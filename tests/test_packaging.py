@@ -87,7 +87,7 @@ def test_agent_does_not_import_the_web_stack(tmp_path):
 def test_the_command_line_and_the_collector_do_not_import_torch():
     """``moxco --help`` and the collector's processes (which only need the decision policy from
     ``moxco``) start without importing torch: the package exports resolve lazily."""
-    code = ("import sys, moxco, moxco.cli, moxco.collector.app; moxco.cli.build_parser(); "
+    code = ("import sys, moxco, moxco.cli, moxco.collector.api; moxco.cli.build_parser(); "
             "assert moxco.goodness.__module__ == 'moxco.goodness'; "
             "assert 'torch' not in sys.modules, 'torch was imported'; "
             "moxco.top_eigenvalue; import moxco.agent; moxco.agent.attach; "

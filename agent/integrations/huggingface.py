@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 import moxco.agent
+from moxco.agent.options import check_names
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -43,6 +44,7 @@ class MoxcoCallback(TrainerCallback):
 
     def __init__(self, epochs: Optional[bool] = None, **attach_options: Any) -> None:
         self.epochs = epochs
+        check_names(attach_options)  # a misspelt option fails here, not when training starts
         self.options = attach_options
         self.agent: Optional[moxco.agent.Agent] = None
 

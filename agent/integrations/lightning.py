@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import moxco.agent
+from moxco.agent.options import check_names
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -35,6 +36,7 @@ class MoxcoCallback(Callback):
     def __init__(self, module: Optional[str] = None, epochs: bool = False, **attach_options: Any) -> None:
         self.module = module
         self.epochs = epochs
+        check_names(attach_options)  # a misspelt option fails here, not when training starts
         self.options = attach_options
         self.agent: Optional[moxco.agent.Agent] = None
 

@@ -65,7 +65,7 @@ class AuditError(ValueError):
 @dataclass
 class RunData:
     """What the audit reads of one run: its series (``metric -> (steps, values)``), config and
-    decisions. ``from_store`` reads a ``moxco.collector.storage.Store``; tests build it directly."""
+    decisions. ``from_store`` reads a ``moxco.collector.store.Store``; tests build it directly."""
 
     name: str
     series: Dict[str, Tuple[np.ndarray, np.ndarray]]
@@ -79,7 +79,7 @@ class RunData:
         info = store.run(name)
         series = {metric: store.series(name, metric) for metric in store.metrics(name)}
         return cls(name=name, series=series, config=dict(info.config), status=info.status,
-                   decisions=list(store.decisions(name)), source=str(getattr(store, "url", "")))
+                   decisions=[d.to_json() for d in store.decisions(name)], source=str(getattr(store, "url", "")))
 
     def get(self, metric: str) -> Tuple[np.ndarray, np.ndarray]:
         steps, values = self.series.get(metric, (np.zeros(0, np.int64), np.zeros(0)))

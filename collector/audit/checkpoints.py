@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from moxco import metrics
 from moxco.collector.audit.analysis import AuditError
-from moxco.collector.storage import Point, StoreError
+from moxco.collector.store import StoreError
+from moxco.wire import Point
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -289,12 +290,12 @@ def checkpoint_audit(store, run: str, directory: Path, reference: Path, data_spe
              "probe_batches": len(data.batches), "probe_data": data_spec}
     try:  # an existing run (say, the online run of the same training) keeps its status and gains the points
         status = store.run(run).status
-        store.create_run(run, {"checkpoint_audit": about}, status=status)
+        store.put_run(run, config={"checkpoint_audit": about}, status=status)
     except StoreError:
         status = None
-        store.create_run(run, {**about, "dtype": str(evaluator.params[0][1].dtype).replace("torch.", "")},
-                         status="running")
-    store.write_points(run, points)
+        store.put_run(run, config={**about, "dtype": str(evaluator.params[0][1].dtype).replace("torch.", "")},
+                      status="running")
+    store.ingest(run, points)
     if status is None:
         store.set_status(run, "finished")
     return {"run": run, "F_reference": float(F_star), "numerator": ratio.numerator, "denominator": ratio.denominator,

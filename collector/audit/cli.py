@@ -61,7 +61,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 def _open(url: Optional[str]):
     from moxco.collector.audit.analysis import AuditError
-    from moxco.collector.storage import normalize_url, open_store
+    from moxco.collector.store import normalize_url, open_store
 
     url = url or os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
     if url.startswith(("http://", "https://")):
@@ -77,12 +77,12 @@ def _open(url: Optional[str]):
 
 def _load(store, name: str):
     from moxco.collector.audit.analysis import AuditError, RunData
-    from moxco.collector.storage import StoreError
+    from moxco.collector.store import StoreError
 
     try:
         return RunData.from_store(store, name)
     except StoreError:
-        names = [r.name for r in store.runs()]
+        names = [r.name for r in store.list_runs(limit=None)[1]]
         listing = ", ".join(names[:30]) + (f", … ({len(names)} in all)" if len(names) > 30 else "")
         raise AuditError(f"no run named {name!r} in {store.url}; available runs: {listing or 'none'}") from None
 
@@ -159,7 +159,7 @@ def _checkpoint_mode(args, factor: float) -> int:
         return _fail("checkpoint mode audits one run; give its name with --run", 2)
     name = args.run_name or (args.runs[0] if args.runs else f"{Path(args.checkpoints).resolve().name}-ckpt")
     url = args.url or os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
-    from moxco.collector.storage import open_store
+    from moxco.collector.store import open_store
 
     if url.startswith(("http://", "https://")):
         return _fail("checkpoint mode writes to a database URL (sqlite:///… or postgresql://…), not to a collector")

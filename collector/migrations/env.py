@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection ``moxco.collector.storage`` hands over."""
+"""Alembic environment: runs on the connection ``moxco.collector.store`` hands over."""
 
 from __future__ import annotations
 

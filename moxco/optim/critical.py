@@ -1,4 +1,4 @@
-"""Memory-augmented optimizers: Adam+CM, Adam+CG, SGD+CM, SGD+CG (Adam+CM paper, file 002).
+"""Memory-augmented optimizers: Adam+CM, Adam+CG, SGD+CM, SGD+CG (the Adam+CM paper, "Promoting Exploration in Memory-Augmented Adam using Critical Momenta").
 
 Each keeps a *priority buffer* of capacity ``C`` per parameter group. The priority of a new entry
 is the L2 norm of the group's current gradient ``‖g_t‖``; every step the new entry replaces the

@@ -139,7 +139,7 @@ def test_replay_reproduces_dropout_masks_and_leaves_batchnorm_statistics_alone(u
     agent.close()
     # the loss here is MSE computed outside the model, so the agent needs the criterion: it disabled
     # only what it could not compute and said why
-    assert "free" in agent.errors and "criterion" in agent.errors["free"]
+    assert set(agent.errors) == {"loss"} and "criterion" in agent.errors["loss"]
 
 
 def test_dropout_replay_with_criterion_gives_zero_loss_diff_at_zero_step(url):
@@ -240,7 +240,7 @@ def test_injected_failures_never_reach_the_training_loop(url, caplog, monkeypatc
         raise RuntimeError("injected")
 
     monkeypatch.setattr(agent.capture, "replay", boom)
-    monkeypatch.setattr(agent, "_sharpness", boom)
+    monkeypatch.setattr(agent.probe, "sharpness", boom)
     monkeypatch.setattr(agent.writer.loss_denoiser, "update", boom)
     with caplog.at_level(logging.WARNING, logger="moxco.agent"):
         for _ in range(10):
@@ -248,9 +248,9 @@ def test_injected_failures_never_reach_the_training_loop(url, caplog, monkeypatc
             opt.step()
             opt.zero_grad()
         agent.close()
-    assert set(agent.errors) == {"reeval", "probe", "writer"}
+    assert set(agent.errors) == {"reeval", "sharpness", "goodness"}  # goodness: the writer thread's ALIGATOR
     assert all("injected" in message for message in agent.errors.values())
-    assert sum("disabled" in r.message for r in caplog.records) == 3  # logged once per group
+    assert sum("disabled" in r.message for r in caplog.records) == 3  # logged once per failure
     store = open_store(url)
     assert store.run("faults").config["errors"] == agent.errors  # stored with the run
     assert store.series("faults", "loss")[0].size >= 1  # the free metrics still flowed
@@ -265,16 +265,16 @@ def test_the_training_thread_never_writes_the_store_and_nothing_is_lost_while_it
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     agent = moxco.agent.attach(model, opt, url=url, run="locked", reeval_every=1, probe_every=0)
     from_training_thread = []
-    create_run = agent.store.create_run
+    put_run = agent.store.put_run
 
-    def recording_create_run(*args, **kwargs):
+    def recording_put_run(*args, **kwargs):
         from_training_thread.append(threading.current_thread() is threading.main_thread())
-        return create_run(*args, **kwargs)
+        return put_run(*args, **kwargs)
 
     def boom(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(agent.store, "create_run", recording_create_run)
+    monkeypatch.setattr(agent.store, "put_run", recording_put_run)
     monkeypatch.setattr(agent.capture, "replay", boom)
     holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
@@ -296,8 +296,9 @@ def test_the_training_thread_never_writes_the_store_and_nothing_is_lost_while_it
 
 def test_a_failing_end_of_backward_record_never_leaves_backward(url, monkeypatch):
     """The gradient norms are recorded in an autograd callback, inside the user's ``backward()``:
-    a failure there is kept and reported at the step (the free metrics disabled), never raised
-    from ``backward()``; the run's parameters are those of the same loop without the agent."""
+    a failure there is kept and reported at the step (the metrics that need the raw gradient are
+    dropped), never raised from ``backward()``; the run's parameters are those of the same loop
+    without the agent."""
     a, b, x0 = make_quadratic(9)
     plain, watched = Quadratic(a, b, x0).double(), Quadratic(a, b, x0).double()
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (plain, watched)]
@@ -313,7 +314,7 @@ def test_a_failing_end_of_backward_record_never_leaves_backward(url, monkeypatch
             opt.step()
             opt.zero_grad()
     agent.close()
-    assert "free" in agent.errors and "injected in the autograd callback" in agent.errors["free"]
+    assert set(agent.errors) == {"gradient"} and "injected in the autograd callback" in agent.errors["gradient"]
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), watched.parameters()))
     assert agent.overhead()["free"] > 0  # the callbacks' time is counted with the free metrics
 
@@ -321,7 +322,7 @@ def test_a_failing_end_of_backward_record_never_leaves_backward(url, monkeypatch
 def test_a_long_error_is_stored_as_its_first_line(url, caplog, monkeypatch):
     """PyTorch's dispatcher errors list every backend (kilobytes): the run keeps the type and the
     first line, at most ERROR_SUMMARY_CHARS characters; the log has the whole message once."""
-    from moxco.agent.core import ERROR_SUMMARY_CHARS
+    from moxco.agent.failures import ERROR_SUMMARY_CHARS
 
     a, b, x0 = make_quadratic(2)
     model = Quadratic(a, b, x0).double()
@@ -337,7 +338,7 @@ def test_a_long_error_is_stored_as_its_first_line(url, caplog, monkeypatch):
         raise RuntimeError("x" * 5000)
 
     monkeypatch.setattr(agent.capture, "replay", dispatcher_error)
-    monkeypatch.setattr(agent, "_sharpness", long_line)
+    monkeypatch.setattr(agent.probe, "sharpness", long_line)
     with caplog.at_level(logging.WARNING, logger="moxco.agent"):
         model(torch.zeros(1, 1, dtype=torch.float64)).backward()
         opt.step()
@@ -346,7 +347,7 @@ def test_a_long_error_is_stored_as_its_first_line(url, caplog, monkeypatch):
         opt.step()
         agent.close()
     assert agent.errors["reeval"] == f"NotImplementedError: {first}"
-    assert len(agent.errors["probe"]) == ERROR_SUMMARY_CHARS and agent.errors["probe"].endswith("…")
+    assert len(agent.errors["sharpness"]) == ERROR_SUMMARY_CHARS and agent.errors["sharpness"].endswith("…")
     assert open_store(url).run("long-error").config["errors"] == agent.errors
     assert "Backend199" in caplog.text  # the log keeps the whole message
 
@@ -360,7 +361,7 @@ def test_a_training_loop_runs_on_when_the_store_breaks(url, monkeypatch):
     def unavailable(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(agent.store, "write_points", unavailable)
+    monkeypatch.setattr(agent.store, "ingest", unavailable)
     monkeypatch.setattr(agent.store, "set_status", unavailable)
     for _ in range(5):
         model(torch.zeros(1, 1, dtype=torch.float64)).backward()
@@ -412,7 +413,7 @@ def test_runs_are_named_and_closed_with_status(url):
         nn.MSELoss()(model(torch.randn(4, 3)), torch.randn(4, 1)).backward()
         opt.step()
     store = open_store(url)
-    (run,) = store.runs()
+    (run,) = store.list_runs()[1]
     assert run.name == agent.run and run.status == "finished" and run.config["optimizer"] == "SGD"
     assert len(run.name.split("-")) == 4
 
@@ -566,7 +567,8 @@ def test_a_decision_applied_before_a_probe_step_records_its_phase_once(url):
     for step in range(11):
         if step == 4:  # queued before step 4 runs: applied at its end, the boundary before step 5
             decision = Decision(step=4, action={"phase": 2, "alpha": 0.1}, source="operator")
-            agent._receive_decision(agent.store.add_decision(agent.run, decision), decision)
+            stored, _ = open_store(url).add_decision(agent.run, decision)
+            agent._receive_decision(stored.id, stored)
         criterion(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -689,7 +691,7 @@ def test_an_acknowledgement_the_store_refuses_for_good_does_not_hold_the_others(
     model = Quadratic(a, b, x0).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     agent = moxco.agent.attach(model, opt, url=url, run="acks", reeval_every=0, probe_every=0)
-    kept = agent.store.add_decision("acks", Decision(step=1, action={"lr": 0.01}, source="operator"))
+    kept = open_store(url).add_decision("acks", Decision(step=1, action={"lr": 0.01}, source="operator"))[0].id
     agent.writer.acknowledge("acks:operator:999", 2)  # no such decision
     agent.writer.acknowledge(kept, 3)
     for _ in range(3):
@@ -699,7 +701,7 @@ def test_an_acknowledgement_the_store_refuses_for_good_does_not_hold_the_others(
     agent.close()
     assert "acks:operator:999" in agent.errors["store"]
     (decision,) = open_store(url).decisions("acks")
-    assert decision["id"] == kept and decision["applied_step"] == 3
+    assert decision.id == kept and decision.applied_step == 3
 
 
 class ScaledLinear(nn.Module):

@@ -37,13 +37,14 @@ def test_moxco_optimizer_state_target_and_commit(tmp_path):
                                        "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}})
     assert agent._sharpness_target() == pytest.approx(opt.eos_sharpness())
     acknowledged_from = []
-    acknowledge = agent.store.acknowledge_decision
+    ingest = agent.store.ingest
 
-    def recording_acknowledge(*args, **kwargs):
-        acknowledged_from.append(threading.current_thread().name)
-        return acknowledge(*args, **kwargs)
+    def recording_ingest(*args, acks=(), **kwargs):
+        if acks:
+            acknowledged_from.append(threading.current_thread().name)
+        return ingest(*args, acks=acks, **kwargs)
 
-    agent.store.acknowledge_decision = recording_acknowledge
+    agent.store.ingest = recording_ingest
     for _ in range(150):
         criterion(model(x), y).backward()
         opt.step()
@@ -55,21 +56,21 @@ def test_moxco_optimizer_state_target_and_commit(tmp_path):
 
     store = open_store(url)
     (decision,) = store.decisions("moxco")
-    assert decision["applied_step"] is not None and decision["applied_step"] > decision["step"]
+    assert decision.applied_step is not None and decision.applied_step > decision.step
     steps, alpha = store.series("moxco", "alpha")
-    assert alpha[steps < decision["step"]].max() == pytest.approx(0.9)
-    assert alpha[steps > decision["applied_step"]].max() == pytest.approx(0.1)
+    assert alpha[steps < decision.step].max() == pytest.approx(0.9)
+    assert alpha[steps > decision.applied_step].max() == pytest.approx(0.1)
     phase_steps, phase = store.series("moxco", "phase")
-    assert set(phase[phase_steps <= decision["step"]]) == {1.0} and phase[-1] == 2.0
+    assert set(phase[phase_steps <= decision.step]) == {1.0} and phase[-1] == 2.0
     assert np.all(store.series("moxco", "lr")[1] > 0)
     # λ_target follows the optimizer's own η, α, β through the phase switch (hypergradient lr too)
     target_steps, target = store.series("moxco", "sharpness_target")
     assert np.array_equal(target_steps, steps)
     lr_steps, lr = store.series("moxco", "lr")
     beta = store.series("moxco", "beta")[1]
-    before = target_steps < decision["step"]
+    before = target_steps < decision.step
     assert target[before] == pytest.approx(np.full(before.sum(), eos_sharpness(0.05, 0.9, 0.5)))
-    after = target_steps > decision["applied_step"]
+    after = target_steps > decision.applied_step
     assert after.sum() > 0
     assert target[after] == pytest.approx([eos_sharpness(l, a, b) for l, a, b in zip(lr[after], alpha[after], beta[after])])
 

@@ -25,8 +25,9 @@ from torch import nn
 import moxco.agent
 from moxco.agent.demo import NOISE_STD, make_task
 from moxco.agent.transport import HttpSink, Spool
-from moxco.collector.storage import Point
+from moxco.wire import Point
 from moxco.optim import MoXCo
+from moxco.policy import PolicyConfig
 from tests.servers import CollectorProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def private_spool(tmp_path, monkeypatch):
 
 
 def register(sink: HttpSink, run: str, **config) -> None:
-    sink.create_run(run, {"policy": None, **config})
+    sink.put_run(run, config=config, policy=None)
 
 
 def points(metric_steps, value=lambda m, s: float(s)):
@@ -70,7 +71,8 @@ def test_points_arrive_exactly_once_with_nonfinite_values(collector, tmp_path):
     for chunk in range(10):  # 10 writes of 300 points: batches of ≥ 700 points, never splitting a write
         batch = points([(m, s) for s in range(chunk * 100, chunk * 100 + 100) for m in metrics],
                        value=lambda m, s: special.get(s, s * 0.5) if m == "loss" else float(s))
-        sent += sink.write_points("once", batch)
+        sink.ingest("once", batch)
+        sent += len(batch)
     assert sink.flush(60)
     sink.close()
 
@@ -92,8 +94,8 @@ def test_spool_replays_in_order_also_from_an_earlier_process(collector, tmp_path
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     first = HttpSink(dead, "replay", spool_dir=spool, batch_points=50, max_backoff=0.2)
     register(first, "replay", session="first")
-    first.write_points("replay", points([("loss", s) for s in range(50)], value=lambda m, s: 1.0))
-    first.write_points("replay", points([("loss", s) for s in range(100)], value=lambda m, s: 2.0))
+    first.ingest("replay", points([("loss", s) for s in range(50)], value=lambda m, s: 1.0))
+    first.ingest("replay", points([("loss", s) for s in range(100)], value=lambda m, s: 2.0))
     wait_until(lambda: first.stats.points_spooled >= 50, what="the first batches to be spooled")
     first.set_status("replay", "interrupted")
     first.close(timeout=1)
@@ -103,7 +105,7 @@ def test_spool_replays_in_order_also_from_an_earlier_process(collector, tmp_path
     second = HttpSink(collector.url, "replay", spool_dir=spool, batch_points=50)
     assert second.stats.spool_leftover
     register(second, "replay", session="second")
-    second.write_points("replay", points([("loss", s) for s in range(150)], value=lambda m, s: 3.0))
+    second.ingest("replay", points([("loss", s) for s in range(150)], value=lambda m, s: 3.0))
     assert second.flush(60)
     second.close()
 
@@ -125,7 +127,7 @@ def test_full_spool_drops_counts_and_warns_once(collector, tmp_path, caplog):
     register(sink, "capped")
     with caplog.at_level(logging.WARNING, logger="moxco.agent.transport"):
         for chunk in range(40):  # 8000 points ≈ 400 KB of JSON: far more than the cap
-            sink.write_points("capped", points([("loss", s) for s in range(chunk * 200, chunk * 200 + 200)]))
+            sink.ingest("capped", points([("loss", s) for s in range(chunk * 200, chunk * 200 + 200)]))
         sink.close(timeout=1)
     s = sink.stats
     assert s.points_enqueued == 8000
@@ -149,11 +151,11 @@ def test_a_rejected_batch_is_logged_with_the_server_message_and_not_retried(coll
     sink = HttpSink(collector.url, "bad", spool_dir=tmp_path / "spool", batch_points=10)
     register(sink, "bad")
     with caplog.at_level(logging.ERROR, logger="moxco.agent.transport"):
-        sink.write_points("bad", points([("loss", s) for s in range(10)]))
+        sink.ingest("bad", points([("loss", s) for s in range(10)]))
         assert sink.flush(60)
-        sink.write_points("bad", [Point(10, "x" * 500, 1.0, 1.7e9)] + points([("loss", s) for s in range(10, 19)]))
+        sink.ingest("bad", [Point(10, "x" * 500, 1.0, 1.7e9)] + points([("loss", s) for s in range(10, 19)]))
         assert sink.flush(60)  # the refused batch does not block what follows
-        sink.write_points("bad", points([("loss", s) for s in range(20, 30)]))
+        sink.ingest("bad", points([("loss", s) for s in range(20, 30)]))
         assert sink.flush(60)
     sink.close()
     assert sink.stats.points_rejected == 10 and sink.stats.failed_requests == 0
@@ -172,7 +174,7 @@ def test_decisions_are_handed_over_once_and_acks_survive_a_restart(collector, tm
     sink = HttpSink(collector.url, "ops", spool_dir=spool, poll_every=0.05,
                     on_decision=lambda ident, decision: received.append((ident, decision)))
     register(sink, "ops")
-    sink.write_points("ops", points([("loss", s) for s in range(5)]))
+    sink.ingest("ops", points([("loss", s) for s in range(5)]))
     assert sink.flush(60)
     collector.post("/api/v1/runs/ops/decisions", {"action": {"phase": 2, "alpha": 0.2}, "step": 3})
     wait_until(lambda: received, what="the operator decision")
@@ -183,7 +185,7 @@ def test_decisions_are_handed_over_once_and_acks_survive_a_restart(collector, tm
     assert decision.action == {"phase": 2, "alpha": 0.2} and decision.step == 3 and decision.source == "operator"
 
     collector.kill()
-    sink.acknowledge_decision(ident, applied_step=7)
+    sink.ingest("ops", [], acks=[(ident, 7)])
     sink.close(timeout=1)  # the ack cannot go: it stays in the spool
 
     collector.start()
@@ -196,7 +198,7 @@ def test_decisions_are_handed_over_once_and_acks_survive_a_restart(collector, tm
     resumed.close()
     assert again == []
     (row,) = collector.store().decisions("ops")
-    assert row["applied_step"] == 7
+    assert row.applied_step == 7
 
 
 def test_spool_segments_rotate_and_a_torn_last_line_is_skipped(tmp_path):
@@ -232,7 +234,7 @@ def test_token_from_the_environment_and_a_wrong_token_keeps_the_data(tmp_path, m
         with caplog.at_level(logging.ERROR, logger="moxco.agent.transport"):
             wrong = HttpSink(collector.url, "authed", spool_dir=spool, max_backoff=0.2)
             register(wrong, "authed")
-            wrong.write_points("authed", points([("loss", s) for s in range(100)]))
+            wrong.ingest("authed", points([("loss", s) for s in range(100)]))
             wait_until(lambda: wrong.stats.points_spooled == 100, what="the refused points to be spooled")
             wrong.close(timeout=1)
         assert wrong.stats.points_sent == 0 and wrong.stats.points_dropped == 0
@@ -240,7 +242,7 @@ def test_token_from_the_environment_and_a_wrong_token_keeps_the_data(tmp_path, m
 
         monkeypatch.setenv("MOXCO_TOKEN", secret)
         right = HttpSink(collector.url, "authed", spool_dir=spool)
-        right.write_points("authed", points([("loss", s) for s in range(100, 150)]))
+        right.ingest("authed", points([("loss", s) for s in range(100, 150)]))
         assert right.flush(60)
         right.close()
         np.testing.assert_array_equal(collector.store().series("authed", "loss")[0], np.arange(150))
@@ -268,14 +270,14 @@ class SocketSpy:
             monkeypatch.setattr(socket.socket, name, spy)
 
 
-def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, **transport):
+def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, start_step=0, **transport):
     """agent/demo.py's job: MoXCo on a teacher-student regression that reaches the goodness threshold."""
     model, inputs, targets = make_task(0)
     opt = MoXCo(model.parameters(), torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, seed=0)
     criterion = nn.MSELoss()
     agent = moxco.agent.attach(
         model, opt, url=url, run=run, reeval_every=reeval_every, probe_every=10, criterion=criterion,
-        sharpness_iters=sharpness_iters, seed=0,
+        sharpness_iters=sharpness_iters, seed=0, start_step=start_step,
         goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},
         policy=policy or {"threshold": 0.9, "consecutive": 3, "min_step": 50},
         transport={"spool_dir": tmp_path / "spool", **transport})
@@ -293,20 +295,20 @@ def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10
 def spy_on_writes(sink: HttpSink) -> Counter:
     """Count every (metric, step) the agent hands to the sink (observing, not replacing it)."""
     sent = Counter()
-    original = sink.write_points
+    original = sink.ingest
 
-    def write_points(name, batch):
+    def ingest(name, batch, **kwargs):
         batch = list(batch)
         sent.update((p.metric, p.step) for p in batch)
-        return original(name, batch)
+        return original(name, batch, **kwargs)
 
-    sink.write_points = write_points
+    sink.ingest = ingest
     return sent
 
 
 def test_end_to_end_the_collector_decides_and_the_agent_commits_at_a_step_boundary(collector, tmp_path):
     agent, opt, step = demo_job(collector.url, "e2e", tmp_path, linger=0.05)
-    assert isinstance(agent.store, HttpSink) and agent.writer.policy is None  # the policy runs in the collector
+    assert isinstance(agent.store, HttpSink)  # the policy runs in the collector (checked below)
     commits = []
     original_commit = opt.commit
     opt.commit = lambda **kw: (commits.append((agent.step, kw)), original_commit(**kw))[1]
@@ -327,16 +329,67 @@ def test_end_to_end_the_collector_decides_and_the_agent_commits_at_a_step_bounda
     applied_at, kwargs = commits[0]
     assert kwargs == {"alpha": 0.1, "beta": 0.1} and opt.phase == 2
     store = collector.store()
+    # the run was registered with the agent's policy, and the collector's ingest decided with it
+    assert store.run("e2e").policy == {**PolicyConfig().to_dict(), "threshold": 0.9, "consecutive": 3, "min_step": 50}
     (decision,) = store.decisions("e2e")
-    assert decision["source"] == "policy" and decision["goodness"] >= 0.9
-    assert decision["applied_step"] == applied_at > decision["step"]  # applied at a later step boundary
-    assert opt.hyperparameters()["committed_at"] == decision["applied_step"]
+    assert decision.source == "policy" and decision.goodness >= 0.9
+    assert decision.applied_step == applied_at > decision.step  # applied at a later step boundary
+    assert opt.hyperparameters()["committed_at"] == decision.applied_step
     phase_steps, phase = store.series("e2e", "phase")
-    assert phase[phase_steps < decision["applied_step"]].max() == 1.0 and phase[-1] == 2.0
+    assert phase[phase_steps < decision.applied_step].max() == 1.0 and phase[-1] == 2.0
     steps, alpha = store.series("e2e", "alpha")
-    assert alpha[steps > decision["applied_step"]].max() == pytest.approx(0.1)
+    assert alpha[steps > decision.applied_step].max() == pytest.approx(0.1)
     assert store.run("e2e").status == "finished"
-    assert agent.decisions()[0]["applied_step"] == decision["applied_step"]  # read back over HTTP
+    assert [d.to_json() for d in agent.decisions()] == [decision.to_json()]  # read back over HTTP: the same
+
+
+def test_agent_decisions_are_the_same_decision_objects_in_embedded_and_http_mode(collector, tmp_path):
+    """An embedded job (its own store file, the same store code deciding on ingest) takes and
+    applies a decision; then an agent attached to that run in embedded mode and one attached over
+    HTTP (a collector serving the file) answer ``decisions()`` with the same ``Decision`` objects:
+    same type, every field equal, cause and acknowledgement included."""
+    import dataclasses
+
+    from moxco.decision import Decision
+
+    model, inputs, targets = make_task(0)
+    opt = MoXCo(model.parameters(), torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, seed=0)
+    criterion = nn.MSELoss()
+    job = moxco.agent.attach(model, opt, url=collector.db, run="modes", reeval_every=1, probe_every=10,
+                             criterion=criterion, sharpness_iters=10, seed=0,
+                             goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},
+                             policy={"threshold": 0.9, "consecutive": 3, "min_step": 50})
+    gen = torch.Generator().manual_seed(2)
+    deadline = time.monotonic() + 120
+    while opt.phase == 1 and time.monotonic() < deadline:
+        index = torch.randint(0, inputs.shape[0], (96,), generator=gen)
+        criterion(model(inputs[index]), targets[index]).backward()
+        opt.step()
+        opt.zero_grad()
+    job.close()
+    assert opt.phase == 2 and job.errors == {}
+
+    readers = []
+    for url in (collector.db, collector.url):
+        probe = nn.Linear(2, 1)
+        readers.append(moxco.agent.attach(probe, torch.optim.SGD(probe.parameters(), lr=0.1), url=url, run="modes",
+                                          reeval_every=0, probe_every=0, transport={"spool_dir": tmp_path / "spool"}
+                                          if url.startswith("http") else None))
+    try:
+        embedded, http = (reader.decisions() for reader in readers)
+    finally:
+        for reader in readers:
+            reader.close()
+    assert isinstance(readers[1].store, HttpSink) and not isinstance(readers[0].store, HttpSink)
+    (decision,) = embedded
+    assert len(http) == 1 and type(http[0]) is type(decision) is Decision
+    for field in dataclasses.fields(Decision):
+        a, b = getattr(decision, field.name), getattr(http[0], field.name)
+        assert a == b or (a != a and b != b), field.name  # NaN (not measured) on both sides
+    assert http[0].to_json() == decision.to_json()
+    assert decision.run == "modes" and decision.source == decision.issued_by == "policy"
+    assert decision.policy["threshold"] == 0.9 and decision.goodness >= 0.9 and decision.status == "applied"
+    assert decision.applied_step > decision.step
 
 
 def test_collector_killed_and_restarted_mid_run_the_job_never_waits_and_nothing_is_lost(collector, tmp_path,

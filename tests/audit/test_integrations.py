@@ -55,6 +55,8 @@ def test_transformers_trainer_callback(tmp_path):
             return {"input_ids": data[i], "labels": data[i]}
 
     url = f"sqlite:///{tmp_path / 'hf.db'}"
+    with pytest.raises(TypeError, match="'probe_evry'.*'probe_every'"):  # at construction, before training
+        MoxcoCallback(url=url, probe_evry=4)
     callback = MoxcoCallback(url=url, run="hf", reeval_every=1, probe_every=4)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=8,
                              learning_rate=1e-3, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
@@ -83,6 +85,8 @@ def test_lightning_callback(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     url = f"sqlite:///{tmp_path / 'pl.db'}"
+    with pytest.raises(TypeError, match="'reeval_evry'.*'reeval_every'"):  # at construction, before training
+        MoxcoCallback(module="model", url=url, reeval_evry=1)
     callback = MoxcoCallback(module="model", url=url, run="pl", reeval_every=1, probe_every=4)
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, callbacks=[callback], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

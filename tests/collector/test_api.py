@@ -8,8 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 
-from moxco.collector.app import create_app
-from moxco.collector.storage import Store
+from moxco.collector.api import create_app
+from moxco.collector.store import Store
 
 POLICY = {"threshold": 0.85, "min_step": 0, "consecutive": 2, "cooldown": 0, "max_decisions": 1,
           "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}}
@@ -38,7 +38,7 @@ def test_migrations_from_empty(store_url):
         if store.dialect == "postgresql":  # points in chunks, read through the metric_points view (0005)
             assert "point_chunks" in tables and "metric_points" in inspect(store.engine).get_view_names()
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0005"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
     Store(store_url).close()  # a second upgrade is a no-op
 
 
@@ -247,3 +247,71 @@ def test_store_unreachable_is_503_with_retry_after(tmp_path):
             assert r.status_code == 503 and r.headers["retry-after"].isdigit()
         assert c.get("/api/v1/runs").json()["error"]["code"] == "store_unavailable"
         assert "moxco_collector_store_up 0.0" in c.get("/metrics").text
+
+
+@pytest.mark.parametrize("action", [{"phase": 2, "alpha": 5}, {"lr": -1}, {"beta": -3}, {"phase": 2, "x": [1]},
+                                    {"phase": 2, "reset_inertia": False}, {"lr": "fast"}, {"phase": True}])
+def test_an_action_the_decision_type_refuses_is_a_422_and_nothing_is_stored(client, action):
+    """Operator decisions are validated by ``moxco.decision.Decision`` (``validate_action``), the one
+    check the policy, the store and the agent use too."""
+    client.put("/api/v1/runs/r", json={})
+    r = client.post("/api/v1/runs/r/decisions", json={"action": action, "step": 3})
+    assert r.status_code == 422, r.text
+    assert "action" in r.json()["error"]["message"]
+    assert client.get("/api/v1/runs/r/decisions").json()["decisions"] == []
+
+
+def test_a_refused_point_is_a_422_naming_its_field_and_index_and_nothing_is_stored(client):
+    """The batch's points go through ``moxco.wire.parse_points``: whole-string name rules (a trailing
+    newline or a NUL is refused), the same answer on SQLite and PostgreSQL."""
+    client.put("/api/v1/runs/r", json={})
+    for bad in ("loss\n", "lo\x00ss"):
+        r = batch(client, "r", "b", [["loss", 1, 0.5, 1.0], [bad, 2, 0.5, 1.0]])
+        assert r.status_code == 422 and "points[1]" in r.json()["error"]["message"]
+        assert r.json()["error"]["details"] == [{"field": "metric", "index": 1}]
+    r = batch(client, "r", "b\x00", [["loss", 1, 0.5, 1.0]])
+    assert r.status_code == 422 and r.json()["error"]["details"] == [{"field": "batch_id"}]
+    assert client.get("/api/v1/runs/r").json()["metrics"] == []
+
+
+def test_decisions_answer_in_the_decision_types_json_form_with_their_cause(client):
+    """Every route answers a decision as ``Decision.to_json``: a policy decision carries the goodness,
+    its terms and the policy that fired it; an operator decision who issued it and why; a refused
+    one the agent's reason."""
+    from moxco.decision import Decision
+
+    client.put("/api/v1/runs/r", json={"policy": {**POLICY, "consecutive": 1}})
+    (fired,) = batch(client, "r", "1", [["goodness", 10, 0.9, 1.0], ["goodness_loss_term", 10, 0.02, 1.0]]).json()[
+        "decisions"]
+    assert Decision.from_json(fired).to_json() == fired
+    assert fired["policy"] == {**POLICY, "consecutive": 1} and fired["issued_by"] == "policy"
+    assert fired["loss_term"] == 0.02 and fired["grad_term"] is None and fired["status"] == "pending"
+    manual = client.post("/api/v1/runs/r/decisions", json={"action": {"lr": 0.01}, "reason": "lr too high"}).json()
+    assert manual["issued_by"] == "anonymous" and manual["reason"] == "lr too high" and manual["step"] == 10
+    refused = client.post(f"/api/v1/runs/r/decisions/{manual['id']}/ack",
+                          json={"applied_step": 11, "rejected": "the optimizer has no commit()"}).json()
+    assert refused["status"] == "rejected" and refused["rejected"] == "the optimizer has no commit()"
+    listed = client.get("/api/v1/runs/r/decisions").json()["decisions"]
+    assert [d["id"] for d in listed] == ["r:operator:10", "r:policy:10"] and listed[0] == refused
+
+
+def test_the_catalogue_is_served_as_moxco_catalogue_to_json(client):
+    import json
+
+    from moxco import catalogue
+
+    r = client.get("/api/v1/catalogue")
+    assert r.status_code == 200 and r.json() == json.loads(json.dumps(catalogue.to_json()))
+    assert {m["name"] for m in r.json()["metrics"]} == set(catalogue.names())
+
+
+def test_prometheus_help_lines_come_from_the_catalogue(client):
+    from moxco import catalogue
+
+    client.put("/api/v1/runs/r", json={})
+    batch(client, "r", "b", [["loss", 1, 0.5, 1.0], ["sharpness", 1, 2.0, 1.0], ["val_accuracy", 1, 0.9, 1.0]])
+    text = client.get("/metrics").text
+    for name in ("loss", "sharpness", "val_accuracy"):
+        help_line = catalogue.help_text(name).replace("\\", r"\\").replace("\n", r"\n")
+        assert f"# HELP moxco_{name} {help_line}\n" in text
+    assert "DESIGN" not in text and "§" not in text

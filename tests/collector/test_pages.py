@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import moxco.agent
-from moxco.collector.storage import Store
+from moxco.collector.store import Store
 from moxco.dashboards import build
 from moxco.dashboards.validate import promql_metric_names
 from moxco.optim import MoXCo
@@ -76,11 +76,11 @@ def served(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('pages-store') / 'runs.db'}"
     _feed(url, RUN)
     store = Store(url)
-    store.create_run(FINISHED_RUN, {"optimizer": "SGD"})
-    store.write_points(FINISHED_RUN, [(s, "loss", 1.0 / (s + 1), time.time()) for s in range(5)])
+    store.put_run(FINISHED_RUN, config={"optimizer": "SGD"})
+    store.ingest(FINISHED_RUN, [(s, "loss", 1.0 / (s + 1), time.time()) for s in range(5)])
     store.set_status(FINISHED_RUN, "finished")
-    store.create_run(XSS_RUN, XSS_CONFIG)
-    store.write_points(XSS_RUN, [(s, "loss", 2.0 - 0.1 * s, time.time()) for s in range(4)])
+    store.put_run(XSS_RUN, config=XSS_CONFIG)
+    store.ingest(XSS_RUN, [(s, "loss", 2.0 - 0.1 * s, time.time()) for s in range(4)])
     collector = CollectorProcess(url, "--no-auth").start()
     try:
         yield collector, store
@@ -159,11 +159,11 @@ def test_runs_page_lists_runs_with_status_step_phase_and_goodness(served, page, 
     row = page.locator("#runs tbody tr", has=page.get_by_role("link", name=RUN, exact=True))
     row.wait_for()
     latest = store.latest(RUN)
-    detail = store.run_detail(RUN)
+    detail = store.run(RUN)
     cells = row.locator("td").all_inner_texts()
     assert cells[0] == RUN
     assert cells[1].startswith("running")
-    assert cells[2] == f"{detail['last_step']:,}"
+    assert cells[2] == f"{detail.last_step:,}"
     assert cells[3] == {1: "1 · explore", 2: "2 · commit"}[int(latest["phase"][1])]
     # the goodness cell fills in once /latest answered
     page.wait_for_function("([run]) => { const r = [...document.querySelectorAll('#runs tbody tr')]"
@@ -225,11 +225,11 @@ def test_run_page_charts_hold_the_stored_points(served, page, tmp_path, record_p
     assert page.evaluate("() => window.moxcoCharts.loss.plotted('loss').steps.length") > 10
 
     # the goodness chart draws the policy's threshold C
-    run = store.run_detail(RUN)
-    assert page.evaluate("() => window.moxcoCharts.goodness.threshold()") == [run["config"]["policy"]["threshold"]]
+    run = store.run(RUN)
+    assert page.evaluate("() => window.moxcoCharts.goodness.threshold()") == [run.config["policy"]["threshold"]]
 
     # decisions: a marker on every chart at the decision's step, a tooltip, a table row
-    decisions = store.run_decisions(RUN)
+    decisions = [d.to_json() for d in store.decisions(RUN)]
     assert decisions, "the policy should have decided during the fed run"
     steps = [d["step"] for d in decisions]
     for chart in charts:
@@ -251,9 +251,9 @@ def test_run_page_charts_hold_the_stored_points(served, page, tmp_path, record_p
     assert page.locator("#decisions tbody tr").count() == len(decisions)
 
     # tiles and the configuration
-    assert page.locator("[data-tile=Step] .tile-value").inner_text() == f"{run['last_step']:,}"
+    assert page.locator("[data-tile=Step] .tile-value").inner_text() == f"{run.last_step:,}"
     shown = json.loads(page.locator("pre[data-config=config]").inner_text())
-    assert shown == run["config"]
+    assert shown == run.config
     assert page.locator("#run-name").inner_text() == RUN
     path = _screenshot(page, tmp_path, "run", record_property)
     if os.environ.get("MOXCO_UPDATE_DOC_IMAGES"):  # the suite never writes into the repository by default
@@ -267,7 +267,7 @@ def test_new_points_appear_without_reload_and_non_finite_values_are_gaps(served,
     page.goto(_run_url(collector, RUN))
     _wait_loaded(page)
     page.evaluate("() => { window.__sameDocument = true; }")
-    last = store.run_detail(RUN)["last_step"]
+    last = store.run(RUN).last_step
     new = [last + 1, last + 2, last + 3, last + 4]
     now = time.time()
     body = {"batch_id": f"pages-test-{now}", "points": [
@@ -323,8 +323,8 @@ def test_a_run_that_does_not_exist_is_reported_not_crashed(served, page):
 def test_with_auth_the_page_asks_for_a_read_token_once(tmp_path, page):
     url = f"sqlite:///{tmp_path / 'auth.db'}"
     with Store(url) as store:
-        store.create_run("secured", {"optimizer": "SGD"})
-        store.write_points("secured", [(s, "loss", 1.0 / (s + 1), time.time()) for s in range(7)])
+        store.put_run("secured", config={"optimizer": "SGD"})
+        store.ingest("secured", [(s, "loss", 1.0 / (s + 1), time.time()) for s in range(7)])
 
     def token(*scopes: str) -> str:
         args = [sys.executable, "-m", "moxco.cli", "token", "create", "--url", url, "--name", "-".join(scopes)]

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from moxco.collector import downsample as ds
 from moxco.collector.schema import BLOCK_STEPS, RUN_LEVEL_RANK
-from moxco.collector.storage import MIGRATIONS, Store, normalize_url, upgrade
+from moxco.collector.store import MIGRATIONS, Store, normalize_url, upgrade
 
 
 def _ingest(store, model, run, batch_id, points):
@@ -27,8 +27,8 @@ def _ingest(store, model, run, batch_id, points):
         if step not in series:
             series[step] = value
             new += 1
-    got = store.ingest(run, batch_id, [p[0] for p in points], [p[2] for p in points], [p[3] for p in points],
-                       [1000.0 + p[2] for p in points], [p[1] for p in points])
+    got = store.ingest(run, ([p[0] for p in points], [p[2] for p in points], [p[3] for p in points],
+                             [1000.0 + p[2] for p in points], [p[1] for p in points]), batch_id=batch_id)
     return got.stored, new
 
 
@@ -55,12 +55,13 @@ def test_random_writes_read_back_first_write_wins_on_both_stores(store_url):
     rng = random.Random(20261123)
     model: dict = {}
     with Store(store_url) as store:
-        store.create_run("r")
+        store.put_run("r")
         for k in range(60):
             points = _random_batch(rng, model)
             stored, expected = _ingest(store, model, "r", f"b{k}", points)
             assert stored == expected, k
-        assert store.ingest("r", "b0", ["loss"], [10**6], [1.0], [1.0], [RUN_LEVEL_RANK]).duplicate  # batch id kept
+        # the batch id is kept
+        assert store.ingest("r", (["loss"], [10**6], [1.0], [1.0], [RUN_LEVEL_RANK]), batch_id="b0").duplicate
         for (metric, rank), series in model.items():
             want_steps = np.array(sorted(series), dtype=np.int64)
             want_values = np.array([series[s] for s in want_steps.tolist()])
@@ -136,7 +137,8 @@ def test_migration_0005_moves_points_into_chunks_and_back(pg_url):
             blocks = conn.exec_driver_sql("SELECT rank, block, n FROM point_chunks ORDER BY rank, block").all()
         assert blocks == [(-1, 0, 1024), (-1, 1, 1024), (-1, 2, 952), (-1, 4, 3), (0, 0, 342), (0, 1, 341)]
         # a write after the migration appends a chunk next to the migrated ones
-        assert store.ingest("r", "after", ["loss"] * 3, [2999, 3000, 3001], [9.0] * 3, [1.0] * 3, [-1] * 3).stored == 2
+        got = store.ingest("r", (["loss"] * 3, [2999, 3000, 3001], [9.0] * 3, [1.0] * 3, [-1] * 3), batch_id="after")
+        assert got.stored == 2
         rows.append((1, "loss", -1, 3000, 9.0, 1.0))
         rows.append((1, "loss", -1, 3001, 9.0, 1.0))
         engine = store.engine
@@ -158,15 +160,15 @@ def test_long_appended_series_reads_sorted_in_one_pass(store_url, per_batch):
     """Appends of any batch size (one point per chunk to several blocks per batch) read back in
     order, whole and by range, and the cached reader only fetches the tail."""
     with Store(store_url) as store:
-        store.create_run("r")
+        store.put_run("r")
         n = 12_000 if per_batch > 1 else 1_100
         for k, lo in enumerate(range(0, n, per_batch)):
             steps = list(range(lo, min(n, lo + per_batch)))
-            store.ingest("r", f"b{k}", ["loss"] * len(steps), steps, [float(s) for s in steps], [0.0] * len(steps),
-                         [-1] * len(steps))
+            store.ingest("r", (["loss"] * len(steps), steps, [float(s) for s in steps], [0.0] * len(steps),
+                               [-1] * len(steps)), batch_id=f"b{k}")
         steps, values, _ = store.series_columns("r", "loss")
         assert steps.tolist() == list(range(n)) and values.tolist() == [float(s) for s in range(n)]
-        store.ingest("r", "tail", ["loss"], [n], [1.5], [0.0], [-1])
+        store.ingest("r", (["loss"], [n], [1.5], [0.0], [-1]), batch_id="tail")
         assert store.series_columns("r", "loss")[0][-2:].tolist() == [n - 1, n]
         assert store.series("r", "loss", start=BLOCK_STEPS - 1, end=BLOCK_STEPS)[0].tolist() == [BLOCK_STEPS - 1,
                                                                                                 BLOCK_STEPS]
@@ -182,16 +184,18 @@ def test_closed_blocks_are_merged_into_one_chunk(pg_url):
                                         "GROUP BY metric, block ORDER BY metric, block").all()
 
     with Store(pg_url) as store:
-        store.create_run("r")
+        store.put_run("r")
         n = 2 * BLOCK_STEPS + 10
         steps = [s for s in range(n) if s != 9]  # step 9 comes late
         for step in steps:
             value = math.nan if step == 5 else float(step)
-            store.ingest("r", f"b{step}", ["loss", "gap"], [step, step], [value, -value], [1.0, 2.0], [-1, -1])
+            store.ingest("r", (["loss", "gap"], [step, step], [value, -value], [1.0, 2.0], [-1, -1]),
+                         batch_id=f"b{step}")
         full = BLOCK_STEPS
         assert chunks(store) == [("gap", 0, 1, full - 1), ("gap", 1, 1, full), ("gap", 2, 10, 10),
                                  ("loss", 0, 1, full - 1), ("loss", 1, 1, full), ("loss", 2, 10, 10)]
-        assert store.ingest("r", "late", ["loss", "loss"], [7, 9], [99.0, 9.0], [1.0, 1.0], [-1, -1]).stored == 1
+        got = store.ingest("r", (["loss", "loss"], [7, 9], [99.0, 9.0], [1.0, 1.0], [-1, -1]), batch_id="late")
+        assert got.stored == 1
         assert chunks(store)[3] == ("loss", 0, 2, full)
         got_steps, got_values = store.series("r", "loss")
         want = np.arange(n, dtype=float)

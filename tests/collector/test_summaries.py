@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from moxco.collector import downsample as ds
 from moxco.collector.schema import BLOCK_STEPS
-from moxco.collector.storage import Store
+from moxco.collector.store import Store
 
 VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
                    st.sampled_from([0.0, -0.0, 1.0, math.nan, math.inf, -math.inf]))
@@ -223,14 +223,14 @@ def test_store_summaries_follow_out_of_order_overlapping_and_replayed_batches(st
             metrics = ["loss"] * len(chunk) + ["gn"] * len(chunk)
             steps = chunk + chunk
             vals = [values[s % n] for s in chunk] + [float(s) for s in chunk]
-            store.ingest("r", f"b{b}", metrics, steps, vals, [1000.0 + s for s in steps], [-1] * len(steps))
+            store.ingest("r", (metrics, steps, vals, [1000.0 + s for s in steps], [-1] * len(steps)), batch_id=f"b{b}")
             if b % 5 == 0:
-                store.write_points("r", [(s, "loss", values[s % n], 2000.0, 0) for s in chunk])
+                store.ingest("r", [(s, "loss", values[s % n], 2000.0, 0) for s in chunk])
             if b in (3, len(batches) - 1):
                 _check_store(store, "r", "loss")
         # a retried batch id stores nothing; a duplicate point in one batch keeps the first value
-        store.ingest("r", "b0", ["loss"], [0], [99.0], [0.0], [-1])
-        store.ingest("r", "dup", ["loss", "loss"], [200_000, 200_000], [1.0, 2.0], [0.0, 0.0], [-1, -1])
+        store.ingest("r", (["loss"], [0], [99.0], [0.0], [-1]), batch_id="b0")
+        store.ingest("r", (["loss", "loss"], [200_000, 200_000], [1.0, 2.0], [0.0, 0.0], [-1, -1]), batch_id="dup")
         assert store.series("r", "loss", start=200_000)[1].tolist() == [1.0]
         for metric, rank in (("loss", -1), ("gn", -1), ("loss", 0)):
             _check_store(store, "r", metric, rank)
@@ -247,8 +247,8 @@ def test_store_minmax_of_a_large_series_matches_the_raw_path_when_aligned(store_
         values[99999] = 50.0
         for k in range(0, n, 50_000):
             idx = np.arange(k, min(k + 50_000, n))
-            store.ingest("big", f"b{k}", ["loss"] * idx.size, idx.tolist(), values[idx].tolist(),
-                         (idx * 0.01).tolist(), [-1] * idx.size)
+            store.ingest("big", (["loss"] * idx.size, idx.tolist(), values[idx].tolist(), (idx * 0.01).tolist(),
+                                 [-1] * idx.size), batch_id=f"b{k}")
         steps = np.arange(n)
         # 128 buckets of exactly 2 blocks (5 points each with the NaN): edges on block starts
         total, s, v, w = store.series_minmax("big", "loss", max_points=128 * 5 + 2)
@@ -261,7 +261,7 @@ def test_store_minmax_of_a_large_series_matches_the_raw_path_when_aligned(store_
 
 
 def test_migration_0003_backfills_summaries(tmp_path):
-    from moxco.collector.storage import upgrade
+    from moxco.collector.store import upgrade
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     store = Store(url, migrate=False)

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from moxco.collector.storage import Store
+from moxco.collector.store import Store
+from moxco.decision import Decision
 from moxco.dashboards.validate import sql_metric_names
 
 INTERVAL_S = 60  # what Grafana puts for $__interval here ("1m")
@@ -61,16 +62,17 @@ def store(pg_url, models):
     rng = np.random.default_rng(7)
     with Store(pg_url) as store:
         for run, n in (("alpha", 3000), ("beta's", 40)):
-            store.create_run(run)
+            store.put_run(run)
             for k, lo in enumerate(range(0, n, 250)):
                 steps = list(range(lo, min(n, lo + 250)))
                 names = [m for m in metrics for _ in steps]
                 values = [math.nan if s == 17 else (1.0 + (s % 2) if m == "phase" else float(rng.normal()))
                           for m in metrics for s in steps]
                 walls = [now - 600 + s * 0.1 for _m in metrics for s in steps]
-                store.ingest(run, f"{run}-{k}", names, steps * len(metrics), values, walls, [-1] * len(names))
-            store.ingest(run, f"{run}-back", ["loss"], [5], [-50.0], [now], [-1])  # stored already: ignored
-            store.operator_decision(run, {"phase": 2}, step=n - 1)
+                store.ingest(run, (names, steps * len(metrics), values, walls, [-1] * len(names)),
+                             batch_id=f"{run}-{k}")
+            store.ingest(run, (["loss"], [5], [-50.0], [now], [-1]), batch_id=f"{run}-back")  # stored already: ignored
+            store.add_decision(run, Decision(n - 1, {"phase": 2}, source="operator"))
         yield store
 
 

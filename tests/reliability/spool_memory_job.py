@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from moxco.agent.transport import HttpSink
-from moxco.collector.storage import Point
+from moxco.wire import Point
 
 METRICS = [f"m{i:02d}" for i in range(30)]
 
@@ -39,10 +39,10 @@ def main() -> None:
         port = s.getsockname()[1]  # closed again: connection refused from now on
     sink = HttpSink(f"http://127.0.0.1:{port}", "outage", spool_dir=spool, spool_max_bytes=cap,
                     max_memory_points=50_000, max_backoff=2.0)
-    sink.create_run("outage", {"policy": None})
+    sink.put_run("outage", policy=None)
     warm, written, step = None, 0, 0
     while written < total:
-        sink.write_points("outage", [Point(step, m, 0.5 * step, 1.7e9 + step) for m in METRICS])
+        sink.ingest("outage", [Point(step, m, 0.5 * step, 1.7e9 + step) for m in METRICS])
         written += len(METRICS)
         step += 1
         if warm is None and written >= total // 20:

@@ -37,12 +37,14 @@ NO_DECISIONS = {"threshold": 1.0, "min_step": 10**9}
 class Job:
     """demo_job's training loop with the socket spy and a count of every point handed to the sink."""
 
-    def __init__(self, url: str, run: str, tmp_path: Path, monkeypatch, policy=None, **transport) -> None:
+    def __init__(self, url: str, run: str, tmp_path: Path, monkeypatch, policy=None, start_step=0,
+                 **transport) -> None:
         self.run = run
         self.spy = SocketSpy(monkeypatch)
         transport = {"max_backoff": 0.5, "linger": 0.2, **transport}
         self.agent, self.opt, self._step = demo_job(url, run, tmp_path, reeval_every=3, sharpness_iters=1,
-                                                    policy=policy or NO_DECISIONS, **transport)
+                                                    policy=policy or NO_DECISIONS, start_step=start_step,
+                                                    **transport)
         self.sink = self.agent.store
         self.sent = spy_on_writes(self.sink)
         self.training = threading.current_thread().name
@@ -278,8 +280,7 @@ def test_agent_killed_mid_run_acknowledged_points_durable_run_interrupted_and_re
         resumed_steps = max(100, killed_at - checkpoint + 40)
         job_dir = tmp_path / "resumed"
         job_dir.mkdir()
-        job = Job(collector.url, "crash", job_dir, monkeypatch, spool_dir=spool)
-        job.agent.step = checkpoint  # as attach(..., start_step=checkpoint)
+        job = Job(collector.url, "crash", job_dir, monkeypatch, spool_dir=spool, start_step=checkpoint)
         job.steps(resumed_steps)
         wait_until(lambda: job.sink.stats.points_sent > 0, what="the resumed run's first batch")
         wait_until(lambda: store.run("crash").status == "running", 30, "the resumed run to be running")
@@ -327,12 +328,12 @@ def test_decision_sent_while_the_agent_is_offline_is_applied_exactly_once(tmp_pa
         network.mode = "proxy"
         job.steps_until(lambda: commits, "the decision to be applied")
         delivered_before_ack = job.sink.stats.decisions_received
-        job.steps_until(lambda: open_store(collector.db).decisions("offline")[0]["applied_step"] is not None,
+        job.steps_until(lambda: open_store(collector.db).decisions("offline")[0].applied_step is not None,
                         "the acknowledgement")
         job.steps(60)
         job.agent.close()
         (row,) = open_store(collector.db).decisions("offline")
-        assert row["id"] == ident and row["applied_step"] == commits[0][0]
+        assert row.id == ident and row.applied_step == commits[0][0]
         assert len(commits) == 1 and commits[0][1] == {"alpha": 0.1, "beta": 0.1} and job.opt.phase == 2
         assert delivered_before_ack == 1
         job.account(collector.db, "operator decision issued while the agent's link was cut; link restored",

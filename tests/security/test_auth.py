@@ -1,4 +1,5 @@
-"""Who may do what: every API endpoint needs a token (only /healthz and /metrics do not), each
+"""Who may do what: every API endpoint needs a token (only the public rows of the route table do
+not: /healthz, /metrics, the catalogue), the app serves exactly the routes of its table, each
 token's scopes are enforced on every route, the store keeps no token secret, secrets are compared
 in constant time, each token is rate limited (429 + Retry-After, and the agent backs off and loses
 nothing), and ``moxco serve`` listens on loopback unless told otherwise. There are no projects or
@@ -16,15 +17,16 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from moxco.collector.app import create_app
+from moxco.collector.api import ROUTES, create_app
 from moxco.collector.auth import TokenBucket
-from moxco.collector.storage import Store
+from moxco.collector.store import Store
+from moxco.decision import Decision
 from tests.agent.test_transport import points
 from tests.figures import figure
 from tests.servers import CollectorProcess
 
 SCOPES = ("ingest", "read", "decide", "admin")
-OPEN = {("GET", "/healthz"), ("GET", "/metrics")}
+OPEN = {(method, r.path) for r in ROUTES if r.scope == "public" and r.in_schema for method in r.methods}
 
 
 @pytest.fixture
@@ -34,8 +36,8 @@ def secured(tmp_path):
     store = Store(url)
     tokens = {scope: store.create_token(f"t-{scope}", [scope])[1] for scope in SCOPES}
     store.put_run("r")
-    store.ingest("r", "b0", ["loss"], [1], [0.5], [1.7e9], [-1])
-    store.operator_decision("r", {"phase": 2}, step=1)
+    store.ingest("r", (["loss"], [1], [0.5], [1.7e9], [-1]), batch_id="b0")
+    store.add_decision("r", Decision(1, {"phase": 2}, source="operator"))
     app = create_app(store=store, migrate=False)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, tokens, url, app
@@ -84,6 +86,34 @@ def test_every_endpoint_but_health_and_metrics_needs_a_token(secured):
         r = client.get(page)
         assert r.status_code == 200 and "0.5" not in r.text and "r:operator" not in r.text
     assert checked >= 40
+
+
+def test_every_route_the_app_serves_has_a_row_in_the_route_table_and_every_row_a_route(tmp_path):
+    """The app is built from ``ROUTES`` alone: the same (method, path) pairs, each behind the
+    scope of its row (``/metrics`` behind ``read`` when the app guards it), tagged with it."""
+    from starlette.routing import Mount
+
+    from moxco.collector.api.routes.pages import STATIC_PATH
+
+    for metrics_auth in (False, True):
+        app = create_app(f"sqlite:///{tmp_path / 'table.db'}", metrics_auth=metrics_auth)
+        served = {}
+        for route in app.routes:
+            if isinstance(route, Mount):
+                assert route.path == STATIC_PATH  # the pages' static files: no data, no route of their own
+                continue
+            dependencies = [d.dependency for d in getattr(route, "dependencies", [])]
+            scope = dependencies[0].scope if dependencies else "public"
+            assert getattr(route, "tags", [scope]) == [scope], route.path
+            served.update({(method, route.path): scope for method in route.methods})
+        table = {(method, r.path): (r.guarded_scope if metrics_auth and r.guarded_scope else r.scope)
+                 for r in ROUTES for method in r.methods}
+        assert served == table
+        assert table[("GET", "/metrics")] == ("read" if metrics_auth else "public")
+        app.state.store.close()
+    assert {r.scope for r in ROUTES} <= {"public", "ingest", "read", "decide", "admin"}
+    assert {r.path for r in ROUTES if r.scope == "public" and r.in_schema} == {"/healthz", "/metrics",
+                                                                                 "/api/v1/catalogue"}
 
 
 def test_scopes_are_enforced_on_every_route(secured):
@@ -159,9 +189,9 @@ def test_served_rate_limit_the_agent_backs_off_and_loses_nothing_and_loopback_by
         from moxco.agent.transport import HttpSink
 
         sink = HttpSink(collector.url, "limited", token=secret, batch_points=10, linger=0.01, max_backoff=0.5)
-        sink.create_run("limited", {"policy": None})
+        sink.put_run("limited", policy=None)
         for chunk in range(30):  # 30 batches as fast as the sender can: far above 4 requests/s
-            sink.write_points("limited", points([("loss", s) for s in range(chunk * 10, chunk * 10 + 10)]))
+            sink.ingest("limited", points([("loss", s) for s in range(chunk * 10, chunk * 10 + 10)]))
         assert sink.flush(120)
         sink.close()
         steps, _ = collector.store().series("limited", "loss")

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from moxco.agent.transport import default_spool_dir
-from moxco.collector.app import create_app
+from moxco.collector.api import create_app
 from tests.figures import figure
 
 TRIED = {"requests": 0, "5xx": 0}
@@ -179,18 +179,18 @@ def test_non_finite_values_steps_and_clock_skew(client):
 def test_sweep_uses_the_server_clock_not_the_agents(tmp_path):
     """A run whose agent's clock is years ahead is still marked interrupted when silent, and one
     whose clock is behind is not marked while it sends."""
-    from moxco.collector.storage import Store
+    from moxco.collector.store import Store
 
     with Store(f"sqlite:///{tmp_path / 'r.db'}") as store:
         for name, wall in (("ahead", 4.1e9), ("behind", 1.0)):
             store.put_run(name)
-            store.ingest(name, "b", ["loss"], [1], [0.5], [wall], [-1])
+            store.ingest(name, (["loss"], [1], [0.5], [wall], [-1]), batch_id="b")
         import time
 
         now = time.time()
         assert store.sweep_stale_runs(60, now=now) == {"interrupted": [], "running": []}
         assert store.sweep_stale_runs(60, now=now + 61)["interrupted"] == ["ahead", "behind"]
-        store.ingest("behind", "b2", ["loss"], [2], [0.5], [1.0], [-1])
+        store.ingest("behind", (["loss"], [2], [0.5], [1.0], [-1]), batch_id="b2")
         assert store.sweep_stale_runs(60)["running"] == ["behind"]  # it sent again: running
         assert store.run("ahead").status == "interrupted"
 

@@ -18,8 +18,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from moxco.collector.app import create_app
-from moxco.collector.storage import Store
+from moxco.collector.api import create_app
+from moxco.collector.store import Store
 from tests.figures import FIGURES, figure
 
 MAX_EXAMPLES = 40
@@ -27,7 +27,7 @@ _store = Store(f"sqlite:///{tempfile.mkdtemp(prefix='moxco-fuzz-')}/runs.db")
 TOKENS = {"admin": _store.create_token("fuzz-admin", ["admin"])[1],
           "ingest": _store.create_token("fuzz-ingest", ["ingest"])[1], "none": None}
 _store.put_run("r", policy={"threshold": 0.5, "consecutive": 1})
-_store.ingest("r", "seed", ["loss", "goodness"], [1, 1], [0.5, 0.9], [1.7e9, 1.7e9], [-1, -1])
+_store.ingest("r", (["loss", "goodness"], [1, 1], [0.5, 0.9], [1.7e9, 1.7e9], [-1, -1]), batch_id="seed")
 app = create_app(store=_store, migrate=False)
 schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", app)
 # requests go through Starlette's TestClient (httpx): schemathesis' own requests-based ASGI transport

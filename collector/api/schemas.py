@@ -1,0 +1,157 @@
+"""The request bodies: one pydantic model each, the source of both their OpenAPI schema and their
+validation (``parse``).
+
+Bodies are read by the app itself (``deps.read_json``: streamed with a size check, parsed with
+orjson), then validated here, strictly (no string-to-number coercion; unknown fields refused). A
+batch's ``points`` are validated by the fast column-wise parser ``moxco.wire.parse_points``, not by
+pydantic; an action by ``moxco.decision.validate_action``, through the ``Decision`` type. Their
+JSON schemas here describe those checks for clients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from typing_extensions import Annotated
+
+from moxco.collector.api.errors import invalid
+from moxco.collector.schema import RUN_STATUSES
+from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_STEP, MAX_TEXT
+
+MAX_JSON_DEPTH = 32  # nesting of config/optimizer/policy/action objects (orjson writes at most 255)
+
+Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+
+POINT_SCHEMA = {
+    "type": "array", "minItems": 4, "maxItems": 5,
+    "description": "[metric, step, value, wall_time] or [metric, step, value, wall_time, rank]; value: a number, "
+                   '"NaN", "Infinity", "-Infinity" or null; rank -1 (run level, the default) or ≥ 0',
+    "prefixItems": [{"type": "string", "minLength": 1, "maxLength": MAX_METRIC_NAME},
+                    {"type": "integer", "minimum": 0, "maximum": MAX_STEP},
+                    {"anyOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]},
+                               {"type": "null"}]},
+                    {"type": "number"},
+                    {"type": "integer", "minimum": -1, "maximum": 2**31 - 1}]}
+ACTION_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "description": "moxco.decision.validate_action: phase 1 or 2 (default 2), alpha and beta in [0, 1), "
+                   "lr finite and > 0",
+    "properties": {"phase": {"type": "integer", "enum": [1, 2]},
+                   "alpha": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                   "beta": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                   "lr": {"type": "number", "exclusiveMinimum": 0}}}
+
+
+class Body(BaseModel):
+    """A request body: strict types, no unknown fields. ``what`` names it in error messages."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    what: ClassVar[str] = "the body"
+
+
+class RunBody(Body):
+    """``PUT``/``PATCH /runs/{run}``: the registration (fields left out stay as stored)."""
+
+    what: ClassVar[str] = "a run"
+    config: Optional[Dict[str, Any]] = Field(None, description="merged into the stored config")
+    optimizer: Optional[Dict[str, Any]] = Field(None, description="replaces the stored one")
+    policy: Optional[Dict[str, Any]] = Field(None, description="moxco.policy.PolicyConfig.to_dict(); "
+                                                               "null: no policy decisions")
+    status: Optional[Literal[RUN_STATUSES]] = None  # type: ignore[valid-type]
+
+
+class Ack(Body):
+    """An acknowledgement: the agent applied the decision at ``applied_step`` (or refused it there:
+    ``rejected`` says why)."""
+
+    what: ClassVar[str] = "an acknowledgement"
+    decision_id: str
+    applied_step: Step
+    rejected: Optional[Text] = None
+
+
+class BatchBody(Body):
+    """``POST /runs/{run}/batches``: points, with acknowledgements riding along."""
+
+    what: ClassVar[str] = "a batch"
+    batch_id: Annotated[str, Field(min_length=1, max_length=MAX_BATCH_ID)]
+    points: Annotated[Any, WithJsonSchema({"type": "array", "items": POINT_SCHEMA})]  # wire.parse_points
+    acks: Optional[List[Ack]] = None
+
+
+class AckBody(Body):
+    """``POST /runs/{run}/decisions/{id}/ack``."""
+
+    what: ClassVar[str] = "an acknowledgement"
+    applied_step: Step
+    rejected: Optional[Text] = None
+
+
+class DecisionBody(Body):
+    """``POST /runs/{run}/decisions``: an operator decision (``step`` defaults to the run's last step)."""
+
+    what: ClassVar[str] = "an operator decision"
+    action: Annotated[Dict[str, Any], WithJsonSchema(ACTION_SCHEMA)]  # validated by the Decision type
+    step: Optional[Step] = None
+    reason: Optional[Text] = None
+
+
+M = TypeVar("M", bound=Body)
+
+
+def _where(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def check_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> Any:
+    """422 when ``value`` nests arrays/objects deeper than ``limit`` (iterative: no recursion to
+    exhaust). Deeper documents could be stored but not written back as JSON by any response."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    raise invalid(f"{what} nests objects/arrays deeper than {limit} levels")
+                stack.append((child, depth + 1))
+    return value
+
+
+def parse(model: Type[M], data: Any) -> M:
+    """``data`` (parsed JSON) validated as ``model``; 422 ``invalid_body`` naming the first bad field."""
+    if not isinstance(data, dict):
+        raise invalid(f"{model.what} must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        details = [{"loc": list(e["loc"]), "message": e["msg"]} for e in errors]
+        extra = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1)
+        if extra:
+            fields = ", ".join(model.model_fields)
+            raise invalid(f"unknown fields {extra}; {model.what} has {fields}", details) from None
+        first = errors[0]
+        raise invalid(f"{_where(first['loc'])}: {first['msg']}", details) from None
+
+
+def openapi_body(model: Type[Body]) -> Dict[str, Any]:
+    """``model`` as an operation's required JSON request body (``$defs`` inlined)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if set(node) == {"$ref"} and node["$ref"].startswith("#/$defs/"):
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
