@@ -18,9 +18,8 @@ from typing_extensions import Annotated
 from moxco.collector.api.errors import invalid, wire_error
 from moxco.collector.schema import RUN_STATUSES
 from moxco.decision import MAX_LR
-from moxco.wire import MAX_BATCH_ID, MAX_DEPTH, MAX_METRIC_NAME, MAX_SESSION, MAX_STEP, MAX_TEXT, WireError, check_document
+from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_SESSION, MAX_STEP, MAX_TEXT, WireError, check_document
 
-MAX_JSON_DEPTH = MAX_DEPTH  # nesting of config/optimizer/policy/action objects (orjson writes at most 255)
 
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]

@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from moxco import catalogue
 from moxco.collector.api import create_app
 from moxco.collector.store import Store
 MAX_CONFIG_BYTES = 256 * 1024  # the documented limit of a run's config (docs/security.md)

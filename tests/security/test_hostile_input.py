@@ -41,7 +41,8 @@ def counting(c):
 def client(request, tmp_path):
     """The app in-process (Starlette's TestClient)."""
     url = f"sqlite:///{tmp_path / 'runs.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    with TestClient(create_app(url, auth=False), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
+    with TestClient(create_app(url, auth=False), raise_server_exceptions=False, base_url="http://127.0.0.1",
+                    headers={"Content-Type": "application/json"}) as c:  # raw bodies below are sent as JSON
         yield counting(c)
 
 
@@ -51,7 +52,7 @@ def served(request, tmp_path, serve):
     (the in-process TestClient decodes percent-escapes twice, which would hide or fake bugs)."""
     url = f"sqlite:///{tmp_path / 'runs.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     server = serve(url, "--no-auth")
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with httpx.Client(base_url=server.url, timeout=60, headers={"Content-Type": "application/json"}) as c:
         yield counting(c)
 
 
