@@ -1,9 +1,10 @@
-"""Who may do what: every API endpoint needs a token (only the public rows of the route table do
-not: /healthz, /metrics, the catalogue), the app serves exactly the routes of its table, each
-token's scopes are enforced on every route, the store keeps no token secret, secrets are compared
-in constant time, each token is rate limited (429 + Retry-After, and the agent backs off and loses
-nothing), and ``moxco serve`` listens on loopback unless told otherwise. There are no projects or
-tenants: a ``read`` token reads every run (docs/security.md)."""
+"""Who may do what, generated from the route table: every route × {no token, a wrong token,
+ingest, read, decide, admin} as its row says, and every route without auth answering loopback
+hosts only; the app serves exactly the routes of its table; the store keeps no token secret,
+secrets are compared in constant time, each token is rate limited (429 + Retry-After, and the
+agent backs off and loses nothing), and ``moxco serve`` listens on loopback unless told
+otherwise. There are no projects or tenants: a ``read`` token reads every run, an ``ingest``
+token writes the runs it registered (docs/security.md)."""
 
 from __future__ import annotations
 
