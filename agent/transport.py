@@ -101,16 +101,16 @@ def is_http_url(url: Optional[str]) -> bool:
 def open_sink(url: str, run: str, *, token: Optional[str] = None,
               on_decision: Optional[Callable[[str, Decision], None]] = None, **options: Any) -> Sink:
     """An ``HttpSink`` for an ``http(s)://`` collector URL, else the embedded sink on the store at
-    ``url`` (``agent.sink.EmbeddedSink``)."""
+    ``url`` (``agent.sink.EmbeddedSink.open``: one it cannot open is replaced by one in the spool
+    folder)."""
     if is_http_url(url):
         return HttpSink(url, run, token=token, on_decision=on_decision, **options)
     if options:  # e.g. a script with transport options run with MOXCO_URL pointing at a file
         log.warning("moxco: transport options %s apply to an http(s):// collector only; ignored for %s",
                     sorted(options), url)
     from moxco.agent.sink import EmbeddedSink
-    from moxco.collector.store import open_store
 
-    return EmbeddedSink(open_store(url), on_decision=on_decision)
+    return EmbeddedSink.open(url, run, on_decision=on_decision)  # never raises for store trouble
 
 
 def default_spool_dir(run: str) -> Path:

@@ -93,12 +93,42 @@ class TokenBucket:
 
 def is_loopback(host: str) -> bool:
     """True for addresses that only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
-    if host == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def not_local(host: Optional[str], origin: Optional[str]) -> Optional[str]:
+    """Why a request to a collector without auth is refused (None: it is not): its ``Host`` header
+    must name a loopback address (``127.0.0.1:8000``, ``localhost``, ``[::1]:8000``), and so must
+    its ``Origin`` when it has one (``http://127.0.0.1:8000``; ``null`` is refused)."""
+    name = _host_name(host or "")
+    if not name or not is_loopback(name):
+        return (f"this collector runs without auth (--no-auth) and answers only requests addressed to this "
+                f"machine: Host {host!r} is not a loopback address (a web page reaching it through DNS "
+                "rebinding?). Use http://127.0.0.1:<port>, or serve with tokens")
+    if origin is not None:
+        from urllib.parse import urlsplit
+
+        try:
+            origin_host = urlsplit(origin).hostname or ""
+        except ValueError:
+            origin_host = ""
+        if not origin_host or not is_loopback(origin_host):
+            return (f"this collector runs without auth (--no-auth) and answers only pages of this machine: "
+                    f"Origin {origin!r} is not (another web site's page writing to it?)")
+    return None
+
+
+def _host_name(host: str) -> str:
+    """The name in a ``Host`` header: ``[::1]:8000`` → ``::1``, ``localhost:8000`` → ``localhost``."""
+    host = host.strip()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def check_no_auth_bind(host: str) -> None:

@@ -45,6 +45,11 @@ def register(commands) -> None:
                        help="requests a token may send at once before --rate-limit applies (default 2 × rate, ≥ 1)")
     serve.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
                        help="mark a running run that sent no points for this long 'interrupted' (default 600; 0: never)")
+    serve.add_argument("--api-docs", action="store_true",
+                       help="serve Swagger UI at /api/v1/docs (it loads its scripts from a CDN; off by default)")
+    serve.add_argument("--metrics-per-run", type=int, default=200, metavar="N",
+                       help="series per run /metrics exposes beyond the catalogue's (default 200; the rest are "
+                            "stored and counted in moxco_run_metrics_left_out)")
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)
 
@@ -114,8 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
             return _fail(str(exc))
     if args.workers < 1:
         return _fail("--workers must be at least 1")
-    if args.rate_limit < 0 or (args.rate_burst is not None and args.rate_burst < 1) or args.stale_after < 0:
-        return _fail("--rate-limit and --stale-after must be ≥ 0 and --rate-burst ≥ 1")
+    if (args.rate_limit < 0 or (args.rate_burst is not None and args.rate_burst < 1) or args.stale_after < 0
+            or args.metrics_per_run < 0):
+        return _fail("--rate-limit, --stale-after and --metrics-per-run must be ≥ 0 and --rate-burst ≥ 1")
     url = _store_url(args.url)
     from moxco.collector.store import Store, StoreError, normalize_url
 
@@ -136,7 +142,8 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.update(MOXCO_STORE_URL=url, MOXCO_AUTH="0" if args.no_auth else "1",
                       MOXCO_MAX_BODY=str(args.max_body), MOXCO_METRICS_AUTH="1" if args.metrics_auth else "0",
                       MOXCO_RATE_LIMIT=str(args.rate_limit), MOXCO_RATE_BURST="" if args.rate_burst is None else str(args.rate_burst),
-                      MOXCO_STALE_AFTER=str(args.stale_after))
+                      MOXCO_STALE_AFTER=str(args.stale_after), MOXCO_API_DOCS="1" if args.api_docs else "0",
+                      MOXCO_METRICS_PER_RUN=str(args.metrics_per_run))
     multiproc_dir = None
     if args.workers > 1:  # prometheus_client sums the workers' counters from files in this folder
         multiproc_dir = tempfile.mkdtemp(prefix="moxco-prometheus-")

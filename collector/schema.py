@@ -4,7 +4,9 @@
   clock), last step, ``last_ingest_at``; ``optimizer`` (JSON), ``policy``
   (``PolicyConfig.to_dict()``; NULL: no policy decisions for the run) and ``policy_state``
   (``DecisionPolicy.state_dict()``, updated under the run's row lock so several collector workers
-  share one policy).
+  share one policy); ``owner``: the id of the token that registered it (NULL: registered without
+  a token, by an admin token, embedded or by the CLI), the only ``ingest`` token that may write
+  to it; ``session``: the writer session that holds it (docs/api.md, One writer per run).
 * ``metric_points``: the series, one row per point, columns ``(run_id, metric, rank, step, value,
   wall_time)``. ``value`` NULL means NaN (±Inf are stored as they are); ``rank`` is -1 for
   run-level values and the torch.distributed rank for per-rank ones. On SQLite it is a
@@ -54,7 +56,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_RUN_NAME, RUN_LEVEL_RANK  # noqa: F401 (re-exported)
+from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_RUN_NAME, MAX_SESSION, RUN_LEVEL_RANK  # noqa: F401 (re-exported)
 
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
 MAX_NAME_LENGTH = MAX_RUN_NAME
@@ -79,6 +81,8 @@ runs = Table(
     Column("policy", JSON, nullable=True),
     Column("policy_state", JSON, nullable=True),
     Column("last_ingest_at", Float, nullable=True),
+    Column("owner", Integer, nullable=True),  # tokens.id of the registering token; NULL: none
+    Column("session", String(MAX_SESSION), nullable=True),  # the writer session holding the run
     UniqueConstraint("name", name="uq_runs_name"),
 )
 

@@ -7,8 +7,15 @@ or issued by an operator through the API or ``moxco decide``. The API, the store
 modes) and the CLI all use this type:
 
 * ``validate_action`` is the only check of an action: known keys only (``phase``, ``alpha``,
-  ``beta``, ``lr``), ``phase`` 1 or 2, ``alpha`` and ``beta`` in [0, 1), ``lr`` finite and > 0.
-  ``phase`` defaults to 2. A ``Decision`` cannot be built with an invalid action.
+  ``beta``, ``lr``), ``phase`` 1 or 2, ``alpha`` and ``beta`` in [0, 1), ``lr`` in (0, ``MAX_LR``]
+  (10). ``phase`` defaults to 2. A ``Decision`` cannot be built with an invalid action.
+* Why ``lr`` ≤ 10: a decision changes the step size of someone's training from outside it, so
+  the bound is on what any run could want, not on what a float holds. Step sizes of SGD with
+  momentum, Adam(W) and MoXCo are below 1 in practice; the largest in common use, LARS-style
+  layer-wise scaled base rates for very large batches, are of order 1–10. Past 10 a gradient
+  step overshoots any loss whose curvature exceeds 2/10 = 0.2 (gradient descent is stable only
+  for ``lr·λ_max < 2``), i.e. any network. ``lr = 1e308`` is finite and would turn every
+  parameter into ±Inf at the next step.
 * Every decision records its cause: ``source`` (``policy`` or ``operator``) and ``issued_by``
   (``policy``, or the operator token's name), with the goodness and its three terms that fired a
   policy decision and the policy's configuration at that moment (``policy``), or the operator's
@@ -31,6 +38,7 @@ ACTION_KEYS = ("phase", "alpha", "beta", "lr")
 SOURCES = ("policy", "operator")
 DEFAULT_ACTION: Dict[str, Any] = {"phase": 2, "alpha": 0.1, "beta": 0.1}
 STATUSES = ("pending", "applied", "rejected")
+MAX_LR = 10.0  # the largest step size a decision may set (see the module docstring)
 
 
 class DecisionError(ValueError):
@@ -44,7 +52,7 @@ def _number(value: Any) -> bool:
 def validate_action(action: Any) -> Dict[str, Any]:
     """The action as a plain dict with ``phase`` filled in (default 2); ``DecisionError`` for anything
     else than known keys with valid values: ``phase`` 1 or 2, ``alpha``, ``beta`` in [0, 1), ``lr``
-    finite and > 0."""
+    in (0, ``MAX_LR``]."""
     if not isinstance(action, Mapping):
         raise DecisionError(f'an action is an object such as {{"phase": 2, "alpha": 0.1, "beta": 0.1, "lr": 0.01}}, '
                             f"got {type(action).__name__}")
@@ -64,8 +72,8 @@ def validate_action(action: Any) -> Dict[str, Any]:
             out[key] = float(value)
     if "lr" in action:
         value = action["lr"]
-        if not _number(value) or not math.isfinite(value) or not value > 0:
-            raise DecisionError(f"action.lr must be a finite number > 0, got {value!r}")
+        if not _number(value) or not math.isfinite(value) or not 0 < value <= MAX_LR:
+            raise DecisionError(f"action.lr must be a number in (0, {MAX_LR:g}], got {value!r}")
         out["lr"] = float(value)
     return out
 
@@ -198,4 +206,4 @@ def decision_id(run: str, source: str, step: int) -> str:
     return f"{run}:{source}:{int(step)}"
 
 
-__all__ = ["ACTION_KEYS", "DEFAULT_ACTION", "Decision", "DecisionError", "decision_id", "validate_action"]
+__all__ = ["ACTION_KEYS", "DEFAULT_ACTION", "MAX_LR", "Decision", "DecisionError", "decision_id", "validate_action"]

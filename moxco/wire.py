@@ -8,13 +8,19 @@ name or a value is judged the same wherever it enters:
   it is the array ``[metric, step, value, wall_time]`` or ``[metric, step, value, wall_time, rank]``.
 * **values** are float64; NaN and ±Inf are valid (a diverging run) and travel as the strings
   ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (JSON has no such numbers); ``null`` reads as NaN.
-  ``-0.0`` is stored as ``0.0`` (SQLite cannot keep the sign of a zero; PostgreSQL could, so both
-  stores drop it here).
+  ``-0.0`` is stored as ``0.0``, in values and wall times (SQLite cannot keep the sign of a zero;
+  PostgreSQL could, so both stores drop it here).
 * **names** are checked as whole strings (never with ``$``, which matches before a final newline):
   a run name has 1–200 characters, not only spaces, no ``/``, no control character, and is not
   ``.`` or ``..``; a metric name has 1–100 characters and no control character; a batch id 1–200
-  characters and no control character; a free text (an operator's reason) up to 1,000 characters
-  and no control character other than a newline or tab.
+  characters and no control character; a writer session id 1–100 characters and no control
+  character; a name pattern (the run list's glob) 1–400 characters and no control character; a
+  free text (an operator's reason) up to 1,000 characters and no control character other than a
+  newline or tab. Control characters are Unicode's ``Cc`` (U+0000–U+001F, U+007F–U+009F: NUL,
+  newline and NEL among them) and lone surrogates (``Cs``): no database stores them alike.
+* **documents** (a run's ``config``, ``optimizer``, ``policy``; an action) are JSON objects nested at
+  most 32 levels whose keys and strings hold no NUL or lone surrogate (``check_document``); a run's
+  config is at most ``MAX_CONFIG_BYTES`` (256 KiB) as JSON once merged, its optimizer the same.
 
 Pure Python and NumPy (``parse_points``, the collector's fast ingest parser); no torch.
 """
@@ -33,18 +39,24 @@ MAX_RUN_NAME = 200
 MAX_METRIC_NAME = 100
 MAX_BATCH_ID = 200
 MAX_TEXT = 1000
+MAX_SESSION = 100
+MAX_PATTERN = 400
+MAX_DEPTH = 32  # nesting of a document (orjson writes at most 255 levels back)
+MAX_CONFIG_BYTES = 256 * 1024  # a run's config (and its optimizer) as JSON, after merging
 
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class WireError(ValueError):
     """A name, value or point that the wire format refuses; the message says what and why.
-    ``field`` names what was refused (``run``, ``metric``, ``batch_id``, ``reason``, ``points``),
-    ``index`` the offending point of a batch."""
+    ``field`` names what was refused (``run``, ``metric``, ``batch_id``, ``reason``, ``points``,
+    ``config``…), ``index`` the offending point of a batch; ``too_large``: refused for its size
+    only (the API answers 413, not 422)."""
 
-    def __init__(self, message: str, *, field: str = "", index: Optional[int] = None) -> None:
+    def __init__(self, message: str, *, field: str = "", index: Optional[int] = None,
+                 too_large: bool = False) -> None:
         super().__init__(message)
-        self.field, self.index = field, index
+        self.field, self.index, self.too_large = field, index, too_large
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,78 @@ def check_batch_id(batch_id: Any) -> str:
     if _bad_char(batch_id) is not None:
         raise WireError("`batch_id` may not contain control characters", field="batch_id")
     return batch_id
+
+
+def check_session(session: Any) -> str:
+    """A writer session id (``PUT /runs/{run}`` and batches: who writes the run now): 1–100
+    characters, no control character."""
+    if not isinstance(session, str) or not 1 <= len(session) <= MAX_SESSION:
+        raise WireError(f"`session` must be a string of 1 to {MAX_SESSION} characters", field="session")
+    if _bad_char(session) is not None:
+        raise WireError("`session` may not contain control characters", field="session")
+    return session
+
+
+def check_name_pattern(pattern: Any, what: str = "name") -> str:
+    """A name pattern (the run list's glob: ``*``, ``?``, ``[…]``): 1–400 characters, no control
+    character."""
+    if not isinstance(pattern, str) or not 1 <= len(pattern) <= MAX_PATTERN:
+        raise WireError(f"`{what}` must be a pattern of 1 to {MAX_PATTERN} characters", field=what)
+    bad = _bad_char(pattern)
+    if bad is not None:
+        raise WireError(f"`{what}` may not contain control characters (found {bad!r})", field=what)
+    return pattern
+
+
+def check_document(value: Any, what: str, *, max_bytes: Optional[int] = None) -> Any:
+    """A JSON document (a run's config, optimizer, policy; an action): nested at most ``MAX_DEPTH``
+    levels, no NUL character or lone surrogate in any key or string (PostgreSQL refuses them,
+    SQLite would keep them: both stores answer alike), and, with ``max_bytes``, at most that many
+    bytes as JSON (``WireError`` with ``too_large``). Iterative: no recursion to exhaust."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+            for key in item:
+                if isinstance(key, str) and _bad_document_char(key):
+                    raise WireError(f"{what} has a key with a NUL character or lone surrogate: {key!r}", field=what)
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            if isinstance(item, str) and _bad_document_char(item):
+                raise WireError(f"{what} has a string with a NUL character or lone surrogate: {item[:80]!r}",
+                                field=what)
+            continue
+        for child in children:
+            if isinstance(child, (dict, list, tuple)):
+                if depth + 1 > MAX_DEPTH:
+                    raise WireError(f"{what} nests objects/arrays deeper than {MAX_DEPTH} levels", field=what)
+                stack.append((child, depth + 1))
+            elif isinstance(child, str) and _bad_document_char(child):
+                raise WireError(f"{what} has a string with a NUL character or lone surrogate: {child[:80]!r}",
+                                field=what)
+    if max_bytes is not None:
+        size = document_size(value)
+        if size > max_bytes:
+            raise WireError(f"{what} is {size} bytes as JSON; the limit is {max_bytes} bytes (keep large "
+                            "artefacts out of a run's registration)", field=what, too_large=True)
+    return value
+
+
+def document_size(value: Any) -> int:
+    """Bytes of ``value`` as compact JSON (how the stores keep it, give or take whitespace)."""
+    import json
+
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+
+
+def _bad_document_char(text: str) -> bool:
+    if "\x00" in text:
+        return True
+    if text.isascii():
+        return False
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 def check_text(text: Any, what: str = "reason") -> str:
@@ -264,6 +348,8 @@ def parse_points(points: Any) -> Columns:
         wall_array = np.array([math.inf])
     if not np.isfinite(wall_array).all():
         fail("wall_time", _first_bad(walls, lambda w: -1e18 < w < 1e18), "must be finite")
+    if 0.0 in walls:  # -0.0 == 0.0: one C-level pass finds either
+        walls = [w + 0.0 for w in walls]
     value_types = set(map(type, values))
     if value_types <= {float, int}:
         out_values = list(values)
@@ -299,7 +385,7 @@ def point_columns(points: Iterable[Point | Tuple]) -> Columns:
         metrics_.append(p.metric)
         steps.append(int(p.step))
         values.append(float(p.value) + 0.0)
-        walls.append(float(p.wall_time))
+        walls.append(float(p.wall_time) + 0.0)
         ranks.append(int(p.rank))
     for i, name in enumerate(set(metrics_)):
         check_metric_name(name)
@@ -310,6 +396,8 @@ def point_columns(points: Iterable[Point | Tuple]) -> Columns:
     return metrics_, steps, values, walls, ranks
 
 
-__all__ = ["MAX_BATCH_ID", "MAX_METRIC_NAME", "MAX_RUN_NAME", "MAX_TEXT", "NONFINITE", "Point", "RUN_LEVEL_RANK",
-           "WireError", "check_batch_id", "check_metric_name", "check_run_name", "check_text", "decode_value",
-           "encode_point", "encode_value", "json_float", "json_floats", "parse_points", "point_columns"]
+__all__ = ["MAX_BATCH_ID", "MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_METRIC_NAME", "MAX_PATTERN", "MAX_RUN_NAME",
+           "MAX_SESSION", "MAX_TEXT", "NONFINITE", "Point", "RUN_LEVEL_RANK", "WireError", "check_batch_id",
+           "check_document", "check_metric_name", "check_name_pattern", "check_run_name", "check_session",
+           "check_text", "decode_value", "document_size", "encode_point", "encode_value", "json_float",
+           "json_floats", "parse_points", "point_columns"]

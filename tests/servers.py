@@ -234,3 +234,56 @@ class PostgresCluster:
         except RuntimeError:
             pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+
+class PrometheusServer:
+    """A real Prometheus (Debian package ``prometheus``) scraping ``targets`` (``host:port``) every
+    second, on a free loopback port, with its data in a temporary folder; ``query(expr)`` asks its
+    HTTP API; ``close()`` stops it and removes the folder."""
+
+    def __init__(self, targets: Sequence[str], *, job: str = "moxco-collector") -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            missing("prometheus is not installed: `apt-get install -y prometheus` (or `bash scripts/setup.sh dev`).")
+        self.root = Path(tempfile.mkdtemp(prefix="moxco-prom-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = self.root / "prometheus.yml"
+        config.write_text(json.dumps({"global": {"scrape_interval": "1s", "scrape_timeout": "900ms"},
+                                      "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}]}))
+        self.log = self.root / "log"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={self.root / 'data'}",
+                                             f"--web.listen-address=127.0.0.1:{self.port}"],
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._ready, 60, f"Prometheus on {self.url}")
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"prometheus exited:\n{self.log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str) -> dict:
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}", timeout=10) as response:
+            return json.loads(response.read())["data"]
+
+    def query(self, expr: str) -> list:
+        from urllib.parse import quote
+
+        return self.api(f"query?query={quote(expr)}")["result"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -17,16 +17,16 @@ import time
 from typing import Any, Dict, Optional
 
 from fastapi import Depends, FastAPI
-from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from moxco.collector.api.deps import Services, authorize
-from moxco.collector.api.errors import ERROR_SCHEMA, ERROR_STATUSES, error_kind, error_response, install, to_api_error
+from moxco.collector.api.errors import (ERROR_SCHEMA, ERROR_STATUSES, ApiError, error_kind, error_response, install,
+                                        to_api_error)
 from moxco.collector.api.routes import ROUTES
-from moxco.collector.api.routes.pages import STATIC_DIR, STATIC_PATH
+from moxco.collector.api.routes.pages import STATIC_DIR, STATIC_PATH, StaticWithHeaders
 from moxco.collector.api.schemas import openapi_body
-from moxco.collector.auth import RateLimiter, TokenBucket, TokenVerifier
-from moxco.collector.prometheus import Exposition, HealthMetrics
+from moxco.collector.auth import RateLimiter, TokenBucket, TokenVerifier, not_local
+from moxco.collector.prometheus import DEFAULT_METRICS_PER_RUN, Exposition, HealthMetrics, method_label
 from moxco.collector.store import Store
 from moxco.wire import MAX_RUN_NAME
 
@@ -42,12 +42,14 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
                metrics_auth: bool = False, store: Optional[Store] = None, migrate: bool = True,
                rate_limiter: Optional[RateLimiter] = None, metrics_cache_s: float = 1.0,
                token_cache_s: float = 5.0, stale_after: float = DEFAULT_STALE_AFTER_S,
-               freeze_gc: bool = False) -> FastAPI:
+               freeze_gc: bool = False, api_docs: bool = False,
+               metrics_per_run: int = DEFAULT_METRICS_PER_RUN) -> FastAPI:
     """The collector app on ``store_url`` (or an open ``store``): the routes of ``routes.ROUTES``,
     each behind its scope, the pages' static files, the error handlers, the measuring middleware.
 
     ``auth=False`` serves everything without tokens: only for loopback binds (the CLI enforces
-    it). ``max_body`` bounds batch bodies (413). ``metrics_auth`` requires a ``read`` token on
+    it), and only to requests whose ``Host`` (and ``Origin``, when sent) name a loopback address
+    (``LocalOnly``: 403 otherwise, against DNS rebinding). ``max_body`` bounds batch bodies (413). ``metrics_auth`` requires a ``read`` token on
     ``/metrics``. ``rate_limiter`` is the per-token hook (``auth.TokenBucket``: 429 with
     ``Retry-After``). ``migrate`` runs the Alembic migrations on open (the CLI runs them once before
     starting several workers instead). ``stale_after`` (seconds, 0: never): while the app runs, a
@@ -55,6 +57,9 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     and an interrupted run that sends points again ``running`` (``Store.sweep_stale_runs``).
     ``freeze_gc``: on start-up, move everything allocated so far (the imported libraries) out of
     the garbage collector's sight (``_freeze_heap``); for server processes (``app_from_env``).
+    ``api_docs``: serve Swagger UI at ``/api/v1/docs`` (it loads its scripts from a CDN; off by
+    default). ``metrics_per_run``: series per run ``/metrics`` exposes beyond the catalogue's.
+    A writer session silent for ``stale_after`` seconds (600 when 0) no longer holds its run.
     """
     if store is None:
         if store_url is None:
@@ -78,11 +83,15 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     app = FastAPI(title="moxco collector", version="1", openapi_url=None, docs_url=None, redoc_url=None,
                   lifespan=lifespan,
                   description="Training-diagnostics collector: ingest, queries, decisions (docs/api.md).")
-    exposition = Exposition(store, cache_s=metrics_cache_s)
+    exposition = Exposition(store, cache_s=metrics_cache_s, metrics_per_run=metrics_per_run)
+    store.session_stale_after = stale_after if stale_after > 0 else DEFAULT_STALE_AFTER_S
     app.state.store = store
+    app.state.api_docs = api_docs
     app.state.exposition = exposition
     app.state.services = Services(store=store, verifier=TokenVerifier(store, cache_s=token_cache_s),
                                   exposition=exposition, auth=auth, max_body=max_body, rate_limiter=rate_limiter)
+    if not auth:
+        app.add_middleware(LocalOnly)
     app.add_middleware(Measure, health=exposition.health)
     install(app)
     for route in ROUTES:
@@ -91,7 +100,7 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
                           dependencies=[] if scope == "public" else [Depends(authorize(scope))],
                           openapi_extra=openapi_body(route.body) if route.body is not None else None,
                           responses=dict(route.responses), include_in_schema=route.in_schema)
-    app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(STATIC_PATH, StaticWithHeaders(directory=STATIC_DIR), name="static")
     _document(app)
     return app
 
@@ -128,9 +137,29 @@ class Measure:
             status = response.status_code
             await response(scope, receive, send)
         path = getattr(scope.get("route"), "path", "unmatched")
-        self.health.requests.labels(scope["method"], path, str(status)).observe(time.perf_counter() - start)
+        self.health.requests.labels(method_label(scope["method"]), path, str(status)).observe(time.perf_counter() - start)
         if status >= 400:
             self.health.errors.labels(error_kind(status)).inc()
+
+
+class LocalOnly:
+    """Without auth: answer only requests addressed to this machine. A web page the user visits can
+    send requests to ``127.0.0.1`` (a form post, or a name of its own that it rebinds to
+    ``127.0.0.1``: DNS rebinding) but cannot make the browser send a loopback ``Host`` for its
+    own name or a loopback ``Origin`` for its own page: 403 for any other ``Host`` or ``Origin``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+                       if k.lower() in (b"host", b"origin")}
+            why = not_local(headers.get("host"), headers.get("origin"))
+            if why is not None:
+                await error_response(ApiError(403, "forbidden", why))(scope, receive, send)
+                return
+        await self.inner(scope, receive, send)
 
 
 def _document(app: FastAPI) -> None:
@@ -196,7 +225,8 @@ async def _sweep_forever(store: Store, stale_after: float) -> None:
 def app_from_env() -> FastAPI:
     """The app for a uvicorn worker process, configured by ``moxco serve`` through the environment:
     ``MOXCO_STORE_URL``, ``MOXCO_AUTH`` (``0`` off), ``MOXCO_MAX_BODY``, ``MOXCO_METRICS_AUTH``,
-    ``MOXCO_RATE_LIMIT``/``MOXCO_RATE_BURST`` (per-token requests/s, burst), ``MOXCO_STALE_AFTER``.
+    ``MOXCO_RATE_LIMIT``/``MOXCO_RATE_BURST`` (per-token requests/s, burst), ``MOXCO_STALE_AFTER``,
+    ``MOXCO_API_DOCS`` (``1``: Swagger UI), ``MOXCO_METRICS_PER_RUN``.
     Migrations already ran in the parent process. SQLite WAL checkpoints run in a thread of the
     worker (``Store(background_checkpoint=True)``) and the imported stack is frozen out of the
     garbage collector's full passes (``_freeze_heap``): both used to stall requests."""
@@ -211,4 +241,6 @@ def app_from_env() -> FastAPI:
                       metrics_auth=os.environ.get("MOXCO_METRICS_AUTH", "0") == "1",
                       rate_limiter=TokenBucket(rate, float(burst) if burst else None) if rate > 0 else None,
                       stale_after=float(os.environ.get("MOXCO_STALE_AFTER", DEFAULT_STALE_AFTER_S)),
+                      api_docs=os.environ.get("MOXCO_API_DOCS", "0") == "1",
+                      metrics_per_run=int(os.environ.get("MOXCO_METRICS_PER_RUN", DEFAULT_METRICS_PER_RUN)),
                       freeze_gc=True)

@@ -83,6 +83,13 @@ async def principal(request: Request) -> Principal:
     return getattr(request.state, "principal", ANONYMOUS)
 
 
+def limited_to_own_runs(caller: Principal) -> Optional[int]:
+    """The store's ``token_id`` for ``caller``: its token's id when it writes only to the runs it
+    registered (every token without ``admin``), None when it may write to any run (``admin``, or
+    no auth)."""
+    return None if caller.allows("admin") else caller.token_id
+
+
 async def run_name(run: str) -> str:
     """The ``{run}`` path parameter, checked by ``moxco.wire.check_run_name`` (422 ``invalid_run_name``;
     the OpenAPI document describes the rule: ``app.RUN_NAME_SCHEMA``)."""
@@ -95,7 +102,14 @@ async def run_name(run: str) -> str:
 async def read_json(request: Request, limit: Optional[int] = MAX_SMALL_BODY) -> Any:
     """The request body parsed as JSON; 413 as soon as it exceeds the limit (checked on the
     declared length first, then on the bytes actually received), 400 when it is not JSON. Batches
-    (``limit=None``) are held to the app's ``max_body``, every other body to ``MAX_SMALL_BODY`` too."""
+    (``limit=None``) are held to the app's ``max_body``, every other body to ``MAX_SMALL_BODY`` too.
+    Only ``Content-Type: application/json`` is read (415 otherwise): a browser sends a cross-site
+    ``application/json`` request only after a CORS preflight, which the collector never answers
+    with permission, while ``text/plain`` or form posts need none."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, "unsupported_media_type", "the body must be JSON sent with `Content-Type: "
+                       f"application/json`, got {media or 'no Content-Type'!r}")
     max_body = services(request).max_body
     if limit is not None:
         max_body = min(limit, max_body)

@@ -18,8 +18,11 @@ from fastapi.responses import Response
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from starlette.requests import ClientDisconnect
+
 from moxco.collector.auth import AuthError
-from moxco.collector.store import ConflictError, NotFoundError, StoreError
+from moxco.collector.store import (BusyError, ConflictError, ForbiddenError, NotFoundError, StoreError, StoreLostError,
+                                   TooLargeError)
 from moxco.decision import DecisionError
 from moxco.wire import WireError
 
@@ -54,7 +57,10 @@ def error_response(err: ApiError) -> Response:
 
 
 def wire_error(exc: WireError) -> ApiError:
-    """A name or point the wire format refuses: 422, naming the field (and the point's index)."""
+    """A name or point the wire format refuses: 422, naming the field (and the point's index); a
+    document over its size limit: 413."""
+    if exc.too_large:
+        return ApiError(413, "too_large", str(exc), [{"field": exc.field}] if exc.field else None)
     if exc.field == "run":
         return ApiError(422, "invalid_run_name", str(exc))
     detail = {"field": exc.field} if exc.field else {}
@@ -91,10 +97,23 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, AuthError):
         return ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message,
                         headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+    if isinstance(exc, ClientDisconnect):
+        # the client went away mid-request (a trainer killed during an upload): nothing to answer
+        return ApiError(499, "client_disconnected", "the client closed the connection before its request was read")
     if isinstance(exc, NotFoundError):
         return ApiError(404, "not_found", str(exc))
+    if isinstance(exc, BusyError):
+        return ApiError(409, "run_busy", str(exc))
     if isinstance(exc, ConflictError):
         return ApiError(409, "conflict", str(exc))
+    if isinstance(exc, ForbiddenError):
+        return ApiError(403, "forbidden", str(exc))
+    if isinstance(exc, TooLargeError):
+        return ApiError(413, "too_large", str(exc))
+    if isinstance(exc, StoreLostError):
+        log.error("%s", exc)
+        return ApiError(503, "store_lost", f"{exc}. Operator: restart the collector",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, WireError):
         return wire_error(exc)
     if isinstance(exc, DecisionError):
@@ -119,14 +138,15 @@ def to_api_error(exc: Exception) -> ApiError:
 def error_kind(status: int) -> str:
     """The ``kind`` label of ``moxco_collector_errors_total`` for an error status."""
     return {400: "malformed", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
-            413: "too_large", 422: "invalid", 429: "rate_limited", 503: "store_unavailable"}.get(
-        status, "server" if status >= 500 else "client")
+            413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "rate_limited",
+            499: "client_disconnected", 503: "store_unavailable"}.get(status, "server" if status >= 500 else "client")
 
 
 def install(app: FastAPI) -> None:
     """Answer every exception in the JSON error shape: ours, FastAPI's parameter validation (422
     ``invalid_parameter``), Starlette's HTTP errors (404 unknown path, 405 wrong method)."""
-    for exc_type in (ApiError, AuthError, StoreError, ValueError, sa_exc.SQLAlchemyError):
+    for exc_type in (ApiError, AuthError, StoreError, StoreLostError, ValueError, ClientDisconnect,
+                     sa_exc.SQLAlchemyError):
         app.add_exception_handler(exc_type, lambda request, exc: error_response(to_api_error(exc)))
 
     @app.exception_handler(RequestValidationError)
@@ -147,7 +167,9 @@ ERROR_SCHEMA = {
     "properties": {"error": {"type": "object", "required": ["status", "code", "message", "details"],
                              "properties": {"status": {"type": "integer"}, "code": {"type": "string"},
                                             "message": {"type": "string"}, "details": {"type": "array"}}}}}
-ERROR_STATUSES = {400: "malformed JSON", 401: "missing or unknown token", 403: "the token lacks the scope",
-                  404: "unknown run or decision", 409: "conflict", 413: "body too large",
+ERROR_STATUSES = {400: "malformed JSON", 401: "missing or unknown token",
+                  403: "the token lacks the scope, or may not write this run; a non-loopback Host or Origin without auth",
+                  404: "unknown run or decision", 409: "conflict (another live writer session: run_busy)",
+                  413: "body, config or optimizer too large", 415: "the body is not application/json",
                   422: "invalid parameters or body", 429: "rate limited (see Retry-After)",
                   503: "store unavailable or read-only (see Retry-After)", 507: "store disk full (see Retry-After)"}

@@ -15,14 +15,16 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from typing_extensions import Annotated
 
-from moxco.collector.api.errors import invalid
+from moxco.collector.api.errors import invalid, wire_error
 from moxco.collector.schema import RUN_STATUSES
-from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_STEP, MAX_TEXT
+from moxco.decision import MAX_LR
+from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_SESSION, MAX_STEP, MAX_TEXT, WireError, check_document
 
-MAX_JSON_DEPTH = 32  # nesting of config/optimizer/policy/action objects (orjson writes at most 255)
 
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Session = Annotated[str, Field(min_length=1, max_length=MAX_SESSION,
+                               description="the writer session (docs/api.md, One writer per run)")]
 
 POINT_SCHEMA = {
     "type": "array", "minItems": 4, "maxItems": 5,
@@ -37,11 +39,11 @@ POINT_SCHEMA = {
 ACTION_SCHEMA = {
     "type": "object", "additionalProperties": False,
     "description": "moxco.decision.validate_action: phase 1 or 2 (default 2), alpha and beta in [0, 1), "
-                   "lr finite and > 0",
+                   "lr in (0, 10] (moxco.decision.MAX_LR)",
     "properties": {"phase": {"type": "integer", "enum": [1, 2]},
                    "alpha": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
                    "beta": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
-                   "lr": {"type": "number", "exclusiveMinimum": 0}}}
+                   "lr": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_LR}}}
 
 
 class Body(BaseModel):
@@ -60,6 +62,15 @@ class RunBody(Body):
     policy: Optional[Dict[str, Any]] = Field(None, description="moxco.policy.PolicyConfig.to_dict(); "
                                                                "null: no policy decisions")
     status: Optional[Literal[RUN_STATUSES]] = None  # type: ignore[valid-type]
+    session: Optional[Session] = None
+
+
+class PolicyBody(Body):
+    """``PUT /runs/{run}/policy``: set or clear (``null``) the run's decision policy."""
+
+    what: ClassVar[str] = "a policy change"
+    policy: Optional[Dict[str, Any]] = Field(..., description="moxco.policy.PolicyConfig.to_dict(); "
+                                                              "null: no policy decisions")
 
 
 class Ack(Body):
@@ -79,6 +90,7 @@ class BatchBody(Body):
     batch_id: Annotated[str, Field(min_length=1, max_length=MAX_BATCH_ID)]
     points: Annotated[Any, WithJsonSchema({"type": "array", "items": POINT_SCHEMA})]  # wire.parse_points
     acks: Optional[List[Ack]] = None
+    session: Optional[Session] = None
 
 
 class AckBody(Body):
@@ -108,19 +120,14 @@ def _where(loc) -> str:
     return out
 
 
-def check_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> Any:
-    """422 when ``value`` nests arrays/objects deeper than ``limit`` (iterative: no recursion to
-    exhaust). Deeper documents could be stored but not written back as JSON by any response."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > limit:
-                    raise invalid(f"{what} nests objects/arrays deeper than {limit} levels")
-                stack.append((child, depth + 1))
-    return value
+def check_depth(value: Any, what: str) -> Any:
+    """422 when ``value`` breaks ``moxco.wire.check_document`` (nested deeper than 32 levels: it
+    could be stored but not written back as JSON by any response; a NUL or lone surrogate in a key
+    or string: PostgreSQL refuses it, SQLite would keep it)."""
+    try:
+        return check_document(value, what)
+    except WireError as exc:
+        raise wire_error(exc) from None
 
 
 def parse(model: Type[M], data: Any) -> M:

@@ -24,7 +24,8 @@ Modules: ``engine`` (URL, engine, migrations, SQLite concurrency, driver errors)
 
 from __future__ import annotations
 
-from moxco.collector.store.base import ConflictError, IngestResult, NotFoundError, RunInfo, StoreError
+from moxco.collector.store.base import (BusyError, ConflictError, ForbiddenError, IngestResult, NotFoundError, RunInfo,
+                                        RunSummary, StoreError, StoreLostError, TooLargeError)
 from moxco.collector.store.decisions import Decisions
 from moxco.collector.store.engine import MIGRATIONS, StoreCore, normalize_url, upgrade
 from moxco.collector.store.points import Points
@@ -50,5 +51,6 @@ def open_store(url: str) -> Store:
     return Store(url)
 
 
-__all__ = ["ConflictError", "IngestResult", "MIGRATIONS", "NotFoundError", "RunInfo", "Store", "StoreError", "UNSET",
-           "hash_token", "normalize_url", "open_store", "upgrade"]
+__all__ = ["BusyError", "ConflictError", "ForbiddenError", "IngestResult", "MIGRATIONS", "NotFoundError", "RunInfo",
+           "RunSummary", "Store", "StoreError", "StoreLostError", "TooLargeError", "UNSET", "hash_token", "normalize_url",
+           "open_store", "upgrade"]

@@ -22,6 +22,33 @@ class ConflictError(StoreError):
     """The request contradicts what is stored (e.g. two different operator actions at one step)."""
 
 
+class BusyError(ConflictError):
+    """Another live writer session holds the run (docs/api.md, One writer per run)."""
+
+
+class ForbiddenError(StoreError):
+    """The calling token may not write this run: a token limited to the runs it registered (an
+    ``ingest`` token) met a run registered by another token, or by none."""
+
+
+def check_owner(name: str, owner: Optional[int], token_id: Optional[int]) -> None:
+    """``ForbiddenError`` unless ``token_id`` is None (an unrestricted caller) or registered run
+    ``name`` (its ``owner``)."""
+    if token_id is not None and owner != token_id:
+        raise ForbiddenError(f"run {name!r} was registered by another token: this token writes only to the runs "
+                             "it registered (an admin token writes to any)")
+
+
+class TooLargeError(StoreError):
+    """A document over its size limit (a run's config or optimizer: ``moxco.wire.MAX_CONFIG_BYTES``)."""
+
+
+class StoreLostError(RuntimeError):
+    """The store's SQLite file was deleted or replaced while the store had it open: what was
+    written to it since it was opened is gone with it, and later writes would go to a file no one
+    can read. The message names the file; open the store again to go on in a fresh file."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """One run as stored: its registration (config, optimizer, policy), status, timestamps (server
@@ -40,6 +67,13 @@ class RunInfo:
     metrics: Optional[List[str]] = None
     phase: Optional[int] = None
 
+    def summary(self) -> "RunSummary":
+        """The run as the run list shows it (no config, optimizer or metric list)."""
+        optimizer = self.optimizer if isinstance(self.optimizer, Mapping) else {}
+        return RunSummary(self.name, self.status, self.created_at, self.updated_at, self.last_step,
+                          self.last_ingest_at, self.policy,
+                          {k: optimizer[k] for k in SUMMARY_HYPERPARAMETERS if optimizer.get(k) is not None})
+
     def to_json(self) -> Dict[str, Any]:
         """The run as the API returns it (``metrics`` and ``phase`` only when they were read)."""
         out = {"name": self.name, "status": self.status, "config": self.config, "optimizer": self.optimizer,
@@ -49,6 +83,31 @@ class RunInfo:
             out["metrics"] = self.metrics
             out["phase"] = self.phase
         return out
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run as the run list answers it: no config or metric list (their size is the user's),
+    only what a list shows: name, status, timestamps, last step, the policy (a ``PolicyConfig``
+    dict: small and validated) and a few hyper-parameters read from the optimizer
+    (``SUMMARY_HYPERPARAMETERS``: its class and step size, inertia, extrapolation)."""
+
+    name: str
+    status: str
+    created_at: float
+    updated_at: float
+    last_step: Optional[int]
+    last_ingest_at: Optional[float]
+    policy: Optional[Dict[str, Any]]
+    hyperparameters: Dict[str, Any]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "status": self.status, "created_at": self.created_at,
+                "updated_at": self.updated_at, "last_step": self.last_step, "last_ingest_at": self.last_ingest_at,
+                "policy": self.policy, "hyperparameters": self.hyperparameters}
+
+
+SUMMARY_HYPERPARAMETERS = ("class", "lr", "alpha", "beta")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from moxco.collector.schema import decisions as decisions_table
 from moxco.collector.schema import runs
-from moxco.collector.store.base import ConflictError, NotFoundError, StoreError, json_value, to_db
+from moxco.collector.store.base import ConflictError, NotFoundError, StoreError, check_owner, json_value, to_db
 from moxco.decision import Decision, DecisionError
 from moxco.policy import decide, goodness_probes
 from moxco.wire import WireError, check_text
@@ -70,23 +70,28 @@ def _row(decision: Decision, run_id: int, run: str) -> dict:
 class Decisions:
     """Decision reads, acknowledgements, operator decisions and the policy step (a mixin of ``Store``)."""
 
-    def decisions(self, name: str, *, pending_only: bool = False) -> List[Decision]:
+    def decisions(self, name: str, *, pending_only: bool = False, token_id: Optional[int] = None) -> List[Decision]:
         """The decisions of run ``name`` ordered by step (only those not yet acknowledged with
-        ``pending_only``)."""
+        ``pending_only``). ``token_id``: only for the token that registered the run (the agent's
+        poll; ``runs.check_writer``)."""
         with self.engine.connect() as conn:
-            return self._decisions(conn, self._run_id(conn, name), name, pending_only=pending_only)
+            return self._decisions(conn, self._run_id(conn, name, token_id), name, pending_only=pending_only)
 
-    def acknowledge(self, name: str, ident: str, applied_step: int, *, rejected: Optional[str] = None) -> Decision:
+    def acknowledge(self, name: str, ident: str, applied_step: int, *, rejected: Optional[str] = None,
+                    token_id: Optional[int] = None) -> Decision:
         """Record that the agent applied decision ``ident`` of run ``name`` at ``applied_step`` (or
         refused it there: ``rejected`` says why). The first acknowledgement wins; returns the
-        decision as stored. ``NotFoundError`` when the run has no such decision."""
+        decision as stored. ``NotFoundError`` when the run has no such decision; ``token_id``: only
+        the token that registered the run may (``runs.check_writer``)."""
         if rejected is not None:
             try:
                 check_text(rejected, "rejected")
             except WireError as exc:
                 raise StoreError(str(exc)) from None
         with self._writer.begin() as conn:
-            run_id = self._lock_run(conn, name).id
+            row = self._lock_run(conn, name)
+            check_owner(name, row.owner, token_id)
+            run_id = row.id
             if not self._ack(conn, run_id, ident, applied_step, rejected):
                 raise NotFoundError(f"run {name!r} has no decision {ident!r}")
             return self._decisions(conn, run_id, name, ident=ident)[0]

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError
 
 from moxco.collector.schema import runs
-from moxco.collector.store.base import NotFoundError, StoreError
+from moxco.collector.store.base import NotFoundError, StoreError, StoreLostError, check_owner
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -88,8 +88,9 @@ class _QueuedWriter:
     as the holder lets go. ``BEGIN IMMEDIATE`` and ``busy_timeout`` still guard writers that do not
     queue here (other programs). Without a lock file (read-only folder) only the process lock is used."""
 
-    def __init__(self, engine, lock_path: Optional[str]) -> None:
+    def __init__(self, engine, lock_path: Optional[str], check=None) -> None:
         self._engine = engine
+        self._check = check  # called before each write transaction (StoreCore._check_file)
         self._lock = threading.RLock()
         self._depth = 0
         self._fd: Optional[int] = None
@@ -102,6 +103,8 @@ class _QueuedWriter:
     @contextlib.contextmanager
     def begin(self):
         with self._lock:
+            if self._check is not None and self._depth == 0:
+                self._check()
             self._depth += 1
             try:
                 if self._fd is not None and self._depth == 1:
@@ -207,6 +210,8 @@ class StoreCore:
             raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL")
         writer = self.engine.execution_options(moxco_write=True)
         self._checkpointer: Optional[_Checkpointer] = None
+        self._file: Optional[str] = None  # a SQLite store's file, watched by _check_file
+        self._identity: Optional[tuple] = None
         if name == "sqlite":
             database = self.engine.url.database
             on_file = bool(database) and database != ":memory:"
@@ -216,7 +221,9 @@ class StoreCore:
             event.listen(self.engine, "begin", sqlite_begin)
             if on_file:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            writer = _QueuedWriter(writer, f"{database}-moxco-write.lock" if on_file else None)
+                self._file = database
+            writer = _QueuedWriter(writer, f"{database}-moxco-write.lock" if on_file else None,
+                                   self._check_file if on_file else None)
             self.sql = SQLite()
         else:
             background_checkpoint = False
@@ -224,8 +231,34 @@ class StoreCore:
         self._writer = writer
         if migrate:
             upgrade(self.engine)
+        self._identity = self._file_identity()
         if background_checkpoint:
             self._checkpointer = _Checkpointer(self.engine.url.database, writer)
+
+    def _file_identity(self) -> Optional[tuple]:
+        if self._file is None:
+            return None
+        try:
+            st = os.stat(self._file)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_file(self) -> None:
+        """Before each write transaction of a SQLite store: ``StoreLostError`` when its file was
+        deleted or replaced (another device or inode at that path) since the store opened it.
+        SQLite would go on writing to the deleted file through its open connections, and every
+        point written so would be lost without a word. One ``stat`` (about a microsecond)."""
+        identity = self._file_identity()
+        if self._identity is None:
+            self._identity = identity
+            return
+        if identity == self._identity:
+            return
+        what = "deleted" if identity is None else "replaced by another file"
+        raise StoreLostError(f"the store file {self._file} was {what} while this store had it open: what was "
+                             "written to it is gone with it, and this store would write to a file no one can "
+                             "read. Open the store again (a new file) to go on")
 
     @property
     def dialect(self) -> str:
@@ -238,19 +271,23 @@ class StoreCore:
             conn.exec_driver_sql("SELECT 1")
 
     def _lock_run(self, conn, name: str):
-        """The run's row (``id``, ``policy``, ``policy_state``, ``last_step``), locked for this write
-        transaction (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises writers)."""
-        query = select(runs.c.id, runs.c.policy, runs.c.policy_state, runs.c.last_step).where(runs.c.name == name)
+        """The run's row (``id``, ``policy``, ``policy_state``, ``last_step``, ``owner``), locked for this
+        write transaction (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises writers)."""
+        query = select(runs.c.id, runs.c.policy, runs.c.policy_state, runs.c.last_step, runs.c.owner).where(
+            runs.c.name == name)
         row = conn.execute(self.sql.for_update(query)).first()
         if row is None:
             raise NotFoundError(f"no run named {name!r}")
         return row
 
-    def _run_id(self, conn, name: str) -> int:
-        run_id = conn.execute(select(runs.c.id).where(runs.c.name == name)).scalar()
-        if run_id is None:
+    def _run_id(self, conn, name: str, token_id: Optional[int] = None) -> int:
+        """The run's id; with ``token_id`` (a caller limited to the runs it registered), only when
+        that token registered it (``ForbiddenError``)."""
+        row = conn.execute(select(runs.c.id, runs.c.owner).where(runs.c.name == name)).first()
+        if row is None:
             raise NotFoundError(f"no run named {name!r}")
-        return run_id
+        check_owner(name, row.owner, token_id)
+        return row.id
 
     @contextlib.contextmanager
     def _driver_errors(self, conn):

@@ -26,7 +26,8 @@ from moxco.collector import downsample as ds
 from moxco.collector.schema import BLOCK_STEPS, SUMMARY_FIELDS, series_blocks
 from moxco.collector.store.base import IngestResult, NotFoundError, StoreError, json_value
 from moxco.collector.store.decisions import PENDING_SQL, decision_from_row
-from moxco.wire import Columns, Point, WireError, check_batch_id, point_columns
+from moxco.collector.store.runs import check_writer
+from moxco.wire import Columns, Point, WireError, check_batch_id, check_session, point_columns
 
 
 def as_columns(points: Any) -> Columns:
@@ -47,32 +48,41 @@ class Points:
     """``Store.ingest`` and the write path behind it (a mixin of ``Store``)."""
 
     def ingest(self, name: str, points: Iterable[Point | Tuple] | Columns, *, batch_id: Optional[str] = None,
-               acks: Sequence[Tuple] = ()) -> IngestResult:
+               acks: Sequence[Tuple] = (), token_id: Optional[int] = None, session: Optional[str] = None
+               ) -> IngestResult:
         """Store one batch of run ``name`` in one transaction under the run's lock: the ``points``
         (``Point``s, or the columns of ``wire.parse_points``; a point already stored under its key
         ``(metric, rank, step)`` is kept, the first write wins), the acknowledgements ``acks``
         (``(decision id, applied step[, rejected reason])``: the first acknowledgement wins), the
         run's decision policy on the batch's run-level ``goodness`` points in step order, and the
         ``batch_id`` (the same id again stores nothing and reports ``duplicate``). Returns what was
-        stored and every decision of the run not yet acknowledged."""
+        stored and every decision of the run not yet acknowledged. ``token_id``, ``session``: who
+        writes (``runs.check_writer``: ``ForbiddenError``, ``BusyError``); a free run is taken by
+        ``session``."""
         metrics_, steps, values, walls, ranks = as_columns(points)
-        if batch_id is not None:
-            try:
+        try:
+            if batch_id is not None:
                 check_batch_id(batch_id)
-            except WireError as exc:
-                raise StoreError(str(exc)) from None
+            if session is not None:
+                check_session(session)
+        except WireError as exc:
+            raise StoreError(str(exc)) from None
         sql = self.sql
         with self._writer.begin() as conn, self._driver_errors(conn):
             raw = conn.connection.driver_connection
             found = sql.lock_run(raw, name, batch_id)
             if found is None:
                 raise NotFoundError(f"no run named {name!r}")
-            run_id, policy, policy_state, previous = found
+            run_id, policy, policy_state, owner, held_by, status, last_ingest, updated, previous = found
+            heard = max((t for t in (last_ingest, updated) if t is not None), default=None)
+            check_writer(name, owner, held_by, status, heard, token_id, session, self.session_stale_after, time.time())
             policy = json_value(policy)  # SQLite: JSON text, where a NULL policy may be 'null'
             duplicate, stored = previous is not None, int(previous or 0)
             unknown_acks: List[str] = []
             new = []
             tail: List[Tuple[str, List[Tuple]]] = []  # writes nothing reads back: sent with the last query
+            if session is not None and held_by != session:
+                tail.append(("UPDATE runs SET session = ? WHERE id = ?", [(session, run_id)]))
             if not duplicate:
                 if len(metrics_):
                     stored = self._write_columns(conn, run_id, metrics_, steps, values, walls, ranks, tail)

@@ -21,7 +21,8 @@ from moxco.collector.store.base import StoreError
 # After the row lock, the batch id is looked up in a statement of its own: a statement that waited
 # for a row lock still reads with the snapshot it took before waiting, so a concurrent copy of the
 # same batch committed meanwhile would not be seen and its id inserted twice.
-_LOCK_RUN = "SELECT id, policy, policy_state FROM runs WHERE name = %s FOR UPDATE"
+_LOCK_RUN = ("SELECT id, policy, policy_state, owner, session, status, last_ingest_at, updated_at FROM runs "
+             "WHERE name = %s FOR UPDATE")
 _BATCH = "SELECT stored FROM batches WHERE run_id = %s AND batch_id = %s"
 
 # Merge the chunks of one closed block of a series into one row, on the server, when it has more
@@ -148,8 +149,9 @@ class PostgreSQL:
             return reader.fetchall() if query else []
 
     def lock_run(self, raw, name: str, batch_id: Optional[str]) -> Optional[Tuple]:
-        """``(run id, policy, policy state, what batch ``batch_id`` stored or None)`` for the ingest
-        transaction, the run's row locked; None when there is no such run."""
+        """``(run id, policy, policy state, owner, session, status, last ingest, updated, what batch
+        ``batch_id`` stored or None)`` for the ingest transaction, the run's row locked; None when
+        there is no such run."""
         with raw.cursor() as cur:
             found = cur.execute(_LOCK_RUN, (name,)).fetchall()
             if not found:

@@ -1,26 +1,42 @@
-"""Runs: registration (config, optimizer, decision policy), status, listing, the stale-run sweep.
+"""Runs: registration (config, optimizer, decision policy), who may write them, status, listing,
+the stale-run sweep.
 
 A run is registered by name (``moxco.wire.check_run_name``); registering it again merges the
 given config into the stored one and replaces the optimizer and policy when given. The policy is
 ``moxco.policy.PolicyConfig.to_dict()`` (NULL: the store takes no policy decisions for the run);
 its state (``DecisionPolicy.state_dict()``) is kept with the run and updated under the run's row
 lock by ingest.
+
+Who writes a run (``check_writer``, in every write under the run's lock):
+
+* ``token_id``: a caller limited to the runs it registered (an ``ingest`` token) passes its
+  token's id; a new run records it as its ``owner``, an existing run owned by another token, or by
+  none, is refused (``ForbiddenError``). ``None``: unrestricted (``admin`` tokens, a collector
+  without auth, the embedded agent, the CLI).
+* ``session``: a writer session id (docs/api.md, One writer per run). A run is held by the last
+  session that wrote it while that session is live: the run is ``running`` and was heard from
+  (registered or sent points) within ``session_stale_after`` seconds. Another session's write is
+  then refused (``BusyError``); a free run is taken by the session that writes it. Writes
+  without a session are not checked.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from sqlalchemy import case, select, update
+from sqlalchemy import and_, case, false, func, literal, select, true, update
 
 from moxco.collector.schema import RUN_LEVEL_RANK, RUN_STATUSES, latest_points, runs
-from moxco.collector.store.base import NotFoundError, RunInfo, StoreError, run_info
+from moxco.collector.store.base import (SUMMARY_HYPERPARAMETERS, BusyError, NotFoundError, RunInfo,
+                                        RunSummary, StoreError, TooLargeError, check_owner, json_value,
+                                        run_info)
 from moxco.policy import PolicyConfig
-from moxco.wire import WireError, check_run_name
+from moxco.wire import (MAX_CONFIG_BYTES, WireError, check_document, check_name_pattern, check_run_name,
+                        check_session)
 
 UNSET: Any = object()  # "leave as stored" for put_run's optimizer and policy
+SESSION_STALE_AFTER_S = 600.0  # a writer session silent this long no longer holds its run
 
 
 def check_name(name: Any) -> str:
@@ -36,28 +52,73 @@ def _check_status(status: Optional[str]) -> None:
         raise StoreError(f"status must be one of {RUN_STATUSES}, got {status!r}")
 
 
+def check_doc(value: Any, what: str, max_bytes: Optional[int] = None) -> Any:
+    """``moxco.wire.check_document`` as the store's errors (``TooLargeError`` for the size)."""
+    try:
+        return check_document(value, what, max_bytes=max_bytes)
+    except WireError as exc:
+        raise (TooLargeError if exc.too_large else StoreError)(str(exc)) from None
+
+
+def check_policy(policy: Any) -> Optional[Dict[str, Any]]:
+    """A run's policy as ``PolicyConfig.to_dict()`` (None stays None); ``StoreError`` for anything
+    ``PolicyConfig`` refuses, a value of the wrong type included."""
+    if policy is None:
+        return None
+    if isinstance(policy, PolicyConfig):
+        return policy.to_dict()
+    if not isinstance(policy, Mapping):
+        raise StoreError(f"a run's policy is an object (PolicyConfig.to_dict()), got {type(policy).__name__}")
+    check_doc(policy, "the run's policy")
+    try:
+        return PolicyConfig.from_dict(policy).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"invalid policy: {exc}") from None
+
+
+def check_writer(name: str, owner: Optional[int], held_by: Optional[str], status: str, last_heard: Optional[float],
+                 token_id: Optional[int], session: Optional[str], stale_after: float, now: float) -> None:
+    """Refuse a write to run ``name`` (module docstring): ``ForbiddenError`` when ``token_id`` is
+    not the run's ``owner``; ``BusyError`` when ``session`` is not the live session holding it."""
+    check_owner(name, owner, token_id)
+    if session is not None and held_by is not None and held_by != session and status == "running" \
+            and last_heard is not None and now - last_heard < stale_after:
+        raise BusyError(f"run {name!r} is being written by another live session ({held_by!r}, last heard "
+                        f"{now - last_heard:.0f} s ago): two jobs may not write one run. Use another run name, or "
+                        f"wait until the other job finishes or is silent for {stale_after:.0f} s")
+
+
 class Runs:
     """Run registration and reads (a mixin of ``Store``)."""
 
+    session_stale_after: float = SESSION_STALE_AFTER_S
+
     def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = UNSET,
-                policy: Any = UNSET, status: Optional[str] = None, create: bool = True) -> RunInfo:
+                policy: Any = UNSET, status: Optional[str] = None, create: bool = True,
+                token_id: Optional[int] = None, session: Optional[str] = None) -> RunInfo:
         """Register (``create``) or update run ``name``; returns it as ``run`` does.
 
-        ``config`` is merged into the stored config; ``optimizer`` and ``policy`` replace the
-        stored ones when given (``policy=None``: the store takes no policy decisions for the run;
-        a ``PolicyConfig`` or its dict, ``ValueError`` for bad fields). A changed policy keeps the
-        policy's progress (streak, decisions already taken count against ``max_decisions``), so an
-        agent registering again after a restart never makes the policy fire again. ``status``
-        defaults to ``running`` for a new run and to unchanged for an existing one; ``create=False``
-        refuses (``NotFoundError``) a run that does not exist."""
+        ``config`` is merged into the stored config (at most ``MAX_CONFIG_BYTES`` as JSON once
+        merged: ``TooLargeError``); ``optimizer`` and ``policy`` replace the stored ones when given
+        (``policy=None``: the store takes no policy decisions for the run; a ``PolicyConfig`` or its
+        dict, ``StoreError`` for bad fields). A changed policy keeps the policy's progress (streak,
+        decisions already taken count against ``max_decisions``), so an agent registering again
+        after a restart never makes the policy fire again. ``status`` defaults to ``running`` for
+        a new run and to unchanged for an existing one; ``create=False`` refuses
+        (``NotFoundError``) a run that does not exist. ``token_id``, ``session``: who writes
+        (module docstring)."""
         check_name(name)
         _check_status(status)
-        if config is not None and not isinstance(config, Mapping):
-            raise StoreError(f"a run's config is a mapping, got {type(config).__name__}")
-        if isinstance(policy, PolicyConfig):
-            policy = policy.to_dict()
-        elif policy is not UNSET and policy is not None:
-            policy = PolicyConfig.from_dict(policy).to_dict()  # ValueError on bad fields
+        if config is not None:
+            if not isinstance(config, Mapping):
+                raise StoreError(f"a run's config is a mapping, got {type(config).__name__}")
+            check_doc(dict(config), "the run's config", MAX_CONFIG_BYTES)
+        if optimizer is not UNSET and optimizer is not None:
+            check_doc(optimizer, "the run's optimizer", MAX_CONFIG_BYTES)
+        if policy is not UNSET:
+            policy = check_policy(policy)
+        if session is not None:
+            _session(session)
         now = time.time()
         with self._writer.begin() as conn:
             query = self.sql.for_update(select(runs).where(runs.c.name == name))
@@ -68,13 +129,17 @@ class Runs:
                 conn.execute(self.sql.insert(runs).on_conflict_do_nothing().values(
                     name=name, status=status or "running", config=dict(config or {}), created_at=now,
                     updated_at=now, last_step=None, optimizer=None if optimizer is UNSET else optimizer,
-                    policy=None if policy is UNSET else policy, policy_state=None))
+                    policy=None if policy is UNSET else policy, policy_state=None, owner=token_id, session=session))
                 row = conn.execute(query).mappings().first()
                 if row["created_at"] == now:
                     return self._run(conn, name)
+            check_writer(name, row["owner"], row["session"], row["status"], _last_heard(row), token_id, session,
+                         self.session_stale_after, now)
             values: Dict[str, Any] = {"updated_at": now}
             if config:
-                values["config"] = {**row["config"], **dict(config)}
+                merged = {**row["config"], **dict(config)}
+                check_doc(merged, "the run's config (merged with the stored one)", MAX_CONFIG_BYTES)
+                values["config"] = merged
             if optimizer is not UNSET:
                 values["optimizer"] = optimizer
             if policy is not UNSET:
@@ -84,16 +149,21 @@ class Runs:
                     values["policy_state"] = {**state, "config": policy}
             if status is not None:
                 values["status"] = status
+            if session is not None:
+                values["session"] = session
             conn.execute(update(runs).where(runs.c.id == row["id"]).values(**values))
             return self._run(conn, name)
 
-    def set_status(self, name: str, status: str) -> None:
+    def set_status(self, name: str, status: str, *, token_id: Optional[int] = None) -> None:
         """Set run ``name``'s status (``running``, ``finished``, ``interrupted``, ``failed``)."""
         if status not in RUN_STATUSES:
             raise StoreError(f"status must be one of {RUN_STATUSES}, got {status!r}")
         with self._writer.begin() as conn:
-            run_id = self._lock_run(conn, name).id
-            conn.execute(update(runs).where(runs.c.id == run_id).values(status=status, updated_at=time.time()))
+            row = conn.execute(self.sql.for_update(select(runs.c.id, runs.c.owner).where(runs.c.name == name))).first()
+            if row is None:
+                raise NotFoundError(f"no run named {name!r}")
+            check_owner(name, row.owner, token_id)
+            conn.execute(update(runs).where(runs.c.id == row.id).values(status=status, updated_at=time.time()))
 
     def run(self, name: str) -> RunInfo:
         """Run ``name`` with its metric names and phase; ``NotFoundError`` when there is none."""
@@ -112,25 +182,41 @@ class Runs:
 
     def list_runs(self, *, name: Optional[str] = None, status: Optional[str] = None, since: Optional[float] = None,
                   until: Optional[float] = None, limit: Optional[int] = 100,
-                  offset: int = 0) -> Tuple[int, List[RunInfo]]:
-        """Runs newest first, filtered by a case-sensitive glob on the name (``*``, ``?``, ``[…]``),
-        status, and activity window (``since``: updated at or after; ``until``: created at or
-        before). Returns ``(total matching, the page)``; ``limit=None``: every run from ``offset``."""
-        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc())
+                  offset: int = 0) -> Tuple[int, List[RunSummary]]:
+        """Runs newest first, filtered by a case-sensitive glob on the name (``*``, ``?``, ``[…]``,
+        ``[!…]``: ``fnmatch.fnmatchcase``'s syntax), status, and activity window (``since``:
+        updated at or after; ``until``: created at or before). Returns ``(total matching, the
+        page)`` as ``RunSummary`` records (no config: ``run(name)`` has it); ``limit=None``: every
+        run from ``offset``. Filtering, counting and paging run in the database, which sends only
+        the page's rows."""
+        r = runs.c
+        where = [true()]
         if status is not None:
-            query = query.where(runs.c.status == status)
+            where.append(r.status == status)
         if since is not None:
-            query = query.where(runs.c.updated_at >= since)
+            where.append(r.updated_at >= since)
         if until is not None:
-            query = query.where(runs.c.created_at <= until)
-        if name is not None and not any(ch in name for ch in "*?["):
-            query = query.where(runs.c.name == name)
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
+            where.append(r.created_at <= until)
         if name is not None:
-            rows = [row for row in rows if fnmatch.fnmatchcase(row["name"], name)]
-        end = None if limit is None else offset + limit
-        return len(rows), [run_info(row) for row in rows[offset:end]]
+            try:
+                check_name_pattern(name)
+            except WireError as exc:
+                raise StoreError(str(exc)) from None
+            where.append(glob_condition(r.name, name, self.sql.name))
+        condition = and_(*where)
+        hyper = [r.optimizer[key].label(f"h_{key}") for key in SUMMARY_HYPERPARAMETERS]
+        query = (select(r.name, r.status, r.created_at, r.updated_at, r.last_step, r.last_ingest_at, r.policy, *hyper)
+                 .where(condition).order_by(r.created_at.desc(), r.id.desc()).offset(offset))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            conn = self.sql.snapshot(conn)  # the count and the page from one snapshot
+            total = int(conn.execute(select(func.count()).select_from(runs).where(condition)).scalar())
+            rows = conn.execute(query).mappings().all()
+        return total, [RunSummary(row["name"], row["status"], row["created_at"], row["updated_at"], row["last_step"],
+                                  row["last_ingest_at"], json_value(row["policy"]),
+                                  {k: row[f"h_{k}"] for k in SUMMARY_HYPERPARAMETERS if row[f"h_{k}"] is not None})
+                       for row in rows]
 
     def sweep_stale_runs(self, stale_after: float, *, now: Optional[float] = None) -> Dict[str, List[str]]:
         """Mark ``running`` runs that stored no point and were not updated (registered again,
@@ -155,3 +241,130 @@ class Runs:
                 conn.execute(update(runs).where(r.id.in_(ids), where).values(status=status, updated_at=now))
                 out[status] = sorted(conn.execute(select(r.name).where(r.id.in_(ids), r.status == status)).scalars())
         return out
+
+
+def _session(session: Any) -> str:
+    try:
+        return check_session(session)
+    except WireError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def _last_heard(row: Mapping[str, Any]) -> Optional[float]:
+    heard = [t for t in (row.get("last_ingest_at"), row.get("updated_at")) if t is not None]
+    return max(heard) if heard else None
+
+
+# --- name globs in SQL -------------------------------------------------------------------------------
+
+
+def glob_tokens(pattern: str) -> List[tuple]:
+    """``pattern`` in ``fnmatch``'s syntax as tokens: ``("lit", ch)``, ``("any",)`` (``*``),
+    ``("one",)`` (``?``), ``("class", negated, [(lo, hi), …])`` (``[…]``, ``[!…]``; a ``[`` without
+    its ``]`` is a literal, as in ``fnmatch``)."""
+    out: List[tuple] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if not out or out[-1] != ("any",):
+                out.append(("any",))
+        elif c == "?":
+            out.append(("one",))
+        elif c == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append(("lit", "["))
+                continue
+            body, i = pattern[i:j], j + 1
+            negated = body.startswith("!")
+            body = body[1:] if negated else body
+            ranges, k = [], 0
+            while k < len(body):
+                if k + 2 < len(body) and body[k + 1] == "-":
+                    if body[k] <= body[k + 2]:  # fnmatch drops empty ranges such as z-a
+                        ranges.append((body[k], body[k + 2]))
+                    k += 3
+                else:
+                    ranges.append((body[k], body[k]))
+                    k += 1
+            out.append(("class", negated, ranges))
+        else:
+            out.append(("lit", c))
+    return out
+
+
+def glob_condition(column, pattern: str, dialect: str):
+    """A SQL condition true where ``column`` matches the glob ``pattern`` as
+    ``fnmatch.fnmatchcase`` would: SQLite's ``GLOB`` (case-sensitive; ``*``, ``?``, ``[`` of the
+    pattern written as the classes ``[*]``, ``[?]``, ``[[]``), PostgreSQL's ``~`` with an anchored
+    regular expression (every character that is not a letter or digit escaped). The pattern is
+    always a bound parameter, never SQL text."""
+    tokens = glob_tokens(pattern)
+    if all(t[0] == "lit" for t in tokens):
+        return column == pattern
+    parts: List[str] = []
+    for token in tokens:
+        kind = token[0]
+        if kind == "lit":
+            parts.append(_lit(token[1], dialect))
+        elif kind == "any":
+            parts.append("*" if dialect == "sqlite" else ".*")
+        elif kind == "one":
+            parts.append("?" if dialect == "sqlite" else ".")
+        else:
+            _, negated, ranges = token
+            if not ranges:  # fnmatch: an empty class matches nothing, an empty negated one any character
+                if not negated:
+                    return false()
+                parts.append("?" if dialect == "sqlite" else ".")
+                continue
+            parts.append(_class(negated, ranges, dialect))
+    if dialect == "sqlite":
+        return column.op("GLOB")(literal("".join(parts)))
+    return column.op("~")(literal("^" + "".join(parts) + "$"))
+
+
+def _lit(ch: str, dialect: str) -> str:
+    if dialect == "sqlite":
+        return f"[{ch}]" if ch in "*?[" else ch
+    return ch if ch.isalnum() else "\\" + ch
+
+
+_GLOB_SPECIAL = "]^-"  # inside a GLOB class: "]" is literal only first, "^" anywhere but first, "-" first or last
+
+
+def _class(negated: bool, ranges: List[Tuple[str, str]], dialect: str) -> str:
+    if dialect != "sqlite":
+        esc = lambda ch: ch if ch.isalnum() else "\\" + ch  # noqa: E731 - ARE: "\\" escapes inside brackets too
+        body = "".join(esc(lo) if lo == hi else f"{esc(lo)}-{esc(hi)}" for lo, hi in ranges)
+        return "[" + ("^" if negated else "") + body + "]"
+    # GLOB has no escapes: peel the special characters off the ends of ranges, place each special
+    # single where it means itself
+    singles, spans = set(), []
+    for lo, hi in ranges:
+        while lo <= hi and (lo in _GLOB_SPECIAL or hi in _GLOB_SPECIAL):
+            if lo in _GLOB_SPECIAL:
+                singles.add(lo)
+                lo = chr(ord(lo) + 1)
+            elif hi in _GLOB_SPECIAL:
+                singles.add(hi)
+                hi = chr(ord(hi) - 1)
+        if lo < hi:
+            spans.append(f"{lo}-{hi}")
+        elif lo == hi:
+            singles.add(lo)
+    body = ("]" if "]" in singles else "") + "".join(spans) + "".join(sorted(singles - set(_GLOB_SPECIAL)))
+    body += ("^" if "^" in singles else "") + ("-" if "-" in singles else "")
+    if not negated and body.startswith("^"):  # only "^" and "-" left: "-" first is literal too
+        if body == "^":
+            return "^"  # outside a class "^" is itself
+        body = "-^"
+    return "[" + ("^" if negated else "") + body + "]"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, false, func, or_, select
 
 from moxco.collector import downsample as ds
 from moxco.collector.schema import BLOCK_STEPS, RUN_LEVEL_RANK, SUMMARY_FIELDS, decisions, latest_points, runs, series_blocks
@@ -115,20 +115,37 @@ class Series:
                                 .where(lp.run_id == run_id, lp.rank == rank))
             return {m: (int(s), from_db(v), float(w)) for m, s, v, w in rows}
 
-    def running_latest(self) -> List[Dict[str, Any]]:
-        """Everything the Prometheus exposition needs, in three queries: per *running* run its name,
-        last step, last ingest time, decision count and ``{metric: value}`` of its run-level series."""
+    def running_latest(self, *, metric_limit: Optional[int] = None, always: Sequence[str] = ()
+                       ) -> List[Dict[str, Any]]:
+        """Everything the Prometheus exposition needs: per *running* run its name, last step, last
+        ingest time, decision count, ``{metric: value}`` of its run-level series and how many of
+        them were ``left_out``. With ``metric_limit``, a run gives every series named in
+        ``always`` (the catalogue) and, of the others, the first ``metric_limit`` by name; the
+        database ranks and counts them, and sends only those."""
         lp, r = latest_points.c, runs.c
         with self.engine.connect() as conn:
             run_rows = conn.execute(select(r.id, r.name, r.last_step, r.last_ingest_at)
                                     .where(r.status == "running").order_by(r.id)).all()
             out = {row.id: {"name": row.name, "last_step": row.last_step, "last_ingest_at": row.last_ingest_at,
-                            "decisions": 0, "metrics": {}} for row in run_rows}
+                            "decisions": 0, "metrics": {}, "left_out": 0} for row in run_rows}
             if not out:
                 return []
             running = select(r.id).where(r.status == "running")
-            for run_id, metric, value in conn.execute(
-                    select(lp.run_id, lp.metric, lp.value).where(lp.rank == RUN_LEVEL_RANK, lp.run_id.in_(running))):
+            mine = and_(lp.rank == RUN_LEVEL_RANK, lp.run_id.in_(running))
+            if metric_limit is None:
+                query = select(lp.run_id, lp.metric, lp.value).where(mine)
+            else:
+                known = lp.metric.in_(list(always)) if always else false()
+                ranked = select(lp.run_id, lp.metric, lp.value, case((known, 1), else_=0).label("known"),
+                                func.row_number().over(partition_by=(lp.run_id, known), order_by=lp.metric)
+                                .label("n")).where(mine).subquery()
+                query = select(ranked.c.run_id, ranked.c.metric, ranked.c.value).where(
+                    or_(ranked.c.known == 1, ranked.c.n <= int(metric_limit)))
+                for run_id, count in conn.execute(select(lp.run_id, func.count()).where(mine, ~known)
+                                                  .group_by(lp.run_id)):
+                    if run_id in out:
+                        out[run_id]["left_out"] = max(0, int(count) - int(metric_limit))
+            for run_id, metric, value in conn.execute(query):
                 if run_id in out:
                     out[run_id]["metrics"][metric] = from_db(value)
             for run_id, count in conn.execute(

@@ -17,8 +17,8 @@ from sqlalchemy.dialects import sqlite
 SQLITE_INSERT_ROWS = 250  # rows per multi-row INSERT: 1,500 parameters, far under SQLite's limit
 
 # the run's row and the batch-id check in one statement (writers are serialised: the read is current)
-_LOCK_RUN = ("SELECT id, policy, policy_state, (SELECT stored FROM batches WHERE run_id = runs.id AND "
-             "batch_id = ?) FROM runs WHERE name = ?")
+_LOCK_RUN = ("SELECT id, policy, policy_state, owner, session, status, last_ingest_at, updated_at, "
+             "(SELECT stored FROM batches WHERE run_id = runs.id AND batch_id = ?) FROM runs WHERE name = ?")
 
 
 class SQLite:
@@ -51,8 +51,8 @@ class SQLite:
         return raw.execute(*query).fetchall() if query else []
 
     def lock_run(self, raw, name: str, batch_id: Optional[str]) -> Optional[Tuple]:
-        """``(run id, policy, policy state, what batch ``batch_id`` stored or None)`` for the ingest
-        transaction, or None when there is no such run."""
+        """``(run id, policy, policy state, owner, session, status, last ingest, updated, what batch
+        ``batch_id`` stored or None)`` for the ingest transaction, or None when there is no such run."""
         found = raw.execute(_LOCK_RUN, (batch_id, name)).fetchall()
         return found[0] if found else None
 

@@ -413,7 +413,8 @@ def test_runs_are_named_and_closed_with_status(url):
         nn.MSELoss()(model(torch.randn(4, 3)), torch.randn(4, 1)).backward()
         opt.step()
     store = open_store(url)
-    (run,) = store.list_runs()[1]
+    (listed,) = store.list_runs()[1]
+    run = store.run(listed.name)
     assert run.name == agent.run and run.status == "finished" and run.config["optimizer"] == "SGD"
     assert len(run.name.split("-")) == 4
 

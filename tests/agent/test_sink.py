@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from moxco.agent.sink import EmbeddedSink
 from moxco.collector import open_store
 from moxco.decision import Decision
@@ -29,3 +33,82 @@ def test_the_embedded_sink_hands_each_pending_decision_over_once_and_acks_ride_i
     assert [(d.status, d.applied_step) for d in sink.decisions("r")] == [("applied", 3), ("rejected", 3)]
     sink.close()
     assert len(received) == 2
+
+
+def _train(agent, model, opt, steps, criterion):
+    import torch
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        opt.step()
+
+
+def test_a_store_file_deleted_mid_run_is_noticed_said_once_and_the_run_goes_on(tmp_path, caplog):
+    """The store file is deleted at step 50 of 200: the next write notices (``StoreLostError``: the
+    file's inode is gone), the agent records it (``errors["store"]`` says the points before were
+    lost), warns once, and the run goes on in a new file with every step from there on."""
+    import logging
+
+    import torch
+
+    from moxco.agent import attach
+
+    path = tmp_path / "runs.db"
+    torch.manual_seed(0)
+    mse = torch.nn.MSELoss()
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = attach(model, opt, url=f"sqlite:///{path}", run="lost", reeval_every=0, probe_every=0,
+                   criterion=mse)
+    with caplog.at_level(logging.WARNING, logger="moxco"):
+        _train(agent, model, opt, 50, mse)
+        time.sleep(1.0)  # the writer's batches of those steps are in the file
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{path}{suffix}").exists():
+                os.unlink(f"{path}{suffix}")
+        _train(agent, model, opt, 150, mse)
+        agent.close()
+    assert "store" in agent.errors and "deleted" in agent.errors["store"] and "lost" in agent.errors["store"]
+    warnings = [r for r in caplog.records if "deleted" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    with open_store(f"sqlite:///{path}") as store:
+        steps, _ = store.series("lost", "loss")
+        run = store.run("lost")
+    assert steps.size >= 140 and int(steps[-1]) == 199  # the steps after the loss are all there
+    assert "deleted" in run.config["errors"]["store"] and run.status == "finished"
+
+
+def test_attach_with_an_unwritable_store_does_not_raise_and_writes_to_the_spool_folder(tmp_path, monkeypatch):
+    """A read-only working directory (the default store ``./moxco.db``): ``attach`` does not raise;
+    the store is opened in the agent's spool folder instead, with a warning naming both."""
+    import torch
+
+    from moxco.agent import attach
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    monkeypatch.setenv("MOXCO_SPOOL", str(tmp_path / "spool"))
+    monkeypatch.delenv("MOXCO_URL", raising=False)
+    monkeypatch.chdir(readonly)
+    try:
+        if os.geteuid() == 0:  # root writes anywhere: a file where the store's folder should be
+            (tmp_path / "blocker").write_text("")
+            url = f"sqlite:///{tmp_path / 'blocker' / 'moxco.db'}"
+        else:
+            url = None
+        mse = torch.nn.MSELoss()
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        agent = attach(model, opt, url=url, run="ro", reeval_every=0, probe_every=0,
+                       criterion=mse)
+        _train(agent, model, opt, 20, mse)
+        agent.close()
+    finally:
+        readonly.chmod(0o755)
+    with open_store(str(tmp_path / "spool" / "ro" / "moxco.db")) as store:
+        assert store.series("ro", "loss")[0].tolist() == list(range(20))

@@ -18,7 +18,7 @@ POLICY = {"threshold": 0.85, "min_step": 0, "consecutive": 2, "cooldown": 0, "ma
 @pytest.fixture
 def client(store_url):
     app = create_app(store_url, auth=False, max_body=128 * 1024)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         c.store = app.state.store
         yield c
     app.state.store.close()
@@ -38,7 +38,7 @@ def test_migrations_from_empty(store_url):
         if store.dialect == "postgresql":  # points in chunks, read through the metric_points view (0005)
             assert "point_chunks" in tables and "metric_points" in inspect(store.engine).get_view_names()
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
     Store(store_url).close()  # a second upgrade is a no-op
 
 
@@ -242,7 +242,7 @@ def test_store_unreachable_is_503_with_retry_after(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'x.db'}")
     store.close()
     dead = Store(f"postgresql://nobody@127.0.0.1:{free_port()}/none", migrate=False)
-    with TestClient(create_app(store=dead, auth=False)) as c:
+    with TestClient(create_app(store=dead, auth=False), base_url="http://127.0.0.1") as c:
         for r in (c.get("/healthz"), c.get("/api/v1/runs"), c.put("/api/v1/runs/r", json={})):
             assert r.status_code == 503 and r.headers["retry-after"].isdigit()
         assert c.get("/api/v1/runs").json()["error"]["code"] == "store_unavailable"

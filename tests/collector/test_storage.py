@@ -29,7 +29,7 @@ def test_migrations_create_the_schema_from_empty(tmp_path):
     # opening again is a no-op upgrade, and the file is in WAL mode
     open_store(str(path)).close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("select version_num from alembic_version").fetchall() == [("0006",)]  # the head
+        assert conn.execute("select version_num from alembic_version").fetchall() == [("0007",)]  # the head
         assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
@@ -265,3 +265,26 @@ def test_migration_0006_keeps_decisions_and_retires_invalid_ones_still_pending(t
         assert invalid.status == "rejected" and "alpha" in invalid.rejected and invalid.applied_step == 2
         assert applied.status == "applied" and applied.applied_step == 4 and applied.action == {"phase": 2, "lr": -1}
         assert store.decisions("r", pending_only=True) == [first]
+
+
+def test_the_run_lists_name_glob_runs_in_sql_and_matches_exactly_what_fnmatch_matches(store_url):
+    """``list_runs(name=glob)`` filters in the database (SQLite ``GLOB``, PostgreSQL ``~``) with the
+    pattern's metacharacters escaped: on names and patterns made of the characters that mean
+    something to GLOB, LIKE, regular expressions or fnmatch, it finds exactly ``fnmatchcase``'s runs."""
+    import fnmatch
+    import random
+
+    rnd = random.Random(7)
+    alphabet = "ab]^-![*?\\.%_zé"
+    names = sorted({"".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 4))) for _ in range(250)}
+                   - {".", ".."})
+    patterns = ["[a-]", "[]-a]", "[^-z]", "[!^]", "[^]", "[-^]", "[]]", "[!]]", "[a-c-e]", "[z-a]", "[!z-a]", "*%*",
+                "_", "\\*", "[\\]", "[[]", "[", "a[", "[!", "[]", "[!]", "*", "?", "a*"]
+    patterns += ["".join(rnd.choice(alphabet + "[]*?") for _ in range(rnd.randint(1, 6))) for _ in range(150)]
+    with open_store(store_url) as store:
+        for name in names:
+            store.put_run(name)
+        for pattern in patterns:
+            want = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+            total, page = store.list_runs(name=pattern, limit=None)
+            assert {r.name for r in page} == want and total == len(want), pattern

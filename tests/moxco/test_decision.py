@@ -8,12 +8,20 @@ from moxco.decision import Decision, DecisionError, validate_action
 
 
 @pytest.mark.parametrize("action", [
-    {"alpha": 5}, {"lr": -1}, {"lr": 1e308 * 10}, {"lr": 0}, {"beta": -3}, {"alpha": 1.0}, {"phase": 3},
+    {"alpha": 5}, {"lr": -1}, {"lr": 1e308 * 10}, {"lr": 1e308}, {"lr": 50}, {"lr": 10.000001}, {"lr": 0}, {"beta": -3}, {"alpha": 1.0}, {"phase": 3},
     {"phase": "2"}, {"phase": True}, {"reset_inertia": False}, {"lr": "fast", "x": [1]}, {"lr": math.nan}, [], "x",
 ])
 def test_invalid_actions_are_refused(action):
     with pytest.raises(DecisionError):
         validate_action(action)
+
+
+def test_lr_is_bounded_above_by_max_lr():
+    from moxco.decision import MAX_LR
+
+    assert MAX_LR == 10.0 and validate_action({"lr": 10}) == {"phase": 2, "lr": 10.0}
+    with pytest.raises(DecisionError, match=r"\(0, 10\]"):
+        validate_action({"lr": 1e308})
 
 
 def test_valid_actions_are_normalised():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from moxco.collector.api.deps import get_store, principal, read_json, run_name, store_call
+from moxco.collector.api.deps import get_store, limited_to_own_runs, principal, read_json, run_name, store_call
 from moxco.collector.api.errors import json_response
 from moxco.collector.api.routes.base import JSON_OBJECT, Route
 from moxco.collector.api.schemas import AckBody, DecisionBody, check_depth, parse
@@ -16,17 +16,21 @@ from moxco.collector.store import Store
 from moxco.decision import Decision
 
 
-async def pending(run: str = Depends(run_name), store: Store = Depends(get_store)):
-    """The run's decisions not yet acknowledged (the agent polls this while it sends nothing)."""
-    rows = await store_call(store.decisions, run, pending_only=True)
+async def pending(run: str = Depends(run_name), store: Store = Depends(get_store),
+                  caller: Principal = Depends(principal)):
+    """The run's decisions not yet acknowledged (the agent polls this while it sends nothing);
+    only for the token that registered the run (or an admin)."""
+    rows = await store_call(store.decisions, run, pending_only=True, token_id=limited_to_own_runs(caller))
     return json_response({"decisions": [d.to_json() for d in rows]})
 
 
 async def acknowledge(request: Request, decision_id: str, run: str = Depends(run_name),
-                      store: Store = Depends(get_store)):
-    """Record that the agent applied (or refused: ``rejected``) a decision; the first wins."""
+                      store: Store = Depends(get_store), caller: Principal = Depends(principal)):
+    """Record that the agent applied (or refused: ``rejected``) a decision; the first wins. Only
+    the token that registered the run (or an admin) may."""
     body = parse(AckBody, await read_json(request))
-    decision = await store_call(store.acknowledge, run, decision_id, body.applied_step, rejected=body.rejected)
+    decision = await store_call(store.acknowledge, run, decision_id, body.applied_step, rejected=body.rejected,
+                                token_id=limited_to_own_runs(caller))
     return json_response(decision.to_json())
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from moxco.collector.api.routes.base import Route
 
@@ -35,6 +36,18 @@ HEADERS = {
     # the HTML is tiny and must follow upgrades of the scripts it loads
     "Cache-Control": "no-cache",
 }
+
+
+class StaticWithHeaders(StaticFiles):
+    """The pages' static files with the pages' security headers (their HTML is reachable under
+    ``STATIC_PATH`` too, and every HTML page carries the Content-Security-Policy)."""
+
+    async def get_response(self, path, scope):
+        response = await super().get_response(path, scope)
+        for key, value in HEADERS.items():
+            if key != "Cache-Control":
+                response.headers.setdefault(key, value)
+        return response
 
 
 def _page(name: str) -> FileResponse:

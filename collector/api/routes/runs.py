@@ -1,4 +1,9 @@
-"""Runs: register (``PUT``), update (``PATCH``), list and read."""
+"""Runs: register (``PUT``), update (``PATCH``), change the policy (``PUT …/policy``), list and read.
+
+An ``ingest`` token writes only to the runs it registered (``deps.limited_to_own_runs``; the store
+checks it under the run's lock), and is answered a run's summary, not its config: reading a
+config takes ``read``. Setting the policy of a run one did not register is the ``decide`` route's.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,16 @@ from typing import Any, Dict, Optional
 
 from fastapi import Depends, Query, Request
 
-from moxco.collector.api.deps import get_store, read_json, run_name, store_call
+from moxco.collector.api.deps import get_store, limited_to_own_runs, principal, read_json, run_name, store_call
 from moxco.collector.api.errors import json_response
 from moxco.collector.api.routes.base import Route
-from moxco.collector.api.schemas import RunBody, check_depth, parse
+from moxco.collector.api.schemas import PolicyBody, RunBody, check_depth, parse
+from moxco.collector.auth import Principal
 from moxco.collector.schema import RUN_STATUSES
 from moxco.collector.store import Store
-from moxco.wire import MAX_STEP
+from moxco.wire import MAX_PATTERN, MAX_STEP
+
+MAX_PAGE = 1000  # runs per page of the run list
 
 
 def _fields(body: RunBody) -> Dict[str, Any]:
@@ -30,28 +38,40 @@ def _fields(body: RunBody) -> Dict[str, Any]:
     return fields
 
 
-async def _put(request: Request, run: str, store: Store, create: bool):
+async def _put(request: Request, run: str, store: Store, caller: Principal, create: bool):
     body = parse(RunBody, check_depth(await read_json(request), "the run"))
-    info = await store_call(store.put_run, run, create=create, **_fields(body))
-    return json_response(info.to_json())
+    info = await store_call(store.put_run, run, create=create, token_id=limited_to_own_runs(caller),
+                            session=body.session, **_fields(body))
+    return json_response(info.summary().to_json())
 
 
-async def put_run(request: Request, run: str = Depends(run_name), store: Store = Depends(get_store)):
-    """Register a run, or update it (idempotent: the config is merged into the stored one)."""
-    return await _put(request, run, store, create=True)
+async def put_run(request: Request, run: str = Depends(run_name), store: Store = Depends(get_store),
+                  caller: Principal = Depends(principal)):
+    """Register a run, or update one this token registered (idempotent: the config is merged into
+    the stored one). Answers the run's summary."""
+    return await _put(request, run, store, caller, create=True)
 
 
-async def patch_run(request: Request, run: str = Depends(run_name), store: Store = Depends(get_store)):
+async def patch_run(request: Request, run: str = Depends(run_name), store: Store = Depends(get_store),
+                    caller: Principal = Depends(principal)):
     """Update a registered run (404 when there is none), e.g. ``{"status": "finished"}``."""
-    return await _put(request, run, store, create=False)
+    return await _put(request, run, store, caller, create=False)
 
 
-async def list_runs(name: Optional[str] = Query(None, max_length=400),
+async def put_policy(request: Request, run: str = Depends(run_name), store: Store = Depends(get_store)):
+    """Set (or clear: ``null``) the decision policy of any run: an operator's act (``decide``)."""
+    body = parse(PolicyBody, check_depth(await read_json(request), "the policy"))
+    info = await store_call(store.put_run, run, create=False, policy=body.policy)
+    return json_response(info.summary().to_json())
+
+
+async def list_runs(name: Optional[str] = Query(None, max_length=MAX_PATTERN),
                     status: Optional[str] = Query(None, pattern="^(" + "|".join(RUN_STATUSES) + ")$"),
                     since: Optional[float] = None, until: Optional[float] = None,
-                    limit: int = Query(100, ge=1, le=10_000), offset: int = Query(0, ge=0, le=MAX_STEP),
+                    limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=MAX_STEP),
                     store: Store = Depends(get_store)):
-    """Runs newest first, filtered by a name glob, status, and activity window."""
+    """Runs newest first, filtered by a name glob, status, and activity window: summaries (name,
+    status, timestamps, last step, policy, key hyper-parameters), never configs."""
     total, page = await store_call(store.list_runs, name=name, status=status, since=since, until=until,
                                    limit=limit, offset=offset)
     return json_response({"runs": [r.to_json() for r in page], "total": total, "limit": limit, "offset": offset})
@@ -65,6 +85,7 @@ async def get_run(run: str = Depends(run_name), store: Store = Depends(get_store
 ROUTES = (
     Route(("PUT",), "/api/v1/runs/{run}", put_run, "ingest", body=RunBody),
     Route(("PATCH",), "/api/v1/runs/{run}", patch_run, "ingest", body=RunBody),
+    Route(("PUT",), "/api/v1/runs/{run}/policy", put_policy, "decide", body=PolicyBody),
     Route(("GET",), "/api/v1/runs", list_runs, "read"),
     Route(("GET",), "/api/v1/runs/{run}", get_run, "read"),
 )

@@ -9,10 +9,10 @@ from fastapi import Depends, Query
 
 from moxco.collector import downsample as ds
 from moxco.collector.api.deps import get_store, run_name, store_call
-from moxco.collector.api.errors import ApiError, json_response
+from moxco.collector.api.errors import ApiError, json_response, wire_error
 from moxco.collector.api.routes.base import Route
 from moxco.collector.store import Store
-from moxco.wire import MAX_RANK, MAX_STEP, RUN_LEVEL_RANK, json_float, json_floats
+from moxco.wire import MAX_RANK, MAX_STEP, RUN_LEVEL_RANK, WireError, check_metric_name, json_float, json_floats
 
 MAX_SERIES_POINTS = 100_000
 
@@ -35,6 +35,10 @@ async def series(metric: str, run: str = Depends(run_name),
                  store: Store = Depends(get_store)):
     """One series within a step or time range, downsampled to at most ``max_points`` (``minmax``
     from the block summaries when no time range is given)."""
+    try:
+        check_metric_name(metric)  # the name rule of ingest: the same answer on both stores
+    except WireError as exc:
+        raise wire_error(exc) from None
 
     def work():
         if method == "minmax" and start_time is None and end_time is None:
