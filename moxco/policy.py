@@ -37,16 +37,16 @@ class PolicyConfig:
     action: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTION))
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.threshold) and 0.0 < self.threshold <= 1.0):
-            raise ValueError(f"threshold must be in (0, 1] (goodness lies in [0, 1]), got {self.threshold!r}")
-        for name in ("min_step", "cooldown"):
+        threshold = self.threshold
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+                or not 0.0 < threshold <= 1.0):
+            raise ValueError(f"threshold must be a number in (0, 1] (goodness lies in [0, 1]), got {threshold!r}")
+        object.__setattr__(self, "threshold", float(threshold))
+        for name, least in (("min_step", 0), ("cooldown", 0), ("consecutive", 1), ("max_decisions", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("consecutive", "max_decisions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise ValueError(f"{name} must be {kind} integer, got {value!r}")
         try:
             object.__setattr__(self, "action", validate_action(self.action))
         except DecisionError as exc:

@@ -122,3 +122,14 @@ def test_invariants_hold_for_any_score_sequence(scores, threshold, consecutive, 
         i = d.step // 5
         window = scores[i - consecutive + 1 : i + 1]
         assert len(window) == consecutive and all(s >= threshold for s in window)
+
+
+@pytest.mark.parametrize("fields", [
+    {"threshold": "x"}, {"threshold": True}, {"threshold": None}, {"threshold": 0}, {"threshold": 1.5},
+    {"consecutive": True}, {"consecutive": 0}, {"max_decisions": 2.0}, {"min_step": -1}, {"cooldown": "1"},
+    {"action": {"phase": 2, "lr": 50}},
+])
+def test_policy_fields_of_the_wrong_type_or_range_are_value_errors(fields):
+    # a ValueError (the collector's 422), never a TypeError from the comparisons (a 500)
+    with pytest.raises(ValueError):
+        PolicyConfig.from_dict(fields)
