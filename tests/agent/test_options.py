@@ -62,7 +62,7 @@ def test_an_unknown_keyword_with_nothing_close_lists_the_options(model_and_optim
     ("goodness", {"tau": -1.0}, "goodness tau must be a finite positive number, got -1.0"),
     ("goodness", {"form": "hinge"}, "goodness form must be one of"),
     ("goodness", {"tua": 1.0}, "unknown goodness setting 'tua'; did you mean 'tau'"),
-    ("policy", {"threshold": 2.0}, "threshold must be in \\(0, 1\\]"),
+    ("policy", {"threshold": 2.0}, "threshold must be a number in \\(0, 1\\]"),
     ("policy", {"consecutiv": 2}, "unknown policy setting 'consecutiv'; did you mean 'consecutive'"),
 ])
 def test_a_bad_value_is_a_value_error_naming_the_option_and_the_value(model_and_optimizer, option, value, message):
