@@ -30,7 +30,7 @@ def test_attach_has_every_option_as_a_keyword_with_the_options_default_and_docum
         assert f"``{name}``" in moxco.agent.attach.__doc__, name
 
 
-@pytest.mark.parametrize("given, suggestion", [("reeval_evry", "reeval_every"), ("probe", "probe_every"),
+@pytest.mark.parametrize("given, suggestion", [("reeval_evry", "reeval_every"), ("probe_evry", "probe_every"), ("probe_dat", "probe_data"),
                                                ("random_scale", "random_scaling"), ("critérion", "criterion")])
 def test_an_unknown_keyword_is_a_type_error_naming_it_and_the_closest_option(model_and_optimizer, given, suggestion):
     model, opt = model_and_optimizer
