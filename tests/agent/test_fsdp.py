@@ -4,8 +4,9 @@ The model is float64 so that the comparison is tight: the only differences are t
 of the partial sums over the two shards and of FSDP's gradient reduce-scatter. The curvature is the
 exception by construction: one process multiplies by the Hessian by double backward, FSDP by
 central finite differences of two replays (and each rank draws its shards' start vector), so
-``sharpness``, ``sharpness_precond`` and goodness agree to the finite difference's error (float64:
-within ``CURVATURE_RTOL``) once the probes have converged (``sharpness_iters=8``).
+``sharpness``, ``sharpness_precond`` and goodness's sharpness term agree to the finite difference's
+error (float64: within ``CURVATURE_RTOL``) once the probes have converged (``sharpness_iters=8``, 30
+with Adam). (``goodness`` itself differs: its gradient term splits the batch in other thirds.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ GLOBAL_BATCH, STEPS, PROBE_EVERY, MAX_NORM = 24, 10, 3, 0.3
 COMPARED = ("loss", "grad_norm_sq", "distance", "update_norm", "update_corr", "update_corr_rs", "loss_diff",
             "inst_gap", "inst_smooth", "avg_gap", "max_smooth", "inst_gap_ref", "inst_smooth_ref", "convexity_ratio")
 CURVATURE = ("sharpness", "goodness_sharpness_term")
-CURVATURE_RTOL = 1e-6
+CURVATURE_RTOL = 1e-7  # measured: 5e-12 (sharpness), 6e-9 (sharpness_precond, the worse-conditioned P⁻¹H)
 
 
 def make_model_and_data():
