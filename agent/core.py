@@ -163,6 +163,7 @@ class Agent:
         self.writer = MetricWriter(self.store, self.run, goodness_settings=goodness_settings,
                                    sharpness_target=self._sharpness_target, on_error=self._record_error,
                                    probe_set=self.probe.probe_set is not None)
+        self.probe.on_config = self.writer.update_run  # (stored off the training thread)
 
     # --- the step ------------------------------------------------------------------------------
 

@@ -29,13 +29,15 @@ failure drops:
   (MoXCo Theorem 2), read here because the optimizer may change its lr every step.
 
 The Hessian-vector products are autograd's double backward, call by call (``Replays.hessian``), or,
-under FSDP (or ``sharpness_hvp="finite_difference"``), central finite differences of two gradient
-replays. ``phase`` is recorded on this cadence too (``agent.step.StepState.phase_point``).
+under FSDP (or ``sharpness_hvp="finite_difference"``, or where autograd reports that the model
+cannot be differentiated twice), central finite differences of two gradient replays. ``phase`` is recorded on this cadence too (``agent.step.StepState.phase_point``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -54,10 +56,22 @@ from moxco.catalogue import GOODNESS_TERMS, names
 from moxco.curvature import Preconditioned, Sharpness, adam_preconditioner, hutchinson
 from moxco.goodness import adaptive_eos_sharpness, eos_sharpness
 
+log = logging.getLogger("moxco.agent")
+
 SPLIT_FALLBACK = "goodness's gradient term is the raw ‖g_t‖² (biased up by the gradient noise) from now on"
 PRECOND_NEEDS_ADAM = ("sharpness_precond needs an Adam-family optimizer (torch.optim.Adam, AdamW, or "
                       "moxco.optim.MoXCo over one): its P = √v̂ + ε is the optimizer's own second moments")
 GOODNESS_NEEDS_PRECOND = "goodness sharpness='precond' scores sharpness_precond, which this run does not measure"
+
+
+# what autograd says when a kernel's backward has no derivative itself (PyTorch's fused attention
+# on GPUs, a custom Function marked once_differentiable): no double backward through it
+NO_DOUBLE_BACKWARD = re.compile(r"derivative for .* is not implemented|once_differentiable|double backward", re.I)
+
+
+def no_double_backward(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a Hessian-vector product by double backward is impossible here."""
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and bool(NO_DOUBLE_BACKWARD.search(str(exc)))
 
 
 def adam_family(optimizer: Any) -> Optional[torch.optim.Optimizer]:
@@ -99,8 +113,10 @@ class Probe:
         self.failures, self.state, self.replays = failures, state, replays
         self.optimizer, self.goodness, self.reference, self.probe_set = optimizer, o.goodness, reference, probe_set
         shards = replays.shards
+        self.hvp_option = o.sharpness_hvp
         self.finite_difference = o.sharpness_hvp == "finite_difference" or (
             o.sharpness_hvp == "auto" and shards is not None)
+        self.on_config: Optional[Callable[[Dict[str, Any]], None]] = None  # stores a change of describe()
         # the curvature's own random numbers (start vectors, Hutchinson's signs): under FSDP each rank
         # draws its shards' independently; elsewhere every rank draws the same (replicated parameters)
         self.generator = torch.Generator().manual_seed(seed + 1 + (replays.group.rank if shards is not None else 0))
@@ -171,8 +187,25 @@ class Probe:
     def _hessian(self, ctx: StepContext, part: str, calls: List[ForwardCall]):
         return self.replays.hessian(ctx, part, calls, finite_difference=self.finite_difference)
 
+    def _products(self, ctx: StepContext, part: str, calls: List[ForwardCall], solve: Callable[[Any], Any]) -> Any:
+        """``solve(operator)``; with ``sharpness_hvp="auto"``, a model autograd cannot differentiate
+        twice (``no_double_backward``) switches every curvature metric to finite differences, once,
+        logged and stored with the run's config."""
+        try:
+            return solve(self._hessian(ctx, part, calls))
+        except Exception as exc:
+            if self.finite_difference or self.hvp_option != "auto" or not no_double_backward(exc):
+                raise
+            self.finite_difference = True
+            log.warning("moxco: %s: no double backward through this model (%s); the curvature metrics use "
+                        "finite differences of two gradient replays from now on", part, str(exc).splitlines()[0])
+            if self.on_config is not None:
+                self.on_config({"curvature": dict(self.describe()["curvature"],
+                                                  autograd_failed=str(exc).splitlines()[0][:300])})
+            return solve(self._hessian(ctx, part, calls))
+
     def _sharpness(self, ctx: StepContext, calls: List[ForwardCall]) -> None:
-        ctx.probe["sharpness"] = self.sharpness(self._hessian(ctx, "sharpness", calls))
+        ctx.probe["sharpness"] = self._products(ctx, "sharpness", calls, self.sharpness)
         low = self.sharpness.eigenvalue_min
         if math.isfinite(low):  # a Lanczos probe whose smallest Ritz pair converged: λ_min at no extra product
             ctx.probe["sharpness_min"] = low
@@ -187,7 +220,7 @@ class Probe:
             raise ValueError(PRECOND_NEEDS_ADAM)
         if not any("exp_avg_sq" in s for s in self.adam.state.values()):
             return  # before the optimizer's first step there is no v̂ yet
-        ctx.probe["sharpness_precond"] = self.sharpness_precond(self._hessian(ctx, "sharpness_precond", calls))
+        ctx.probe["sharpness_precond"] = self._products(ctx, "sharpness_precond", calls, self.sharpness_precond)
 
     def _precond_target(self, ctx: StepContext) -> None:
         lr = float(self.optimizer.param_groups[0]["lr"])  # the step size the user schedules (MoXCo's own η)
@@ -195,8 +228,11 @@ class Probe:
         ctx.probe["sharpness_precond_target"] = adaptive_eos_sharpness(lr, beta1)
 
     def _trace(self, ctx: StepContext, calls: List[ForwardCall]) -> None:
-        with self._hessian(ctx, "hessian_trace", calls) as op:
-            ctx.probe["hessian_trace"] = hutchinson(op, samples=self.trace_samples, generator=self.generator).estimate
+        def solve(op):
+            with op:
+                return hutchinson(op, samples=self.trace_samples, generator=self.generator).estimate
+
+        ctx.probe["hessian_trace"] = self._products(ctx, "hessian_trace", calls, solve)
 
     # --- gradient norm, F and the convexity ratio --------------------------------------------------
 

@@ -119,6 +119,30 @@ def _hessian_times(grads, params: List[Tensor], vs: List[Tensor], retain_graph: 
     return [torch.zeros_like(p).detach() if h is None else _dense(h.detach()) for h, p in zip(hv, params)]
 
 
+ONCE_DIFFERENTIABLE = (
+    "the loss is not twice differentiable: its gradient passes through a backward marked "
+    "@once_differentiable (a fused kernel without a double backward), and a Hessian-vector product by "
+    "double backward would silently leave that part of the curvature out; use finite differences "
+    "(FiniteDifferenceHessian)")
+
+
+def check_twice_differentiable(grads) -> None:
+    """Raise ``RuntimeError`` when the gradient graph holds a node that only raises when it is
+    differentiated (a ``@once_differentiable`` backward's ``Error`` node). Autograd prunes such a node
+    when no differentiated tensor lies behind it, which is always the case (its inputs were computed
+    without a graph): ``torch.autograd.grad`` through it then returns the other paths' sum, not an
+    error, and the product is wrong without a sign. One walk over the gradient's graph."""
+    seen, stack = set(), [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in ("Error", "DelayedError"):
+            raise RuntimeError(ONCE_DIFFERENTIABLE)
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
 def _dense(t: Tensor) -> Tensor:
     """Products are dense vectors like the directions (a sparse embedding's gradient is sparse)."""
     return t.to_dense() if t.layout != torch.strided else t
@@ -135,7 +159,9 @@ class AutogradHessian:
     product is only the double backward), for a deterministic ``loss_fn`` only. Uses
     ``torch.autograd.grad`` only: the parameters' ``.grad`` are never touched, and nothing returned
     carries a graph. ``hv_mean``: see the module docstring. Use it as a context manager, or call
-    ``close()``, to free a kept graph.
+    ``close()``, to free a kept graph. A loss whose gradient passes through a ``@once_differentiable``
+    backward raises ``RuntimeError`` at the first product (``check_twice_differentiable``) instead of
+    giving a product without that part of the curvature.
     """
 
     def __init__(self, loss_fn: LossFn, params, *, reuse_graph: bool = False, hv_mean: HvMean = None,
@@ -147,15 +173,23 @@ class AutogradHessian:
         self.reduce = reduce
         self.hvps = 0
         self._graph = None  # (loss, grads) kept by reuse_graph
+        self._checked = False  # the gradient graph was walked for once-differentiable nodes
+
+    def _gradient(self):
+        loss, grads = _gradient_graph(self.loss_fn, self.params)
+        if not self._checked:  # the graph's shape is the model's: walked at the first product
+            check_twice_differentiable(grads)
+            self._checked = True
+        return loss, grads
 
     def __call__(self, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
         if self.reuse_graph:
             if self._graph is None:
-                self._graph = _gradient_graph(self.loss_fn, self.params)
+                self._graph = self._gradient()
             loss, grads = self._graph
             hv = _hessian_times(grads, self.params, list(vs), retain_graph=True)
         else:
-            loss, grads = _gradient_graph(self.loss_fn, self.params)
+            loss, grads = self._gradient()
             hv = _hessian_times(grads, self.params, list(vs), retain_graph=False)
             del grads
         self.hvps += 1

@@ -374,3 +374,55 @@ def test_the_curvature_probes_leave_the_users_training_bit_identical(url, hvp):
     for a_list, b_list in zip(plain, watched):
         for a, b in zip(a_list, b_list):
             assert torch.equal(a, b)
+
+
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """``tanh`` whose backward cannot itself be differentiated (as fused attention kernels on GPUs)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class FusedTanhMLP(nn.Module):
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = reference[0], reference[2]
+
+    def forward(self, x):
+        return self.second(OnceDifferentiableTanh.apply(self.first(x)))
+
+
+def test_a_model_autograd_cannot_differentiate_twice_gets_finite_differences_and_the_run_says_so(url):
+    """``sharpness_hvp="auto"`` on a model with a once-differentiable kernel: the first product's error
+    switches the curvature to finite differences (logged, stored in ``config["curvature"]``), and the
+    values equal the explicit Hessian of the same function; ``"autograd"`` asked for explicitly fails
+    and says why."""
+    reference = tanh_mlp(6)
+    batches = [data(600 + t, 16) for t in range(5)]
+    model = FusedTanhMLP(copy.deepcopy(reference))
+    agent, xs, _ = train(model, torch.optim.SGD(model.parameters(), lr=0.01), batches,
+                         dict(probe_every=2, reeval_every=0, sharpness_iters=10, hessian_trace=2), url, "fused")
+    assert agent.errors == {}
+    store = open_store(url)
+    curvature = store.run("fused").config["curvature"]
+    assert curvature["hvp"] == "finite_difference" and "once_differentiable" in curvature["autograd_failed"]
+    names = dict(zip([n for n, _ in model.named_parameters()], [n for n, _ in reference.named_parameters()]))
+    for step, top in zip(*store.series("fused", "sharpness")):
+        named = {names[n]: t for n, t in xs[int(step)].items()}
+        eigs = torch.linalg.eigvalsh(explicit_hessian(reference, named, [batches[int(step)]]))
+        assert top == pytest.approx(float(eigs[-1]), rel=1e-6)
+    assert store.series("fused", "hessian_trace")[0].size == 3
+
+    model = FusedTanhMLP(copy.deepcopy(reference))
+    agent, _, _ = train(model, torch.optim.SGD(model.parameters(), lr=0.01), batches,
+                        dict(probe_every=2, reeval_every=0, sharpness_hvp="autograd"), url, "fused-autograd")
+    assert "once_differentiable" in agent.errors["sharpness"]

@@ -82,6 +82,41 @@ def test_reused_graph_gives_the_same_products_and_is_freed_on_close():
         torch.testing.assert_close(flat(a), flat(b), rtol=1e-12, atol=1e-14)
 
 
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_a_once_differentiable_backward_is_refused_not_silently_left_out_of_the_product():
+    """Autograd prunes a ``@once_differentiable`` backward's error node when differentiating the
+    gradient (nothing differentiable lies behind it), so double backward returned the product of the
+    *other* paths without a sign (9 % under λ_max in the agent's test). It is refused now; finite differences
+    give the explicit Hessian's product."""
+    mlp = MLP(0)
+    w1, b1, w2, b2 = mlp.params
+
+    def fused_loss():
+        hidden = _OnceDifferentiableTanh.apply(mlp.x @ w1.T + b1)
+        return torch.nn.functional.mse_loss(hidden @ w2.T + b2, mlp.y)
+
+    v = tensors.normalized(tensors.random_like([p.detach() for p in mlp.params], generator=gen(3)))
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        hvp(fused_loss, mlp.params, v)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        extreme_eigenvalues(fused_loss, mlp.params, iters=5, generator=gen(0))
+    _, fd = fd_hvp(fused_loss, mlp.params, v)
+    assert float((flat(fd) - mlp.explicit_hessian() @ flat(v)).norm() / flat(fd).norm()) < 1e-8
+
+
 # --- finite differences ------------------------------------------------------------------------------
 
 
