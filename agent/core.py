@@ -375,12 +375,14 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
     * ``sharpness_iters`` (1): Hessian-vector products per probe for each tracked eigenvalue (the
       first probe runs a Lanczos of at least 20).
     * ``sharpness_hvp`` ("auto"): ``"autograd"`` (double backward), ``"finite_difference"`` (two
-      gradient replays; what "auto" uses under FSDP, and for models whose kernels have no double backward).
+      gradient replays); "auto" uses finite differences under FSDP, and from the first probe on which
+      autograd reports that the model cannot be differentiated twice (fused kernels).
     * ``sharpness_precond`` (None: on for Adam and AdamW, and MoXCo over them): ``sharpness_precond``
       = ``λ_max(P⁻¹H)`` with ``P`` from the optimizer's ``exp_avg_sq``, and ``sharpness_precond_target``.
     * ``hessian_trace`` (False): ``hessian_trace`` by Hutchinson, True = 10 samples per probe, or a number.
     * ``start_step`` (0): the step number of the first step (a resumed run).
-    * ``seed`` (random): the agent's own random numbers (power iteration, random scaling).
+    * ``seed`` (random): the agent's own random numbers (the curvature's start vectors and Hutchinson
+      signs, the probe set's dropout masks, random scaling).
 
     How to find the loss, and the gradient:
 
