@@ -28,7 +28,7 @@ from moxco.agent.distributed import DataParallelGroup
 from moxco.agent.failures import Failures
 from moxco.agent.sharded import ShardedParams
 from moxco.agent.step import StepContext
-from moxco.curvature import AutogradHessian, FiniteDifferenceHessian
+from moxco.curvature import AutogradHessian, FiniteDifferenceHessian, fd_epsilon
 
 NAN = lambda: torch.tensor(math.nan, dtype=torch.float64)  # noqa: E731
 
@@ -104,15 +104,16 @@ class Replays:
         """
         calls = list(ctx.calls if calls is None else calls)
         if finite_difference:
+            eps = fd_epsilon(self.compute_dtype(ctx.params, calls))
             if self.shards is not None:
                 on_error = self.failures.rank_error(part)
 
                 def sharded_gradient():
                     return self.shards.replay(self.capture, calls, None, with_grad=True, on_error=on_error)
 
-                return FiniteDifferenceHessian(None, self.shards.local(), grad_fn=sharded_gradient,
+                return FiniteDifferenceHessian(None, self.shards.local(), grad_fn=sharded_gradient, eps=eps,
                                                reduce=self.shards.reduce)
-            return FiniteDifferenceHessian(None, list(ctx.params),
+            return FiniteDifferenceHessian(None, list(ctx.params), eps=eps,
                                            grad_fn=lambda: self.with_grad(ctx, None, part, calls=calls))
         if self.shards is not None:
             raise RuntimeError("Hessian-vector products by double backward are not possible through FSDP "
@@ -132,6 +133,23 @@ class Replays:
 
         return CallsHessian([loss_of(call) for call in calls], list(ctx.params),
                             hv_mean=self.group.mean if self.group.active else None)
+
+    def compute_dtype(self, params: Sequence[Tensor], calls: Sequence[ForwardCall]) -> torch.dtype:
+        """The least precise floating dtype the gradient is computed in: the parameters', the calls'
+        autocast dtype, FSDP's mixed-precision ``param_dtype``. A finite difference's step is chosen
+        for it (``fd_epsilon``): bf16 arithmetic with float32's step leaves a rounding error far above
+        the step's truncation (λ_max 1.5-2.6 % off on a small MLP, 0.1 % with bf16's step)."""
+        dtypes = {p.dtype for p in params if p.is_floating_point()}
+        dtypes.update(dtype for call in calls for _, dtype in call.autocast)
+        if self.shards is not None:
+            for module in self.shards.module.modules():
+                try:  # FSDP2's policy, a private attribute: where it is not found, the parameters' dtype
+                    param_dtype = module._get_fsdp_state()._mp_policy.param_dtype
+                except Exception:
+                    continue
+                if param_dtype is not None:
+                    dtypes.add(param_dtype)
+        return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
 
     def gradients_of(self, ctx: StepContext, parts: Sequence[List[ForwardCall]], part: str) -> List[List[Tensor]]:
         """``∇f(x_t, ·)`` of each piece of the batch, each averaged over ranks (under DDP the k-th
