@@ -16,8 +16,9 @@ Hooks (all removable, none on the user's tensors):
      ``update_corr_rs`` and the previous step's ``update_norm``, writing ``x_t`` over ``x_{t−1}``;
   4. ``reeval``'s formulas, with the products of that pass;
   5. ``reference`` (same cadence, with ``reference=``): the replay at ``x*``;
-  6. ``probe`` (every ``probe_every`` steps): sharpness, the gradient-norm split, the convexity
-     ratio's terms, the optimizer's state, the phase;
+  6. ``probe`` (every ``probe_every`` steps, on the probe set of ``probe_data`` or the step's batch):
+     the curvature (sharpness, its preconditioned form, the trace), the gradient-norm split, the
+     convexity ratio's terms, the optimizer's state, the phase;
 
   then hands the step's values, unread, to the writer thread;
 * the optimizer's step post-hook, at ``x_{t+1}``: random scaling ``x_{t+1} = x_t + s_t Δ_t`` if
@@ -50,13 +51,13 @@ from moxco.agent.groups.probe import Probe
 from moxco.agent.groups.reeval import Reevaluation
 from moxco.agent.groups.reference import Reference, load_reference
 from moxco.agent.options import OPTION_NAMES, AgentOptions, check_names, default_run_name, default_url
+from moxco.agent.probe_set import ProbeSet
 from moxco.agent.replays import Replays
-from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
+from moxco.agent.sharded import ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
 from moxco.agent.step import Previous, StepContext, StepState, grad_of
 from moxco.agent.sink import EmbeddedSink
 from moxco.agent.transport import open_sink
 from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord
-from moxco.hessian import Sharpness
 from moxco.decision import Decision
 
 COPY_NOTE = "x_{t−1} is no longer kept: update_norm, update_corr(_rs), the re-evaluation and random scaling stop"
@@ -94,6 +95,11 @@ class Agent:
             self.params = self.shards.local()
         self._read_grad = self.shards.grads if self.shards is not None else lambda: grad_of(self.params)
 
+        # the fixed probe batches, drawn once (before any hook: a bad probe_data leaves nothing attached)
+        probe_set = None if o.probe_data is None else ProbeSet.build(
+            o.probe_data, batches=o.probe_batches, with_targets=o.criterion is not None or o.loss_fn is not None,
+            device=self.params[0].device if self.params else None, seed=seed)
+
         # the fused CPU reductions are built (once per machine, ~0.3 s) here, not in the first step
         if any(p.device.type == "cpu" for p in self.params):
             native.warm()
@@ -103,9 +109,6 @@ class Agent:
         generator = torch.Generator().manual_seed(seed)  # the agent's own: the user's RNG stream is untouched
         self.state = StepState(o.start_step, generator, tensors.copy_params(self.params) if o.track_distance else None)
         reference = None if o.reference is None else load_reference(o.reference, self.names, self.params, self.shards)
-        hvp_params = self.shards.owners if self.shards is not None else self.params  # (no HVPs under FSDP)
-        sharpness = Sharpness(hvp_params, iters_per_call=o.sharpness_iters, cold_iters=max(o.sharpness_iters, 20),
-                              generator=generator, hv_mean=self.group.mean if self.group.active else None)
 
         # the metric groups, each with its schedule and its parts (agent/groups/)
         replays = Replays(self.capture, self.names, self.group, self.shards, self.failures)
@@ -113,8 +116,8 @@ class Agent:
                                 random_scaling=o.random_scaling)
         self.reeval = Reevaluation(o.reeval_every, self.failures, self.state, replays)
         self.reference = Reference(reference, o.reeval_every, self.failures, replays)
-        self.probe = Probe(o.probe_every, self.failures, self.state, replays, optimizer, o.goodness, sharpness,
-                           reference)
+        self.probe = Probe(o, self.failures, self.state, replays, optimizer, self.params, seed=seed,
+                           reference=reference, probe_set=probe_set)
         self.failures.declare("copy", "copy", note=COPY_NOTE)
         self.failures.declare("decision", "decision")
         for part, dropped in WRITER_PARTS.items():
@@ -135,8 +138,9 @@ class Agent:
         # a closure that runs forward and backward inside step() (Lightning, LBFGS-style loops)
         self._hooks = [] if o.manual_pre_step else [optimizer.register_step_pre_hook(self._before_step)]
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
-        if self.shards is not None and o.probe_every:
-            self._record_error("sharpness", RuntimeError(SHARPNESS_UNSUPPORTED))  # once, stored with the run
+        if o.probe_every:
+            for part, exc in self.probe.pending_errors:  # a curvature option this run cannot honour
+                self._record_error(part, exc)
 
     def _open_writer(self, store, url, optimizer, reeval_every, probe_every, reference, start_step,
                      goodness_settings, policy_config, config, token=None, transport=None) -> None:
@@ -153,11 +157,13 @@ class Agent:
             "reeval_every": reeval_every, "probe_every": probe_every, "random_scaling": self.random_scaling,
             "reference": reference is not None, "start_step": start_step,
             "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(),
-            "world_size": self.group.world, **dict(config or {}),
+            "world_size": self.group.world, **self.probe.describe(), **dict(config or {}),
         }, optimizer={"class": type(optimizer).__name__, **hyperparameters}, policy=policy_config.to_dict(),
             status="running")
         self.writer = MetricWriter(self.store, self.run, goodness_settings=goodness_settings,
-                                   sharpness_target=self._sharpness_target, on_error=self._record_error)
+                                   sharpness_target=self._sharpness_target, on_error=self._record_error,
+                                   probe_set=self.probe.probe_set is not None)
+        self.probe.on_config = self.writer.update_run  # (stored off the training thread)
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -331,7 +337,10 @@ _D = AgentOptions  # the options' defaults, in one place
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[str] = _D.url,
            run: Optional[str] = _D.run, reeval_every: int = _D.reeval_every, probe_every: int = _D.probe_every,
            reference: Any = _D.reference, random_scaling: bool = _D.random_scaling, criterion: Any = _D.criterion,
-           loss_fn: Any = _D.loss_fn, sharpness_iters: int = _D.sharpness_iters, goodness: Any = _D.goodness,
+           loss_fn: Any = _D.loss_fn, sharpness_iters: int = _D.sharpness_iters,
+           sharpness_hvp: str = _D.sharpness_hvp, sharpness_precond: Optional[bool] = _D.sharpness_precond,
+           hessian_trace: Any = _D.hessian_trace, probe_data: Any = _D.probe_data,
+           probe_batches: int = _D.probe_batches, goodness: Any = _D.goodness,
            policy: Any = _D.policy, on_decision: Any = _D.on_decision, track_distance: bool = _D.track_distance,
            start_step: int = _D.start_step, seed: Optional[int] = _D.seed, config: Any = _D.config,
            scaler: Any = _D.scaler, store: Any = _D.store, token: Optional[str] = _D.token,
@@ -356,12 +365,24 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
       ``inst_gap``, ``inst_smooth``); 0 = off.
     * ``probe_every`` (100): steps between probes (``sharpness``, goodness, ``convexity_ratio``,
       the optimizer's state); 0 = off.
+    * ``probe_data`` (None): the probe set, on which ``F``, ``∇F`` (``convexity_ratio``), the
+      curvature and goodness's inputs are evaluated: one batch (a tensor, mapping or tuple), or an
+      iterable of batches (a DataLoader) from which ``probe_batches`` (4) are drawn once, at attach.
+      None: the step's own batch.
     * ``reference`` (None): ``x*``, a state_dict or checkpoint path: ``inst_gap_ref``,
       ``inst_smooth_ref``, ``convexity_ratio``.
     * ``track_distance`` (True): keep ``x_0`` for ``distance`` (one parameter copy).
-    * ``sharpness_iters`` (1): power iterations per probe (the first probe runs at least 20).
+    * ``sharpness_iters`` (1): Hessian-vector products per probe for each tracked eigenvalue (the
+      first probe runs a Lanczos of at least 20).
+    * ``sharpness_hvp`` ("auto"): ``"autograd"`` (double backward), ``"finite_difference"`` (two
+      gradient replays); "auto" uses finite differences under FSDP, and from the first probe on which
+      autograd reports that the model cannot be differentiated twice (fused kernels).
+    * ``sharpness_precond`` (None: on for Adam and AdamW, and MoXCo over them): ``sharpness_precond``
+      = ``λ_max(P⁻¹H)`` with ``P`` from the optimizer's ``exp_avg_sq``, and ``sharpness_precond_target``.
+    * ``hessian_trace`` (False): ``hessian_trace`` by Hutchinson, True = 10 samples per probe, or a number.
     * ``start_step`` (0): the step number of the first step (a resumed run).
-    * ``seed`` (random): the agent's own random numbers (power iteration, random scaling).
+    * ``seed`` (random): the agent's own random numbers (the curvature's start vectors and Hutchinson
+      signs, the probe set's dropout masks, random scaling).
 
     How to find the loss, and the gradient:
 
@@ -375,7 +396,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
     What it changes (only when asked):
 
     * ``random_scaling`` (False): scale every update by ``s_t ~ Exp(1)`` (audit paper §4.3).
-    * ``goodness``: ``{"tau", "sharpness_target", "k", "loss_target", "form"}`` (``GoodnessSettings``).
+    * ``goodness``: ``{"tau", "sharpness_target", "k", "loss_target", "form", "sharpness"}``
+      (``GoodnessSettings``; ``"sharpness": "precond"`` scores the preconditioned pair, for Adam-family runs).
     * ``policy``: ``{"threshold", "consecutive", "min_step", "cooldown", "max_decisions", "action"}``
       (``moxco.policy.PolicyConfig``): when to tell the optimizer to switch phase.
     * ``on_decision``: called with each ``Decision`` when the optimizer has no ``commit()``.

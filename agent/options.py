@@ -39,6 +39,11 @@ def default_url() -> str:
     return os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
 
 
+GOODNESS_SHARPNESS = ("plain", "precond")  # which (λ̂, λ_target) pair goodness scores
+SHARPNESS_HVPS = ("auto", "autograd", "finite_difference")
+HESSIAN_TRACE_SAMPLES = 10  # Hutchinson samples per probe for hessian_trace=True
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -48,13 +53,18 @@ class GoodnessSettings:
     """How the agent scores goodness (MoXCo eq. 6, ``moxco.goodness.goodness``): ``tau`` the
     temperature τ, ``sharpness_target`` λ_target (None: ``k`` · the edge of stability of the
     optimizer's own lr, α, β, MoXCo Theorem 2), ``loss_target`` f_target, ``form`` ``"relative"``
-    (``|λ̂/λ_target − 1|``, eq. 6, the default) or ``"eos"`` (the short paper's hinge ``(λ̂ − λ_target)_+``)."""
+    (``|λ̂/λ_target − 1|``, eq. 6, the default) or ``"eos"`` (the short paper's hinge ``(λ̂ − λ_target)_+``),
+    ``sharpness`` which pair is ``λ̂`` against ``λ_target``: ``"plain"`` (``sharpness`` against
+    ``k · λ_EOS``, the default) or ``"precond"`` (``sharpness_precond`` against ``k`` · the adaptive
+    edge of stability ``2(1+β₁)/((1−β₁)η)``, Cohen et al. 2022: the pair Adam-family runs equilibrate;
+    ``sharpness_target`` then replaces that edge)."""
 
     tau: float = 1.0
     sharpness_target: Optional[float] = None
     k: float = 1.0
     loss_target: float = 0.0
     form: str = "relative"
+    sharpness: str = "plain"
 
     def __post_init__(self) -> None:
         for name in ("tau", "k"):
@@ -68,6 +78,8 @@ class GoodnessSettings:
             raise ValueError(f"goodness loss_target must be a finite number, got {self.loss_target!r}")
         if self.form not in GOODNESS_FORMS:
             raise ValueError(f"goodness form must be one of {GOODNESS_FORMS}, got {self.form!r}")
+        if self.sharpness not in GOODNESS_SHARPNESS:
+            raise ValueError(f"goodness sharpness must be one of {GOODNESS_SHARPNESS}, got {self.sharpness!r}")
 
     @classmethod
     def from_option(cls, value: Any) -> "GoodnessSettings":
@@ -98,6 +110,11 @@ class AgentOptions:
     criterion: Optional[nn.Module] = None
     loss_fn: Optional[Callable[..., Any]] = None
     sharpness_iters: int = 1
+    sharpness_hvp: str = "auto"
+    sharpness_precond: Optional[bool] = None
+    hessian_trace: Any = False
+    probe_data: Any = None
+    probe_batches: int = 4
     goodness: Any = None
     policy: Any = None
     on_decision: Optional[Callable[..., Any]] = None
@@ -120,7 +137,19 @@ class AgentOptions:
             raise ValueError(f"sharpness_iters must be a positive integer, got {self.sharpness_iters!r}")
         if self.seed is not None and not _integer(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        for name in ("reeval_every", "probe_every", "start_step", "sharpness_iters", "seed"):
+        if not _integer(self.probe_batches) or self.probe_batches < 1:
+            raise ValueError(f"probe_batches must be a positive integer, got {self.probe_batches!r}")
+        if self.sharpness_hvp not in SHARPNESS_HVPS:
+            raise ValueError(f"sharpness_hvp must be one of {SHARPNESS_HVPS}, got {self.sharpness_hvp!r}")
+        if self.sharpness_precond not in (None, True, False):
+            raise ValueError(f"sharpness_precond must be None (on for Adam-family optimizers), True or False, "
+                             f"got {self.sharpness_precond!r}")
+        trace = self.hessian_trace
+        if not (isinstance(trace, bool) or (_integer(trace) and trace >= 0)):
+            raise ValueError(f"hessian_trace must be True, False or a number of Hutchinson samples ≥ 0, got {trace!r}")
+        object.__setattr__(self, "hessian_trace",
+                           HESSIAN_TRACE_SAMPLES if trace is True else 0 if trace is False else int(trace))
+        for name in ("reeval_every", "probe_every", "start_step", "sharpness_iters", "probe_batches", "seed"):
             if getattr(self, name) is not None:  # numpy integers become Python's
                 object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("random_scaling", "track_distance", "manual_pre_step"):

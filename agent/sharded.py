@@ -32,11 +32,15 @@ collectives. Either way every rank gets NaN for that metric and training goes on
 the user's model forward on one rank only cannot be contained by the agent (it would hang the
 user's own step just the same).
 
-Sharpness (Hessian-vector products by double backward) is not available: FSDP's reduce-scatter in
-the backward is not differentiable and the gradient of the sharded parameters is not an autograd
-function of them (``torch.autograd.grad`` with respect to them reports them unused). The agent
-disables the ``sharpness`` probe under FSDP with a one-time warning stored with the run; the rest
-of the probe (three-way split gradients, ``convexity_ratio``) works.
+The curvature metrics (``sharpness``, ``sharpness_precond``, ``hessian_trace``) cannot use Hessian-vector
+products by double backward: FSDP's reduce-scatter in the backward is not differentiable and the
+gradient of the sharded parameters is not an autograd function of them (``torch.autograd.grad``
+with respect to them reports them unused). They use central finite differences instead,
+``H v ≈ (∇f(x + εv) − ∇f(x − εv)) / 2ε`` (``moxco.curvature.FiniteDifferenceHessian``): the local
+shards are moved to ``x ± εv`` in place (``v`` is a list of local shards too), each gradient is a
+replay through the FSDP module (below, at the current point), and the shards are restored bit for
+bit. Every inner product of the eigensolvers is a partial sum over shards completed by ``reduce``.
+The Adam preconditioner is read from the optimizer's sharded state (``local_preconditioner``).
 
 FSDP1 (``FullyShardedDataParallel``) is detected and refused with a clear message (see
 ``docs/agent.md``).
@@ -55,12 +59,6 @@ from torch import Tensor, nn
 from moxco import tensors
 from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.gradients import RawGradient
-
-SHARPNESS_UNSUPPORTED = (
-    "sharpness is not computed under FSDP: its Hessian-vector products need a double backward, and "
-    "FSDP's reduce-scattered gradient is not differentiable with respect to the sharded parameters; "
-    "the other probe metrics (goodness's gradient-norm split, convexity_ratio) are computed")
-
 
 def _fsdp2_module_type():
     try:
@@ -156,6 +154,14 @@ class ShardedParams:
         for p, shard in zip(self.owners, self.local()):
             out.append(_local(p.grad).detach() if p.grad is not None else torch.zeros_like(shard))
         return out
+
+    def local_preconditioner(self, optimizer) -> List[Tensor]:
+        """This rank's shards of the Adam preconditioner ``P = √v̂ + ε``
+        (``moxco.curvature.adam_preconditioner`` on the sharded parameters, whose optimizer state
+        is sharded as they are: elementwise, no communication)."""
+        from moxco.curvature import adam_preconditioner
+
+        return [_local(t).detach() for t in adam_preconditioner(optimizer, self.owners)]
 
     def reduce(self, partials: Tensor) -> Tensor:
         """Sum float64 partial sums over the shards of all ranks (``moxco.metrics``' ``reduce``)."""

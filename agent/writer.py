@@ -42,6 +42,8 @@ FREE_SUMS = "_free_sums"  # a StepRecord value: the step's metrics.FreeSums, rea
 REPLAY_SUMS = "_replay_sums"  # a StepRecord value: a list of metrics.ReplaySums (x_{t−1}, x*), read here
 GRADIENT_UNKNOWN = "_gradient_unknown"  # a StepRecord value: why this step's g_t cannot be known
 GRAD_RESCALE_RATIOS = "_grad_rescale_ratios"  # a StepRecord value: per-parameter g_t / .grad, checked uniform
+# the probe's curvature values, stored as they come (goodness takes its λ̂ from one of them)
+CURVATURE_POINTS = ("sharpness", "sharpness_min", "sharpness_precond", "sharpness_precond_target", "hessian_trace")
 # the writer's own parts (agent.failures) and the metrics a failure of each drops; convexity_ratio's
 # sum is the probe's part of that name
 WRITER_PARTS = {
@@ -79,9 +81,10 @@ class MetricWriter:
 
     def __init__(self, store: Any, run: str, *, goodness_settings: GoodnessSettings,
                  sharpness_target: Callable[[], Optional[float]], on_error: Callable[[str, BaseException], None],
-                 queue_size: int = 10_000) -> None:
+                 queue_size: int = 10_000, probe_set: bool = False) -> None:
         self.store, self.run = store, run
         self.goodness_settings = goodness_settings
+        self.probe_set = probe_set  # F, ∇F and goodness's loss term come from the probe set
         self.sharpness_target = sharpness_target
         self.on_error = on_error
         self.aggregates = metrics.GapSmoothAggregates()
@@ -212,7 +215,8 @@ class MetricWriter:
             self._part("goodness", self.loss_denoiser.update, values["loss"])
         if record.probe is not None:
             terms = record.probe.pop("convexity_terms", None)
-            if terms is not None and gradient_known:  # a step whose g_t is unknown adds no wrong term
+            # a step whose g_t is unknown adds no wrong term (on a probe set ∇F is the probe's own)
+            if terms is not None and (gradient_known or self.probe_set):
                 self._part("convexity_ratio", self._convexity_ratio, step, terms, wall)
             self._probe(step, record.probe, values, wall)
 
@@ -237,29 +241,43 @@ class MetricWriter:
 
     def _goodness(self, probe: Dict[str, Any], values: Dict[str, float], sharpness: float,
                   target: Optional[float], step: int, wall: float) -> Optional[Goodness]:
-        """The goodness score (MoXCo eq. 6) on ALIGATOR's ``f̂`` and ``ĝ²`` (the three-way split's
-        estimate; without a split, the raw ``‖g_t‖²``), when there is a sharpness and a target."""
+        """The goodness score (MoXCo eq. 6) on ALIGATOR's ``ĝ²`` (the three-way split's estimate;
+        without a split, the raw ``‖g_t‖²``) and ``f̂`` (ALIGATOR on the step losses, or ``F(x_t)`` on
+        the probe set), when there is a sharpness and a target."""
         if "split_sums" in probe:
             grad_sq = self.grad_norm_estimator.update_terms(*split_terms(probe["split_sums"].cpu(), probe.get("split_sizes")))
         else:
             grad_sq = values.get("grad_norm_sq", math.nan)
         if target is None or math.isnan(sharpness):
             return None
+        if self.probe_set:
+            if "probe_loss" not in probe:
+                return None  # F on the probe set failed (errors["probe_loss"]): goodness has no loss term
+            loss = _read(probe["probe_loss"])
+        else:
+            loss = self.loss_denoiser.estimate
         s = self.goodness_settings
         score = goodness(max(grad_sq, 0.0) if not math.isnan(grad_sq) else grad_sq, sharpness,
-                         self.loss_denoiser.estimate, tau=s.tau, sharpness_target=target,
-                         loss_target=s.loss_target, form=s.form)
+                         loss, tau=s.tau, sharpness_target=target, loss_target=s.loss_target, form=s.form)
         for name, value in zip(("goodness",) + GOODNESS_TERMS, score):
             self._emit(step, name, value, wall)
         return score
 
     def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:
-        sharpness = _read(probe["sharpness"]) if "sharpness" in probe else math.nan
-        if "sharpness" in probe:
-            self._emit(step, "sharpness", sharpness, wall)
+        read = {name: _read(probe[name]) for name in CURVATURE_POINTS if name in probe}
+        for name, value in read.items():
+            self._emit(step, name, value, wall)
         target = probe["sharpness_target"] if "sharpness_target" in probe else self.sharpness_target()
         if target is not None:
             self._emit(step, "sharpness_target", float(target), wall)
+        s = self.goodness_settings
+        if s.sharpness == "precond":  # the adaptive pair: λ_max(P⁻¹H) against k · 2(1+β₁)/((1−β₁)η)
+            sharpness = read.get("sharpness_precond", math.nan)
+            edge = read.get("sharpness_precond_target")
+            target = s.sharpness_target if s.sharpness_target is not None else (
+                s.k * edge if edge is not None else None)
+        else:
+            sharpness = read.get("sharpness", math.nan)
         score = self._part("goodness", self._goodness, probe, values, sharpness, target, step, wall)
         if score is not None:
             self._flush()  # the probe goes to the store now: its ingest runs the run's decision policy

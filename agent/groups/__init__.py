@@ -14,8 +14,10 @@ never the rest of its group.
   ``inst_gap``, ``inst_smooth`` (and their aggregates, on the writer thread);
 * ``reference``: on the same cadence with ``reference=``, the replay at ``x*``: ``inst_gap_ref``,
   ``inst_smooth_ref``;
-* ``probe``: every ``probe_every`` steps: ``sharpness``, the three-way split for the denoised
-  ``‖∇F‖²``, ``convexity_ratio``'s terms (with a reference), the optimizer's state, ``phase``,
+* ``probe``: every ``probe_every`` steps, on the probe set (``probe_data``) or the step's batch:
+  ``sharpness`` and ``sharpness_min``, the preconditioned pair (Adam family), ``hessian_trace``
+  (opt-in), the three-way split for the denoised ``‖∇F‖²``, ``F`` on the probe set,
+  ``convexity_ratio``'s terms (with a reference), the optimizer's state, ``phase``,
   ``sharpness_target``.
 """
 

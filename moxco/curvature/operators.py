@@ -3,10 +3,11 @@
 * ``AutogradHessian``: ``H v = ∇_θ ⟨∇_θ f(θ), v⟩`` by double backward (Pearlmutter 1994; PyHessian,
   MoXCo Algorithm 2), never forming ``H``.
 * ``FiniteDifferenceHessian``: the central difference of two ordinary gradients,
-  ``H v ≈ (∇f(θ + εv) − ∇f(θ − εv)) / 2ε``, for where double backward is impossible (FSDP's
-  reduce-scatter, fused kernels without a second derivative). Error ``O(ε²)`` from the third
-  derivative plus ``O(u/ε)`` rounding (``u`` the unit roundoff); ``ε = u^{1/3}`` balances them
-  (6.1e-6 in float64, 4.9e-3 in float32, as hessian-eigenthings 1.0 chooses).
+  ``H v ≈ (∇f(θ + εv) − ∇f(θ − εv)) / 2ε`` for a unit ``v`` (longer directions are scaled to a unit
+  step), for where double backward is impossible (FSDP's reduce-scatter, fused kernels without a
+  second derivative). Error ``O(ε²)`` from the third derivative plus ``O(u/ε)`` rounding (``u`` the
+  unit roundoff); ``ε = u^{1/3}`` balances them (6.1e-6 in float64, 4.9e-3 in float32, as
+  hessian-eigenthings 1.0 chooses).
 * ``Preconditioned``: ``P^{-1/2} H P^{-1/2}`` for a positive diagonal ``P``; its eigenvalues are those
   of ``P⁻¹H``. With ``P = diag(√v̂ + ε)`` of an Adam-family optimizer (``adam_preconditioner``) its top
   eigenvalue is the *preconditioned sharpness* that Adam drives to ``2(1+β₁)/((1−β₁)η)`` (Cohen et al.
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from moxco import tensors
-from moxco.tensors import TensorList
+from moxco.tensors import ACCUMULATE_DTYPE, TensorList
 
 LossFn = Callable[[], Tensor]
 GradFn = Callable[[], tuple]
@@ -42,12 +43,21 @@ __all__ = [
 ]
 
 
-def check_params(params) -> List[Tensor]:
+def reduced(partials: List[Tensor], reduce: Reduce) -> List[float]:
+    """Float64 partial sums completed across ranks by ``reduce`` (one collective), as Python floats."""
+    stacked = torch.stack([p.to(ACCUMULATE_DTYPE).reshape(()) for p in partials])
+    if reduce is not None:
+        out = reduce(stacked)
+        stacked = stacked if out is None else out
+    return stacked.tolist()
+
+
+def check_params(params, differentiable: bool = True) -> List[Tensor]:
     params = tensors.as_list(params)
     if not params:
         raise ValueError("params is empty: need at least one tensor to differentiate by")
     for i, p in enumerate(params):
-        if not p.requires_grad:
+        if differentiable and not p.requires_grad:
             raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad")
         if not p.is_floating_point():
             raise ValueError(f"params[{i}] has non-floating dtype {p.dtype}")
@@ -109,6 +119,30 @@ def _hessian_times(grads, params: List[Tensor], vs: List[Tensor], retain_graph: 
     return [torch.zeros_like(p).detach() if h is None else _dense(h.detach()) for h, p in zip(hv, params)]
 
 
+ONCE_DIFFERENTIABLE = (
+    "the loss is not twice differentiable: its gradient passes through a backward marked "
+    "@once_differentiable (a fused kernel without a double backward), and a Hessian-vector product by "
+    "double backward would silently leave that part of the curvature out; use finite differences "
+    "(FiniteDifferenceHessian)")
+
+
+def check_twice_differentiable(grads) -> None:
+    """Raise ``RuntimeError`` when the gradient graph holds a node that only raises when it is
+    differentiated (a ``@once_differentiable`` backward's ``Error`` node). Autograd prunes such a node
+    when no differentiated tensor lies behind it, which is always the case (its inputs were computed
+    without a graph): ``torch.autograd.grad`` through it then returns the other paths' sum, not an
+    error, and the product is wrong without a sign. One walk over the gradient's graph."""
+    seen, stack = set(), [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in ("Error", "DelayedError"):
+            raise RuntimeError(ONCE_DIFFERENTIABLE)
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
 def _dense(t: Tensor) -> Tensor:
     """Products are dense vectors like the directions (a sparse embedding's gradient is sparse)."""
     return t.to_dense() if t.layout != torch.strided else t
@@ -125,7 +159,9 @@ class AutogradHessian:
     product is only the double backward), for a deterministic ``loss_fn`` only. Uses
     ``torch.autograd.grad`` only: the parameters' ``.grad`` are never touched, and nothing returned
     carries a graph. ``hv_mean``: see the module docstring. Use it as a context manager, or call
-    ``close()``, to free a kept graph.
+    ``close()``, to free a kept graph. A loss whose gradient passes through a ``@once_differentiable``
+    backward raises ``RuntimeError`` at the first product (``check_twice_differentiable``) instead of
+    giving a product without that part of the curvature.
     """
 
     def __init__(self, loss_fn: LossFn, params, *, reuse_graph: bool = False, hv_mean: HvMean = None,
@@ -137,15 +173,23 @@ class AutogradHessian:
         self.reduce = reduce
         self.hvps = 0
         self._graph = None  # (loss, grads) kept by reuse_graph
+        self._checked = False  # the gradient graph was walked for once-differentiable nodes
+
+    def _gradient(self):
+        loss, grads = _gradient_graph(self.loss_fn, self.params)
+        if not self._checked:  # the graph's shape is the model's: walked at the first product
+            check_twice_differentiable(grads)
+            self._checked = True
+        return loss, grads
 
     def __call__(self, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
         if self.reuse_graph:
             if self._graph is None:
-                self._graph = _gradient_graph(self.loss_fn, self.params)
+                self._graph = self._gradient()
             loss, grads = self._graph
             hv = _hessian_times(grads, self.params, list(vs), retain_graph=True)
         else:
-            loss, grads = _gradient_graph(self.loss_fn, self.params)
+            loss, grads = self._gradient()
             hv = _hessian_times(grads, self.params, list(vs), retain_graph=False)
             del grads
         self.hvps += 1
@@ -179,25 +223,31 @@ def _autograd_gradient(loss_fn: LossFn, params: List[Tensor]) -> tuple[Tensor, L
 
 
 class FiniteDifferenceHessian:
-    """``v ↦ (f(θ+εv), (∇f(θ + εv) − ∇f(θ − εv)) / 2ε)``: Hessian-vector products from two ordinary
-    gradients, no double backward (hessian-eigenthings 1.0's ``method="finite_difference"``).
+    """``v ↦ (f(θ+hv), ‖v‖ (∇f(θ + εu) − ∇f(θ − εu)) / 2ε)`` with ``u = v/‖v‖``, ``h = ε/‖v‖``:
+    Hessian-vector products from two ordinary gradients, no double backward (hessian-eigenthings
+    1.0's ``method="finite_difference"``).
 
-    ``ε``: ``eps``, else ``fd_epsilon`` of the parameters' dtype, for the unit directions the solvers
-    use. The parameters are moved in place to ``θ ± εv`` and restored bit for bit from a copy (one
-    extra parameter copy during the call); their ``.grad`` is not touched (``torch.autograd.grad``).
-    ``loss_fn`` must be deterministic between the two evaluations (same batch, no dropout): the
-    difference of two different minibatch gradients is not a curvature. ``grad_fn``, if given,
-    replaces ``loss_fn`` as the way to get ``(loss, ∇f)`` at the current parameters (e.g. a replay
-    through FSDP, whose gradients come back sharded). Error: ``O(ε²‖∇³f‖)`` truncation plus rounding
-    ``O(u‖θ‖‖H‖/ε)``; the tests bound it against the autograd product (1e-8 relative in float64,
+    ``ε``: ``eps``, else ``fd_epsilon`` of the parameters' dtype: the step along the *unit* direction
+    ``u``, so a direction of any length (``Preconditioned``'s ``P^{-1/2}v``, Hutchinson's ±1 vectors)
+    has the error of a unit one; ``‖v‖`` is one more reduced partial sum (``reduce``). The parameters
+    are moved in place to ``θ ± εu`` and restored bit for bit from a copy (one extra parameter copy
+    during the call); their ``.grad`` is not touched (``torch.autograd.grad``). ``loss_fn`` must be
+    deterministic between the two evaluations (same batch, no dropout): the difference of two
+    different minibatch gradients is not a curvature. ``grad_fn``, if given, replaces ``loss_fn`` as
+    the way to get ``(loss, ∇f)`` at the current parameters (e.g. a replay through FSDP, whose
+    gradients come back sharded); ``params`` then need not require grad (FSDP's local shards do
+    not), they are only moved. Error: ``O(ε²‖∇³f‖)`` truncation plus rounding ``O(u‖θ‖‖H‖/ε)``
+    relative to ``‖v‖``; the tests bound it against the autograd product (1e-8 relative in float64,
     2e-3 in float32 on small MLPs).
     """
 
     def __init__(self, loss_fn: Optional[LossFn], params, *, eps: Optional[float] = None,
                  grad_fn: Optional[GradFn] = None, hv_mean: HvMean = None, reduce: Reduce = None) -> None:
-        self.params = check_params(params)
         if loss_fn is None and grad_fn is None:
             raise ValueError("FiniteDifferenceHessian needs loss_fn or grad_fn")
+        # with a grad_fn nothing differentiates by these tensors: they are only moved (FSDP's local
+        # shards, which do not require grad, are the point of grad_fn)
+        self.params = check_params(params, differentiable=grad_fn is None)
         if eps is None:
             eps = fd_epsilon(self.params[0].dtype)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
@@ -217,20 +267,29 @@ class FiniteDifferenceHessian:
 
     def __call__(self, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
         vs = list(vs)
+        # ε is the step along the unit direction v/‖v‖, whatever ‖v‖ (Preconditioned passes P^{-1/2}v,
+        # Hutchinson ±1 vectors): θ ± (ε/‖v‖)v, and the difference divided by 2ε/‖v‖
+        (norm_sq,) = reduced([tensors.norm_sq(vs)], self.reduce)
+        if not (math.isfinite(norm_sq) and norm_sq > 0.0):  # H·0 = 0; a non-finite direction gives NaN
+            self.hvps += 1
+            fill = 0.0 if norm_sq == 0.0 else math.nan
+            return (torch.tensor(fill, dtype=torch.float64, device=vs[0].device),
+                    [torch.full_like(v, fill) for v in vs])
+        step = self.eps / math.sqrt(norm_sq)
         saved = [p.detach().clone() for p in self.params]
         try:
             with torch.no_grad():
-                torch._foreach_add_([p.data for p in self.params], vs, alpha=self.eps)
+                torch._foreach_add_([p.data for p in self.params], vs, alpha=step)
             loss, plus = self._gradient()
             with torch.no_grad():
                 torch._foreach_copy_([p.data for p in self.params], saved)
-                torch._foreach_add_([p.data for p in self.params], vs, alpha=-self.eps)
+                torch._foreach_add_([p.data for p in self.params], vs, alpha=-step)
             _, minus = self._gradient()
         finally:
             with torch.no_grad():
                 torch._foreach_copy_([p.data for p in self.params], saved)
         hv = list(torch._foreach_sub(plus, minus))
-        torch._foreach_mul_(hv, 0.5 / self.eps)
+        torch._foreach_mul_(hv, 0.5 / step)
         self.hvps += 1
         if self.hv_mean is not None:
             hv = self.hv_mean(hv)
@@ -344,7 +403,7 @@ def hvp(loss_fn: LossFn, params, vs: TensorList) -> tuple[Tensor, List[Tensor]]:
 def fd_hvp(loss_fn: LossFn, params, vs: TensorList, *, eps: Optional[float] = None) -> tuple[Tensor, List[Tensor]]:
     """``(f(θ + εv), (∇f(θ + εv) − ∇f(θ − εv)) / 2ε)``: ``FiniteDifferenceHessian`` for one direction.
 
-    ``ε`` multiplies ``vs`` as given (``fd_epsilon(dtype)`` by default, chosen for unit directions:
-    normalise ``vs``, or scale ``eps`` by ``1/‖v‖``)."""
+    ``ε`` (``fd_epsilon(dtype)`` by default) is the step along the unit direction ``v/‖v‖``: the
+    product is ``‖v‖ (∇f(θ + εv/‖v‖) − ∇f(θ − εv/‖v‖)) / 2ε``, accurate for any length of ``vs``."""
     op = FiniteDifferenceHessian(loss_fn, params, eps=eps)
     return op(check_vector(vs, op.params, "vs"))

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from moxco import tensors
-from moxco.curvature.operators import AutogradHessian, Reduce, check_params, check_vector
+from moxco.curvature.operators import AutogradHessian, Reduce, check_params, check_vector, reduced
 from moxco.tensors import ACCUMULATE_DTYPE
 
 __all__ = ["EigenResult", "TraceResult", "lanczos", "power", "hutchinson", "start_vector"]
@@ -60,15 +60,6 @@ class TraceResult(NamedTuple):
     estimate: float
     stderr: float
     hvps: int
-
-
-def reduced(partials: List[Tensor], reduce: Reduce) -> List[float]:
-    """Float64 partial sums completed across ranks by ``reduce`` (one collective), as Python floats."""
-    stacked = torch.stack([p.to(ACCUMULATE_DTYPE).reshape(()) for p in partials])
-    if reduce is not None:
-        out = reduce(stacked)
-        stacked = stacked if out is None else out
-    return stacked.tolist()
 
 
 def check_iters(iters, name: str) -> int:

@@ -71,12 +71,12 @@ class Sharpness:
 
     Attributes: ``eigenvalue`` (latest ``λ_max`` estimate, NaN before the first call),
     ``eigenvalue_min`` (the last probe's ``λ_min`` estimate when it came free with the probe's products,
-    i.e. a Lanczos probe whose smallest Ritz pair has a residual ``≤ 1e-2·max|Ritz value|``; NaN
-    otherwise), ``shift`` (``σ`` of the next one-product probe), ``eigenvector``, ``hvps`` (total products),
+    i.e. a Lanczos probe whose smallest Ritz pair has a residual ``≤ 1e-3·|θ_min|``: an eigenvalue lies
+    within the residual of the Ritz value, so the report is within 1e-3 relative; NaN otherwise), ``shift`` (``σ`` of the next one-product probe), ``eigenvector``, ``hvps`` (total products),
     ``calls``, ``last`` (the last probe's ``EigenResult``, without its vector).
     """
 
-    MIN_RESIDUAL = 1e-2  # λ_min is reported when its Ritz residual is ≤ this × the spectral scale
+    MIN_RESIDUAL = 1e-3  # λ_min is reported when its Ritz residual is ≤ this × |θ_min| (its relative error bound)
 
     def __init__(
         self,
@@ -167,8 +167,7 @@ class Sharpness:
             self._vector = None  # the next finite probe restarts cold instead of staying poisoned
             return self.eigenvalue
         if math.isfinite(result.eigenvalue_min):
-            scale = max(abs(result.eigenvalue), abs(result.eigenvalue_min), 1e-300)
-            if result.residual_min <= self.MIN_RESIDUAL * scale:
+            if result.residual_min <= self.MIN_RESIDUAL * abs(result.eigenvalue_min):
                 self.eigenvalue_min = result.eigenvalue_min
             # σ ≤ λ_min keeps the one-product power step on the top eigenvector (residual: margin)
             self.shift = min(0.0, result.eigenvalue_min - result.residual_min)

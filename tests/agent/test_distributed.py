@@ -1,4 +1,4 @@
-"""DDP with 2 ranks (gloo, CPU) stores the same metrics as one process on the same global batch."""
+"""DDP with 2 ranks (gloo, CPU) stores the same metrics as one process on the same global batch (and probe set)."""
 
 from __future__ import annotations
 
@@ -44,11 +44,42 @@ def train(model, batches, url, run, reference, rank=0, world=1):
     return agent.errors
 
 
+PROBE_SET = 16
+PROBE_COMPARED = ("sharpness", "sharpness_precond", "sharpness_precond_target", "hessian_trace", "convexity_ratio",
+                  "goodness_loss_term")
+
+
+def train_on_a_probe_set(model, batches, url, run, reference, rank=0, world=1):
+    """AdamW with a probe set: one process holds all 16 probe samples, each DDP rank its half."""
+    criterion = nn.MSELoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(PROBE_SET, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(PROBE_SET, 1, generator=gen, dtype=torch.float64)
+    share = PROBE_SET // world
+    mine = slice(rank * share, (rank + 1) * share)
+    agent = moxco.agent.attach(model, opt, url=url, run=run, reeval_every=0, probe_every=3, criterion=criterion,
+                               reference=reference, seed=5, sharpness_iters=2, hessian_trace=3,
+                               probe_data=(x[mine], y[mine]))
+    share = GLOBAL_BATCH // world
+    for bx, by in batches:
+        local = slice(rank * share, (rank + 1) * share)
+        criterion(model(bx[local]), by[local]).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    return agent.errors
+
+
 def _worker(rank, world, init_file, url):
     with gloo_group(rank, world, init_file):
         model, batches, reference = make_model_and_data()
         ddp = nn.parallel.DistributedDataParallel(model)
         errors = train(ddp, batches, url, "ddp", reference, rank, world)
+        assert errors == {}, errors
+        model, batches, reference = make_model_and_data()
+        errors = train_on_a_probe_set(nn.parallel.DistributedDataParallel(model), batches, url, "ddp-probe",
+                                      reference, rank, world)
         assert errors == {}, errors
 
 
@@ -58,16 +89,22 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), url), nprocs=2, join=True)
     model, batches, reference = make_model_and_data()
     assert train(model, batches, url, "single", reference) == {}
+    model, batches, reference = make_model_and_data()
+    assert train_on_a_probe_set(model, batches, url, "single-probe", reference) == {}
 
     store = open_store(url)
-    assert {r.name for r in store.list_runs()[1]} == {"ddp", "single"}  # rank 1 wrote nothing of its own
+    # rank 1 wrote nothing of its own
+    assert {r.name for r in store.list_runs()[1]} == {"ddp", "single", "ddp-probe", "single-probe"}
     assert store.run("ddp").config["world_size"] == 2
-    for metric in COMPARED:
-        steps_ddp, ddp_values = store.series("ddp", metric)
-        steps_single, single_values = store.series("single", metric)
-        assert steps_ddp.size > 0, metric
-        np.testing.assert_array_equal(steps_ddp, steps_single, err_msg=metric)
-        np.testing.assert_allclose(ddp_values, single_values, rtol=1e-9, atol=1e-12, err_msg=metric)
+    # each rank's half of the probe set, averaged over ranks, is the whole probe set of one process; the
+    # Hutchinson signs are drawn alike on every rank (replicated parameters), so even the trace agrees
+    for ddp_run, single_run, metrics in (("ddp", "single", COMPARED), ("ddp-probe", "single-probe", PROBE_COMPARED)):
+        for metric in metrics:
+            steps_ddp, ddp_values = store.series(ddp_run, metric)
+            steps_single, single_values = store.series(single_run, metric)
+            assert steps_ddp.size > 0, metric
+            np.testing.assert_array_equal(steps_ddp, steps_single, err_msg=metric)
+            np.testing.assert_allclose(ddp_values, single_values, rtol=1e-9, atol=1e-12, err_msg=metric)
 
 
 def _faulty_worker(rank, world, init_file, url):

@@ -30,7 +30,7 @@ def test_attach_has_every_option_as_a_keyword_with_the_options_default_and_docum
         assert f"``{name}``" in moxco.agent.attach.__doc__, name
 
 
-@pytest.mark.parametrize("given, suggestion", [("reeval_evry", "reeval_every"), ("probe", "probe_every"),
+@pytest.mark.parametrize("given, suggestion", [("reeval_evry", "reeval_every"), ("probe_evry", "probe_every"), ("probe_dat", "probe_data"),
                                                ("random_scale", "random_scaling"), ("critérion", "criterion")])
 def test_an_unknown_keyword_is_a_type_error_naming_it_and_the_closest_option(model_and_optimizer, given, suggestion):
     model, opt = model_and_optimizer
@@ -49,6 +49,11 @@ def test_an_unknown_keyword_with_nothing_close_lists_the_options(model_and_optim
     ("probe_every", 2.5, "probe_every must be a non-negative integer, got 2.5"),
     ("start_step", True, "start_step must be a non-negative integer, got True"),
     ("sharpness_iters", 0, "sharpness_iters must be a positive integer, got 0"),
+    ("sharpness_hvp", "double", "sharpness_hvp must be one of \\('auto', 'autograd', 'finite_difference'\\)"),
+    ("sharpness_precond", "yes", "sharpness_precond must be None \\(on for Adam-family optimizers\\), True or False"),
+    ("hessian_trace", -1, "hessian_trace must be True, False or a number of Hutchinson samples ≥ 0, got -1"),
+    ("probe_batches", 0, "probe_batches must be a positive integer, got 0"),
+    ("probe_data", "batches.pt", "probe_data must be a batch"),
     ("seed", "7", "seed must be an integer or None, got '7'"),
     ("random_scaling", "yes", "random_scaling must be True or False, got 'yes'"),
     ("track_distance", None, "track_distance must be True or False, got None"),
@@ -61,6 +66,7 @@ def test_an_unknown_keyword_with_nothing_close_lists_the_options(model_and_optim
     ("scaler", object(), "scaler must be a torch.amp.GradScaler"),
     ("goodness", {"tau": -1.0}, "goodness tau must be a finite positive number, got -1.0"),
     ("goodness", {"form": "hinge"}, "goodness form must be one of"),
+    ("goodness", {"sharpness": "adam"}, "goodness sharpness must be one of \\('plain', 'precond'\\)"),
     ("goodness", {"tua": 1.0}, "unknown goodness setting 'tua'; did you mean 'tau'"),
     ("policy", {"threshold": 2.0}, "threshold must be a number in \\(0, 1\\]"),
     ("policy", {"consecutiv": 2}, "unknown policy setting 'consecutiv'; did you mean 'consecutive'"),
@@ -79,3 +85,6 @@ def test_goodness_and_policy_become_their_typed_settings():
     defaults = AgentOptions()
     assert defaults.goodness == GoodnessSettings() and defaults.policy == PolicyConfig()
     assert (defaults.reeval_every, defaults.probe_every, defaults.track_distance) == (10, 100, True)
+    assert defaults.goodness.sharpness == "plain" and defaults.probe_batches == 4
+    # hessian_trace: True is 10 Hutchinson samples, a number that many, False none
+    assert [AgentOptions(hessian_trace=v).hessian_trace for v in (False, True, 25, 0)] == [0, 10, 25, 0]

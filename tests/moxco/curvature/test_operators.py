@@ -82,6 +82,41 @@ def test_reused_graph_gives_the_same_products_and_is_freed_on_close():
         torch.testing.assert_close(flat(a), flat(b), rtol=1e-12, atol=1e-14)
 
 
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_a_once_differentiable_backward_is_refused_not_silently_left_out_of_the_product():
+    """Autograd prunes a ``@once_differentiable`` backward's error node when differentiating the
+    gradient (nothing differentiable lies behind it), so double backward returned the product of the
+    *other* paths without a sign (9 % under λ_max in the agent's test). It is refused now; finite differences
+    give the explicit Hessian's product."""
+    mlp = MLP(0)
+    w1, b1, w2, b2 = mlp.params
+
+    def fused_loss():
+        hidden = _OnceDifferentiableTanh.apply(mlp.x @ w1.T + b1)
+        return torch.nn.functional.mse_loss(hidden @ w2.T + b2, mlp.y)
+
+    v = tensors.normalized(tensors.random_like([p.detach() for p in mlp.params], generator=gen(3)))
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        hvp(fused_loss, mlp.params, v)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        extreme_eigenvalues(fused_loss, mlp.params, iters=5, generator=gen(0))
+    _, fd = fd_hvp(fused_loss, mlp.params, v)
+    assert float((flat(fd) - mlp.explicit_hessian() @ flat(v)).norm() / flat(fd).norm()) < 1e-8
+
+
 # --- finite differences ------------------------------------------------------------------------------
 
 
@@ -117,6 +152,52 @@ def test_finite_difference_hvp_equals_autograd_in_float32_within_2e3(seed, weigh
     _, exact = hvp(mlp.loss, mlp.params, v)
     _, coarse = fd_hvp(mlp.loss, mlp.params, v, eps=100 * fd_epsilon(torch.float32))
     assert rel_err(coarse, exact) > 2e-3
+
+
+@pytest.mark.parametrize("length", [1e-4, 1e3])
+def test_finite_difference_steps_along_the_unit_direction_whatever_the_vectors_length(length):
+    """ε is the step along v/‖v‖: a direction of length 1e3 (a preconditioned or Rademacher vector) or
+    1e-4 has the unit direction's accuracy (a step of ε‖v‖ was off by 5e-5 at length 1e3)."""
+    mlp = MLP(1, weight_std=2.0)
+    v = tensors.scale(tensors.normalized(tensors.random_like([p.detach() for p in mlp.params], generator=gen(7))),
+                      length)
+    _, exact = hvp(mlp.loss, mlp.params, v)
+    _, approx = fd_hvp(mlp.loss, mlp.params, v)
+    assert rel_err(approx, exact) < 1e-8
+    _, zero = fd_hvp(mlp.loss, mlp.params, [torch.zeros_like(p) for p in mlp.params])
+    assert all(float(z.abs().max()) == 0.0 for z in zero)
+
+
+def test_finite_difference_inside_a_preconditioner_is_explicit_p_inv_sqrt_h_p_inv_sqrt():
+    """Late in training Adam's √v̂ + ε is 1e-6…1e-3, so P^{-1/2}v is 100-1000× longer than v: the inner
+    finite difference must still step ε along a unit direction."""
+    mlp = MLP(1, weight_std=2.0)
+    g = gen(9)
+    p_diag = [10.0 ** (-6.0 + 3.0 * torch.rand(p.shape, generator=g, dtype=torch.float64)) for p in mlp.params]
+    d = flat(p_diag).rsqrt()
+    explicit = d[:, None] * mlp.explicit_hessian() * d[None, :]
+    v = tensors.normalized(tensors.random_like([p.detach() for p in mlp.params], generator=gen(5)))
+    assert float(tensors.norm(list(torch._foreach_mul(v, [t.rsqrt() for t in p_diag])))) > 100.0
+    _, mv = Preconditioned(FiniteDifferenceHessian(mlp.loss, mlp.params), p_diag)(v)
+    expected = explicit @ flat(v)
+    assert float((flat(mv) - expected).norm() / expected.norm()) < 1e-7
+
+
+def test_finite_difference_with_a_gradient_function_moves_tensors_that_do_not_require_grad():
+    """FSDP's local shards do not require grad; with a grad_fn (a replay through the sharded module)
+    the operator only moves them, so it must accept them."""
+    q = Quadratic(spd(0))
+    shards = [p.detach() for p in q.params]  # the same storage, requires_grad False
+
+    def grad_fn():
+        loss = q.loss()
+        return loss, torch.autograd.grad(loss, q.params)
+
+    v = tensors.normalized(split(torch.randn(DIM, generator=gen(2), dtype=torch.float64)))
+    _, hv = FiniteDifferenceHessian(None, shards, grad_fn=grad_fn)(v)
+    torch.testing.assert_close(flat(hv), q.A @ flat(v), rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="does not require grad"):
+        FiniteDifferenceHessian(q.loss, shards)  # with loss_fn it differentiates by them
 
 
 def test_finite_difference_restores_parameters_bit_for_bit_and_leaves_grad_alone():

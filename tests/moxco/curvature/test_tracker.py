@@ -55,6 +55,23 @@ def test_one_hvp_probes_follow_lambda_max_of_a_drifting_mixed_sign_quadratic(top
             assert tracker.hvps - before == 1 and math.isnan(tracker.eigenvalue_min)  # not free with one HVP
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lambda_min_is_reported_only_where_its_residual_bounds_it_within_1e_3(seed):
+    """Spectrum 100 … −1 with the rest in [−0.7, 70]: a short Lanczos (8 products) has a smallest Ritz
+    value 1-10 % above −1 with a residual under 1 % of λ_max, which the rule "residual ≤ 1e-2 · the
+    spectral scale" reported as λ_min; a report now has a residual ≤ 1e-3·|θ_min|, hence is within
+    1e-3 of an eigenvalue, and longer probes report it."""
+    q = Quadratic(indefinite(seed, 100.0, -1.0), seed)
+    bottom = float(torch.linalg.eigvalsh(q.A)[0])
+    short = Sharpness(q.params, iters_per_call=8, cold_iters=8, generator=gen(seed))
+    long = Sharpness(q.params, iters_per_call=60, cold_iters=60, generator=gen(seed))  # to the breakdown: exact
+    for _ in range(5):
+        short(q.loss)
+        assert math.isnan(short.eigenvalue_min) or short.eigenvalue_min == pytest.approx(bottom, rel=1e-3)
+    long(q.loss)
+    assert long.eigenvalue_min == pytest.approx(bottom, rel=1e-3)
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_tracked_sharpness_at_a_negative_dominant_mlp_point_is_the_top_eigenvalue(seed):
     mlp = MLP(seed, weight_std=2.0)
