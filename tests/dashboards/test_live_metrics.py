@@ -27,7 +27,8 @@ RUN = "live-check"
 
 def _feed_store(url: str) -> None:
     """A short MoXCo-over-Adam run with every metric group on (re-evaluation, a reference x*, probes
-    with the preconditioned pair and the Hessian trace, a policy that decides), left `running` so
+    with the preconditioned pair, the Hessian trace and Lanczos long enough to bound λ_min, a policy
+    that decides), left `running` so
     /metrics exposes it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -35,7 +36,7 @@ def _feed_store(url: str) -> None:
     opt = MoXCo(model.parameters(), torch.optim.Adam, lr=0.05, alpha=0.9, beta=0.5, seed=0)
     criterion = nn.MSELoss()
     agent = moxco.agent.attach(model, opt, url=url, run=RUN, reeval_every=1, probe_every=2, criterion=criterion,
-                               reference=reference, seed=0, hessian_trace=True, goodness={"tau": 1.0, "form": "eos"},
+                               reference=reference, seed=0, hessian_trace=True, sharpness_iters=60, goodness={"tau": 1.0, "form": "eos"},
                                policy={"threshold": 1e-9, "consecutive": 1, "min_step": 0})
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     for _ in range(12):
