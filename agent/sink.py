@@ -4,7 +4,8 @@ It makes the store's own calls (``put_run``, ``ingest``, ``set_status``, ``decis
 writer thread, so the same store code registers the run with its decision policy and decides on
 the goodness points of each batch, as the collector does for an agent over HTTP. The decisions an
 ingest answers as pending (the policy's, an operator's) are handed to ``on_decision(ident,
-Decision)``, each id once.
+Decision)``, each id once; then the goodness probes of the batch are reported to ``on_answer(steps)``
+(the store has run the policy on them: an agent waiting for the answer to a probe goes on).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from moxco.decision import Decision
+from moxco.policy import probe_steps
 
 log = logging.getLogger("moxco.agent")
 
@@ -21,9 +23,10 @@ class EmbeddedSink:
     """``Sink`` over ``store`` (closed with the sink when ``owns_store``)."""
 
     def __init__(self, store: Any, *, on_decision: Optional[Callable[[str, Decision], None]] = None,
-                 owns_store: bool = True) -> None:
+                 on_answer: Optional[Callable[[List[int]], None]] = None, owns_store: bool = True) -> None:
         self.store = store
         self.on_decision = on_decision
+        self.on_answer = on_answer
         self.owns_store = owns_store
         self._seen: set[str] = set()  # decision ids already handed to the agent
 
@@ -34,8 +37,15 @@ class EmbeddedSink:
     def ingest(self, name: str, points: Iterable[Any], *, acks: Sequence[Tuple] = ()) -> Any:
         """``Store.ingest`` of the points and acknowledgements; hands the pending decisions over.
         Returns the ``IngestResult``."""
+        points = points if isinstance(points, (list, tuple)) else list(points)
         result = self.store.ingest(name, points, acks=acks)
         self._hand_over(result.pending)
+        probes = probe_steps(points) if self.on_answer is not None else ()
+        if probes:
+            try:
+                self.on_answer(probes)
+            except Exception as exc:  # noqa: BLE001 - as the decision callback
+                log.warning("moxco: the answer callback failed for probes %s: %s", probes, exc)
         return result
 
     def set_status(self, name: str, status: str) -> None:

@@ -48,10 +48,11 @@ def test_carries_the_three_goodness_terms():
     config = PolicyConfig(consecutive=1, action={"phase": 2, "alpha": 0.2, "beta": 0.0, "lr": 0.01})
     policy = DecisionPolicy(config)
     decision = policy.observe(7, Goodness(0.9, 0.01, 0.05, 0.04))
-    # the decision records its cause: the policy that fired it, with its configuration then
+    # the decision records its cause: the policy that fired it, with its configuration then; and the
+    # boundary it is applied at, fixed by that configuration (the probe's step + 1 + lag)
     assert decision == Decision(step=7, action={"phase": 2, "alpha": 0.2, "beta": 0.0, "lr": 0.01}, goodness=0.9,
                                 grad_term=0.01, sharpness_term=0.05, loss_term=0.04, source="policy",
-                                issued_by="policy", policy=config.to_dict())
+                                issued_by="policy", policy=config.to_dict(), apply_at=7 + 1 + config.lag)
     assert decision_id("run-a", decision.source, decision.step) == "run-a:policy:7"
     assert decision.with_run("run-a").id == "run-a:policy:7"
     assert decision.to_json()["action"]["lr"] == 0.01
