@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any, Dict, Mapping, Optional
 
 ACTION_KEYS = ("phase", "alpha", "beta", "lr")
@@ -227,8 +228,11 @@ def reproducibility(config: Optional[Mapping[str, Any]], decisions: Any) -> Dict
     recorded = (config or {}).get("decisions")
     recorded = recorded if isinstance(recorded, Mapping) else {}
     mode = recorded.get("mode") if recorded.get("mode") in MODES else None
-    done = [d for d in decisions if d.applied_step is not None]
-    late = [(d.step, d.apply_at, d.applied_step) for d in done if (d.lateness or 0) > 0]
+    # Decision objects or their JSON form (what an audit may hold)
+    done = [SimpleNamespace(**{k: (d.get(k) if isinstance(d, Mapping) else getattr(d, k))
+                               for k in ("step", "source", "apply_at", "applied_step")}) for d in decisions]
+    done = [d for d in done if d.applied_step is not None]
+    late = [(d.step, d.apply_at, d.applied_step) for d in done if d.apply_at is not None and d.applied_step > d.apply_at]
     out: Dict[str, Any] = {"mode": mode, "reproducible": True, "late": late}
     operators = [d for d in done if d.source != "policy"]
     unfixed = [d for d in done if d.source == "policy" and d.apply_at is None]

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from moxco.decision import reproducibility
 from moxco.metrics import interpret_convexity_ratio
 from moxco.policy import PolicyConfig
 
@@ -545,8 +546,9 @@ def audit_moxco(run: RunData) -> Section:
                                      "applied_step": d.get("applied_step"), "action": d.get("action")} for d in decisions]
     phase_steps, phases = run.finite("phase")
     section.numbers["final_phase"] = int(phases[-1]) if phases.size else None
+    timing = section.numbers["decision_timing"] = reproducibility(run.config, decisions)
     if steps.size == 0:
-        section.reading = "no goodness points are stored for this run."
+        section.reading = "no goodness points are stored for this run." + _timing_sentence(timing)
         return section
     above = score >= policy.threshold
     longest = current = 0
@@ -584,7 +586,15 @@ def audit_moxco(run: RunData) -> Section:
         "phase_steps": phase_steps, "phase": phases, "decisions": [d.get("step") for d in decisions]},
         caption="Top: goodness G = exp(−τ[terms]) with the threshold C (dashed) and decisions (vertical lines); "
                 "bottom: the three bracketed terms (log scale) and the phase."))
+    section.reading += _timing_sentence(timing)
     return section
+
+
+def _timing_sentence(timing: Dict[str, Any]) -> str:
+    """One sentence: whether a rerun with the same seed applies the decisions at the same steps
+    (``moxco.decision.reproducibility``)."""
+    verdict = "reproducible" if timing["reproducible"] else "not reproducible"
+    return f" Decision timing is {verdict} with the same seed: {timing['reason']}."
 
 
 # --- the whole audit ------------------------------------------------------------------------------

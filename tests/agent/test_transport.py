@@ -202,6 +202,45 @@ def test_decisions_are_handed_over_once_and_acks_survive_a_restart(collector, tm
     assert row.applied_step == 7
 
 
+
+def test_a_probe_goes_at_once_and_is_answered_after_its_decision(collector, tmp_path):
+    """A write holding a goodness point is sent without waiting for ``linger``; once the collector
+    has answered it, its decision is handed over first and then the probe's step is answered."""
+    events = []
+    sink = HttpSink(collector.url, "probes", spool_dir=tmp_path / "spool", linger=600.0, poll_every=600.0,
+                    on_decision=lambda ident, decision: events.append(("decision", ident, decision.apply_at)),
+                    on_answer=lambda steps: events.append(("answer", steps)))
+    sink.put_run("probes", config={}, policy={"threshold": 0.5, "consecutive": 1, "lag": 4})
+    sink.ingest("probes", points([("loss", 1), ("loss", 2)]))
+    sink.ingest("probes", points([("goodness", 3)], value=lambda m, s: 0.9))
+    wait_until(lambda: len(events) >= 2, timeout=30, what="the probe's answer")
+    assert events == [("decision", "probes:policy:3", 8), ("answer", [3])]
+    sink.close()
+
+
+def test_a_decision_the_sink_cannot_read_is_acknowledged_as_rejected(collector, tmp_path):
+    """A pending decision whose action the decision type refuses (written straight into the
+    database, as no API accepts one) is not left pending: the agent's sink acknowledges it as
+    rejected, with the reason."""
+    import json
+    import sqlite3
+
+    sink = HttpSink(collector.url, "garbled", spool_dir=tmp_path / "spool", poll_every=0.05,
+                    on_decision=lambda ident, decision: None)
+    register(sink, "garbled")
+    sink.ingest("garbled", points([("loss", 1)]))
+    assert sink.flush(60)
+    path = collector.db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO decisions (id, run_id, step, source, issued_by, action, created_at) "
+                     "SELECT 'garbled:operator:1', id, 1, 'operator', 'ops', ?, 1 FROM runs WHERE name = 'garbled'",
+                     (json.dumps({"phase": 2, "alpha": 5}),))
+    wait_until(lambda: collector.store().decisions("garbled")[0].status == "rejected", timeout=60,
+               what="the rejection")
+    sink.close()
+    (decision,) = collector.store().decisions("garbled")
+    assert decision.applied_step == 1 and decision.rejected.startswith("malformed decision:") and "alpha" in decision.rejected
+
 def test_spool_segments_rotate_and_a_torn_last_line_is_skipped(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
     envelopes = [{"kind": "batch", "id": f"b{i}", "body": {"points": [["loss", i, 1.0, 0.0]]}, "points": 1}

@@ -15,8 +15,8 @@ from torch import nn
 import moxco.agent
 from moxco.collector import open_store
 from moxco.collector.audit.analysis import (
-    DEGRADED, FAILS, HOLDS, NOT_MEASURED, RunData, audit, audit_descent, audit_global_convexity, audit_path_convexity,
-    audit_smoothness, rank_correlation,
+    DEGRADED, FAILS, HOLDS, NOT_MEASURED, RunData, audit, audit_descent, audit_global_convexity, audit_moxco,
+    audit_path_convexity, audit_smoothness, rank_correlation,
 )
 
 
@@ -177,3 +177,21 @@ def test_descent_and_random_scaling_rules():
     assert audit_descent(biased).extra_verdicts["random_scaling_identity"]["verdict"] == FAILS
     no_rs = audit_descent(RunData("r", series(update_corr=progress, update_corr_rs=progress, loss_diff=progress)))
     assert no_rs.extra_verdicts["random_scaling_identity"]["verdict"] == NOT_MEASURED
+
+
+def test_the_moxco_section_says_whether_decision_timing_is_reproducible():
+    """The decision section carries ``decision_timing`` (``moxco.decision.reproducibility``) and says
+    it in one sentence: a sync run's decision applied at its ``apply_at`` is reproducible, one
+    applied late after a timed-out wait, or one from an async run, is not."""
+    from moxco.decision import Decision
+
+    steps = np.arange(0, 100, 10)
+    goodness = series(goodness=(steps, np.full(steps.size, 0.95)))
+    on_time = Decision(60, goodness=0.95, run="r", apply_at=63, applied_step=63, applied_at=1.0).to_json()
+    late = Decision(60, goodness=0.95, run="r", apply_at=63, applied_step=70, applied_at=1.0).to_json()
+    sync, not_sync = {"decisions": {"mode": "sync", "timeouts": 1}}, {"decisions": {"mode": "async"}}
+    for config, decision, reproducible in ((sync, on_time, True), (sync, late, False), (not_sync, on_time, False)):
+        section = audit_moxco(RunData("r", goodness, config=config, decisions=[decision]))
+        assert section.numbers["decision_timing"]["reproducible"] is reproducible
+        assert ("Decision timing is reproducible" in section.reading) is reproducible
+    assert "timed out" in audit_moxco(RunData("r", goodness, config=sync, decisions=[late])).reading

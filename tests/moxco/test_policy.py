@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from moxco.goodness import Goodness
 from moxco.decision import Decision, decision_id
-from moxco.policy import DecisionPolicy, PolicyConfig
+from moxco.policy import DEFAULT_LAG, DecisionPolicy, PolicyConfig, probe_steps
 
 
 def feed(policy: DecisionPolicy, scores, start: int = 0, every: int = 10):
@@ -123,3 +123,22 @@ def test_invariants_hold_for_any_score_sequence(scores, threshold, consecutive, 
         i = d.step // 5
         window = scores[i - consecutive + 1 : i + 1]
         assert len(window) == consecutive and all(s >= threshold for s in window)
+
+
+def test_lag_fixes_the_boundary_a_decision_is_applied_at():
+    """``apply_at = step + 1 + lag``: the boundary after the update of step ``step + lag``."""
+    for lag in (0, 3):
+        policy = DecisionPolicy(PolicyConfig(threshold=0.5, consecutive=1, lag=lag))
+        assert policy.observe(40, 0.9).apply_at == 41 + lag
+    assert PolicyConfig.from_dict({"threshold": 0.5}).lag == DEFAULT_LAG  # a policy stored without one
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError):
+            PolicyConfig(lag=bad)
+
+
+def test_probe_steps_are_the_run_level_goodness_points():
+    from moxco.wire import Point
+
+    batch = [Point(5, "goodness", 0.9, 0.0), Point(5, "goodness", 0.9, 0.0, rank=1), Point(6, "loss", 1.0, 0.0),
+             (10, "goodness", 0.2, 0.0), (11, "goodness", 0.2, 0.0, 0)]
+    assert probe_steps(batch) == [5, 10]
