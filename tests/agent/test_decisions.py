@@ -21,19 +21,12 @@ from moxco.collector import open_store
 from moxco.decision import Decision, reproducibility
 from moxco.optim import MoXCo
 from moxco.policy import DEFAULT_LAG
+from tests.agent.test_optim_integration import regression
 
 
 @pytest.fixture
 def url(tmp_path):
     return f"sqlite:///{tmp_path / 'runs.db'}"
-
-
-def regression(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(256, 4, generator=gen)
-    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.05 * torch.randn(256, 1, generator=gen)
-    torch.manual_seed(seed)
-    return nn.Linear(4, 1), x, y
 
 
 POLICY = {"threshold": 0.9, "consecutive": 2, "min_step": 20, "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}}
