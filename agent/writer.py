@@ -8,9 +8,10 @@ and the goodness score, and writes batches of points (with decision acknowledgem
 sink, whose store runs the run's decision policy on them.
 
 A probe's record is urgent: the training thread may wait for the policy's answer to it at a step
-boundary (``agent.decisions``), so it wakes the writer at once (no gathering), its goodness goes to
-the sink in a write of its own, and a probe the store cannot decide on (no goodness score, a
-dropped record, a failed write) is answered here (``on_answer``) so that nobody waits for it.
+boundary (``agent.decisions``), so it wakes the writer at once (no gathering) and its goodness
+goes to the sink as soon as it is scored; the sink says when the store has decided on it, and a
+probe the store cannot decide on (no goodness score, a dropped record, a failed write) is answered
+here (``on_answer``) so that nobody waits for it.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class MetricWriter:
         self.goodness_settings = goodness_settings
         self.sharpness_target = sharpness_target
         self.on_error = on_error
-        self.on_answer = on_answer  # the probes of these steps will bring no decision (agent.decisions)
+        self.on_answer = on_answer  # probes the store cannot decide on now (agent.decisions)
         self.aggregates = metrics.GapSmoothAggregates()
         self.convexity = metrics.ConvexityRatio()  # convexity_ratio's running sums (audit eq. 6)
         self.loss_denoiser = Aligator()
