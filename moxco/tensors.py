@@ -469,8 +469,14 @@ def copy_(dst: TensorList, src: TensorList) -> None:
 
 
 def random_like(xs: TensorList, generator: torch.Generator | None = None) -> List[Tensor]:
-    """Standard normal tensors shaped like ``xs`` (e.g. a power-iteration start)."""
-    return [torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator) for x in xs]
+    """Standard normal tensors shaped like ``xs`` (e.g. a power-iteration start). With a
+    ``generator``, drawn on the generator's device and moved to each tensor's: a CPU generator
+    serves parameters on an accelerator (PyTorch refuses a generator of another device), and one
+    seed gives the same vector whatever the parameters' device."""
+    if generator is None:
+        return [torch.randn(x.shape, dtype=x.dtype, device=x.device) for x in xs]
+    return [torch.randn(x.shape, dtype=x.dtype, device=generator.device, generator=generator).to(x.device)
+            for x in xs]
 
 
 def normalized(xs: TensorList, eps: float = 0.0) -> List[Tensor]:

@@ -1,20 +1,24 @@
 """moxco.collector.audit: post-hoc assumption audits of stored runs (``moxco audit``, docs/audit.md).
 
-* ``analysis``: the numbers and verdicts, one function per assumption of the audit paper (file 003);
-* ``report``: self-contained HTML reports (embedded PNG plots) and JSON summaries, single runs and
-  side-by-side comparisons;
+* ``source``: where a run is read from (``RunSource``: a store, or a collector's query API);
+* ``analysis``: the numbers and verdicts, one module per assumption of the audit paper
+  (``convexity``, ``smoothness``, ``descent``) and MoXCo (``moxco_section``), with ``stats``,
+  ``verdicts`` and ``conventions``;
+* ``report``, ``compare``, ``plots``: self-contained HTML reports (inline SVG plots) and JSON
+  summaries, single runs and side-by-side comparisons;
 * ``checkpoints``: checkpoint mode, the global metrics computed after the fact from saved weights;
 * ``cli``: the ``moxco audit`` command.
 
 Importing this package loads nothing heavy (``moxco --help`` registers ``cli`` through it): the
-analysis (NumPy, the storage layer, ``moxco.metrics``) is resolved on first use, Matplotlib and
+analysis (NumPy, ``moxco.metrics``) is resolved on first use, Matplotlib and
 tqdm when a report is drawn or checkpoints are evaluated.
 """
 
 import importlib
 from typing import Any
 
-__all__ = ["AuditError", "RunAudit", "RunData", "Section", "audit"]
+__all__ = ["AuditError", "HttpSource", "RunAudit", "RunData", "RunSource", "Section", "StoreSource", "audit",
+           "open_source"]
 
 
 def __getattr__(name: str) -> Any:

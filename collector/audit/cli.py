@@ -1,7 +1,7 @@
 """``moxco audit``: post-hoc assumption audits of stored runs (docs/audit.md).
 
-    moxco audit RUN [--url URL] [--out report.html]            one run: HTML report + JSON summary
-    moxco audit --compare RUN1 RUN2 ... [--out compare.html]    runs side by side
+    moxco audit RUN [--url URL] [--token T] [--out report.html]  one run: HTML report + JSON summary
+    moxco audit --compare RUN1 RUN2 ... [--out compare.html]      runs side by side
     moxco audit --checkpoints DIR --reference FINAL.pt --data module:function [--run NAME]
                                                                global metrics from saved checkpoints
 
@@ -15,26 +15,28 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 
 def register(commands: "argparse._SubParsersAction") -> None:
     p = commands.add_parser(
         "audit",
-        help="audit a stored run against the convexity/smoothness analyses (HTML report + JSON)",
-        description="Does the classical convexity/smoothness analysis describe a run? Reads a stored run and "
-        "writes a self-contained HTML report (plots embedded) and a JSON summary with one verdict per assumption "
-        "(convexity along the path, global convexity, smoothness vs sharpness, the descent lemma, MoXCo). "
-        "Verdict rules: docs/audit.md.",
+        help="audit a run against the convexity/smoothness analyses (HTML report + JSON)",
+        description="Does the classical convexity/smoothness analysis describe a run? Reads a run from a store or "
+        "from a collector's query API and writes a self-contained HTML report (plots embedded) and a JSON summary "
+        "with one verdict per assumption (convexity along the path, global convexity, smoothness vs sharpness, the "
+        "descent lemma, MoXCo), each stating its test and numbers. Verdict rules: docs/audit.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  moxco audit gpt2-adamw --url sqlite:///runs.db --out gpt2.html\n"
+               "  moxco audit gpt2-adamw --url http://collector:8000 --token $READ_TOKEN\n"
                "  moxco audit --compare gpt2-adamw gpt2-sgdm --url sqlite:///runs.db\n"
                "  moxco audit --checkpoints ckpts/ --reference xstar.pt --data examples/pretrain_gpt2.py:probe_data "
                "--run gpt2-ckpt --url sqlite:///runs.db",
     )
     p.add_argument("runs", nargs="*", metavar="RUN", help="the run to audit (several with --compare)")
-    p.add_argument("--url", help="store URL (SQLAlchemy URL or SQLite file path; default: $MOXCO_URL, else "
-                                 "sqlite:///moxco.db in the working directory)")
+    p.add_argument("--url", help="where the run is: a collector (http(s)://…, read through its query API with a "
+                                 "read-scope token) or a store (SQLAlchemy URL or SQLite file path); default: "
+                                 "$MOXCO_URL, else sqlite:///moxco.db in the working directory")
+    p.add_argument("--token", help="the collector's read-scope token for an http(s):// --url (default: $MOXCO_TOKEN)")
     p.add_argument("--out", help="HTML report path (default: audit-RUN.html, audit-compare.html); the JSON summary "
                                  "is written beside it with the suffix .json")
     p.add_argument("--compare", action="store_true", help="put the given runs side by side")
@@ -59,32 +61,10 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _open(url: Optional[str]):
-    from moxco.collector.audit.analysis import AuditError
-    from moxco.collector.store import normalize_url, open_store
+def _source(args):
+    from moxco.collector.audit.source import open_source
 
-    url = url or os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
-    if url.startswith(("http://", "https://")):
-        raise AuditError(f"{url}: reading runs from a collector over HTTP is not supported yet; point --url at the "
-                         "collector's database (the URL `moxco serve` was given)")
-    normalized = normalize_url(url)
-    if normalized.startswith("sqlite:///") and normalized != "sqlite:///:memory:":
-        path = Path(normalized[len("sqlite:///"):])
-        if not path.exists():
-            raise AuditError(f"no store at {url} (the file {str(path)!r} does not exist)")
-    return open_store(normalized)
-
-
-def _load(store, name: str):
-    from moxco.collector.audit.analysis import AuditError, RunData
-    from moxco.collector.store import StoreError
-
-    try:
-        return RunData.from_store(store, name)
-    except StoreError:
-        names = [r.name for r in store.list_runs(limit=None)[1]]
-        listing = ", ".join(names[:30]) + (f", … ({len(names)} in all)" if len(names) > 30 else "")
-        raise AuditError(f"no run named {name!r} in {store.url}; available runs: {listing or 'none'}") from None
+    return open_source(args.url, args.token)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
                          f"give one RUN, got {len(args.runs)}; use --compare to put runs side by side", 2)
         from moxco.collector.audit.report import write_report
 
-        with _open(args.url) as store:
-            result = audit(_load(store, args.runs[0]), dtype=args.dtype, tolerance_factor=factor)
+        with _source(args) as source:
+            result = audit(source.load(args.runs[0]), dtype=args.dtype, tolerance_factor=factor)
         out = Path(args.out or f"audit-{_safe(args.runs[0])}.html")
         html_path, json_path = write_report(result, out)
         _print_summary(args, [result], html_path, json_path)
@@ -141,8 +121,8 @@ def _compare(args, factor: float) -> int:
     duplicates = sorted({r for r in args.runs if args.runs.count(r) > 1})
     if duplicates:
         return _fail(f"--compare: run(s) given twice: {', '.join(duplicates)}", 2)
-    with _open(args.url) as store:
-        results = [audit(_load(store, name), dtype=args.dtype, tolerance_factor=factor) for name in args.runs]
+    with _source(args) as source:
+        results = [audit(source.load(name), dtype=args.dtype, tolerance_factor=factor) for name in args.runs]
     html_path, json_path = write_compare(results, Path(args.out or "audit-compare.html"))
     _print_summary(args, results, html_path, json_path)
     return 0
@@ -159,6 +139,7 @@ def _checkpoint_mode(args, factor: float) -> int:
         return _fail("checkpoint mode audits one run; give its name with --run", 2)
     name = args.run_name or (args.runs[0] if args.runs else f"{Path(args.checkpoints).resolve().name}-ckpt")
     url = args.url or os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
+    from moxco.collector.audit.source import StoreSource
     from moxco.collector.store import open_store
 
     if url.startswith(("http://", "https://")):
@@ -166,7 +147,7 @@ def _checkpoint_mode(args, factor: float) -> int:
     with open_store(url) as store:
         summary = checkpoint_audit(store, name, Path(args.checkpoints), Path(args.reference), args.data,
                                    device=args.device, progress=not args.no_progress)
-        result = audit(_load(store, name), dtype=args.dtype, tolerance_factor=factor)
+        result = audit(StoreSource(store).load(name), dtype=args.dtype, tolerance_factor=factor)
     out = Path(args.out or f"audit-{_safe(name)}.html")
     html_path, json_path = write_report(result, out)
     checkpoints_json = out.with_name(out.stem + "-checkpoints.json")

@@ -3,8 +3,10 @@ steps of tiny models), ``moxco audit`` reads the stored runs, and
 
 * every number the JSON summary and the HTML report show is recomputed here from the stored series;
 * the HTML renders in headless Chromium (the system browser, driven by playwright) with every plot
-  present and decoded; a screenshot is saved in the test's tmp dir;
-* ``moxco audit --compare`` puts both runs side by side.
+  present and readable (two or more tick labels on both axes of every panel, none overlapping); a
+  screenshot is saved in the test's tmp dir;
+* ``moxco audit --compare`` puts both runs side by side, with a configuration table that has no
+  empty row.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import pytest
 
 from moxco.collector import open_store
 from moxco.collector.audit.analysis import DTYPE_EPS, TOLERANCE_FACTOR
+from tests.audit.browser import render, unreadable
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
 SMALL = ["--steps", "24", "--batch-size", "8", "--seq-len", "32", "--vocab-size", "512", "--hidden", "32",
          "--corpus-bytes", "300000", "--probe-every", "4", "--reeval-every", "1", "--device", "cpu", "--quiet"]
 
@@ -84,9 +86,13 @@ def check_numbers_against_the_store(summary: dict, store, run: str) -> None:
     _, uc = finite(store, run, "update_corr")
     numbers = sections["descent_lemma"]["numbers"]
     assert numbers["mean_update_corr"] == pytest.approx(uc.mean(), rel=1e-12)
-    assert numbers["standard_error"] == pytest.approx(uc.std(ddof=1) / math.sqrt(uc.size), rel=1e-9)
+    se = math.sqrt(np.sum(np.diff(uc) ** 2) / (2 * (uc.size - 1)) / uc.size)  # von Neumann's successive differences
+    assert numbers["standard_error"] == pytest.approx(se, rel=1e-9)
+    assert numbers["standard_error_iid"] == pytest.approx(uc.std(ddof=1) / math.sqrt(uc.size), rel=1e-9)
     assert numbers["fraction_negative"] == pytest.approx((uc < 0).mean())
-    assert sections["descent_lemma"]["verdict"] == ("holds" if uc.mean() < 0 else "fails")
+    z = uc.mean() / se
+    assert sections["descent_lemma"]["verdict"] == ("holds" if z <= -2 else "fails" if z >= 2 else "inconclusive")
+    assert f"{abs(z):.3g} standard errors from 0" in sections["descent_lemma"]["verdict_line"]
     rs = sections["descent_lemma"]["extra_verdicts"]["random_scaling_identity"]
     _, rs_values = finite(store, run, "update_corr_rs")
     _, ld_values = finite(store, run, "loss_diff")
@@ -116,32 +122,6 @@ def check_numbers_against_the_store(summary: dict, store, run: str) -> None:
     assert sections["moxco"]["numbers"]["threshold"] == store.run(run).config["policy"]["threshold"]
 
 
-def render(html: Path, screenshot: Path) -> dict:
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), "install Debian's chromium (scripts/setup.sh dev does)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            page.goto(html.as_uri())
-            page.wait_for_load_state("load")
-            info = page.evaluate("""() => ({
-                plots: Array.from(document.querySelectorAll('figure.plot')).map(f => f.dataset.plot),
-                decoded: Array.from(document.querySelectorAll('figure.plot img'))
-                    .filter(i => i.complete && i.naturalWidth > 300 && i.naturalHeight > 150).length,
-                verdicts: Object.fromEntries(Array.from(document.querySelectorAll('div.verdict'))
-                    .map(v => [v.dataset.verdict, v.textContent])),
-                external: Array.from(document.querySelectorAll('[src],[href]'))
-                    .map(e => e.getAttribute('src') || e.getAttribute('href'))
-                    .filter(u => !u.startsWith('data:') && !u.startsWith('#')),
-            })""")
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
-    return info
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["gpt2-adamw", "bert-sgdm-rs"])
 def test_examples_then_audit_report(runs, run):
@@ -160,9 +140,11 @@ def test_examples_then_audit_report(runs, run):
     info = render(out, tmp / f"{run}.png")
     assert (tmp / f"{run}.png").stat().st_size > 10_000
     print(f"screenshot: {tmp / f'{run}.png'}")
-    assert info["plots"] == summary["plots"]
-    assert info["decoded"] == len(summary["plots"]) >= 7  # loss, gaps, smoothness ×2, update_corr, cumsum, moxco
+    assert [p["plot"] for p in info["plots"]] == summary["plots"]
+    assert len(summary["plots"]) >= 7  # loss, gaps, smoothness ×2, update_corr, cumsum, moxco
+    assert unreadable(info) == []
     assert info["external"] == []  # self-contained
+    assert "nan" not in info["text"].lower().split()
     for key, section in summary["sections"].items():
         assert info["verdicts"][key] == f"Verdict: {section['verdict_line']}"
 
@@ -179,8 +161,19 @@ def test_compare_puts_the_runs_side_by_side(runs):
         for key, line in summary["verdicts"].items():
             assert line[run] == single["verdicts"][key]
     info = render(out, tmp / "compare.png")
-    assert info["decoded"] == len(info["plots"]) >= 6
-    assert set(info["plots"]) >= {"loss", "avg_gap", "exp_smooth", "sharpness", "cumsum_update_corr", "goodness"}
+    plots = {p["plot"] for p in info["plots"]}
+    assert plots >= {"loss", "avg_gap", "exp_smooth", "sharpness", "cumsum_update_corr", "running_mean_update_corr",
+                     "cumsum_loss_diff", "goodness"}
+    assert unreadable(info) == []
+    # the configuration table: no empty row; what differs is marked, and it is what the runs were given
+    rows = {row["key"]: row for row in info["config"]}
+    assert rows and all(any(cell != "—" for cell in row["cells"]) for row in rows.values())
+    assert rows["optimizer"]["cells"] == ["AdamW", "SGD"] and rows["optimizer"]["differs"]
+    assert rows["lr"]["cells"] == ["0.001", "0.05"] and rows["lr"]["differs"]
+    assert rows["random_scaling"]["cells"] == ["no", "yes"]
+    assert rows["example"]["cells"] == ["gpt2", "bert"]
+    assert not rows["reeval_every"]["differs"]
+    assert [row["key"] for row in summary["configuration"]] == [row["key"] for row in info["config"]]
 
 
 def test_unknown_run_lists_the_available_ones(runs):

@@ -15,8 +15,8 @@ from torch import nn
 import moxco.agent
 from moxco.collector import open_store
 from moxco.collector.audit.analysis import (
-    DEGRADED, FAILS, HOLDS, NOT_MEASURED, RunData, audit, audit_descent, audit_global_convexity, audit_moxco,
-    audit_path_convexity, audit_smoothness, rank_correlation,
+    DEGRADED, FAILS, HOLDS, NOT_APPLICABLE, NOT_MEASURED, RunData, StoreSource, audit, audit_descent,
+    audit_global_convexity, audit_path_convexity, audit_smoothness, rank_correlation,
 )
 
 
@@ -44,7 +44,7 @@ def two_run_audit(tmp_path, make_model, criterion, x, y, lr, steps):
     x_star = train(url, "first", make_model(), criterion, x, y, lr, 3 * steps)
     torch.manual_seed(1)  # another initialisation: the audited path is not the first run's
     train(url, "audited", make_model(), criterion, x, y, lr, steps, reference=x_star)
-    return audit(RunData.from_store(open_store(url), "audited"))
+    return audit(StoreSource(open_store(url)).load("audited"))
 
 
 def test_least_squares_holds_everywhere(tmp_path):
@@ -99,7 +99,7 @@ def test_a_path_over_the_double_well_hump_fails(tmp_path):
         opt.zero_grad()
     agent.close()
     store = open_store(url)
-    section = audit(RunData.from_store(store, "dw")).section("path_convexity")
+    section = audit(StoreSource(store).load("dw")).section("path_convexity")
     assert section.verdict == FAILS
     # the non-convex steps are exactly those taken inside the concave region |w| < 1/√3
     gaps = store.series("dw", "inst_gap")[1]
@@ -118,7 +118,7 @@ def test_the_same_path_started_in_the_well_holds(tmp_path):
         opt.step()
         opt.zero_grad()
     agent.close()
-    assert audit(RunData.from_store(open_store(url), "dw")).section("path_convexity").verdict == HOLDS
+    assert audit(StoreSource(open_store(url)).load("dw")).section("path_convexity").verdict == HOLDS
 
 
 # --- the rules on constructed series ---------------------------------------------------------------
@@ -134,7 +134,8 @@ def test_convexity_ratio_readings():
         section = audit_global_convexity(RunData("r", series(convexity_ratio=[0.9, 0.5, ratio])))
         assert (section.verdict, section.K) == (verdict, K)
     degraded = audit_global_convexity(RunData("r", series(convexity_ratio=[0.25])))
-    assert degraded.verdict_line == "holds with degradation K = 0.25 (bounds 4x looser)"
+    assert degraded.verdict_line == ("holds with degradation K = 0.25 (bounds 4x looser): convexity_ratio = 0.25 over "
+                                     "1 probes ∈ (0, 1]")
     assert audit_global_convexity(RunData("r", {})).verdict == NOT_MEASURED
     assert "reference" in audit_global_convexity(RunData("r", {})).verdict_line
 
@@ -176,22 +177,4 @@ def test_descent_and_random_scaling_rules():
     assert audit_descent(biased).verdict == HOLDS
     assert audit_descent(biased).extra_verdicts["random_scaling_identity"]["verdict"] == FAILS
     no_rs = audit_descent(RunData("r", series(update_corr=progress, update_corr_rs=progress, loss_diff=progress)))
-    assert no_rs.extra_verdicts["random_scaling_identity"]["verdict"] == NOT_MEASURED
-
-
-def test_the_moxco_section_says_whether_decision_timing_is_reproducible():
-    """The decision section carries ``decision_timing`` (``moxco.decision.reproducibility``) and says
-    it in one sentence: a sync run's decision applied at its ``apply_at`` is reproducible, one
-    applied late after a timed-out wait, or one from an async run, is not."""
-    from moxco.decision import Decision
-
-    steps = np.arange(0, 100, 10)
-    goodness = series(goodness=(steps, np.full(steps.size, 0.95)))
-    on_time = Decision(60, goodness=0.95, run="r", apply_at=63, applied_step=63, applied_at=1.0).to_json()
-    late = Decision(60, goodness=0.95, run="r", apply_at=63, applied_step=70, applied_at=1.0).to_json()
-    sync, not_sync = {"decisions": {"mode": "sync", "timeouts": 1}}, {"decisions": {"mode": "async"}}
-    for config, decision, reproducible in ((sync, on_time, True), (sync, late, False), (not_sync, on_time, False)):
-        section = audit_moxco(RunData("r", goodness, config=config, decisions=[decision]))
-        assert section.numbers["decision_timing"]["reproducible"] is reproducible
-        assert ("Decision timing is reproducible" in section.reading) is reproducible
-    assert "timed out" in audit_moxco(RunData("r", goodness, config=sync, decisions=[late])).reading
+    assert no_rs.extra_verdicts["random_scaling_identity"]["verdict"] == NOT_APPLICABLE

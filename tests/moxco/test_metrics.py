@@ -572,3 +572,24 @@ def test_advancing_step_sums_leave_prev_at_x_when_they_fail(kernels, monkeypatch
     with pytest.raises(RuntimeError, match="injected"):
         tensors.step_sums(x, x, prev, None, advance=True)  # fails after prev was overwritten with x − prev
     assert all(torch.equal(p, t) for p, t in zip(prev, x))
+
+
+def test_random_like_draws_on_the_generators_device(monkeypatch):
+    """The sharpness tracker's start vector: the agent's generator is a CPU one, the parameters may
+    be on an accelerator, where torch.randn refuses a generator of another device (simulated here
+    with meta tensors, the one other device this machine has)."""
+    from moxco import tensors
+
+    real = torch.randn
+
+    def strict(*args, generator=None, device=None, **kwargs):
+        if generator is not None and torch.device(device or "cpu").type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator")
+        return real(*args, generator=generator, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", strict)
+    xs = [torch.empty(3, 2, device="meta"), torch.empty(4, device="meta")]
+    out = tensors.random_like(xs, generator=torch.Generator().manual_seed(0))
+    assert [o.device.type for o in out] == ["meta", "meta"] and [o.shape for o in out] == [x.shape for x in xs]
+    cpu = tensors.random_like([torch.empty(3, 2)], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cpu[0], real(3, 2, generator=torch.Generator().manual_seed(0)))
