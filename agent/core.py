@@ -233,13 +233,11 @@ class Agent:
         self._store_decision_stats(self.inbox.changed())
 
     def _report_rejection(self, outcome: Outcome) -> None:
-        """A decision the agent could not apply: in ``errors`` (the first one, stored with the run)
-        and the log; the decision path goes on with the next ones."""
-        what = f"decision {outcome.ident} rejected at step {self.step} (later decisions are applied as usual)"
-        if "decision rejected" not in self.errors:
-            self.failures.record("decision rejected", outcome.error, what=what)
-        else:
-            log.warning("moxco: %s for run %r: %s", what, self.run, outcome.rejected)
+        """A decision the agent could not apply: logged once, acknowledged as rejected (the store
+        keeps the reason), counted (``inbox.stats.rejected``); the next decisions are applied as
+        usual. Not an ``errors`` entry: no metric is lost."""
+        log.warning("moxco: decision %s rejected at step %d for run %r (later decisions are applied as usual): %s",
+                    outcome.ident, self.step, self.run, outcome.rejected)
 
     def _store_decision_stats(self, stats: Optional[Dict[str, Any]]) -> None:
         if stats is not None and self.writer is not None:

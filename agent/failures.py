@@ -72,11 +72,10 @@ class Failures:
         """Each metric dropped by a failure, with the part whose failure dropped it."""
         return dict(self._dropped)
 
-    def record(self, part: str, exc: BaseException, *, rank_local: bool = False, what: Optional[str] = None) -> None:
+    def record(self, part: str, exc: BaseException, *, rank_local: bool = False) -> None:
         """Record ``part``'s failure (once: later failures of the same part are not logged), drop
         its metrics, and store the errors with the run. ``rank_local``: a failure on this rank
-        only, whose values were replaced by NaN (``local``): nothing is dropped. ``what``: the
-        log's account of it, for a failure that is not a part's."""
+        only, whose values were replaced by NaN (``local``): nothing is dropped."""
         with self._lock:
             if part in self.errors:
                 return
@@ -85,9 +84,7 @@ class Failures:
             for metric in metrics:
                 self._dropped[metric] = part
             self._update_off()
-        if what is not None:
-            pass
-        elif rank_local:
+        if rank_local:
             what = f"{part} failed on this rank; every rank stores NaN for its metrics where it fails"
         elif metrics:
             what = f"{', '.join(metrics)} disabled after an error in {part}"

@@ -204,11 +204,11 @@ def test_a_decision_whose_commit_raises_is_rejected_and_the_next_one_is_applied(
     assert (worse.status, worse.applied_step) == ("rejected", 6)
     assert (good.status, good.applied_step) == ("applied", 9)
     assert opt.commits == [{"alpha": 0.2}]
-    assert agent.errors == {"decision rejected": bad.rejected}  # reported once, stored with the run
-    assert store.run("bad-commit").config["errors"] == agent.errors
-    assert agent.inbox.stats.rejected == 2
+    assert agent.errors == {}  # no metric was lost: the decision path goes on
+    assert agent.inbox.stats.rejected == 2 and store.run("bad-commit").config["decisions"]["rejected"] == 2
     logged = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(logged) == 2 and "bad-commit:operator:2" in logged[0] and "bad-commit:operator:5" in logged[1]
+    assert bad.rejected in logged[0]
     assert agent.phase == 2  # set by the applied one only
     steps, phase = store.series("bad-commit", "phase")
     assert (steps.tolist(), phase.tolist()) == ([0, 4, 8, 9], [1.0, 1.0, 1.0, 2.0])
