@@ -22,7 +22,9 @@ Hooks (all removable, none on the user's tensors):
 
   then hands the step's values, unread, to the writer thread;
 * the optimizer's step post-hook, at ``x_{t+1}``: random scaling ``x_{t+1} = x_t + s_t Δ_t`` if
-  asked for, then a pending decision is applied at this step boundary (``decisions``).
+  asked for, then the decisions due at this step boundary are applied (``decisions``: the boundary
+  is fixed by the run's configuration; in the ``sync`` mode the step waits here for the policy's
+  answer to a probe when it has not come yet).
 
 Kept between steps (``step.StepState``): one copy of the parameters (``x_{t−1}``), ``x_0`` with
 ``track_distance``, ``x*`` with a reference, the sharpness tracker's vector, the step counter and
@@ -34,6 +36,7 @@ run, and training goes on.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Dict, List, Optional
 
@@ -42,7 +45,7 @@ from torch import nn
 
 from moxco import native, tensors
 from moxco.agent.capture import StepCapture
-from moxco.agent.decisions import DecisionInbox, apply_decision
+from moxco.agent.decisions import DecisionInbox, Outcome
 from moxco.agent.distributed import DataParallelGroup, unwrap
 from moxco.agent.failures import Failures
 from moxco.agent.gradients import RawGradient
@@ -60,6 +63,7 @@ from moxco.agent.transport import open_sink
 from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord
 from moxco.decision import Decision
 
+log = logging.getLogger("moxco.agent")
 COPY_NOTE = "x_{t−1} is no longer kept: update_norm, update_corr(_rs), the re-evaluation and random scaling stop"
 
 
@@ -123,7 +127,8 @@ class Agent:
         for part, dropped in WRITER_PARTS.items():
             self.failures.declare(part, "writer", dropped)
 
-        self.inbox = DecisionInbox(self.group)
+        self.inbox = DecisionInbox(self.group, mode=o.decision_mode(o.url or default_url()), lag=o.policy.lag,
+                                   timeout=o.decision_timeout)
         self._receive_decision = self.inbox.receive  # (the writer's and the HTTP sink's callback)
         self._sharpness_target = self.probe.sharpness_target
         self.goodness_settings = o.goodness
@@ -147,22 +152,24 @@ class Agent:
         # an http(s):// URL gives the HTTP transport (agent.transport), anything else the embedded
         # store (agent.sink); both register the run with its policy, and the store's ingest decides
         if store is not None:
-            self.store = EmbeddedSink(store, on_decision=self._receive_decision, owns_store=False)
+            self.store = EmbeddedSink(store, on_decision=self._receive_decision, on_answer=self.inbox.answered,
+                                      owns_store=False)
         else:
             self.store = open_sink(url or default_url(), self.run, token=token, on_decision=self._receive_decision,
-                                   **dict(transport or {}))
+                                   on_answer=self.inbox.answered, **dict(transport or {}))
         hyperparameters = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
         self.store.put_run(self.run, config={
             "optimizer": type(optimizer).__name__, "hyperparameters": hyperparameters,
             "reeval_every": reeval_every, "probe_every": probe_every, "random_scaling": self.random_scaling,
             "reference": reference is not None, "start_step": start_step,
             "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(),
-            "world_size": self.group.world, **self.probe.describe(), **dict(config or {}),
+            "decisions": self.inbox.stats.to_dict(), "world_size": self.group.world, **self.probe.describe(),
+            **dict(config or {}),
         }, optimizer={"class": type(optimizer).__name__, **hyperparameters}, policy=policy_config.to_dict(),
             status="running")
         self.writer = MetricWriter(self.store, self.run, goodness_settings=goodness_settings,
                                    sharpness_target=self._sharpness_target, on_error=self._record_error,
-                                   probe_set=self.probe.probe_set is not None)
+                                   probe_set=self.probe.probe_set is not None, on_answer=self.inbox.answered)
         self.probe.on_config = self.writer.update_run  # (stored off the training thread)
 
     # --- the step ------------------------------------------------------------------------------
@@ -192,10 +199,10 @@ class Agent:
             self.reference.compute(ctx)
         if self.probe.due(step):
             self.probe.compute(ctx)
-            if self.group.active:  # decisions come from rank 0's policy: every rank applies them at one boundary
-                self.failures.run("decision", self.inbox.share)
         if state.holds is not Previous.X_T:  # x_{t−1} ← x_t where the free metrics did not do it in passing
             self.failures.run("copy", state.settle, ctx.params)
+        if ctx.probe is not None:  # its decision, if any, is due at a boundary the configuration fixes
+            self.inbox.expect(step)
         self._submit(StepRecord(step, ctx.values, epoch_start=state.epoch_start, probe=ctx.probe))
         state.epoch_start = False
         self.raw_gradient.clear()
@@ -218,19 +225,29 @@ class Agent:
             self._record_error("agent", exc)
 
     def _apply_pending_decision(self) -> None:
-        pending = self.inbox.take()
-        if pending is None:
-            return
-        ident, decision = pending
-        if not apply_decision(ident, decision, self.optimizer, self.on_decision, self.run):
-            return
-        self.inbox.mark_applied(ident)
-        if self.writer is not None:  # the store is written from the writer thread, never from the step
-            self.writer.acknowledge(ident, self.step)
-        self.state.phase = int(decision.action.get("phase", 2))
-        point = self.state.phase_point()
-        if point:
-            self._submit(StepRecord(self.step, point))
+        """The decisions due at this boundary (``agent.decisions``): applied or rejected, acknowledged."""
+        for outcome in self.inbox.at_boundary(self.step, self.optimizer, self.on_decision):
+            if self.writer is not None:  # the store is written from the writer thread, never from the step
+                self.writer.acknowledge(outcome.ident, self.step, rejected=outcome.rejected)
+            if outcome.rejected is not None:
+                self._report_rejection(outcome)
+                continue
+            self.state.phase = outcome.decision.phase
+            point = self.state.phase_point()
+            if point:
+                self._submit(StepRecord(self.step, point))
+        self._store_decision_stats(self.inbox.changed())
+
+    def _report_rejection(self, outcome: Outcome) -> None:
+        """A decision the agent could not apply: logged once, acknowledged as rejected (the store
+        keeps the reason), counted (``inbox.stats.rejected``); the next decisions are applied as
+        usual. Not an ``errors`` entry: no metric is lost."""
+        log.warning("moxco: decision %s rejected at step %d for run %r (later decisions are applied as usual): %s",
+                    outcome.ident, self.step, self.run, outcome.rejected)
+
+    def _store_decision_stats(self, stats: Optional[Dict[str, Any]]) -> None:
+        if stats is not None and self.writer is not None:
+            self.writer.update_run({"decisions": stats})
 
     def _submit(self, record: StepRecord) -> None:
         if self.writer is not None:
@@ -282,6 +299,7 @@ class Agent:
         last = self.free.final_update_norm(self.params, sharded=self.shards is not None)
         if last:
             self._submit(StepRecord(self.state.step - 1, last))
+        self._store_decision_stats(self.inbox.stats.to_dict())  # the waits' final counts
         self.writer.close()
         try:
             self.store.set_status(self.run, status)
@@ -341,7 +359,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
            sharpness_hvp: str = _D.sharpness_hvp, sharpness_precond: Optional[bool] = _D.sharpness_precond,
            hessian_trace: Any = _D.hessian_trace, probe_data: Any = _D.probe_data,
            probe_batches: int = _D.probe_batches, goodness: Any = _D.goodness,
-           policy: Any = _D.policy, on_decision: Any = _D.on_decision, track_distance: bool = _D.track_distance,
+           policy: Any = _D.policy, on_decision: Any = _D.on_decision, decisions: Optional[str] = _D.decisions,
+           decision_timeout: float = _D.decision_timeout, track_distance: bool = _D.track_distance,
            start_step: int = _D.start_step, seed: Optional[int] = _D.seed, config: Any = _D.config,
            scaler: Any = _D.scaler, store: Any = _D.store, token: Optional[str] = _D.token,
            transport: Any = _D.transport, manual_pre_step: bool = _D.manual_pre_step, **unknown: Any) -> Agent:
@@ -398,9 +417,15 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
     * ``random_scaling`` (False): scale every update by ``s_t ~ Exp(1)`` (audit paper §4.3).
     * ``goodness``: ``{"tau", "sharpness_target", "k", "loss_target", "form", "sharpness"}``
       (``GoodnessSettings``; ``"sharpness": "precond"`` scores the preconditioned pair, for Adam-family runs).
-    * ``policy``: ``{"threshold", "consecutive", "min_step", "cooldown", "max_decisions", "action"}``
-      (``moxco.policy.PolicyConfig``): when to tell the optimizer to switch phase.
-    * ``on_decision``: called with each ``Decision`` when the optimizer has no ``commit()``.
+    * ``policy``: ``{"threshold", "consecutive", "min_step", "cooldown", "max_decisions", "lag",
+      "action"}`` (``moxco.policy.PolicyConfig``): when to tell the optimizer to switch phase; a
+      decision fired by the probe of step ``s`` is applied at the boundary ``s + 1 + lag``.
+    * ``on_decision``: called with each ``Decision`` when the optimizer has no ``commit()`` (phase
+      2) or ``explore()`` (phase 1).
+    * ``decisions``: ``"sync"`` (the default in embedded mode) applies each decision exactly at the
+      step its configuration fixes, the step waiting there for the policy's answer when it has not
+      come yet (at most ``decision_timeout`` seconds, 5); ``"async"`` (the default over HTTP) never
+      waits and applies a decision at the first boundary after it arrives.
 
     Every value is checked here (``AgentOptions``): a bad one is a ``ValueError`` that names it, an
     unknown keyword a ``TypeError`` that names it and the closest option.

@@ -5,7 +5,8 @@ around SGD, ``moxco.optim.MoXCo``), the agent attached with
 ``moxco.agent.attach(model, opt, criterion=...)`` (re-evaluation every step, probes every
 ``probe_every`` steps). The policy watches the goodness score against the optimizer's own
 edge-of-stability bound and its decision reaches ``opt.commit(...)``: Phase 2, less inertia,
-hypergradient step size. At the end the run is read back from the store, summarised, and checked
+hypergradient step size, at the step the policy's ``lag`` fixes (the same step on every run of a
+seed). At the end the run is read back from the store, summarised, and checked
 against independent ground truth (explicit Hessian, identities); the exit code is non-zero if a
 check fails.
 """
@@ -131,8 +132,8 @@ def _report(url, run, agent, model, opt, last_probe, full_loss) -> int:
         print(f"  {name:<24} {steps.size:>6} {values[-1]:>12.5g} {low:>12.5g} {high:>12.5g}")
     decisions = store.decisions(run)
     for d in decisions:
-        print(f"  decision at step {d.step} (goodness {d.goodness:.3f}) applied at step {d.applied_step}: "
-              f"{dict(d.action)}")
+        print(f"  decision at step {d.step} (goodness {d.goodness:.3f}) due at step {d.apply_at}, applied at step "
+              f"{d.applied_step}: {dict(d.action)}")
 
     checks = []
     if last_probe is not None:
@@ -150,9 +151,10 @@ def _report(url, run, agent, model, opt, last_probe, full_loss) -> int:
     checks.append(("ALIGATOR loss closer to the full-data loss than raw minibatch losses",
                    abs(denoised - full_loss) < np.abs(raw - full_loss).mean(),
                    f"{abs(denoised - full_loss):.2e} vs {np.abs(raw - full_loss).mean():.2e}"))
-    checks.append(("the policy's decision was stored, committed by the optimizer and acknowledged",
+    checks.append(("the policy's decision was stored, committed by the optimizer at the step it was due, "
+                   "and acknowledged",
                    len(decisions) == 1 and opt.phase == 2
-                   and decisions[0].applied_step == opt.hyperparameters()["committed_at"],
+                   and decisions[0].applied_step == decisions[0].apply_at == opt.hyperparameters()["committed_at"],
                    f"{len(decisions)} decision(s), optimizer phase {opt.phase}"))
     checks.append(("no agent errors", not agent.errors, str(agent.errors or "none")))
     print("\nself-check against ground truth")

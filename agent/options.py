@@ -24,6 +24,7 @@ from moxco.goodness import GOODNESS_FORMS
 from moxco.policy import PolicyConfig
 from moxco.wire import check_run_name
 
+DECISION_MODES = ("sync", "async")
 ADJECTIVES = ("brisk", "calm", "deft", "eager", "fleet", "keen", "lucid", "nimble", "quiet", "steady", "swift", "vivid")
 NOUNS = ("basin", "cliff", "delta", "fjord", "glade", "mesa", "ridge", "saddle", "slope", "valley", "vale", "summit")
 
@@ -118,6 +119,8 @@ class AgentOptions:
     goodness: Any = None
     policy: Any = None
     on_decision: Optional[Callable[..., Any]] = None
+    decisions: Optional[str] = None
+    decision_timeout: float = 5.0
     track_distance: bool = True
     start_step: int = 0
     seed: Optional[int] = None
@@ -176,6 +179,12 @@ class AgentOptions:
         if self.reference is not None and not isinstance(self.reference, (Mapping, str, os.PathLike)):
             raise ValueError("reference must be a state_dict or a checkpoint path, got "
                              f"{type(self.reference).__name__}")
+        if self.decisions is not None and self.decisions not in DECISION_MODES:
+            raise ValueError(f"decisions must be one of {DECISION_MODES} or None (sync in embedded mode, async over "
+                             f"HTTP), got {self.decisions!r}")
+        if not (_finite(self.decision_timeout) and self.decision_timeout > 0):
+            raise ValueError(f"decision_timeout must be a finite number of seconds > 0, got {self.decision_timeout!r}")
+        object.__setattr__(self, "decision_timeout", float(self.decision_timeout))
         for name in ("config", "transport"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
@@ -184,6 +193,15 @@ class AgentOptions:
             raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(self.scaler).__name__}")
         object.__setattr__(self, "goodness", GoodnessSettings.from_option(self.goodness))
         object.__setattr__(self, "policy", _policy(self.policy))
+
+    def decision_mode(self, url: Optional[str]) -> str:
+        """``decisions``, else its default for where the run is stored: ``sync`` for the embedded
+        store (decisions applied at the step the configuration fixes), ``async`` over HTTP (the job
+        never waits on the network)."""
+        if self.decisions is not None:
+            return self.decisions
+        http = self.store is None and isinstance(url, str) and url.lower().startswith(("http://", "https://"))
+        return "async" if http else "sync"
 
     @classmethod
     def from_keywords(cls, **keywords: Any) -> "AgentOptions":

@@ -4,7 +4,8 @@ It makes the store's own calls (``put_run``, ``ingest``, ``set_status``, ``decis
 writer thread, so the same store code registers the run with its decision policy and decides on
 the goodness points of each batch, as the collector does for an agent over HTTP. The decisions an
 ingest answers as pending (the policy's, an operator's) are handed to ``on_decision(ident,
-Decision)``, each id once.
+Decision)``, each id once; then the goodness probes of the batch are reported to ``on_answer(steps)``
+(the store has run the policy on them: an agent waiting for the answer to a probe goes on).
 
 Store trouble never reaches the training job as a crash, and never goes unsaid:
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from moxco.decision import Decision
+from moxco.policy import probe_steps
 
 log = logging.getLogger("moxco.agent")
 
@@ -39,9 +41,11 @@ class EmbeddedSink:
     it again (``store.url`` by default)."""
 
     def __init__(self, store: Any, *, on_decision: Optional[Callable[[str, Decision], None]] = None,
-                 owns_store: bool = True, url: Optional[str] = None, problem: Optional[str] = None) -> None:
+                 on_answer: Optional[Callable[[List[int]], None]] = None, owns_store: bool = True,
+                 url: Optional[str] = None, problem: Optional[str] = None) -> None:
         self.store = store
         self.on_decision = on_decision
+        self.on_answer = on_answer
         self.owns_store = owns_store
         self.url = url or getattr(store, "url", None)
         self._problem = problem  # why there is no store (store is None)
@@ -50,15 +54,15 @@ class EmbeddedSink:
         self._registrations: Dict[str, Dict[str, Any]] = {}  # per run: everything put_run was given
 
     @classmethod
-    def open(cls, url: str, run: str, *, on_decision: Optional[Callable[[str, Decision], None]] = None
-             ) -> "EmbeddedSink":
+    def open(cls, url: str, run: str, *, on_decision: Optional[Callable[[str, Decision], None]] = None,
+             on_answer: Optional[Callable[[List[int]], None]] = None) -> "EmbeddedSink":
         """The sink on the store at ``url``; a store that cannot be opened there is opened in the
         agent's spool folder instead, or later (module docstring). Never raises for store trouble."""
         from moxco.agent.transport import default_spool_dir
         from moxco.collector.store import open_store
 
         try:
-            return cls(open_store(url), on_decision=on_decision, url=url)
+            return cls(open_store(url), on_decision=on_decision, on_answer=on_answer, url=url)
         except Exception as exc:  # noqa: BLE001 - any store trouble: attach must not raise into the job
             first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         fallback = Path(default_spool_dir(run)) / "moxco.db"
@@ -68,9 +72,9 @@ class EmbeddedSink:
             problem = (f"moxco could not open the store {url} ({first}) nor {fallback} ({type(exc).__name__}: "
                        f"{exc}); points are kept in memory (bounded) and written once {url} opens")
             log.error("moxco: run %r: %s", run, problem)
-            return cls(None, on_decision=on_decision, url=url, problem=problem)
+            return cls(None, on_decision=on_decision, on_answer=on_answer, url=url, problem=problem)
         log.warning("moxco: run %r: could not open the store %s (%s); writing to %s instead", run, url, first, fallback)
-        return cls(store, on_decision=on_decision, url=str(fallback))
+        return cls(store, on_decision=on_decision, on_answer=on_answer, url=str(fallback))
 
     def put_run(self, name: str, **fields: Any) -> Any:
         """``Store.put_run``: register or update the run (config merged; optimizer, policy, status)."""
@@ -83,28 +87,32 @@ class EmbeddedSink:
         store = self._store()
         if store is None:
             return None  # applied when the store opens (_store)
-        return store.put_run(name, **fields)
+        return self._guarded(name, lambda: store.put_run(name, **fields))
 
     def ingest(self, name: str, points: Iterable[Any], *, acks: Sequence[Tuple] = ()) -> Any:
         """``Store.ingest`` of the points and acknowledgements; hands the pending decisions over.
         Returns the ``IngestResult``."""
-        from moxco.collector.store import NotFoundError, StoreError, StoreLostError
+        from moxco.collector.store import StoreError
 
+        points = points if isinstance(points, (list, tuple)) else list(points)
         store = self._store()
         if store is None:
             raise StoreError(self._problem or "no store")
-        try:
-            result = store.ingest(name, points, acks=acks)
-        except (StoreLostError, NotFoundError) as exc:
-            raise self._recover(name, exc) from None
+        result = self._guarded(name, lambda: store.ingest(name, points, acks=acks))
         self._hand_over(result.pending)
+        probes = probe_steps(points) if self.on_answer is not None else ()
+        if probes:
+            try:
+                self.on_answer(probes)
+            except Exception as exc:  # noqa: BLE001 - as the decision callback
+                log.warning("moxco: the answer callback failed for probes %s: %s", probes, exc)
         return result
 
     def set_status(self, name: str, status: str) -> None:
         self._registrations.setdefault(name, {})["status"] = status
         store = self._store()
         if store is not None:
-            store.set_status(name, status)
+            self._guarded(name, lambda: store.set_status(name, status))
 
     def decisions(self, name: str) -> List[Decision]:
         """Every decision of the run, with its acknowledgement."""
@@ -129,6 +137,16 @@ class EmbeddedSink:
         log.warning("moxco: the store %s opened; writing there", self.url)
         self.store, self.owns_store, self._problem = store, True, None
         return store
+
+    def _guarded(self, name: str, call: Callable[[], Any]) -> Any:
+        """``call()``, a write of run ``name``; a lost store file or run is recovered (``_recover``)
+        and said as the error raised."""
+        from moxco.collector.store import NotFoundError, StoreLostError
+
+        try:
+            return call()
+        except (StoreLostError, NotFoundError) as exc:
+            raise self._recover(name, exc) from None
 
     def _recover(self, name: str, exc: Exception) -> Exception:
         """After ``StoreLostError`` (the file went) or ``NotFoundError`` (the run went): open the

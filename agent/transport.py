@@ -35,7 +35,11 @@ network error.
   (parsed with ``Decision.from_json``). Acknowledgements (given to ``ingest``) ride in the next
   batch's ``acks`` (or go as ``POST …/ack`` when no batch is due). Delivery is at-least-once:
   ids already acknowledged by this run (persisted in ``<spool dir>/acked``, so across restarts
-  too) are never handed over again, and the agent keeps its own set of applied ids.
+  too) are never handed over again, and the agent keeps its own set of applied ids. A batch
+  holding a goodness point is cut at once (no ``linger``), and once the collector has answered it
+  its probes' steps go to ``on_answer(steps)``: the collector's policy has decided on them (an
+  agent in the ``decisions="sync"`` mode waits for that at the probe's ``apply_at``). A decision
+  the agent cannot parse is acknowledged as rejected, so it does not stay pending.
 
 The client is ``http.client`` from the standard library rather than httpx: the sender needs one
 keep-alive connection, timeouts and nothing else, and the agent's base install (torch, numpy,
@@ -64,6 +68,7 @@ from typing import Any, Callable, Deque, Iterable, List, Mapping, Optional, Prot
 from urllib.parse import quote, urlsplit
 
 from moxco.decision import Decision
+from moxco.policy import probe_steps
 from moxco.wire import encode_point
 
 log = logging.getLogger("moxco.agent.transport")
@@ -99,18 +104,19 @@ def is_http_url(url: Optional[str]) -> bool:
 
 
 def open_sink(url: str, run: str, *, token: Optional[str] = None,
-              on_decision: Optional[Callable[[str, Decision], None]] = None, **options: Any) -> Sink:
+              on_decision: Optional[Callable[[str, Decision], None]] = None,
+              on_answer: Optional[Callable[[List[int]], None]] = None, **options: Any) -> Sink:
     """An ``HttpSink`` for an ``http(s)://`` collector URL, else the embedded sink on the store at
     ``url`` (``agent.sink.EmbeddedSink.open``: one it cannot open is replaced by one in the spool
     folder)."""
     if is_http_url(url):
-        return HttpSink(url, run, token=token, on_decision=on_decision, **options)
+        return HttpSink(url, run, token=token, on_decision=on_decision, on_answer=on_answer, **options)
     if options:  # e.g. a script with transport options run with MOXCO_URL pointing at a file
         log.warning("moxco: transport options %s apply to an http(s):// collector only; ignored for %s",
                     sorted(options), url)
     from moxco.agent.sink import EmbeddedSink
 
-    return EmbeddedSink.open(url, run, on_decision=on_decision)  # never raises for store trouble
+    return EmbeddedSink.open(url, run, on_decision=on_decision, on_answer=on_answer)  # never raises for store trouble
 
 
 def default_spool_dir(run: str) -> Path:
@@ -371,6 +377,7 @@ class HttpSink:
 
     def __init__(self, url: str, run: str, *, token: Optional[str] = None,
                  on_decision: Optional[Callable[[str, Decision], None]] = None,
+                 on_answer: Optional[Callable[[List[int]], None]] = None,
                  spool_dir: Optional[os.PathLike | str] = None, spool_max_bytes: int = 1 << 30,
                  batch_points: int = 5000, linger: float = 0.5, max_memory_points: int = 200_000,
                  timeout: float = 10.0, backoff: float = 0.25, max_backoff: float = 10.0,
@@ -379,6 +386,7 @@ class HttpSink:
             raise ValueError("batch_points must be ≥ 1 and max_memory_points ≥ batch_points")
         self.url, self.run = url.rstrip("/"), run
         self.on_decision = on_decision
+        self.on_answer = on_answer
         self.batch_points, self.linger, self.max_memory_points = int(batch_points), float(linger), int(max_memory_points)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.poll_every, self.close_timeout, self.timeout = float(poll_every), float(close_timeout), float(timeout)
@@ -408,6 +416,7 @@ class HttpSink:
         self._seq = 0
         self._cond = threading.Condition()
         self._points: List[list] = []  # encoded, not yet in a batch
+        self._probes: List[int] = []  # the steps of the goodness points among them
         self._points_since = 0.0
         self._acks: List[dict] = []
         self._acks_since = 0.0
@@ -453,7 +462,9 @@ class HttpSink:
         """Queue points (and acknowledgements ``(decision id, applied step[, rejected reason])``)
         for the next batch. What the collector answers comes later: decisions through
         ``on_decision``, losses in ``stats``."""
+        points = points if isinstance(points, (list, tuple)) else list(points)
         encoded = [encode_point(p) for p in points]
+        probes = probe_steps(points)
         for ack in acks:
             self._acknowledge(*ack)
         if not encoded:
@@ -463,8 +474,9 @@ class HttpSink:
             if not self._points:
                 self._points_since = time.monotonic()
             self._points.extend(encoded)
+            self._probes.extend(probes)
             self._memory_points += len(encoded)
-            if len(self._points) >= self.batch_points:
+            if len(self._points) >= self.batch_points or probes:  # a probe goes at once: the policy decides on it
                 self._cut_batch()
                 self._cond.notify_all()
             if self._memory_points > self.max_memory_points:
@@ -578,17 +590,20 @@ class HttpSink:
         self._seq += 1
         return f"{self._session}-{self._seq:06d}"
 
-    def _envelope(self, kind: str, body: dict, points: int = 0) -> dict:
-        """One unit of delivery, in memory or a spool line; its id is a batch's ``batch_id``."""
+    def _envelope(self, kind: str, body: dict, points: int = 0, probes: Sequence[int] = ()) -> dict:
+        """One unit of delivery, in memory or a spool line; its id is a batch's ``batch_id``;
+        ``probes``: the steps of its goodness points, answered once the collector has taken it."""
         envelope = {"kind": kind, "id": self._next_id(), "body": body, "points": points}
+        if probes:
+            envelope["probes"] = list(probes)
         if kind == "batch":
             body["batch_id"] = envelope["id"]
         return envelope
 
-    def _enqueue(self, kind: str, body: dict, points: int = 0) -> None:
+    def _enqueue(self, kind: str, body: dict, points: int = 0, probes: Sequence[int] = ()) -> None:
         if kind in ("run", "status"):
             self._cut_batch()  # what was written before a status change goes before it
-        envelope = self._envelope(kind, body, points)
+        envelope = self._envelope(kind, body, points, probes)
         if self._closed:  # after close: straight to disk, for the next run
             self._to_spool([envelope])
         else:
@@ -599,10 +614,11 @@ class HttpSink:
         if not self._points:
             return
         points, self._points = self._points, []
+        probes, self._probes = self._probes, []
         acks, self._acks = self._acks, []
         self._persist_acks(acks)
         # the points stay counted in _memory_points while they are in the outbox
-        self._enqueue("batch", {"points": points, "acks": acks}, points=len(points))
+        self._enqueue("batch", {"points": points, "acks": acks}, points=len(points), probes=probes)
 
     def _cut_acks(self) -> None:
         """Acknowledgements with no batch to ride in: one ``POST …/ack`` each."""
@@ -707,6 +723,8 @@ class HttpSink:
                     next_poll = time.monotonic() + max(wait, self.poll_every)
                     continue
                 outcome, delay = self._deliver(envelope)
+                if outcome != _RETRY and envelope.get("probes"):
+                    self._answer(envelope["probes"])  # (its decisions were handed over first)
                 with self._cond:
                     self._busy = False
                     if outcome == _RETRY:
@@ -824,8 +842,16 @@ class HttpSink:
             self._hand_over(response.body)
         return response.status < 500
 
+    def _answer(self, steps: List[int]) -> None:
+        if self.on_answer is not None:
+            try:
+                self.on_answer(list(steps))
+            except Exception as exc:
+                self._warn_once("on_answer", "moxco: run %r: the answer callback failed: %s", self.run, exc)
+
     def _hand_over(self, body: Any) -> None:
-        """Give unacknowledged decisions of a response to the agent, each id at most once."""
+        """Give unacknowledged decisions of a response to the agent, each id at most once; one that
+        does not parse is acknowledged as rejected (at its own step) rather than left pending."""
         items = body.get("decisions") if isinstance(body, Mapping) else body
         if not isinstance(items, list) or self.on_decision is None:
             return
@@ -833,7 +859,11 @@ class HttpSink:
             try:
                 decision = Decision.from_json(item)
             except (KeyError, TypeError, ValueError) as exc:
-                self._warn_once("decision", "moxco: run %r: ignoring a malformed decision %r (%s)", self.run, item, exc)
+                self._warn_once("decision", "moxco: run %r: rejecting a malformed decision %r (%s)", self.run, item, exc)
+                ident = item.get("id") if isinstance(item, Mapping) else None
+                step = item.get("step") if isinstance(item, Mapping) else None
+                if isinstance(ident, str) and ident not in self._acked and isinstance(step, int) and step >= 0:
+                    self._acknowledge(ident, step, rejected=f"malformed decision: {exc}"[:1000])
                 continue
             ident = decision.with_run(decision.run or self.run).id
             if ident in self._acked or ident in self._seen or decision.applied_step is not None:

@@ -6,6 +6,12 @@ warning is logged once. The writer thread reads the tensors (the only
 place a device synchronisation happens), updates the running aggregates, the ALIGATOR denoisers,
 and the goodness score, and writes batches of points (with decision acknowledgements) through the
 sink, whose store runs the run's decision policy on them.
+
+A probe's record is urgent: the training thread may wait for the policy's answer to it at a step
+boundary (``agent.decisions``), so it wakes the writer at once (no gathering) and its goodness
+goes to the sink as soon as it is scored; the sink says when the store has decided on it, and a
+probe the store cannot decide on (no goodness score, a dropped record, a failed write) is answered
+here (``on_answer``) so that nobody waits for it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import Tensor
 
@@ -81,12 +87,14 @@ class MetricWriter:
 
     def __init__(self, store: Any, run: str, *, goodness_settings: GoodnessSettings,
                  sharpness_target: Callable[[], Optional[float]], on_error: Callable[[str, BaseException], None],
-                 queue_size: int = 10_000, probe_set: bool = False) -> None:
+                 on_answer: Optional[Callable[[List[int]], None]] = None, queue_size: int = 10_000,
+                 probe_set: bool = False) -> None:
         self.store, self.run = store, run
         self.goodness_settings = goodness_settings
         self.probe_set = probe_set  # F, ∇F and goodness's loss term come from the probe set
         self.sharpness_target = sharpness_target
         self.on_error = on_error
+        self.on_answer = on_answer  # probes the store cannot decide on now (agent.decisions)
         self.aggregates = metrics.GapSmoothAggregates()
         self.convexity = metrics.ConvexityRatio()  # convexity_ratio's running sums (audit eq. 6)
         self.loss_denoiser = Aligator()
@@ -94,6 +102,7 @@ class MetricWriter:
         self.dropped = 0
         self.written = 0
         self._queue: "queue.Queue[Optional[StepRecord]]" = queue.Queue(maxsize=queue_size)
+        self._urgent = threading.Event()  # a probe's record is queued: stop gathering
         self._buffer: List[Point] = []
         self._last_flush = time.monotonic()
         self._disabled: set[str] = set()
@@ -109,14 +118,20 @@ class MetricWriter:
     # --- training thread -------------------------------------------------------------------------
 
     def submit(self, record: StepRecord) -> bool:
+        """Queue ``record`` (never blocks); False when the queue is full and it was dropped (counted,
+        warned once; a dropped probe is answered: no decision can come of it)."""
         try:
             self._queue.put_nowait(record)
-            return True
         except queue.Full:
             if self.dropped == 0:
                 log.warning("moxco: the writer queue is full; step records are being dropped (run %r)", self.run)
             self.dropped += 1
+            if record.probe is not None:
+                self._answer([record.step])
             return False
+        if record.probe is not None:
+            self._urgent.set()
+        return True
 
     def update_run(self, config: Dict[str, Any]) -> None:
         """Merge ``config`` into the run's stored config (the sink's ``put_run``), from the writer
@@ -140,6 +155,7 @@ class MetricWriter:
     def close(self, timeout: float = 30.0) -> None:
         """Flush everything queued and stop the thread."""
         self._queue.put(None)
+        self._urgent.set()  # no gathering before the last flush
         self._thread.join(timeout)
         if not self._thread.is_alive():  # what arrived during the last flush
             self._flush()
@@ -153,8 +169,9 @@ class MetricWriter:
             except queue.Empty:
                 self._flush()
                 continue
-            if first is not None:
-                time.sleep(GATHER_SECONDS)
+            if first is not None and first.probe is None:
+                self._urgent.wait(GATHER_SECONDS)  # cut short by a probe's record
+            self._urgent.clear()  # (before gathering: a probe queued from now on sets it again)
             for record in self._gathered(first):
                 if record is None:
                     self._flush()
@@ -163,6 +180,8 @@ class MetricWriter:
                     self._absorb(record)
                 except Exception as exc:  # never let one bad record stop the thread
                     self.on_error("writer", exc)
+                    if record.probe is not None:
+                        self._answer([record.step])
                 if len(self._buffer) >= FLUSH_POINTS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
                     self._flush()
 
@@ -280,7 +299,16 @@ class MetricWriter:
             sharpness = read.get("sharpness", math.nan)
         score = self._part("goodness", self._goodness, probe, values, sharpness, target, step, wall)
         if score is not None:
-            self._flush()  # the probe goes to the store now: its ingest runs the run's decision policy
+            self._flush(probes=[step])  # to the store now: its ingest runs the run's decision policy
+        else:
+            self._answer([step])  # no goodness: the policy has nothing to decide on
+
+    def _answer(self, steps: List[int]) -> None:
+        if self.on_answer is not None:
+            try:
+                self.on_answer(steps)
+            except Exception as exc:  # noqa: BLE001 - the agent's callback must not stop the writer
+                self.on_error("writer", exc)
 
     def _apply_updates(self) -> None:
         with self._updates_lock:
@@ -294,10 +322,12 @@ class MetricWriter:
                 self._run_config = {**config, **(self._run_config or {})}
             self.on_error("store", exc)
 
-    def _flush(self) -> None:
+    def _flush(self, probes: Sequence[int] = ()) -> None:
         """Send the buffered points with the acknowledgements queued so far in one ``ingest`` (kept
         and retried while the store refuses them). An acknowledgement the store has no decision for
-        is reported, not retried, so the others are not held."""
+        is reported, not retried, so the others are not held. ``probes``: the steps of the goodness
+        points among them; the sink answers them once the store has decided, and when the write
+        fails they are answered here (the policy decides when a later write lands: late)."""
         self._last_flush = time.monotonic()
         self._apply_updates()
         with self._updates_lock:
@@ -309,6 +339,8 @@ class MetricWriter:
             result = self.store.ingest(self.run, batch, acks=acks)
         except Exception as exc:
             self.on_error("store", exc)
+            if probes:
+                self._answer(list(probes))
             self._buffer = batch + self._buffer  # keep them for the next flush: nothing lost
             with self._updates_lock:
                 self._acknowledgements = acks + self._acknowledgements

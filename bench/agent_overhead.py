@@ -316,6 +316,8 @@ class RunResult:
     reeval_s: float = math.nan  # the agent's re-evaluation per step, timed directly (Agent.overhead)
     free_s: float = math.nan  # the agent's free metrics per step, timed directly (Agent.overhead)
     bytes_s: float = math.nan  # the bytes floor's pass per step, timed directly
+    decision_wait_s: float = math.nan  # the training thread's waits for the policy's answers, per step
+    decision_waits: int = 0  # boundaries it waited at (the answer to a probe had not come yet)
 
 
 def run_config(work: Workload, config: Config, steps: int, warmup: int, tmpdir: str, seed: int = 0,
@@ -375,6 +377,7 @@ def run_config(work: Workload, config: Config, steps: int, warmup: int, tmpdir: 
     extra[0] = extra[1] = in_step[0] = moved[0] = reeval_alone[0] = 0.0
     gc.collect()
     spent0 = agent.overhead() if agent is not None else {}
+    waits0 = (agent.inbox.stats.waited_seconds, agent.inbox.stats.waits) if agent is not None else (0.0, 0)
     with (profiler() if profiler is not None else contextlib.nullcontext()):
         faults0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
         for i in range(warmup, warmup + steps):
@@ -398,6 +401,8 @@ def run_config(work: Workload, config: Config, steps: int, warmup: int, tmpdir: 
             result.reeval_s = (spent1["reeval"] - spent0.get("reeval", 0.0)) / steps
         if "free" in spent1:
             result.free_s = (spent1["free"] - spent0.get("free", 0.0)) / steps
+        result.decision_wait_s = (agent.inbox.stats.waited_seconds - waits0[0]) / steps
+        result.decision_waits = agent.inbox.stats.waits - waits0[1]
         result.retained = retained_tensors(agent, model, optimizer)
         t0 = time.perf_counter()
         agent.close()
@@ -817,6 +822,14 @@ def report_model(data: Dict[str, Any], args) -> str:
         + verdict(retained_defaults <= REEVAL_REF_COPIES + 0.01,
                   f"≤ {REEVAL_REF_COPIES} copies with `x*`, and this run has no `x*`") + ".",
     ]
+    defaults = results["defaults"]
+    wait_share = [r.decision_wait_s / r.step_s for r in defaults]
+    lines.append(
+        f"* Decision waits, defaults (`decisions=\"sync\"`, the embedded default: at the boundary a probe's "
+        f"decision is due at, the policy's lag after the probe, the training thread waits for the answer if it has "
+        f"not come): {median([r.decision_waits for r in defaults]):.0f} waits in {data['steps']} steps, "
+        f"{fmt_ms(median([r.decision_wait_s for r in defaults]))} ms a step on average: "
+        f"**{median(wait_share):.2%} of the defaults' step** [{spread(wait_share, '.2%')}].")
     if errors:
         lines.append("* Agent errors (those metric groups were disabled, their timings are not valid): "
                      + "; ".join(errors) + ".")

@@ -21,7 +21,11 @@ modes) and the CLI all use this type:
   policy decision and the policy's configuration at that moment (``policy``), or the operator's
   ``reason``.
 * ``apply_at``: the step boundary the decision must be applied at, when the run's configuration
-  fixes it (reproducible decisions); ``None``: the next boundary after it arrives.
+  fixes it (a policy decision: its probe's step + 1 + the policy's ``lag``); ``None`` (an
+  operator's): the next boundary after it arrives. ``lateness`` is ``applied_step − apply_at``.
+* ``reproducibility(config, decisions)``: whether a run's decisions were applied where its
+  configuration alone puts them (the agent's ``decisions`` mode, stored in the run's config), so
+  that a rerun with the same seed applies them at the same steps.
 * The agent acknowledges each decision once: ``applied_step`` is the step it was applied at, or,
   when the agent refused it, ``rejected`` says why (``applied_step`` is then the step it was
   refused at). ``status`` is ``pending``, ``applied`` or ``rejected``.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any, Dict, Mapping, Optional
 
 ACTION_KEYS = ("phase", "alpha", "beta", "lr")
@@ -141,6 +146,14 @@ class Decision:
         return "rejected" if self.rejected is not None else "applied"
 
     @property
+    def lateness(self) -> Optional[int]:
+        """Steps between the boundary the decision was due at and the one it was applied (or refused)
+        at: ``applied_step − apply_at``; None while pending or when nothing fixed ``apply_at``."""
+        if self.applied_step is None or self.apply_at is None:
+            return None
+        return int(self.applied_step) - int(self.apply_at)
+
+    @property
     def phase(self) -> int:
         return int(self.action["phase"])
 
@@ -206,4 +219,55 @@ def decision_id(run: str, source: str, step: int) -> str:
     return f"{run}:{source}:{int(step)}"
 
 
-__all__ = ["ACTION_KEYS", "DEFAULT_ACTION", "MAX_LR", "Decision", "DecisionError", "decision_id", "validate_action"]
+MODES = ("sync", "async")
+
+
+def reproducibility(config: Optional[Mapping[str, Any]], decisions: Any) -> Dict[str, Any]:
+    """Whether a run's decisions were applied at the steps its configuration fixes, so that a rerun
+    with the same seed applies them at the same steps and gives the same run.
+
+    ``config``: the run's stored config, whose ``decisions`` entry the agent writes (``mode``:
+    ``sync``, the agent waits at ``apply_at`` for the policy's answer, or ``async``, it applies a
+    decision at the first boundary after it arrives; ``timeouts``: waits that ended without an
+    answer); ``decisions``: the run's ``Decision`` objects. Returns ``{"mode", "reproducible",
+    "reason", "late"}`` with ``late`` the ``(step, apply_at, applied_step)`` of decisions applied
+    after their ``apply_at``. Reproducible: no decision was applied, or every one was a policy
+    decision applied exactly at its ``apply_at`` in the ``sync`` mode."""
+    recorded = (config or {}).get("decisions")
+    recorded = recorded if isinstance(recorded, Mapping) else {}
+    mode = recorded.get("mode") if recorded.get("mode") in MODES else None
+    # Decision objects or their JSON form (what an audit may hold)
+    done = [SimpleNamespace(**{k: (d.get(k) if isinstance(d, Mapping) else getattr(d, k))
+                               for k in ("step", "source", "apply_at", "applied_step")}) for d in decisions]
+    done = [d for d in done if d.applied_step is not None]
+    late = [(d.step, d.apply_at, d.applied_step) for d in done if d.apply_at is not None and d.applied_step > d.apply_at]
+    out: Dict[str, Any] = {"mode": mode, "reproducible": True, "late": late}
+    operators = [d for d in done if d.source != "policy"]
+    unfixed = [d for d in done if d.source == "policy" and d.apply_at is None]
+    if not done:
+        out["reason"] = "no decision was applied, so none depends on timing"
+    elif operators:
+        out["reproducible"] = False
+        out["reason"] = (f"{len(operators)} operator decision(s) were applied when they arrived (step "
+                         f"{operators[0].applied_step}); a rerun does not repeat them")
+    elif mode != "sync":
+        out["reproducible"] = False
+        how = "asynchronous" if mode == "async" else "not recorded (an agent older than the sync mode)"
+        out["reason"] = (f"the agent's decision mode is {how}: a decision is applied at the first step boundary "
+                         f"after its answer arrives, which depends on thread and network timing")
+    elif unfixed:
+        out["reproducible"] = False
+        out["reason"] = f"the decision at step {unfixed[0].step} has no fixed step to be applied at (apply_at)"
+    elif late:
+        out["reproducible"] = False
+        step, due, applied = late[0]
+        out["reason"] = (f"the decision at step {step} was applied at step {applied}, {applied - due} step(s) after "
+                         f"its apply_at {due}: the agent's wait for the policy's answer timed out "
+                         f"({int(recorded.get('timeouts') or 0)} timed-out wait(s))")
+    else:
+        out["reason"] = "every decision was applied exactly at the step its configuration fixes (apply_at)"
+    return out
+
+
+__all__ = ["ACTION_KEYS", "DEFAULT_ACTION", "MAX_LR", "MODES", "Decision", "DecisionError", "decision_id", "reproducibility",
+           "validate_action"]

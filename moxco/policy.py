@@ -7,7 +7,12 @@ experiments). A single noisy probe should not flip an optimizer, so the policy a
 * ``min_step``: no decision before this step (let the run warm up);
 * ``consecutive``: the score must be ≥ C on this many consecutive probes;
 * ``cooldown``: at least this many steps between two decisions;
-* ``max_decisions``: how many times it may fire (1: the phase switch happens once).
+* ``max_decisions``: how many times it may fire (1: the phase switch happens once);
+* ``lag``: the step a decision is applied at, fixed by the configuration alone: a decision fired by
+  the probe of step ``s`` carries ``apply_at = s + 1 + lag``, the boundary after the update of step
+  ``s + lag`` (``lag = 0``: the boundary right after the probe's own step). The agent applies it
+  exactly there (it waits for the policy's answer at that boundary when it must, in the
+  ``decisions="sync"`` mode), so one seed gives one run, whatever the threads or the network do.
 
 The policy holds no clock, no I/O and no randomness: ``observe(step, goodness)`` is a function of
 its state and inputs, its state round-trips through ``state_dict``, and observing a step that is
@@ -24,6 +29,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 from moxco.decision import DEFAULT_ACTION, Decision, DecisionError, validate_action
 from moxco.goodness import Goodness
 
+# steps between a probe and the boundary its decision is applied at: the agent's writer has this
+# many whole steps to score the probe and run the policy before the training thread would wait for it
+DEFAULT_LAG = 2
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -34,6 +43,7 @@ class PolicyConfig:
     consecutive: int = 3
     cooldown: int = 0
     max_decisions: int = 1
+    lag: int = DEFAULT_LAG
     action: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTION))
 
     def __post_init__(self) -> None:
@@ -42,7 +52,7 @@ class PolicyConfig:
                 or not 0.0 < threshold <= 1.0):
             raise ValueError(f"threshold must be a number in (0, 1] (goodness lies in [0, 1]), got {threshold!r}")
         object.__setattr__(self, "threshold", float(threshold))
-        for name, least in (("min_step", 0), ("cooldown", 0), ("consecutive", 1), ("max_decisions", 1)):
+        for name, least in (("min_step", 0), ("cooldown", 0), ("consecutive", 1), ("max_decisions", 1), ("lag", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 kind = "a non-negative" if least == 0 else "a positive"
@@ -63,6 +73,12 @@ class PolicyConfig:
         if unknown:
             raise ValueError(f"unknown policy fields: {sorted(unknown)}")
         return cls(**dict(data))
+
+
+def apply_at(step: int, lag: int) -> int:
+    """The step boundary a decision fired by the probe of ``step`` is applied at: ``step + 1 + lag``
+    (the agent's ``applied_step``: the boundary before step ``step + 1 + lag``)."""
+    return int(step) + 1 + int(lag)
 
 
 class DecisionPolicy:
@@ -108,7 +124,7 @@ class DecisionPolicy:
         self._decisions += 1
         self._last_decision_step = step
         return Decision(step, dict(cfg.action), score, *terms, source="policy", issued_by="policy",
-                        policy=cfg.to_dict())
+                        policy=cfg.to_dict(), apply_at=apply_at(step, cfg.lag))
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -140,6 +156,23 @@ def decide(config: Mapping[str, Any], state: Optional[Mapping[str, Any]],
         policy.load_state_dict({**state, "config": dict(config)})
     made = [d for d in (policy.observe(step, probes[step]) for step in sorted(probes)) if d is not None]
     return policy.state_dict(), made
+
+
+def probe_steps(points: Iterable[Any]) -> List[int]:
+    """The steps of the run-level ``goodness`` points among ``points`` (``moxco.wire.Point``s or
+    ``(step, metric, value, wall_time[, rank])`` tuples): the probes a store's policy decides on
+    when it ingests them."""
+    from moxco.wire import RUN_LEVEL_RANK
+
+    steps = []
+    for point in points:
+        if isinstance(point, tuple) and not hasattr(point, "metric"):
+            step, metric, rank = point[0], point[1], point[4] if len(point) > 4 else RUN_LEVEL_RANK
+        else:
+            step, metric, rank = point.step, point.metric, point.rank
+        if metric == "goodness" and rank == RUN_LEVEL_RANK:
+            steps.append(int(step))
+    return steps
 
 
 def goodness_probes(metrics: Iterable[str], steps: Iterable[int], values: Iterable[float],

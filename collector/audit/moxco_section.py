@@ -19,7 +19,7 @@ from moxco.collector.audit.source import RunData
 from moxco.collector.audit.verdicts import (
     FAILS, HOLDS, INCONCLUSIVE, NOT_APPLICABLE, NOT_MEASURED, Plot, Section, absence_cause, num,
 )
-from moxco.decision import Decision
+from moxco.decision import Decision, reproducibility
 from moxco.policy import PolicyConfig
 
 
@@ -73,7 +73,8 @@ def audit_moxco(run: RunData) -> Section:
     optimizer = run.optimizer_name
     moxco = is_moxco(optimizer)
     section.numbers.update({"optimizer": optimizer, "threshold": policy.threshold, "consecutive": policy.consecutive,
-                            "min_step": policy.min_step, "decisions": [_decision_json(d) for d in decisions]})
+                            "min_step": policy.min_step, "decisions": [_decision_json(d) for d in decisions],
+                            "decision_timing": reproducibility(run.config, decisions)})
     phase_steps, phases = run.finite("phase")
     section.numbers["final_phase"] = int(phases[-1]) if phases.size else None
     not_moxco = f"the optimizer is {optimizer}, not MoXCo, so no phase switch applies"
@@ -136,3 +137,7 @@ def _describe_decisions(section: Section, by_policy: List[Decision], by_operator
         if by_operator:
             text += " An operator's decision is not evidence of the goodness criterion."
     section.reading = f"{section.reading} {text}".strip()
+    timing = section.numbers.get("decision_timing")
+    if timing is not None:  # whether a rerun with the same seed applies them at the same steps
+        verdict = "reproducible" if timing["reproducible"] else "not reproducible"
+        section.reading += f" Decision timing is {verdict} with the same seed: {timing['reason']}."

@@ -31,6 +31,8 @@ and the step size is adapted by hypergradient descent (Baydin et al. 2018, as in
 :mod:`moxco.optim.hypergradient`) on the base's unit-step direction ``s_t = Δ_t``:
 ``η_{t+1} = η_t + β_hg ⟨∇f(v_{t+1}), s_t⟩``. With α = β = 0 and an SGD (Adam) base this is exactly
 SGD-HD (Adam-HD). The hypergradient uses the gradient at ``v_{t+1}``, the only one computed.
+:meth:`MoXCo.explore` is Phase 1 on request (a decision with ``phase: 1``): it sets the constants
+given and, from Phase 2, returns to exploring with η where the hypergradient left it.
 """
 
 from __future__ import annotations
@@ -322,6 +324,45 @@ class MoXCo(Optimizer):
         self.phase = PHASE_COMMIT
         self.committed_at = int(self._group_state[0]["step"]) if self._group_state else 0
         return True
+
+    def explore(self, alpha: Optional[float] = None, beta: Optional[float] = None, lr: Optional[float] = None) -> bool:
+        """Phase 1 (exploration, Algorithm 1 lines 3-7), with α, β and the step size η set to the
+        constants given (each left as it is when None): what a decision with ``phase: 1`` asks.
+
+        In Phase 1 it only changes the given hyper-parameters. From Phase 2 it returns to
+        exploring: the hypergradient adaptation of η stops (η stays where it got to, unless ``lr``
+        is given) and ``committed_at`` is cleared; the inertia ``m_t`` is kept, so the next step
+        continues from the current displacement. A new β moves the parameters to
+        ``v_t = θ_t + β m_t``, where the next gradient is taken. Call it between ``step()`` and the
+        next forward pass. Returns True when the phase changed (from 2 to 1)."""
+        if alpha is not None:
+            alpha = check_unit_interval(alpha, "alpha")
+        if beta is not None:
+            beta = check_nonneg(beta, "beta")
+        if lr is not None:
+            lr = check_lr(lr)
+        with torch.no_grad():
+            for group, gstate in zip(self.param_groups, self._group_state):
+                if alpha is not None:
+                    group["alpha"] = alpha
+                if lr is not None:
+                    group["lr"] = lr
+                if beta is not None:
+                    group["beta"] = beta
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if not state or "theta" not in state:
+                        continue
+                    if beta is not None:
+                        p.copy_(state["theta"]).add_(state["inertia"], alpha=beta)
+                    state.pop("hd_direction", None)
+                    state.pop("hd_valid", None)
+                if beta is not None:
+                    gstate["beta"] = beta
+        changed = self.phase != PHASE_EXPLORE
+        self.phase = PHASE_EXPLORE
+        self.committed_at = None
+        return changed
 
     # ------------------------------------------------------------------ θ for evaluation
 

@@ -141,3 +141,46 @@ def test_a_failure_on_one_rank_neither_hangs_nor_hides(tmp_path):
     gaps = store.series("ddp-faulty", "inst_gap")[1]
     assert gaps.size == STEPS - 1 and np.all(np.isnan(gaps))  # stored as NaN on every step, not lost
     assert np.all(np.isnan(store.series("ddp-faulty", "sharpness")[1]))
+
+
+def _deciding_worker(rank, world, init_file, url, out):
+    import json
+
+    with gloo_group(rank, world, init_file):
+        model, batches, _ = make_model_and_data()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        criterion = nn.MSELoss()
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.5)
+        applied = []
+        agent = moxco.agent.attach(ddp, opt, url=url, run="ddp-decides", reeval_every=0, probe_every=3,
+                                   criterion=criterion, seed=5, policy={"threshold": 1e-9, "consecutive": 1},
+                                   on_decision=lambda decision: applied.append((decision.step, agent.step)))
+        share = GLOBAL_BATCH // world
+        for x, y in batches:
+            local = slice(rank * share, (rank + 1) * share)
+            criterion(ddp(x[local]), y[local]).backward()
+            opt.step()
+            opt.zero_grad()
+        agent.close()
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump({"applied": applied, "errors": agent.errors}, f)
+
+
+@pytest.mark.timeout(300)
+def test_under_ddp_every_rank_applies_the_policy_decision_at_its_apply_at(tmp_path):
+    """Rank 0's policy fires on the first probe (step 0): every rank applies the decision at the
+    boundary the configuration fixes (0 + 1 + lag), whatever rank 0's writer thread does."""
+    import json
+
+    from moxco.policy import DEFAULT_LAG
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    out = str(tmp_path / "ranks")
+    mp.spawn(_deciding_worker, args=(2, str(tmp_path / "init"), url, out), nprocs=2, join=True)
+    due = 1 + DEFAULT_LAG
+    for rank in (0, 1):
+        with open(f"{out}-{rank}.json") as f:
+            result = json.load(f)
+        assert result == {"applied": [[0, due]], "errors": {}}, rank
+    (decision,) = open_store(url).decisions("ddp-decides")
+    assert (decision.step, decision.apply_at, decision.applied_step) == (0, due, due)

@@ -27,6 +27,7 @@ from moxco.agent.demo import NOISE_STD, make_task
 from moxco.agent.transport import HttpSink, Spool
 from moxco.wire import Point
 from moxco.optim import MoXCo
+from moxco.decision import reproducibility
 from moxco.policy import PolicyConfig
 from tests.servers import CollectorProcess, free_port, wait_until
 
@@ -201,6 +202,45 @@ def test_decisions_are_handed_over_once_and_acks_survive_a_restart(collector, tm
     assert row.applied_step == 7
 
 
+
+def test_a_probe_goes_at_once_and_is_answered_after_its_decision(collector, tmp_path):
+    """A write holding a goodness point is sent without waiting for ``linger``; once the collector
+    has answered it, its decision is handed over first and then the probe's step is answered."""
+    events = []
+    sink = HttpSink(collector.url, "probes", spool_dir=tmp_path / "spool", linger=600.0, poll_every=600.0,
+                    on_decision=lambda ident, decision: events.append(("decision", ident, decision.apply_at)),
+                    on_answer=lambda steps: events.append(("answer", steps)))
+    sink.put_run("probes", config={}, policy={"threshold": 0.5, "consecutive": 1, "lag": 4})
+    sink.ingest("probes", points([("loss", 1), ("loss", 2)]))
+    sink.ingest("probes", points([("goodness", 3)], value=lambda m, s: 0.9))
+    wait_until(lambda: len(events) >= 2, timeout=30, what="the probe's answer")
+    assert events == [("decision", "probes:policy:3", 8), ("answer", [3])]
+    sink.close()
+
+
+def test_a_decision_the_sink_cannot_read_is_acknowledged_as_rejected(collector, tmp_path):
+    """A pending decision whose action the decision type refuses (written straight into the
+    database, as no API accepts one) is not left pending: the agent's sink acknowledges it as
+    rejected, with the reason."""
+    import json
+    import sqlite3
+
+    sink = HttpSink(collector.url, "garbled", spool_dir=tmp_path / "spool", poll_every=0.05,
+                    on_decision=lambda ident, decision: None)
+    register(sink, "garbled")
+    sink.ingest("garbled", points([("loss", 1)]))
+    assert sink.flush(60)
+    path = collector.db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO decisions (id, run_id, step, source, issued_by, action, created_at) "
+                     "SELECT 'garbled:operator:1', id, 1, 'operator', 'ops', ?, 1 FROM runs WHERE name = 'garbled'",
+                     (json.dumps({"phase": 2, "alpha": 5}),))
+    wait_until(lambda: collector.store().decisions("garbled")[0].status == "rejected", timeout=60,
+               what="the rejection")
+    sink.close()
+    (decision,) = collector.store().decisions("garbled")
+    assert decision.applied_step == 1 and decision.rejected.startswith("malformed decision:") and "alpha" in decision.rejected
+
 def test_spool_segments_rotate_and_a_torn_last_line_is_skipped(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
     envelopes = [{"kind": "batch", "id": f"b{i}", "body": {"points": [["loss", i, 1.0, 0.0]]}, "points": 1}
@@ -270,8 +310,10 @@ class SocketSpy:
             monkeypatch.setattr(socket.socket, name, spy)
 
 
-def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, start_step=0, **transport):
-    """agent/demo.py's job: MoXCo on a teacher-student regression that reaches the goodness threshold."""
+def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, start_step=0, decisions=None,
+             decision_timeout=5.0, **transport):
+    """agent/demo.py's job: MoXCo on a teacher-student regression that reaches the goodness threshold
+    (its policy fires at the probe of step 60)."""
     model, inputs, targets = make_task(0)
     opt = MoXCo(model.parameters(), torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, seed=0)
     criterion = nn.MSELoss()
@@ -280,6 +322,7 @@ def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10
         sharpness_iters=sharpness_iters, seed=0, start_step=start_step,
         goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},
         policy=policy or {"threshold": 0.9, "consecutive": 3, "min_step": 50},
+        decisions=decisions, decision_timeout=decision_timeout,
         transport={"spool_dir": tmp_path / "spool", **transport})
     gen = torch.Generator().manual_seed(2)
 
@@ -437,3 +480,98 @@ def test_collector_killed_and_restarted_mid_run_the_job_never_waits_and_nothing_
     assert max(sent.values()) == 1
     assert not list((tmp_path / "spool").glob("*.seg"))
     assert store.run("chaos").status == "finished"
+
+
+# --- decisions="sync" over HTTP: applied at the step the configuration fixes ---------------------------
+
+
+def test_sync_decisions_over_http_three_runs_with_one_seed_are_the_same_run(collector, tmp_path):
+    """With ``decisions="sync"`` the job waits, at the probe's ``apply_at``, for the collector's
+    answer: three runs of one seed (batching windows from 0.05 to 2 s) apply the decision at the same
+    step and store the same series; the default over HTTP stays asynchronous."""
+    runs = {}
+    for run, linger in (("sync-a", 0.05), ("sync-b", 0.5), ("sync-c", 2.0)):
+        agent, opt, step = demo_job(collector.url, run, tmp_path / run, decisions="sync", linger=linger)
+        after = []
+        for _ in range(75):
+            step()
+            after.append(torch.cat([p.detach().reshape(-1).clone() for p in opt.param_groups[0]["params"]]))
+        agent.close()
+        assert agent.errors == {} and opt.phase == 2
+        assert agent.inbox.stats.timeouts == 0 and agent.inbox.stats.late == 0
+        runs[run] = after
+    store = collector.store()
+    reference = {m: store.series("sync-a", m) for m in store.metrics("sync-a")}
+    for run, after in runs.items():
+        (decision,) = store.decisions(run)
+        assert (decision.step, decision.apply_at, decision.applied_step) == (60, 63, 63)
+        assert store.run(run).config["decisions"]["mode"] == "sync"
+        assert store.metrics(run) == sorted(reference)
+        for metric, (steps, values) in reference.items():
+            got_steps, got_values = store.series(run, metric)
+            assert np.array_equal(got_steps, steps) and np.array_equal(got_values, values, equal_nan=True), metric
+        assert all(torch.equal(a, b) for a, b in zip(after, runs["sync-a"]))
+
+    probe = nn.Linear(2, 1)
+    default = moxco.agent.attach(probe, torch.optim.SGD(probe.parameters(), lr=0.1), url=collector.url,
+                                 run="default-mode", transport={"spool_dir": tmp_path / "spool-default"})
+    default.close()
+    assert default.inbox.mode == "async"
+
+
+def test_sync_decisions_with_the_collector_stopped_during_a_probe_wait_at_most_the_timeout(collector, tmp_path):
+    """The collector is killed before the probe whose goodness fires the policy (step 60, due at 63):
+    the job waits at that boundary at most ``decision_timeout``, records the timeout, does not wait
+    again while the collector is away, and goes on; once it is back the spool is replayed, the
+    collector decides, and the decision is applied at the next boundary, late, with the lateness
+    stored (``apply_at`` against ``applied_step``, and the run's ``config.decisions``). Nothing is lost."""
+    timeout = 1.0
+    agent, opt, step = demo_job(collector.url, "outage", tmp_path, decisions="sync", decision_timeout=timeout,
+                                max_backoff=0.5, linger=0.05)
+    sink = agent.store
+    sent = spy_on_writes(sink)
+    durations = {}
+
+    def timed_steps(n):
+        for _ in range(n):
+            at = agent.step
+            start = time.perf_counter()
+            step()
+            durations[at] = time.perf_counter() - start
+
+    timed_steps(55)
+    assert sink.flush(30)
+    collector.kill()
+    timed_steps(20)  # the probes of steps 60 and 70 while the collector is away
+    stats = agent.inbox.stats
+    assert (stats.timeouts, stats.skipped) == (1, 1)  # (and any short waits for answers that came)
+    assert timeout <= stats.max_wait_seconds <= timeout + 2.0
+    assert durations[62] < timeout + 5.0  # the step whose post-hook is the boundary 63: one bounded wait
+    assert opt.phase == 1
+
+    collector.start()
+    deadline = time.monotonic() + 120
+    while opt.phase == 1 and time.monotonic() < deadline:
+        timed_steps(1)
+        time.sleep(0.01)
+    applied = agent.step
+    timed_steps(10)
+    agent.close()
+    assert opt.phase == 2 and agent.errors == {}
+    assert stats.late == 1 and stats.max_lateness == applied - 63 > 0
+
+    store = collector.store()
+    (decision,) = store.decisions("outage")
+    assert (decision.step, decision.apply_at, decision.applied_step) == (60, 63, applied)
+    assert decision.lateness == applied - 63
+    recorded = store.run("outage").config["decisions"]
+    assert (recorded["mode"], recorded["timeouts"], recorded["late"]) == ("sync", 1, 1)
+    verdict = reproducibility(store.run("outage").config, store.decisions("outage"))
+    assert verdict["reproducible"] is False and "timed out" in verdict["reason"]
+    # nothing lost: every point the agent produced is stored, once
+    assert sink.stats.points_dropped == 0 and sink.stats.points_rejected == 0
+    got = Counter()
+    for metric in {m for m, _ in sent}:
+        steps, _ = store.series("outage", metric)
+        got.update((metric, int(s)) for s in steps)
+    assert got == sent and max(sent.values()) == 1

@@ -171,6 +171,28 @@ def test_a_policy_decision_names_the_policy_and_its_goodness():
     assert "applied at step 41" in section.reading
 
 
+
+def test_the_moxco_section_says_whether_decision_timing_is_reproducible():
+    """``decision_timing`` (``moxco.decision.reproducibility``) and one sentence: a sync run's policy
+    decision applied at its ``apply_at`` is reproducible with the same seed; one applied late after a
+    timed-out wait, or one from an async run, is not."""
+    steps = np.arange(0, 100, 10)
+    score = np.full(steps.size, 0.95)
+    on_time = Decision(40, goodness=0.95, policy=MOXCO_POLICY, run="p", apply_at=43).acknowledged(43, 0.0)
+    late = Decision(40, goodness=0.95, policy=MOXCO_POLICY, run="p", apply_at=43).acknowledged(50, 0.0)
+    sync = {"mode": "sync", "timeouts": 1}
+    readings = {}
+    for name, mode, decision, reproducible in (("on time", sync, on_time, True), ("late", sync, late, False),
+                                               ("async", {"mode": "async"}, on_time, False)):
+        run = RunData("p", {"goodness": (steps, score)}, decisions=[decision],
+                      config={"optimizer": "MoXCo", "policy": MOXCO_POLICY, "decisions": mode})
+        section = audit(run).section("moxco")
+        assert section.numbers["decision_timing"]["reproducible"] is reproducible
+        assert ("Decision timing is reproducible with the same seed" in section.reading) is reproducible
+        readings[name] = section.reading
+    assert "7 step(s) after its apply_at 43" in readings["late"] and "timed out" in readings["late"]
+    assert "asynchronous" in readings["async"]
+
 # --- 4. the true causes ----------------------------------------------------------------------------
 
 

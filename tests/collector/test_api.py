@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 from moxco.collector.api import create_app
 from moxco.collector.store import Store
 
-POLICY = {"threshold": 0.85, "min_step": 0, "consecutive": 2, "cooldown": 0, "max_decisions": 1,
+POLICY = {"threshold": 0.85, "min_step": 0, "consecutive": 2, "cooldown": 0, "max_decisions": 1, "lag": 2,
           "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}}
 
 

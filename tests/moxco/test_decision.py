@@ -62,3 +62,21 @@ def test_describe_names_who_decided_and_why():
     text = operator.describe()
     assert "operator 'alice'" in text and "plateau" in text and "nan" not in text.lower()
     assert "not measured" in Decision(3, run="r").describe()
+
+
+def test_reproducibility_says_whether_decisions_were_applied_where_the_configuration_puts_them():
+    from moxco.decision import reproducibility
+
+    on_time = Decision(60, run="r", apply_at=63, applied_step=63, applied_at=1.0)
+    late = Decision(60, run="r", apply_at=63, applied_step=71, applied_at=1.0)
+    sync = {"decisions": {"mode": "sync", "timeouts": 1}}
+    assert reproducibility(sync, [on_time])["reproducible"] is True
+    assert reproducibility(sync, [Decision(60, run="r", apply_at=63)])["reproducible"] is True  # pending: not applied
+    verdict = reproducibility(sync, [late])
+    assert verdict["reproducible"] is False and verdict["late"] == [(60, 63, 71)] and "8 step(s)" in verdict["reason"]
+    assert "asynchronous" in reproducibility({"decisions": {"mode": "async"}}, [on_time])["reason"]
+    assert reproducibility({}, [on_time])["reproducible"] is False  # the mode was not recorded
+    assert reproducibility({}, [])["reproducible"] is True
+    operator = Decision(5, source="operator", issued_by="ops", run="r", applied_step=6, applied_at=1.0)
+    assert "operator" in reproducibility(sync, [on_time, operator])["reason"]
+    assert late.lateness == 8 and Decision(5).lateness is None

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from moxco.goodness import Goodness
 from moxco.decision import Decision, decision_id
-from moxco.policy import DecisionPolicy, PolicyConfig
+from moxco.policy import DEFAULT_LAG, DecisionPolicy, PolicyConfig, probe_steps
 
 
 def feed(policy: DecisionPolicy, scores, start: int = 0, every: int = 10):
@@ -48,10 +48,11 @@ def test_carries_the_three_goodness_terms():
     config = PolicyConfig(consecutive=1, action={"phase": 2, "alpha": 0.2, "beta": 0.0, "lr": 0.01})
     policy = DecisionPolicy(config)
     decision = policy.observe(7, Goodness(0.9, 0.01, 0.05, 0.04))
-    # the decision records its cause: the policy that fired it, with its configuration then
+    # the decision records its cause: the policy that fired it, with its configuration then; and the
+    # boundary it is applied at, fixed by that configuration (the probe's step + 1 + lag)
     assert decision == Decision(step=7, action={"phase": 2, "alpha": 0.2, "beta": 0.0, "lr": 0.01}, goodness=0.9,
                                 grad_term=0.01, sharpness_term=0.05, loss_term=0.04, source="policy",
-                                issued_by="policy", policy=config.to_dict())
+                                issued_by="policy", policy=config.to_dict(), apply_at=7 + 1 + config.lag)
     assert decision_id("run-a", decision.source, decision.step) == "run-a:policy:7"
     assert decision.with_run("run-a").id == "run-a:policy:7"
     assert decision.to_json()["action"]["lr"] == 0.01
@@ -133,3 +134,22 @@ def test_policy_fields_of_the_wrong_type_or_range_are_value_errors(fields):
     # a ValueError (the collector's 422), never a TypeError from the comparisons (a 500)
     with pytest.raises(ValueError):
         PolicyConfig.from_dict(fields)
+
+
+def test_lag_fixes_the_boundary_a_decision_is_applied_at():
+    """``apply_at = step + 1 + lag``: the boundary after the update of step ``step + lag``."""
+    for lag in (0, 3):
+        policy = DecisionPolicy(PolicyConfig(threshold=0.5, consecutive=1, lag=lag))
+        assert policy.observe(40, 0.9).apply_at == 41 + lag
+    assert PolicyConfig.from_dict({"threshold": 0.5}).lag == DEFAULT_LAG  # a policy stored without one
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError):
+            PolicyConfig(lag=bad)
+
+
+def test_probe_steps_are_the_run_level_goodness_points():
+    from moxco.wire import Point
+
+    batch = [Point(5, "goodness", 0.9, 0.0), Point(5, "goodness", 0.9, 0.0, rank=1), Point(6, "loss", 1.0, 0.0),
+             (10, "goodness", 0.2, 0.0), (11, "goodness", 0.2, 0.0, 0)]
+    assert probe_steps(batch) == [5, 10]

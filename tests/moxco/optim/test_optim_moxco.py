@@ -228,6 +228,43 @@ def test_commit_switches_phase_resets_inertia_and_twice_is_a_no_op():
     assert hp["eos_sharpness"] == pytest.approx(eos_sharpness(0.01, 0.2, 0.1))
 
 
+def test_explore_returns_to_phase_one_with_the_given_constants_and_no_hypergradient():
+    """``explore`` (a decision's ``phase: 1``): from Phase 2 the phase is 1 again, η stops adapting,
+    and the next step is eq. 1-4 with the given α, β, η from ``v_t = θ_t + β m_t``, by hand."""
+    loss_fn, _, _ = problem(0)
+    opt, _ = train(lambda p: MoXCo(p, torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, hypergrad_lr=1e-2, seed=0), steps=5)
+    assert opt.explore(alpha=0.4) is False and opt.phase == PHASE_EXPLORE  # in Phase 1: constants only
+    assert opt.param_groups[0]["alpha"] == 0.4
+    w, b = opt.param_groups[0]["params"]
+    opt.commit(alpha=0.1, beta=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(w, b).backward()
+        opt.step()
+    adapted = opt.param_groups[0]["lr"]
+    assert adapted != 0.05  # the hypergradient moved η in Phase 2
+    assert opt.explore(alpha=0.5, beta=0.3) is True
+    assert opt.phase == PHASE_EXPLORE and opt.committed_at is None and opt.hyperparameters()["phase"] == 1
+    assert opt.param_groups[0]["lr"] == adapted  # η stays where the hypergradient left it
+    theta = [opt.state[p]["theta"].clone() for p in (w, b)]
+    m = [opt.state[p]["inertia"].clone() for p in (w, b)]
+    for p, th, mm in zip((w, b), theta, m):
+        torch.testing.assert_close(p.detach(), th + 0.3 * mm, rtol=0, atol=1e-15)  # v_t = θ_t + β m_t
+    assert opt.explore(lr=0.02) is False
+    opt.zero_grad()
+    loss_fn(w, b).backward()
+    grads = [w.grad.clone(), b.grad.clone()]
+    expected = []
+    for th, mm, g in zip(theta, m, grads):
+        v = th + 0.3 * mm
+        new_theta = v - 0.02 * g + (0.5 - 0.3) * mm  # eq. 3-4 with the identity prox: θ + α m − η g(v)
+        expected.append(new_theta + 0.3 * (new_theta - th))
+    opt.step()
+    for p, e in zip((w, b), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-13)
+    assert opt.param_groups[0]["lr"] == 0.02  # no hypergradient step in Phase 1
+
+
 @pytest.mark.parametrize("base,reference,kwargs,rule", [
     (torch.optim.SGD, SGDHD, {}, "additive"),
     (torch.optim.Adam, AdamHD, {"betas": (0.9, 0.99)}, "additive"),
