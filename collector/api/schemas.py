@@ -10,14 +10,14 @@ JSON schemas here describe those checks for clients.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from typing_extensions import Annotated
 
 from moxco.collector.api.errors import invalid
 from moxco.collector.schema import RUN_STATUSES
-from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_STEP, MAX_TEXT
+from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_RUN_NAME, MAX_STEP, MAX_TEXT
 
 MAX_JSON_DEPTH = 32  # nesting of config/optimizer/policy/action objects (orjson writes at most 255)
 
@@ -60,6 +60,25 @@ class RunBody(Body):
     policy: Optional[Dict[str, Any]] = Field(None, description="moxco.policy.PolicyConfig.to_dict(); "
                                                                "null: no policy decisions")
     status: Optional[Literal[RUN_STATUSES]] = None  # type: ignore[valid-type]
+    policy_state: Optional[Dict[str, Any]] = Field(
+        None, description="an agent's checkpointed DecisionPolicy.state_dict(): stored only when it has seen a later "
+                          "probe than the stored state")
+
+
+class OpenRunBody(Body):
+    """``POST /runs``: an agent opens a run for writing (``Store.open_run``)."""
+
+    what: ClassVar[str] = "a run to open"
+    name: Annotated[str, Field(min_length=1, max_length=MAX_RUN_NAME)]
+    resume: Union[bool, Literal["must"]] = Field(
+        False, description="false: a new run (a taken name gets a suffix, name-2, …); true: continue the run of "
+                           "that name, or start it; \"must\": continue it, 404 when there is none")
+    session: Optional[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        None, description="the writer's session id (the prefix of its batch ids)")
+    config: Optional[Dict[str, Any]] = Field(None, description="merged into the stored config")
+    optimizer: Optional[Dict[str, Any]] = Field(None, description="replaces the stored one")
+    policy: Optional[Dict[str, Any]] = Field(None, description="moxco.policy.PolicyConfig.to_dict(); "
+                                                               "null: no policy decisions")
 
 
 class Ack(Body):

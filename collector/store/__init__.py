@@ -1,7 +1,9 @@
 """The storage layer: the only code that writes SQL (SQLite by default, PostgreSQL at scale).
 
 ``open_store(url)`` opens (and migrates) a store. The embedded agent and the collector service
-use the same ``Store`` calls: ``put_run`` (registration, with the run's decision policy),
+use the same ``Store`` calls: ``open_run`` (an agent's registration: a taken name starts a new,
+suffixed run unless the agent resumes), ``put_run`` (registration or update by name, with the run's
+decision policy),
 ``ingest`` (a batch of points with acknowledgements; the run's policy decides on its goodness
 points, under the run's lock), ``decisions``/``acknowledge``/``add_decision`` (``moxco.decision.
 Decision`` objects), ``set_status``, ``run``/``list_runs``, the series reads, tokens. Reads return
@@ -24,7 +26,7 @@ Modules: ``engine`` (URL, engine, migrations, SQLite concurrency, driver errors)
 
 from __future__ import annotations
 
-from moxco.collector.store.base import ConflictError, IngestResult, NotFoundError, RunInfo, StoreError
+from moxco.collector.store.base import ConflictError, IngestResult, NotFoundError, OpenedRun, RunInfo, StoreError
 from moxco.collector.store.decisions import Decisions
 from moxco.collector.store.engine import MIGRATIONS, StoreCore, normalize_url, upgrade
 from moxco.collector.store.points import Points
@@ -50,5 +52,5 @@ def open_store(url: str) -> Store:
     return Store(url)
 
 
-__all__ = ["ConflictError", "IngestResult", "MIGRATIONS", "NotFoundError", "RunInfo", "Store", "StoreError", "UNSET",
+__all__ = ["ConflictError", "IngestResult", "MIGRATIONS", "NotFoundError", "OpenedRun", "RunInfo", "Store", "StoreError", "UNSET",
            "hash_token", "normalize_url", "open_store", "upgrade"]

@@ -26,7 +26,8 @@ class ConflictError(StoreError):
 class RunInfo:
     """One run as stored: its registration (config, optimizer, policy), status, timestamps (server
     clock), last step; ``metrics`` (names, any rank) and ``phase`` (the latest run-level ``phase``
-    point) when read with ``Store.run``."""
+    point) when read with ``Store.run``. ``id``: the run's stable id (a UUID string), which never
+    changes and is never reused, where the name may be reused by a resumed run."""
 
     name: str
     status: str
@@ -39,16 +40,36 @@ class RunInfo:
     last_ingest_at: Optional[float] = None
     metrics: Optional[List[str]] = None
     phase: Optional[int] = None
+    id: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The run as the API returns it (``metrics`` and ``phase`` only when they were read)."""
-        out = {"name": self.name, "status": self.status, "config": self.config, "optimizer": self.optimizer,
+        out = {"name": self.name, "id": self.id, "status": self.status, "config": self.config, "optimizer": self.optimizer,
                "policy": self.policy, "created_at": self.created_at, "updated_at": self.updated_at,
                "last_step": self.last_step, "last_ingest_at": self.last_ingest_at}
         if self.metrics is not None:
             out["metrics"] = self.metrics
             out["phase"] = self.phase
         return out
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """What ``Store.open_run`` did: the ``run`` opened for writing, whether it was ``created`` (else
+    resumed), and the name that was ``requested`` (``run.name`` differs when that name was taken and
+    a new run was asked for)."""
+
+    run: RunInfo
+    created: bool
+    requested: str
+
+    @property
+    def renamed(self) -> bool:
+        return self.run.name != self.requested
+
+    def to_json(self) -> Dict[str, Any]:
+        return {**self.run.to_json(), "created": self.created, "resumed": not self.created,
+                "requested": self.requested}
 
 
 @dataclass
@@ -85,4 +106,5 @@ def json_value(value: Any) -> Any:
 def run_info(row: Mapping[str, Any], *, metrics: Optional[List[str]] = None, phase: Optional[int] = None) -> RunInfo:
     """A ``runs`` row as a ``RunInfo``."""
     return RunInfo(row["name"], row["status"], dict(row["config"]), row["created_at"], row["updated_at"],
-                   row["last_step"], row["optimizer"], row["policy"], row["last_ingest_at"], metrics, phase)
+                   row["last_step"], row["optimizer"], row["policy"], row["last_ingest_at"], metrics, phase,
+                   row["uid"])

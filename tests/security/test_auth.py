@@ -58,6 +58,8 @@ def operations(app):
 
 
 def body_for(path: str):
+    if path == "/api/v1/runs":
+        return {"name": "r", "resume": True}
     if path.endswith("/batches"):
         return {"batch_id": "x1", "points": [["loss", 2, 1.0, 1.7e9]]}
     if path.endswith("/ack"):

@@ -1,4 +1,4 @@
-"""Runs: register (``PUT``), update (``PATCH``), list and read."""
+"""Runs: open for writing (``POST``, with run identity), register (``PUT``), update (``PATCH``), list and read."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from fastapi import Depends, Query, Request
 
 from moxco.collector.api.deps import get_store, read_json, run_name, store_call
 from moxco.collector.api.errors import json_response
-from moxco.collector.api.routes.base import Route
-from moxco.collector.api.schemas import RunBody, check_depth, parse
+from moxco.collector.api.routes.base import JSON_OBJECT, Route
+from moxco.collector.api.schemas import OpenRunBody, RunBody, check_depth, parse
 from moxco.collector.schema import RUN_STATUSES
 from moxco.collector.store import Store
 from moxco.wire import MAX_STEP
@@ -27,6 +27,8 @@ def _fields(body: RunBody) -> Dict[str, Any]:
             fields[key] = getattr(body, key)
     if body.status is not None:
         fields["status"] = body.status
+    if body.policy_state is not None:
+        fields["policy_state"] = body.policy_state
     return fields
 
 
@@ -46,6 +48,17 @@ async def patch_run(request: Request, run: str = Depends(run_name), store: Store
     return await _put(request, run, store, create=False)
 
 
+async def open_run(request: Request, store: Store = Depends(get_store)):
+    """Open a run for writing (an agent's registration): a new run (a taken name gets a suffix), or
+    with ``resume`` the run of that name continues. 201 with the run when it was created, 200 when
+    resumed; the answer says the name the run has (``name``), its ``id``, and ``requested``."""
+    body = parse(OpenRunBody, check_depth(await read_json(request), "the run"))
+    fields = {key: getattr(body, key) for key in ("config", "optimizer", "policy") if key in body.model_fields_set}
+    opened = await store_call(store.open_run, await run_name(body.name), resume=body.resume, session=body.session,
+                              **fields)
+    return json_response(opened.to_json(), status=201 if opened.created else 200)
+
+
 async def list_runs(name: Optional[str] = Query(None, max_length=400),
                     status: Optional[str] = Query(None, pattern="^(" + "|".join(RUN_STATUSES) + ")$"),
                     since: Optional[float] = None, until: Optional[float] = None,
@@ -63,6 +76,7 @@ async def get_run(run: str = Depends(run_name), store: Store = Depends(get_store
 
 
 ROUTES = (
+    Route(("POST",), "/api/v1/runs", open_run, "ingest", body=OpenRunBody, responses={201: {"description": "run created", "content": JSON_OBJECT}}),
     Route(("PUT",), "/api/v1/runs/{run}", put_run, "ingest", body=RunBody),
     Route(("PATCH",), "/api/v1/runs/{run}", patch_run, "ingest", body=RunBody),
     Route(("GET",), "/api/v1/runs", list_runs, "read"),
