@@ -28,36 +28,51 @@ class DecisionInbox:
     def __init__(self, group: DataParallelGroup) -> None:
         self.group = group
         self._incoming: List[Pending] = []  # from the writer or sender thread (rank 0)
+        self._not_before: dict = {}  # decision id → the step boundary it waits for (a resumed run's replay)
         self._applied: set[str] = set()  # decision ids applied
         self._shared: Optional[Pending] = None  # under DDP: what every rank applies at the next boundary
         self._lock = threading.Lock()
 
-    def receive(self, ident: str, decision: Decision) -> None:
-        """Queue a decision for the next step boundary (a redelivered or applied id is ignored)."""
+    def receive(self, ident: str, decision: Decision, not_before: Optional[int] = None) -> None:
+        """Queue a decision for the next step boundary, or the first at or after step ``not_before``
+        (a redelivered or applied id is ignored)."""
         with self._lock:
             if ident not in self._applied and all(ident != queued for queued, _ in self._incoming):
                 self._incoming.append((ident, decision))
+                if not_before is not None:
+                    self._not_before[ident] = int(not_before)
 
-    def _take_incoming(self) -> Optional[Pending]:
+    def _take_incoming(self, step: Optional[int] = None) -> Optional[Pending]:
         with self._lock:
-            return self._incoming.pop(0) if self._incoming else None
+            for i, (ident, _) in enumerate(self._incoming):
+                if step is None or step >= self._not_before.get(ident, step):
+                    self._not_before.pop(ident, None)
+                    return self._incoming.pop(i)
+            return None
 
     def share(self) -> None:
         """Under DDP, at a probe step: rank 0's next decision, for every rank's next boundary."""
         self._shared = self.group.broadcast(self._take_incoming())
 
-    def take(self) -> Optional[Pending]:
-        """The decision to apply at this boundary, if any (never one applied before)."""
+    def take(self, step: Optional[int] = None) -> Optional[Pending]:
+        """The decision to apply at the boundary before ``step``, if any (never one applied before)."""
         if self.group.active:
             pending, self._shared = self._shared, None
         else:
-            pending = self._take_incoming()
+            pending = self._take_incoming(step)
         if pending is None or pending[0] in self._applied:
             return None
         return pending
 
     def mark_applied(self, ident: str) -> None:
         self._applied.add(ident)
+
+    def applied(self) -> List[str]:
+        """The ids applied so far (an agent's checkpoint keeps them)."""
+        return sorted(self._applied)
+
+    def load_applied(self, idents) -> None:
+        self._applied.update(idents)
 
 
 def apply_decision(ident: str, decision: Decision, optimizer: Any,

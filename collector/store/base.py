@@ -53,23 +53,49 @@ class RunInfo:
         return out
 
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RunInfo":
+        """A run from the API's JSON (``to_json``)."""
+        return cls(data["name"], data["status"], dict(data.get("config") or {}), data.get("created_at"),
+                   data.get("updated_at"), data.get("last_step"), data.get("optimizer"), data.get("policy"),
+                   data.get("last_ingest_at"), data.get("metrics"), data.get("phase"), data.get("id"))
+
+
 @dataclass(frozen=True)
 class OpenedRun:
     """What ``Store.open_run`` did: the ``run`` opened for writing, whether it was ``created`` (else
     resumed), and the name that was ``requested`` (``run.name`` differs when that name was taken and
-    a new run was asked for)."""
+    a new run was asked for). A resumed run comes with what its series say for an agent that
+    continues it without a checkpoint: ``latest`` (the newest value of each run-level series) and
+    ``counts`` (points per run-level series)."""
 
     run: RunInfo
     created: bool
     requested: str
+    latest: Optional[Dict[str, float]] = None
+    counts: Optional[Dict[str, int]] = None
 
     @property
     def renamed(self) -> bool:
         return self.run.name != self.requested
 
     def to_json(self) -> Dict[str, Any]:
-        return {**self.run.to_json(), "created": self.created, "resumed": not self.created,
-                "requested": self.requested}
+        from moxco.wire import encode_value
+
+        out = {**self.run.to_json(), "created": self.created, "resumed": not self.created, "requested": self.requested}
+        if self.latest is not None:
+            out["latest"] = {m: encode_value(v) for m, v in self.latest.items()}
+            out["counts"] = dict(self.counts or {})
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "OpenedRun":
+        from moxco.wire import decode_value
+
+        latest = data.get("latest")
+        return cls(RunInfo.from_json(data), bool(data["created"]), data.get("requested") or data["name"],
+                   None if latest is None else {m: decode_value(v) for m, v in latest.items()},
+                   None if latest is None else {m: int(n) for m, n in (data.get("counts") or {}).items()})
 
 
 @dataclass

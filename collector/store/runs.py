@@ -17,10 +17,10 @@ import time
 import uuid
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, func, select, update
 
-from moxco.collector.schema import RUN_LEVEL_RANK, RUN_STATUSES, latest_points, runs
-from moxco.collector.store.base import NotFoundError, OpenedRun, RunInfo, StoreError, run_info
+from moxco.collector.schema import RUN_LEVEL_RANK, RUN_STATUSES, latest_points, runs, series_blocks
+from moxco.collector.store.base import NotFoundError, OpenedRun, RunInfo, StoreError, from_db, run_info
 from moxco.policy import DecisionPolicy, PolicyConfig
 from moxco.wire import MAX_RUN_NAME, WireError, check_run_name
 
@@ -128,7 +128,9 @@ class Runs:
                 row = self._locked_row(conn, name)
                 if row is not None and resume:
                     self._update(conn, row, config, optimizer, policy, "running", None)
-                    return OpenedRun(self._run(conn, name), created=False, requested=name)
+                    latest, counts = self._series_summary(conn, row["id"])
+                    return OpenedRun(self._run(conn, name), created=False, requested=name, latest=latest,
+                                     counts=counts)
                 if row is None and resume == "must":
                     raise NotFoundError(f"no run named {name!r} to resume (resume='must'): start it with "
                                         "resume=True or without resume")
@@ -136,6 +138,16 @@ class Runs:
                 if self._insert(conn, target, config, optimizer, policy, "running"):
                     return OpenedRun(self._run(conn, target), created=True, requested=name)
             raise StoreError(f"could not open a run named {name!r}: its names are being taken concurrently")
+
+    def _series_summary(self, conn, run_id: int) -> Tuple[Dict[str, float], Dict[str, int]]:
+        """``({metric: newest value}, {metric: points})`` of the run's run-level series."""
+        lp, sb = latest_points.c, series_blocks.c
+        latest = {m: from_db(v) for m, v in conn.execute(
+            select(lp.metric, lp.value).where(lp.run_id == run_id, lp.rank == RUN_LEVEL_RANK))}
+        counts = {m: int(n) for m, n in conn.execute(
+            select(sb.metric, func.sum(sb["count"])).where(sb.run_id == run_id, sb.rank == RUN_LEVEL_RANK)
+            .group_by(sb.metric))}
+        return latest, counts
 
     def _locked_row(self, conn, name: str):
         return conn.execute(self.sql.for_update(select(runs).where(runs.c.name == name))).mappings().first()

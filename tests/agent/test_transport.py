@@ -270,14 +270,15 @@ class SocketSpy:
             monkeypatch.setattr(socket.socket, name, spy)
 
 
-def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, start_step=0, **transport):
+def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, start_step=0, resume=False,
+             **transport):
     """agent/demo.py's job: MoXCo on a teacher-student regression that reaches the goodness threshold."""
     model, inputs, targets = make_task(0)
     opt = MoXCo(model.parameters(), torch.optim.SGD, lr=0.05, alpha=0.9, beta=0.5, seed=0)
     criterion = nn.MSELoss()
     agent = moxco.agent.attach(
         model, opt, url=url, run=run, reeval_every=reeval_every, probe_every=10, criterion=criterion,
-        sharpness_iters=sharpness_iters, seed=0, start_step=start_step,
+        sharpness_iters=sharpness_iters, seed=0, start_step=start_step, resume=resume,
         goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},
         policy=policy or {"threshold": 0.9, "consecutive": 3, "min_step": 50},
         transport={"spool_dir": tmp_path / "spool", **transport})
@@ -373,7 +374,8 @@ def test_agent_decisions_are_the_same_decision_objects_in_embedded_and_http_mode
     for url in (collector.db, collector.url):
         probe = nn.Linear(2, 1)
         readers.append(moxco.agent.attach(probe, torch.optim.SGD(probe.parameters(), lr=0.1), url=url, run="modes",
-                                          reeval_every=0, probe_every=0, transport={"spool_dir": tmp_path / "spool"}
+                                          resume="must", reeval_every=0, probe_every=0,
+                                          transport={"spool_dir": tmp_path / "spool"}
                                           if url.startswith("http") else None))
     try:
         embedded, http = (reader.decisions() for reader in readers)
