@@ -33,6 +33,7 @@ from moxco.agent.writer import MetricWriter
 log = logging.getLogger("moxco.agent")
 
 STATE_VERSION = 1
+EVERY_STEP = ("lr", "grad_norm_sq", "loss", "step_time")  # series with a point at every measured step
 
 # what a resumed run without the agent's checkpoint starts afresh, and what that means
 NOT_FROM_STORE = (
@@ -92,11 +93,11 @@ def from_store(opened: Any, aggregates: Any) -> Dict[str, Any]:
     "phase": the stored phase or None}``, and the running aggregates loaded into ``aggregates``
     (``metrics.GapSmoothAggregates``) from their last values."""
     run = opened.run
-    latest: Mapping[str, float] = opened.latest or {}
+    latest: Mapping[str, Any] = opened.latest or {}
     counts: Mapping[str, int] = opened.counts or {}
     state: Dict[str, Dict[str, Any]] = {}
     for name, kind in (("avg_gap", "mean"), ("exp_gap", "ema"), ("max_smooth", "max"), ("exp_smooth", "ema")):
-        value, count = latest.get(name), int(counts.get(name, 0))
+        value, count = latest.get(name, (0, None))[1], int(counts.get(name, 0))
         if value is None or count == 0 or math.isnan(value):
             continue
         if kind == "mean":
@@ -106,8 +107,11 @@ def from_store(opened: Any, aggregates: Any) -> Dict[str, Any]:
         else:
             state[name] = {"count": count, "skipped": 0, "value": value}
     aggregates.load_state_dict(state)
-    return {"step": None if run.last_step is None else int(run.last_step) + 1, "phase": run.phase,
-            "aggregates": sorted(state)}
+    # the step after the last one measured: the every-step series say it (a phase point set by a
+    # decision is stored at the step after its boundary, which no step measured yet)
+    measured = [latest[m][0] for m in EVERY_STEP if m in latest]
+    last = max(measured) if measured else run.last_step
+    return {"step": None if last is None else int(last) + 1, "phase": run.phase, "aggregates": sorted(state)}
 
 
 def check_state(state: Mapping[str, Any]) -> None:

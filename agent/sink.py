@@ -92,7 +92,7 @@ class EmbeddedSink:
         opened = self._call("open", body, lambda: self.store.open_run(name, resume=resume, session=self.session,
                                                                      **fields))
         if opened is not None:
-            self._opened_as(opened)
+            self._opened_as(opened, notify=False)  # (answered now: the caller has it)
         return opened
 
     def put_run(self, name: str, **fields: Any) -> Any:
@@ -139,13 +139,12 @@ class EmbeddedSink:
         if self.spool is not None:
             left = bool(self.spool)
             self.stats.points_left = self.spool.points_left() if left else 0
+            if left:  # (said before the spool closes: the agent stores what it is told with the run)
+                self._report("spool", RuntimeError(
+                    f"{self.stats.points_left} points left in the spool (the store could not be written): send them "
+                    f"with `moxco spool push {self.spool_dir} --url {self.url}`"))
             self.spool.close()
-            if left:
-                self._report("store", RuntimeError(
-                    f"{self.stats.points_left} points (and the run's registration) are left in the spool "
-                    f"{self.spool_dir}: the store at {self.url} could not be written; send them with "
-                    f"`moxco spool push {self.spool_dir} --url {self.url}`"))
-            else:
+            if not left:
                 remove_spool_dir(self.spool_dir)
             if self._lock_file is not None:
                 self._lock_file.close()
@@ -270,11 +269,11 @@ class EmbeddedSink:
 
     _warned_down = False
 
-    def _opened_as(self, opened: Any) -> None:
+    def _opened_as(self, opened: Any, notify: bool = True) -> None:
         self.run, self._run_known = opened.run.name, True
         if self._sessions is not None and self.session:
             self._sessions.record(self.session, self.run)
-        if self.on_run is not None:
+        if notify and self.on_run is not None:
             self.on_run(opened)
 
     def _report(self, part: str, exc: BaseException) -> None:

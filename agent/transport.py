@@ -285,6 +285,8 @@ class HttpSink:
         self._run_known = True  # False from open_run until the collector says which run it opened
         self._opened: Optional[OpenedRun] = None
         self._open_answered = threading.Event()  # the collector answered our open, or did not answer
+        self._open_waiting = False  # open_run is waiting for that answer
+        self._open_refused: Optional[str] = None  # why the collector refused it (resume="must", no such run)
 
         self._session = session or uuid.uuid4().hex[:16]
         self._seq = 0
@@ -327,10 +329,17 @@ class HttpSink:
                 if key in fields:
                     registration[key] = body[key]
             self._registration = registration
+            self._open_waiting = True  # an answer now is returned here, not through on_run
             self._enqueue("open", json.loads(json.dumps(body)))
             self._cond.notify_all()
         self._open_answered.wait(wait)
-        return self._opened
+        with self._cond:
+            self._open_waiting = False
+            if self._open_refused is not None:
+                from moxco.collector.store import NotFoundError
+
+                raise NotFoundError(self._open_refused)
+            return self._opened
 
     def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = _UNSET,
                 policy: Any = _UNSET, status: Optional[str] = None, create: bool = True,
@@ -448,10 +457,9 @@ class HttpSink:
             self._client.close()
         if left:
             self._report("spool", RuntimeError(
-                f"{self.stats.points_left} points (and what the run's registration, status and acknowledgements "
-                f"need) were not delivered to {self.url} before close; they are in the spool {self.spool_dir}: "
-                f"send them with `moxco spool push {self.spool_dir} --url {self.url}`, or attach again with the "
-                "same run name, which replays them first"))
+                f"{self.stats.points_left} points left in the spool (not delivered before close): send them with "
+                f"`moxco spool push {self.spool_dir} --url {self.url}` (an agent attached with the same run name "
+                "replays them first too)"))
         s = self.stats
         if s.points_dropped or s.points_rejected:
             log.warning("moxco: run %r: %d points dropped (spool full) and %d rejected by the collector",
@@ -699,6 +707,13 @@ class HttpSink:
         try:
             response = self._request(method, path, payload)
             if response.status == 404 and kind == "open" and payload.get("resume") == "must":
+                with self._cond:
+                    if envelope.get("session") == self._session and self._open_waiting:
+                        # attach is waiting: it fails there, saying so; nothing of this session is sent
+                        self._open_refused = response.message
+                        self._refused.add(self._session)
+                        self._open_answered.set()
+                        return _REJECTED, None
                 self._report("run", RuntimeError(f"no run named {payload.get('name')!r} to resume (resume='must'); "
                                                  "the points go to a new run of that name"))
                 response = self._request(method, path, {**payload, "resume": True})
@@ -815,8 +830,9 @@ class HttpSink:
         if session == self._session:
             with self._cond:
                 self.run, self._run_known, self._opened = opened.run.name, True, opened
+                waiting = self._open_waiting
             self._open_answered.set()
-            if self.on_run is not None:
+            if not waiting and self.on_run is not None:
                 try:
                     self.on_run(opened)
                 except Exception as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from moxco.decision import Decision
 
@@ -66,13 +66,13 @@ class OpenedRun:
     """What ``Store.open_run`` did: the ``run`` opened for writing, whether it was ``created`` (else
     resumed), and the name that was ``requested`` (``run.name`` differs when that name was taken and
     a new run was asked for). A resumed run comes with what its series say for an agent that
-    continues it without a checkpoint: ``latest`` (the newest value of each run-level series) and
-    ``counts`` (points per run-level series)."""
+    continues it without a checkpoint: ``latest`` (the newest ``(step, value)`` of each run-level
+    series) and ``counts`` (points per run-level series)."""
 
     run: RunInfo
     created: bool
     requested: str
-    latest: Optional[Dict[str, float]] = None
+    latest: Optional[Dict[str, Tuple[int, float]]] = None
     counts: Optional[Dict[str, int]] = None
 
     @property
@@ -84,7 +84,7 @@ class OpenedRun:
 
         out = {**self.run.to_json(), "created": self.created, "resumed": not self.created, "requested": self.requested}
         if self.latest is not None:
-            out["latest"] = {m: encode_value(v) for m, v in self.latest.items()}
+            out["latest"] = {m: [s, encode_value(v)] for m, (s, v) in self.latest.items()}
             out["counts"] = dict(self.counts or {})
         return out
 
@@ -94,7 +94,7 @@ class OpenedRun:
 
         latest = data.get("latest")
         return cls(RunInfo.from_json(data), bool(data["created"]), data.get("requested") or data["name"],
-                   None if latest is None else {m: decode_value(v) for m, v in latest.items()},
+                   None if latest is None else {m: (int(s), decode_value(v)) for m, (s, v) in latest.items()},
                    None if latest is None else {m: int(n) for m, n in (data.get("counts") or {}).items()})
 
 

@@ -139,11 +139,11 @@ class Runs:
                     return OpenedRun(self._run(conn, target), created=True, requested=name)
             raise StoreError(f"could not open a run named {name!r}: its names are being taken concurrently")
 
-    def _series_summary(self, conn, run_id: int) -> Tuple[Dict[str, float], Dict[str, int]]:
-        """``({metric: newest value}, {metric: points})`` of the run's run-level series."""
+    def _series_summary(self, conn, run_id: int) -> Tuple[Dict[str, Tuple[int, float]], Dict[str, int]]:
+        """``({metric: (newest step, value)}, {metric: points})`` of the run's run-level series."""
         lp, sb = latest_points.c, series_blocks.c
-        latest = {m: from_db(v) for m, v in conn.execute(
-            select(lp.metric, lp.value).where(lp.run_id == run_id, lp.rank == RUN_LEVEL_RANK))}
+        latest = {m: (int(s), from_db(v)) for m, s, v in conn.execute(
+            select(lp.metric, lp.step, lp.value).where(lp.run_id == run_id, lp.rank == RUN_LEVEL_RANK))}
         counts = {m: int(n) for m, n in conn.execute(
             select(sb.metric, func.sum(sb["count"])).where(sb.run_id == run_id, sb.rank == RUN_LEVEL_RANK)
             .group_by(sb.metric))}
