@@ -131,12 +131,12 @@ class CaptureError(RuntimeError):
 
 
 # how to give the step's loss, per loop style (StepCapture.loop)
-FUNCTIONAL_HINT = ("give it with `loss = agent.loss(F.cross_entropy, output, y)` in place of `F.cross_entropy(output, "
-                   "y)` (any function of the output), or attach(..., criterion=nn.CrossEntropyLoss())")
+FUNCTIONAL_HINT = ("use `loss = agent.loss(F.cross_entropy, output, y)` for `F.cross_entropy(output, y)` (any "
+                   "function of the output), or attach(..., criterion=nn.CrossEntropyLoss())")
 LOOP_HINTS = {
     "plain": FUNCTIONAL_HINT,
-    "closure": FUNCTIONAL_HINT + "; with optimizer.step(closure), form it in the closure and call "
-                                 "agent.before_optimizer_step() after its backward",
+    "closure": "in the closure use `loss = agent.loss(loss_fn, output, y)`, and call agent.before_optimizer_step() "
+               "after its backward",
     "lightning": "MoxcoCallback replays your LightningModule's training_step(batch, batch_idx): it must return the "
                  "loss (a scalar tensor, or a dict with 'loss')",
     "huggingface": "MoxcoCallback replays the Trainer's compute_loss(model, inputs): it must return the loss (a "
@@ -326,9 +326,8 @@ class StepCapture:
                     "agent.targets(y) right after the forward call, or form the loss with `loss = agent.loss(loss_fn, "
                     "output, y)`")
         if self.criterion is not None:
-            return ("cannot find the loss: the criterion given to attach was not called on this step's model output; "
-                    + FUNCTIONAL_HINT)
-        return "cannot find the loss: the model's output is not a scalar and has no .loss; " + LOOP_HINTS[self.loop]
+            return "cannot find the loss (the criterion was not called on this step's model output): " + FUNCTIONAL_HINT
+        return "cannot find the loss (the model's output is not a scalar and has no .loss): " + LOOP_HINTS[self.loop]
 
     def _loss_of(self, call: ForwardCall, output: Any) -> Tensor:
         if call.loss_fn is not None:
