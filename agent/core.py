@@ -63,13 +63,11 @@ from moxco.agent.groups.free import FreeMetrics
 from moxco.agent.groups.probe import Probe
 from moxco.agent.groups.reeval import Reevaluation
 from moxco.agent.groups.reference import Reference, load_reference
-from moxco.agent.options import OPTION_NAMES, AgentOptions, check_names, default_run_name, default_url
+from moxco.agent.options import OPTION_NAMES, AgentOptions, check_names, default_run_name
 from moxco.agent.replays import Replays
 from moxco.agent.resume import Resumable, close_at_exit
 from moxco.agent.sharded import SHARPNESS_UNSUPPORTED, ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
 from moxco.agent.step import Previous, StepContext, StepState, grad_of
-from moxco.agent.sink import EmbeddedSink
-from moxco.agent.transport import open_sink
 from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord, user_values
 from moxco.hessian import Sharpness
 from moxco.decision import Decision
@@ -142,8 +140,8 @@ class Agent(Resumable):
             if self._bound:
                 self.raw_gradient.remove()
             raise
-        self.run, self._start_step, self._store_phase = self.group.broadcast(
-            (self.run, self._start_step, self._store_phase))
+        self.run, self.run_id, self._start_step, self._store_phase = self.group.broadcast(
+            (self.run, self.run_id, self._start_step, self._store_phase))
         self.failures.run_name = self.run
         if self._bound:  # what the store gave a resumed run
             self.state.step = self._start_step

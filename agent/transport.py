@@ -45,7 +45,6 @@ SQLAlchemy) stays free of httpx's dependency tree (httpcore, h11, anyio, sniffio
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import http.client
 import json
 import logging
@@ -286,7 +285,7 @@ class HttpSink:
         self._opened: Optional[OpenedRun] = None
         self._open_answered = threading.Event()  # the collector answered our open, or did not answer
         self._open_waiting = False  # open_run is waiting for that answer
-        self._open_refused: Optional[str] = None  # why the collector refused it (resume="must", no such run)
+        self._open_refused: Optional[Tuple[int, str]] = None  # the collector refused it: (status, why)
 
         self._session = session or uuid.uuid4().hex[:16]
         self._seq = 0
@@ -335,10 +334,11 @@ class HttpSink:
         self._open_answered.wait(wait)
         with self._cond:
             self._open_waiting = False
-            if self._open_refused is not None:
-                from moxco.collector.store import NotFoundError
+            if self._open_refused is not None:  # the collector said no (no run to resume, another live writer…)
+                from moxco.collector.store import ConflictError, NotFoundError, StoreError
 
-                raise NotFoundError(self._open_refused)
+                status, message = self._open_refused
+                raise {404: NotFoundError, 409: ConflictError}.get(status, StoreError)(message)
             return self._opened
 
     def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = _UNSET,
@@ -710,7 +710,7 @@ class HttpSink:
                 with self._cond:
                     if envelope.get("session") == self._session and self._open_waiting:
                         # attach is waiting: it fails there, saying so; nothing of this session is sent
-                        self._open_refused = response.message
+                        self._open_refused = (404, response.message)
                         self._refused.add(self._session)
                         self._open_answered.set()
                         return _REJECTED, None
@@ -770,8 +770,13 @@ class HttpSink:
         # any other 4xx: this envelope will never be accepted
         if kind == "open":
             self._refused.add(envelope.get("session"))
-            self._report("run", RuntimeError(f"the collector refused to open run {body.get('name')!r} ({status}: "
-                                             f"{response.message}); this session's points are not stored"))
+            with self._cond:
+                waiting = envelope.get("session") == self._session and self._open_waiting
+                if waiting:  # attach fails, saying why
+                    self._open_refused = (status, response.message)
+            if not waiting:
+                self._report("run", RuntimeError(f"the collector refused to open run {body.get('name')!r} ({status}: "
+                                                 f"{response.message}); this session's points are not stored"))
             if envelope.get("session") == self._session:
                 self._open_answered.set()
         self.stats.points_rejected += envelope["points"]

@@ -7,7 +7,6 @@ is a clear error, never a directory."""
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pytest

@@ -8,8 +8,6 @@ only if the replayed loss is the step's loss (audit eq. 2 and 9 share ``⟨g_t, 
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch

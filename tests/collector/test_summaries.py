@@ -266,8 +266,9 @@ def test_migration_0003_backfills_summaries(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     store = Store(url, migrate=False)
     upgrade(store.engine, "0002")
-    store.put_run("r")
-    with store.engine.begin() as conn:  # points as a 0002 store holds them (no series_blocks yet)
+    with store.engine.begin() as conn:  # a run and its points as a 0002 store holds them (no series_blocks yet)
+        conn.exec_driver_sql("INSERT INTO runs (name, status, config, created_at, updated_at) "
+                             "VALUES ('r', 'running', '{}', 1, 1)")
         run_id = conn.exec_driver_sql("SELECT id FROM runs").scalar()
         conn.exec_driver_sql("INSERT INTO metric_points VALUES (?, 'loss', -1, ?, ?, 1.0)",
                              [(run_id, i, None if i == 7 else float(i % 17)) for i in range(3000)])
