@@ -9,11 +9,16 @@ it (same dropout masks, the user's RNG stream saved and put back), on copies of 
 (BatchNorm running statistics are not updated). The user's parameters and ``.grad`` are never
 written.
 
-How the loss is found, in order: the model's output is a scalar tensor; it has a ``loss`` field
-(Hugging Face models given labels); it is a tuple whose first item is a scalar. Otherwise the
-user names the criterion at ``attach(..., criterion=nn.CrossEntropyLoss())`` (its calls are
-recorded the same way, its targets replayed), optionally with ``loss_fn(output, *targets)`` when
-the loss is not ``criterion(model(x), y)`` verbatim.
+How the loss is found, in order: the loop formed it with ``loss = agent.loss(loss_fn, output,
+*targets)`` (``record_loss``: the function and targets are kept for the replays); the model's
+output is a scalar tensor; it has a ``loss`` field (Hugging Face models given labels); it is a
+tuple whose first item is a scalar. Otherwise the user names the criterion at ``attach(...,
+criterion=nn.CrossEntropyLoss())`` (its calls are recorded the same way, its targets replayed),
+optionally with ``loss_fn(output, *targets)`` when the loss is not ``criterion(model(x), y)``
+verbatim. The integrations attach to the framework's own loss step instead of the model
+(``integrations.LossStep``: Lightning's ``training_step``, the Trainer's ``compute_loss``), whose
+output is the loss. When the loss cannot be found, ``CaptureError`` names the call that gives it
+for the loop seen (``loop``: ``plain``, ``closure``, ``lightning``, ``huggingface``).
 """
 
 from __future__ import annotations
@@ -125,6 +130,19 @@ class CaptureError(RuntimeError):
     """The step's loss cannot be found or replayed; the message says what to pass to ``attach``."""
 
 
+# how to give the step's loss, per loop style (StepCapture.loop)
+FUNCTIONAL_HINT = ("use `loss = agent.loss(F.cross_entropy, output, y)` for `F.cross_entropy(output, y)` (any "
+                   "function of the output), or attach(..., criterion=nn.CrossEntropyLoss())")
+LOOP_HINTS = {
+    "plain": FUNCTIONAL_HINT,
+    "closure": "in the closure use `loss = agent.loss(loss_fn, output, y)`, and call agent.before_optimizer_step() "
+               "after its backward",
+    "lightning": "MoxcoCallback replays your LightningModule's training_step(batch, batch_idx): it must return the "
+                 "loss (a scalar tensor, or a dict with 'loss')",
+    "huggingface": "MoxcoCallback replays the Trainer's compute_loss(model, inputs): it must return the loss (a "
+                   "scalar tensor, or (loss, outputs))",
+}
+
 @dataclass
 class ForwardCall:
     args: tuple
@@ -135,6 +153,8 @@ class ForwardCall:
     output: Any = None
     targets: Optional[tuple] = None
     loss: Optional[Tensor] = None
+    loss_fn: Optional[Callable[..., Tensor]] = None  # from agent.loss(loss_fn, output, *targets)
+    output_id: int = 0  # id() of the output, to check agent.loss was given the model's output itself
 
 
 def loss_from_output(output: Any) -> Optional[Tensor]:
@@ -158,8 +178,9 @@ class StepCapture:
     """Records the training-mode forward calls between two optimizer steps (see module docstring)."""
 
     def __init__(self, model: nn.Module, *, criterion: Optional[nn.Module] = None,
-                 loss_fn: Optional[Callable[..., Tensor]] = None) -> None:
+                 loss_fn: Optional[Callable[..., Tensor]] = None, loop: str = "plain") -> None:
         self.model = model
+        self.loop = loop  # the loop style, for the hint of a CaptureError (LOOP_HINTS)
         # torch.compile and DDP wrap the module; replays run the original eagerly on the same
         # parameters (and outside DDP's gradient synchronisation)
         self.replay_module: nn.Module = unwrap(model)
@@ -220,6 +241,7 @@ class StepCapture:
         if not self._recording() or not self.calls:
             return None
         call = self.calls[-1]
+        call.output_id = id(output)
         loss = loss_from_output(output)
         if loss is not None:
             call.loss = loss.detach()
@@ -247,6 +269,22 @@ class StepCapture:
         call.output = None  # the criterion ran: the replay forms its loss from its own output
         return None
 
+    def record_loss(self, loss_fn: Callable[..., Tensor], output: Any, targets: tuple, loss: Any) -> None:
+        """``agent.loss(loss_fn, output, *targets)``: the latest forward call's loss is
+        ``loss_fn(output, *targets)``, ``loss`` its value (computed by the caller)."""
+        if not self.calls:
+            if self._recording():
+                raise CaptureError("agent.loss(...) must follow the model's forward call (in training mode)")
+            return  # evaluation: nothing to record
+        call = self.calls[-1]
+        if id(output) != call.output_id:
+            raise CaptureError("agent.loss(loss_fn, output, *targets) must be given the model's output itself; "
+                               "form anything else inside loss_fn, e.g. agent.loss(lambda out, y: "
+                               "F.cross_entropy(out.view(-1, V), y.view(-1)), output, y)")
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise CaptureError(f"agent.loss(...): loss_fn returned {type(loss).__name__}, not a scalar tensor")
+        call.loss_fn, call.targets, call.loss, call.output = loss_fn, tuple(targets), loss.detach(), None
+
     def set_targets(self, *targets: Any) -> None:
         """Tell the agent the targets of the latest forward call (plain-function losses)."""
         if not self.calls:
@@ -254,7 +292,8 @@ class StepCapture:
         call = self.calls[-1]
         call.targets = targets
         if self.loss_fn is None:
-            raise CaptureError("agent.targets(...) needs attach(..., loss_fn=...) to know how the loss is formed")
+            raise CaptureError("agent.targets(...) needs attach(..., loss_fn=...) to know how the loss is formed; "
+                               "or form the loss with `loss = agent.loss(loss_fn, output, *targets)` instead")
         with torch.no_grad():
             call.loss = self.loss_fn(call.output, *targets).detach()
         call.output = None
@@ -269,17 +308,30 @@ class StepCapture:
         if self.error is not None:
             raise self.error
         if not self.calls:
-            raise CaptureError("no training-mode forward call of the model was seen before optimizer.step()")
+            hint = "" if self.loop in ("plain", "huggingface") else f" ({LOOP_HINTS[self.loop]})"
+            raise CaptureError("no training-mode forward call of the model was seen before optimizer.step()" + hint)
         losses = [c.loss for c in self.calls]
         if any(l is None for l in losses):
-            raise CaptureError(
-                "cannot find the loss: the model's output is not a scalar and has no .loss; pass "
-                "attach(..., criterion=your_loss_module) (and loss_fn=... if the loss is not criterion(output, target))")
+            raise CaptureError(self.missing_loss_message())
         if len(losses) == 1:  # the common case, in one dispatch
             return losses[0].to(torch.float64)
         return torch.stack([l.to(torch.float64) for l in losses]).mean()
 
+    def missing_loss_message(self) -> str:
+        """Why the step's loss is not known, and the call that gives it for this loop."""
+        if self.loop in ("lightning", "huggingface"):
+            return f"cannot find the loss: {LOOP_HINTS[self.loop]}"
+        if self.loss_fn is not None and self.criterion is None:
+            return ("cannot find the loss: attach(..., loss_fn=...) was given but not this step's targets: call "
+                    "agent.targets(y) right after the forward call, or form the loss with `loss = agent.loss(loss_fn, "
+                    "output, y)`")
+        if self.criterion is not None:
+            return "cannot find the loss (the criterion was not called on this step's model output): " + FUNCTIONAL_HINT
+        return "cannot find the loss (the model's output is not a scalar and has no .loss): " + LOOP_HINTS[self.loop]
+
     def _loss_of(self, call: ForwardCall, output: Any) -> Tensor:
+        if call.loss_fn is not None:
+            return call.loss_fn(output, *call.targets)
         if call.targets is not None:
             fn = self.loss_fn if self.loss_fn is not None else self.criterion
             return fn(output, *call.targets)
@@ -350,8 +402,21 @@ class StepCapture:
 
     @staticmethod
     def batch_size(calls: Sequence[ForwardCall]) -> int:
-        """Samples in ``calls``: the leading dimension of the first tensor argument of each call."""
+        """Samples in ``calls``: the leading dimension of the first tensor argument of each call
+        (inside tuples, lists and mappings too: a Lightning batch, a Hugging Face ``inputs`` dict)."""
         return sum(_leading_dim(call) or 0 for call in calls)
+
+    @staticmethod
+    def token_count(calls: Sequence[ForwardCall]) -> Optional[int]:
+        """Tokens in ``calls`` when the batch tells: the elements of each call's ``input_ids``
+        (keyword or mapping entry), else of its first integer tensor of two or more dimensions
+        (batch × sequence, padding included); None when no call has one."""
+        total, found = 0, False
+        for call in calls:
+            ids = _token_ids(call)
+            if ids is not None:
+                total, found = total + ids.numel(), True
+        return total if found else None
 
     @staticmethod
     def split_calls(calls: Sequence[ForwardCall], parts: int) -> Optional[List[List[ForwardCall]]]:
@@ -366,16 +431,57 @@ class StepCapture:
             bounds = [round(i * size / parts) for i in range(parts + 1)]
             for k in range(parts):
                 cut = slice(bounds[k], bounds[k + 1])
-                take = lambda x: x[cut] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == size else x
+                take = lambda x, cut=cut: _cut(x, cut, size)  # noqa: E731
                 pieces[k].append(ForwardCall(
                     tuple(take(a) for a in call.args), {n: take(v) for n, v in call.kwargs.items()},
                     call.rng_state, call.cuda_rng, call.autocast, None,
-                    None if call.targets is None else tuple(take(t) for t in call.targets), None))
+                    None if call.targets is None else tuple(take(t) for t in call.targets), None, call.loss_fn))
         return pieces
+
+
+def _tensors(value: Any, depth: int = 0):
+    """The tensors in ``value``, depth first, through tuples, lists and mappings (a few levels)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif depth < 4 and isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item, depth + 1)
+    elif depth < 4 and isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item, depth + 1)
+
+
+def _cut(value: Any, cut: slice, size: int, depth: int = 0) -> Any:
+    """``value`` with every tensor whose leading dimension is ``size`` sliced by ``cut``, through
+    tuples, lists and mappings (a mapping's own type kept when it can be built from a dict)."""
+    if isinstance(value, Tensor):
+        return value[cut] if value.dim() > 0 and value.shape[0] == size else value
+    if depth < 4 and isinstance(value, tuple):
+        items = [_cut(v, cut, size, depth + 1) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if depth < 4 and isinstance(value, list):
+        return [_cut(v, cut, size, depth + 1) for v in value]
+    if depth < 4 and isinstance(value, Mapping):
+        items = {k: _cut(v, cut, size, depth + 1) for k, v in value.items()}
+        try:
+            return type(value)(items)
+        except Exception:
+            return items
+    return value
 
 
 def _leading_dim(call: ForwardCall) -> Optional[int]:
     for value in (*call.args, *call.kwargs.values()):
-        if isinstance(value, Tensor) and value.dim() > 0:
-            return int(value.shape[0])
+        for tensor in _tensors(value):
+            if tensor.dim() > 0:
+                return int(tensor.shape[0])
+    return None
+
+
+def _token_ids(call: ForwardCall) -> Optional[Tensor]:
+    for value in (call.kwargs.get("input_ids"), *call.args, *call.kwargs.values()):
+        if isinstance(value, Mapping) and isinstance(value.get("input_ids"), Tensor):
+            return value["input_ids"]
+        if isinstance(value, Tensor) and value.dim() >= 2 and not value.is_floating_point() and not value.is_complex():
+            return value
     return None

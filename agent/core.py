@@ -3,13 +3,15 @@
 Hooks (all removable, none on the user's tensors):
 
 * the model's forward pre/post hooks record the step's training-mode forward calls, so that the
-  batch can be replayed at other parameters (``capture.StepCapture``);
+  batch can be replayed at other parameters (``capture.StepCapture``); the agent's own forward
+  hooks bind it to the optimizer's parameters once they exist (lazy modules) and pick up parameter
+  groups added later (``binding``);
 * at the end of each backward, the gradients' version counters (and norms, once ``.grad`` has been
   seen rescaled after backward), so that ``g_t`` is the raw gradient (``gradients.RawGradient``);
 * the optimizer's step pre-hook, at ``x_t`` with ``g_t`` in ``.grad``, runs the metric groups
   (``agent/groups/``) due at this step, in this order (``_measure``):
 
-  1. ``free``: ``g_t``'s scale and the step's loss;
+  1. ``free``: ``g_t``'s scale, the step's loss, its learning rate, time and throughput;
   2. ``reeval`` (every ``reeval_every`` steps): the batch replayed at ``x_{t−1}``, which the next
      item overwrites;
   3. ``free``: one fused pass for ``grad_norm_sq``, ``distance``, ``update_corr``,
@@ -29,24 +31,35 @@ Hooks (all removable, none on the user's tensors):
 Kept between steps (``step.StepState``): one copy of the parameters (``x_{t−1}``), ``x_0`` with
 ``track_distance``, ``x*`` with a reference, the sharpness tracker's vector, the step counter and
 phase. The writer thread (``writer.MetricWriter``) reads the values, keeps the aggregates, ALIGATOR
-and goodness, and writes through the sink, whose store runs the decision policy. Every piece of work runs under
-``failures.Failures``: a failure drops the metrics it produces, is logged once and stored with the
-run, and training goes on.
+and goodness, and writes through the sink, whose store runs the decision policy. Every piece of work
+runs under ``failures.Failures``: a failure drops the metrics it produces, is logged once and stored
+with the run, and training goes on.
+
+The run: ``attach`` opens it through the sink (``open_run``: a taken name starts a new run with a
+suffixed name unless ``resume``); ``state_dict``/``load_state_dict`` checkpoint and restore the
+agent with the job (``resume``); an agent not closed is closed at interpreter exit, its run marked
+``interrupted``.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import numbers
 import random
-from typing import Any, Dict, List, Optional
+import uuid
+import weakref
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
 from moxco import native, tensors
+from moxco.agent import binding
 from moxco.agent.capture import StepCapture
 from moxco.agent.decisions import DecisionInbox, Outcome
-from moxco.agent.distributed import DataParallelGroup, unwrap
+from moxco.agent.distributed import DataParallelGroup
 from moxco.agent.failures import Failures
 from moxco.agent.gradients import RawGradient
 from moxco.agent.groups.free import FreeMetrics
@@ -56,121 +69,181 @@ from moxco.agent.groups.reference import Reference, load_reference
 from moxco.agent.options import OPTION_NAMES, AgentOptions, check_names, default_run_name, default_url
 from moxco.agent.probe_set import ProbeSet
 from moxco.agent.replays import Replays
+from moxco.agent.resume import Resumable, close_at_exit
 from moxco.agent.sharded import ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
 from moxco.agent.step import Previous, StepContext, StepState, grad_of
-from moxco.agent.sink import EmbeddedSink
-from moxco.agent.transport import open_sink
-from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord
+from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord, user_values
 from moxco.decision import Decision
 
 log = logging.getLogger("moxco.agent")
+
 COPY_NOTE = "x_{t−1} is no longer kept: update_norm, update_corr(_rs), the re-evaluation and random scaling stop"
+LAZY_NOTE = "the optimizer's parameters are not initialised yet (a lazy module): measurement starts once they are"
 
 
-class Agent:
+class Agent(Resumable):
     """The attached agent. Use ``attach(...)`` to create one; ``close()`` (or ``with``) flushes."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, options: Optional[AgentOptions] = None,
                  **keywords: Any) -> None:
         o = options if options is not None else AgentOptions.from_keywords(**keywords)
-        self.model, self.optimizer = model, optimizer
+        self.options, self.model, self.optimizer = o, model, optimizer
+        self.run = o.run or default_run_name()
+        self._closed = True  # until set up: close() does nothing, and the optimizer is free again
+        binding.claim(optimizer, self)
+        try:
+            self._setup(o)
+        except BaseException:
+            binding.release(optimizer, self)
+            raise
+
+    def _setup(self, o: AgentOptions) -> None:
+        model, optimizer = self.model, self.optimizer
         self.random_scaling, self.on_decision = o.random_scaling, o.on_decision
         self.group = DataParallelGroup()
         # every rank must agree on the run name and on the agent's random numbers
-        self.run = self.group.broadcast(o.run or default_run_name())
+        self.run = self.requested_run = self.group.broadcast(self.run)
+        self.run_id: Optional[str] = None  # the run's stable id, once the store opened it
+        self.session = uuid.uuid4().hex[:16]  # this writer's session (the prefix of its batch ids)
         seed = self.group.broadcast(o.seed if o.seed is not None else random.randrange(2**62))
         self.failures = Failures(self.run, rank=self.group.rank, distributed=self.group.active)
         self.errors: Dict[str, str] = self.failures.errors  # failed part → "Type: first line"
-        self._closed = False
-
-        # parameters in the optimizer's order, named through the model (for the replays)
-        names = {id(p): n for n, p in unwrap(model).named_parameters()}
-        self.params: List[torch.Tensor] = [p for group in optimizer.param_groups for p in group["params"]]
-        unknown = [i for i, p in enumerate(self.params) if id(p) not in names]
-        if unknown:
-            raise ValueError("the optimizer holds parameters that are not the model's (first at position "
-                             f"{unknown[0]}); attach the model whose parameters the optimizer updates")
-        self.names = [names[id(p)] for p in self.params]
-        # FSDP: the agent works on the local shards and sums partial sums over ranks (agent.sharded)
-        self.shards = (ShardedParams(model, self.params, self.names, self.group)
-                       if uses_fsdp2(model) or uses_fsdp1(model) else None)
-        self._reduce = self.shards.reduce if self.shards is not None else None
-        if self.shards is not None:
-            self.params = self.shards.local()
-        self._read_grad = self.shards.grads if self.shards is not None else lambda: grad_of(self.params)
-
-        # the fixed probe batches, drawn once (before any hook: a bad probe_data leaves nothing attached)
-        probe_set = None if o.probe_data is None else ProbeSet.build(
-            o.probe_data, batches=o.probe_batches, with_targets=o.criterion is not None or o.loss_fn is not None,
-            device=self.params[0].device if self.params else None, seed=seed)
-
-        # the fused CPU reductions are built (once per machine, ~0.3 s) here, not in the first step
-        if any(p.device.type == "cpu" for p in self.params):
-            native.warm()
-        self.capture = StepCapture(model, criterion=o.criterion, loss_fn=o.loss_fn)
-        self.raw_gradient = (ShardedRawGradient(self.shards, o.scaler) if self.shards is not None
-                             else RawGradient(self.params, o.scaler))
-        generator = torch.Generator().manual_seed(seed)  # the agent's own: the user's RNG stream is untouched
-        self.state = StepState(o.start_step, generator, tensors.copy_params(self.params) if o.track_distance else None)
-        reference = None if o.reference is None else load_reference(o.reference, self.names, self.params, self.shards)
-
-        # the metric groups, each with its schedule and its parts (agent/groups/)
-        replays = Replays(self.capture, self.names, self.group, self.shards, self.failures)
-        self.free = FreeMetrics(self.failures, self.state, self.capture, self.raw_gradient, self.group,
-                                random_scaling=o.random_scaling)
-        self.reeval = Reevaluation(o.reeval_every, self.failures, self.state, replays)
-        self.reference = Reference(reference, o.reeval_every, self.failures, replays)
-        self.probe = Probe(o, self.failures, self.state, replays, optimizer, self.params, seed=seed,
-                           reference=reference, probe_set=probe_set)
+        self._seed = seed
+        self._generator = torch.Generator().manual_seed(seed)  # the agent's own: the user's RNG stream is untouched
+        self.params, self.names = binding.optimizer_params(model, optimizer)  # (ValueError: not the model's)
+        loop = "closure" if o.manual_pre_step else "plain"
+        self.capture = StepCapture(model, criterion=o.criterion, loss_fn=o.loss_fn, loop=loop)
+        self.state: Optional[StepState] = None  # from the binding on
+        self.probe_set: Optional[ProbeSet] = None
+        self._start_step, self._unmeasured, self._store_phase = o.start_step or 0, 0, None
+        self._pending_state: Optional[Mapping[str, Any]] = None
         self.failures.declare("copy", "copy", note=COPY_NOTE)
         self.failures.declare("decision", "decision")
+        self.failures.declare("params", "free", note=LAZY_NOTE)
+        self.failures.declare("resume", "writer")
         for part, dropped in WRITER_PARTS.items():
             self.failures.declare(part, "writer", dropped)
-
         self.inbox = DecisionInbox(self.group, mode=o.decision_mode(o.url or default_url()), lag=o.policy.lag,
                                    timeout=o.decision_timeout)
-        self._receive_decision = self.inbox.receive  # (the writer's and the HTTP sink's callback)
-        self._sharpness_target = self.probe.sharpness_target
+        self._receive_decision = self.inbox.receive  # (the writer's and the sinks' callback)
         self.goodness_settings = o.goodness
         self.store = None
         self._owns_store = o.store is None
         self.writer: Optional[MetricWriter] = None
         self.failures.on_error = self._store_errors
-        if self.group.is_writer:  # one writer per job: rank 0
-            self._open_writer(o.store, o.url, optimizer, o.reeval_every, o.probe_every, o.reference, o.start_step,
-                              o.goodness, o.policy, o.config, o.token, o.transport)
+        self._closed = False
+        self._bound = False
+        self._hooks: List[Any] = []
+        try:
+            if not binding.any_lazy(self.params):
+                self._bind()  # (a setting the agent refuses, FSDP1, is said here, before the run is opened)
+            if self.group.is_writer:  # one writer per job: rank 0
+                self._open_writer(o)
+                if self.errors:  # said at the binding, before the run was open
+                    self._store_errors(dict(self.errors))
+        except BaseException:
+            self.capture.remove()
+            if self._bound:
+                self.raw_gradient.remove()
+            raise
+        self.run, self.run_id, self._start_step, self._store_phase = self.group.broadcast(
+            (self.run, self.run_id, self._start_step, self._store_phase))
+        self.failures.run_name = self.run
+        if self._bound:  # what the store gave a resumed run
+            self.state.step = self._start_step
+            if self._store_phase is not None:
+                self.state.phase = int(self._store_phase)
+        self._hooks = [model.register_forward_pre_hook(self._before_forward),
+                       model.register_forward_hook(self._after_forward)]
         # manual_pre_step: the loop calls before_optimizer_step() itself, for optimizers stepped with
         # a closure that runs forward and backward inside step() (Lightning, LBFGS-style loops)
-        self._hooks = [] if o.manual_pre_step else [optimizer.register_step_pre_hook(self._before_step)]
+        if not o.manual_pre_step:
+            self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        self._exit_hook = functools.partial(close_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
+
+    # --- the parameters ---------------------------------------------------------------------------
+
+    def _bind(self) -> bool:
+        """Build what depends on the parameters (the copies, the gradient records, the metric
+        groups), once they exist; False while some are not initialised."""
+        o = self.options
+        params, names = binding.optimizer_params(self.model, self.optimizer)
+        if binding.any_lazy(params):
+            return False
+        self.names, self._n_params = names, len(params)
+        # FSDP: the agent works on the local shards and sums partial sums over ranks (agent.sharded)
+        self.shards = (ShardedParams(self.model, params, names, self.group)
+                       if uses_fsdp2(self.model) or uses_fsdp1(self.model) else None)
+        self._reduce = self.shards.reduce if self.shards is not None else None
+        self.params = self.shards.local() if self.shards is not None else params
+        self._read_grad = self.shards.grads if self.shards is not None else lambda: grad_of(self.params)
+        # the fused CPU reductions are built (once per machine, ~0.3 s) here, not in the first step
+        if any(p.device.type == "cpu" for p in self.params):
+            native.warm()
+        self.raw_gradient = (ShardedRawGradient(self.shards, o.scaler) if self.shards is not None
+                             else RawGradient(self.params, o.scaler))
+        self.state = StepState(self._start_step + self._unmeasured, self._generator,
+                               tensors.copy_params(self.params) if o.track_distance else None)
+        if self._store_phase is not None:
+            self.state.phase = int(self._store_phase)
+        reference = None if o.reference is None else load_reference(o.reference, self.names, self.params, self.shards)
+        if self.probe_set is None and o.probe_data is not None:  # the fixed probe batches, drawn once
+            self.probe_set = ProbeSet.build(o.probe_data, batches=o.probe_batches,
+                                            with_targets=o.criterion is not None or o.loss_fn is not None,
+                                            device=self.params[0].device if self.params else None, seed=self._seed)
+        self.replays = Replays(self.capture, self.names, self.group, self.shards, self.failures)
+        self.free = FreeMetrics(self.failures, self.state, self.capture, self.raw_gradient, self.group,
+                                random_scaling=o.random_scaling, optimizer=self.optimizer)
+        self.reeval = Reevaluation(o.reeval_every, self.failures, self.state, self.replays)
+        self.reference = Reference(reference, o.reeval_every, self.failures, self.replays)
+        self.probe = Probe(o, self.failures, self.state, self.replays, self.optimizer, self.params, seed=self._seed,
+                           reference=reference, probe_set=self.probe_set)
+        if self.writer is not None:  # bound after the run was opened (lazy parameters)
+            self.probe.on_config = self.writer.update_run  # (stored off the training thread)
+            self.writer.update_run(self.probe.describe())
+        self._sharpness_target = self.probe.sharpness_target
+        self._bound = True
         if o.probe_every:
             for part, exc in self.probe.pending_errors:  # a curvature option this run cannot honour
-                self._record_error(part, exc)
+                self._record_error(part, exc)  # (stored with the run once it is open)
+        if self._pending_state is not None:
+            pending, self._pending_state = self._pending_state, None
+            self.load_state_dict(pending)
+        return True
 
-    def _open_writer(self, store, url, optimizer, reeval_every, probe_every, reference, start_step,
-                     goodness_settings, policy_config, config, token=None, transport=None) -> None:
-        # an http(s):// URL gives the HTTP transport (agent.transport), anything else the embedded
-        # store (agent.sink); both register the run with its policy, and the store's ingest decides
-        if store is not None:
-            self.store = EmbeddedSink(store, on_decision=self._receive_decision, on_answer=self.inbox.answered,
-                                      owns_store=False)
+    def _rebind(self) -> None:
+        """The optimizer's parameters changed since the binding (``add_param_group``)."""
+        if self.shards is not None:
+            raise RuntimeError("parameters added to the optimizer after attach are not measured under FSDP")
+        params, names = binding.optimizer_params(self.model, self.optimizer)
+        if binding.any_lazy(params):
+            return
+        old, step = self.params, self.state.step
+        if len(params) > len(old) and all(a is b for a, b in zip(params, old)):
+            self.state.extend(params[len(old):])
+            what = f"{len(params) - len(old)} parameters added to the optimizer are measured from step {step} on"
         else:
-            self.store = open_sink(url or default_url(), self.run, token=token, on_decision=self._receive_decision,
-                                   on_answer=self.inbox.answered, **dict(transport or {}))
-        hyperparameters = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
-        self.store.put_run(self.run, config={
-            "optimizer": type(optimizer).__name__, "hyperparameters": hyperparameters,
-            "reeval_every": reeval_every, "probe_every": probe_every, "random_scaling": self.random_scaling,
-            "reference": reference is not None, "start_step": start_step,
-            "goodness": goodness_settings.__dict__, "policy": policy_config.to_dict(),
-            "decisions": self.inbox.stats.to_dict(), "world_size": self.group.world, **self.probe.describe(),
-            **dict(config or {}),
-        }, optimizer={"class": type(optimizer).__name__, **hyperparameters}, policy=policy_config.to_dict(),
-            status="running")
-        self.writer = MetricWriter(self.store, self.run, goodness_settings=goodness_settings,
-                                   sharpness_target=self._sharpness_target, on_error=self._record_error,
-                                   probe_set=self.probe.probe_set is not None, on_answer=self.inbox.answered)
-        self.probe.on_config = self.writer.update_run  # (stored off the training thread)
+            self.state.restart(params)
+            what = f"the optimizer's parameters changed: distance and the update metrics start over at step {step}"
+        self.params, self.names, self._n_params = params, names, len(params)
+        self.replays.names = list(names)
+        self.raw_gradient.remove()
+        self.raw_gradient = self.free.raw_gradient = RawGradient(params, self.options.scaler)
+        self.probe.rebind(params)
+        if self.reference.point is not None:
+            self.reference.point = self.probe.reference = load_reference(self.options.reference, names, params, None)
+        log.warning("moxco: run %r: %s", self.run, what)
+
+    def _before_forward(self, module, args) -> None:
+        if (self._bound and not self._closed and not self.capture.replaying
+                and binding.param_count(self.optimizer) != self._n_params):
+            self.failures.run("params", self._rebind)
+
+    def _after_forward(self, module, args, output) -> None:
+        if not self._bound and not self._closed:
+            self.failures.run("params", self._bind)
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -178,6 +251,13 @@ class Agent:
         if self._closed:
             return
         try:
+            if not self._bound and not self.failures.run("params", self._bind):
+                if "unbound" not in self.failures.spent:
+                    self.failures.spent["unbound"] = 0.0
+                    log.warning("moxco: run %r: %s", self.run, LAZY_NOTE)
+                return
+            if binding.param_count(self.optimizer) != self._n_params:
+                self.failures.run("params", self._rebind)
             self._measure()
         except Exception as exc:  # every part runs guarded; this is the last line of defence
             self._record_error("agent", exc)
@@ -189,6 +269,7 @@ class Agent:
         with torch.no_grad():
             self.free.recover_gradient(ctx)  # g_t = grad_scale · .grad (clipping, AMP undone)
             self.free.step_loss(ctx)  # f(x_t, z_t)
+            self.free.loop_values(ctx)  # lr, step time, throughput
         # the replay at x_{t−1} comes before the free metrics' pass, which writes x_t over x_{t−1}
         replay = self.reeval.replay(ctx) if self.reeval.due(step) else None
         with torch.no_grad():
@@ -216,9 +297,12 @@ class Agent:
         if self._closed:
             return
         try:
+            self.capture.clear()
+            if not self._bound:  # not measured: the step is counted all the same
+                self._unmeasured += 1
+                return
             with torch.no_grad():
                 self.free.after_step(self.params)  # at x_{t+1}: random scaling
-            self.capture.clear()
             self.state.end_step()
             self.failures.run("decision", self._apply_pending_decision)
         except Exception as exc:  # the last line of defence, as in _before_step
@@ -258,12 +342,12 @@ class Agent:
     @property
     def step(self) -> int:
         """The optimizer step the next pre-hook measures (``start_step`` + steps taken)."""
-        return self.state.step
+        return self.state.step if self.state is not None else self._start_step + self._unmeasured
 
     @property
     def phase(self) -> int:
         """The MoXCo phase: 1 explores, 2 commits (after a decision is applied)."""
-        return self.state.phase
+        return self.state.phase if self.state is not None else int(self._store_phase or 1)
 
     def before_optimizer_step(self) -> None:
         """Take the pre-step measurements now: for ``attach(..., manual_pre_step=True)``, call it after
@@ -274,11 +358,52 @@ class Agent:
 
     def epoch(self) -> None:
         """Declare an epoch start: the gap/smoothness aggregates reset (audit paper §2)."""
-        self.state.epoch_start = True
+        if self.state is not None:
+            self.state.epoch_start = True
+
+    def loss(self, loss_fn: Any, output: Any, *targets: Any, **kwargs: Any) -> Any:
+        """``loss = agent.loss(F.cross_entropy, model(x), y)``: returns ``loss_fn(output, *targets,
+        **kwargs)``, the step's loss (backpropagate it as usual), and tells the agent how it was
+        formed so that its replays form it the same way at other parameters: the one call a loop
+        whose loss is a function of the model's output needs (``F.cross_entropy``, ``((out −
+        y)**2).mean()``, anything). ``output`` is the model's output itself; form anything else
+        inside ``loss_fn``. The function runs once here, as your own line would."""
+        fn = functools.partial(loss_fn, **kwargs) if kwargs else loss_fn
+        value = fn(output, *targets)
+        self.failures.run("loss", self.capture.record_loss, fn, output, targets, value)
+        return value
 
     def targets(self, *targets: Any) -> None:
-        """For plain-function losses: tell the agent the targets of the latest forward call."""
+        """With ``attach(..., loss_fn=...)``: tell the agent the targets of the latest forward call
+        (``agent.loss(loss_fn, output, *targets)`` does both in one call)."""
         self.failures.run("loss", self.capture.set_targets, *targets)
+
+    def log(self, values: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Store your own scalar series next to moxco's: ``agent.log({"val_loss": 0.31, "accuracy":
+        0.92})``. Names follow ``moxco.wire.check_metric_name`` and may not be a moxco metric's (the
+        catalogue's); values are numbers or one-element tensors (read off the training thread, NaN
+        and ±Inf kept). ``step`` (default ``agent.step``, the number of optimizer steps taken: the
+        step whose parameters the values describe) is the x coordinate. The series are the run's
+        ``user`` group (``moxco.catalogue.GROUPS``): stored, served and exported like the others.
+        A bad name or value is a ``ValueError``/``TypeError`` here; nothing else raises."""
+        checked = user_values(values)
+        at = self.step if step is None else step
+        if not isinstance(at, numbers.Integral) or isinstance(at, bool) or at < 0:
+            raise ValueError(f"agent.log: step must be a non-negative integer, got {step!r}")
+        if checked and not self._closed:
+            self._submit(StepRecord(int(at), checked, user=True))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Store everything measured so far before returning (or put it in the spool on disk when
+        the store is away); False when that did not finish within ``timeout`` seconds. For scripts,
+        tests and checkpoints: the training loop never needs it."""
+        if self.writer is None:
+            return True
+        try:
+            return bool(self.writer.call(lambda: (self.writer._flush(), self.store.sync(timeout))[1], timeout))
+        except Exception as exc:
+            self._record_error("store", exc)
+            return False
 
     def decisions(self) -> List[Decision]:
         """The run's decisions (``moxco.decision.Decision``, the same in embedded and HTTP mode),
@@ -290,13 +415,16 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        binding.release(self.optimizer, self)
+        atexit.unregister(self._exit_hook)
         for handle in self._hooks:
             handle.remove()
         self.capture.remove()
-        self.raw_gradient.remove()
+        if self._bound:
+            self.raw_gradient.remove()
         if self.writer is None:
             return
-        last = self.free.final_update_norm(self.params, sharded=self.shards is not None)
+        last = self.free.final_update_norm(self.params, sharded=self.shards is not None) if self._bound else None
         if last:
             self._submit(StepRecord(self.state.step - 1, last))
         self._store_decision_stats(self.inbox.stats.to_dict())  # the waits' final counts
@@ -306,7 +434,7 @@ class Agent:
         except Exception as exc:  # the store may be gone; closing must not raise into the job
             self._record_error("store", exc)
         if self._owns_store:
-            try:  # the HTTP sink flushes (bounded by its close_timeout) and leaves the rest spooled
+            try:  # the sinks flush (bounded by the HTTP sink's close_timeout) and leave the rest spooled
                 self.store.close()
             except Exception as exc:
                 self._record_error("store", exc)
@@ -344,8 +472,8 @@ class Agent:
         ``x_{t−1}`` to ``x_t`` themselves, else it is one copy). What the hooks spend around them
         (handing the step to the writer thread) and the writer thread's own time are not in it.
         Under a device's asynchronous execution these are launch times, not kernel times."""
-        spent = dict(self.failures.spent)
-        spent["free"] = spent.get("free", 0.0) + self.raw_gradient.spent
+        spent = {k: v for k, v in self.failures.spent.items() if k != "unbound"}
+        spent["free"] = spent.get("free", 0.0) + (self.raw_gradient.spent if self._bound else 0.0)
         return spent
 
 
@@ -361,9 +489,10 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
            probe_batches: int = _D.probe_batches, goodness: Any = _D.goodness,
            policy: Any = _D.policy, on_decision: Any = _D.on_decision, decisions: Optional[str] = _D.decisions,
            decision_timeout: float = _D.decision_timeout, track_distance: bool = _D.track_distance,
-           start_step: int = _D.start_step, seed: Optional[int] = _D.seed, config: Any = _D.config,
+           start_step: Optional[int] = _D.start_step, seed: Optional[int] = _D.seed, config: Any = _D.config,
            scaler: Any = _D.scaler, store: Any = _D.store, token: Optional[str] = _D.token,
-           transport: Any = _D.transport, manual_pre_step: bool = _D.manual_pre_step, **unknown: Any) -> Agent:
+           transport: Any = _D.transport, manual_pre_step: bool = _D.manual_pre_step, resume: Any = _D.resume,
+           **unknown: Any) -> Agent:
     """Attach the moxco agent to a training loop: ``agent = moxco.agent.attach(model, opt)``.
 
     Where it stores:
@@ -371,7 +500,12 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
     * ``url``: ``sqlite:///path.db`` or ``postgresql://…`` (the embedded store), or
       ``http(s)://host:port`` (a collector, ``moxco serve``). Default ``$MOXCO_URL``, else
       ``sqlite:///moxco.db`` in the working directory.
-    * ``run``: the run's name. Default a readable generated one (``adjective-noun-date-time``).
+    * ``run``: the run's name. Default a readable generated one (``adjective-noun-date-time``). A name
+      a run has already starts a new run named ``name-2`` (said once) unless ``resume``.
+    * ``resume`` (False): ``True`` continues the run of that name (or starts it); ``"must"``
+      continues it and fails (``NotFoundError``) when there is none. Restore the agent's own state
+      with ``agent.load_state_dict(checkpoint)`` (the integrations do it with the trainer's
+      checkpoints); without one the run continues from what its series give (docs/agent.md).
     * ``token``: the collector's ``ingest`` token over HTTP. Default ``$MOXCO_TOKEN``.
     * ``transport``: HTTP transport settings (``spool_dir``, ``spool_max_bytes``, ``timeout``, …;
       docs/agent.md).
@@ -399,7 +533,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
     * ``sharpness_precond`` (None: on for Adam and AdamW, and MoXCo over them): ``sharpness_precond``
       = ``λ_max(P⁻¹H)`` with ``P`` from the optimizer's ``exp_avg_sq``, and ``sharpness_precond_target``.
     * ``hessian_trace`` (False): ``hessian_trace`` by Hutchinson, True = 10 samples per probe, or a number.
-    * ``start_step`` (0): the step number of the first step (a resumed run).
+    * ``start_step`` (0; a run resumed without a checkpoint: after its last stored step): the step
+      number of the first step.
     * ``seed`` (random): the agent's own random numbers (the curvature's start vectors and Hutchinson
       signs, the probe set's dropout masks, random scaling).
 
@@ -407,7 +542,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
 
     * ``criterion``: the ``nn.Module`` loss of a ``criterion(model(x), y)`` loop.
     * ``loss_fn``: ``loss_fn(output, *targets)`` when the loss is formed differently; with a plain
-      function loss, tell the targets with ``agent.targets(y)`` after the forward.
+      function loss, tell the targets with ``agent.targets(y)`` after the forward, or form the
+      loss with ``loss = agent.loss(F.cross_entropy, model(x), y)`` (no ``loss_fn`` needed).
     * ``scaler``: the AMP ``GradScaler``, so that its scale is removed from ``g_t``.
     * ``manual_pre_step`` (False): for ``optimizer.step(closure)`` loops, call
       ``agent.before_optimizer_step()`` after the last backward instead of the step pre-hook.
@@ -428,7 +564,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
       waits and applies a decision at the first boundary after it arrives.
 
     Every value is checked here (``AgentOptions``): a bad one is a ``ValueError`` that names it, an
-    unknown keyword a ``TypeError`` that names it and the closest option.
+    unknown keyword a ``TypeError`` that names it and the closest option; a second agent on the same
+    optimizer is a ``RuntimeError``. Nothing else raises: a store that cannot be reached or written
+    is spooled to (one warning), parameters that do not exist yet are measured once they do.
     """
     check_names(unknown)
     given = locals()

@@ -45,6 +45,28 @@ SHARPNESS_HVPS = ("auto", "autograd", "finite_difference")
 HESSIAN_TRACE_SAMPLES = 10  # Hutchinson samples per probe for hessian_trace=True
 
 
+def check_url(url: str) -> str:
+    """``url`` when it names a store the agent can write to: ``http(s)://host…`` (a collector),
+    ``sqlite:…`` or ``postgresql…://…`` (``moxco.collector.store.normalize_url``'s rules; a plain path
+    is a SQLite file); else ``ValueError`` that says what a URL looks like. Nothing is opened."""
+    from urllib.parse import urlsplit
+
+    if url.lower().startswith(("http://", "https://")):
+        if not urlsplit(url).hostname:
+            raise ValueError(f"url {url!r}: a collector URL is http(s)://host[:port]")
+        return url
+    from moxco.collector.store.engine import normalize_url
+
+    try:
+        normalized = normalize_url(url)
+    except ValueError as exc:
+        raise ValueError(f"url {url!r}: {exc}") from None
+    if not normalized.startswith(("sqlite:", "postgresql")):
+        raise ValueError(f"url {url!r}: the agent writes to sqlite:///path.db, postgresql://… or an http(s):// "
+                         "collector")
+    return url
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -122,7 +144,7 @@ class AgentOptions:
     decisions: Optional[str] = None
     decision_timeout: float = 5.0
     track_distance: bool = True
-    start_step: int = 0
+    start_step: Optional[int] = None
     seed: Optional[int] = None
     config: Optional[Mapping[str, Any]] = None
     scaler: Any = None
@@ -130,12 +152,17 @@ class AgentOptions:
     token: Optional[str] = None
     transport: Optional[Mapping[str, Any]] = None
     manual_pre_step: bool = False
+    resume: Any = False
 
     def __post_init__(self) -> None:
         for name in ("reeval_every", "probe_every", "start_step"):
             value = getattr(self, name)
+            if name == "start_step" and value is None:
+                continue
             if not _integer(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not (isinstance(self.resume, bool) or self.resume == "must"):
+            raise ValueError(f"resume must be False, True or 'must', got {self.resume!r}")
         if not _integer(self.sharpness_iters) or self.sharpness_iters < 1:
             raise ValueError(f"sharpness_iters must be a positive integer, got {self.sharpness_iters!r}")
         if self.seed is not None and not _integer(self.seed):
@@ -163,6 +190,8 @@ class AgentOptions:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+        if self.url is not None:
+            check_url(self.url)
         if self.run is not None:
             try:
                 check_run_name(self.run)

@@ -72,6 +72,23 @@ class StepState:
             tensors.copy_(self.prev, params)
         self.holds = Previous.X_T
 
+    @torch.no_grad()
+    def extend(self, params: Sequence[Tensor]) -> None:
+        """Parameters joined the optimizer between steps: their current values are their
+        ``x_{t−1}`` (the optimizer did not move them) and their ``x_0``."""
+        if self.prev is not None:
+            self.prev = tensors.copy_params([*self.prev, *params])
+        if self.x0 is not None:
+            self.x0 = tensors.copy_params([*self.x0, *params])
+
+    @torch.no_grad()
+    def restart(self, params: Sequence[Tensor]) -> None:
+        """The optimizer's parameters changed otherwise: no ``x_{t−1}`` until the step ends, and
+        ``x_0`` is where they are now."""
+        self.prev, self.holds = None, Previous.NONE
+        if self.x0 is not None:
+            self.x0 = tensors.copy_params(params)
+
     def end_step(self) -> None:
         """The optimizer step is done: ``x_t`` is the next step's ``x_{t−1}``."""
         self.step += 1

@@ -49,7 +49,6 @@ SQLAlchemy) stays free of httpx's dependency tree (httpcore, h11, anyio, sniffio
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import http.client
 import json
 import logging
@@ -67,6 +66,9 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 from urllib.parse import quote, urlsplit
 
+from moxco.agent.spool import (SinkStats, Sessions, Spool, default_spool_dir, lock_spool_dir,  # noqa: F401 (re-exported)
+                               remove_spool_dir)
+from moxco.collector.store.base import OpenedRun
 from moxco.decision import Decision
 from moxco.policy import probe_steps
 from moxco.wire import encode_point
@@ -85,7 +87,12 @@ class Sink(Protocol):
     decision policy (the store's ingest runs the policy); ``ingest`` takes ``Point``s and
     acknowledgements ``(decision id, applied step[, rejected reason])``; ``decisions`` returns
     ``Decision`` objects. Decisions the store takes come back through the ``on_decision`` callback
-    the sink was opened with, each id once."""
+    the sink was opened with, each id once. ``open_run`` is the agent's registration (run identity:
+    ``Store.open_run``), answered now when the store answers, else later through ``on_run``;
+    ``sync`` makes what was handed over durable (stored, or on disk in the spool); ``stats``
+    counts points (``agent.spool.SinkStats``)."""
+
+    def open_run(self, name: str, *, resume: Any = False, session: Optional[str] = None, **fields: Any) -> Any: ...
 
     def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = _UNSET,
                 policy: Any = _UNSET, status: Optional[str] = None, create: bool = True) -> Any: ...
@@ -96,6 +103,8 @@ class Sink(Protocol):
 
     def decisions(self, name: str) -> List[Decision]: ...
 
+    def sync(self, timeout: float = 10.0) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -103,145 +112,27 @@ def is_http_url(url: Optional[str]) -> bool:
     return isinstance(url, str) and url.lower().startswith(("http://", "https://"))
 
 
+EMBEDDED_OPTIONS = ("spool_dir", "spool_max_bytes")
+
+
 def open_sink(url: str, run: str, *, token: Optional[str] = None,
               on_decision: Optional[Callable[[str, Decision], None]] = None,
-              on_answer: Optional[Callable[[List[int]], None]] = None, **options: Any) -> Sink:
+              on_answer: Optional[Callable[[List[int]], None]] = None,
+              on_error: Optional[Callable[[str, BaseException], None]] = None,
+              on_run: Optional[Callable[[Any], None]] = None, **options: Any) -> Sink:
     """An ``HttpSink`` for an ``http(s)://`` collector URL, else the embedded sink on the store at
-    ``url`` (``agent.sink.EmbeddedSink.open``: one it cannot open is replaced by one in the spool
-    folder)."""
+    ``url`` (``agent.sink.EmbeddedSink``, which spools while the store cannot be opened or written).
+    Never raises for a store that is away."""
     if is_http_url(url):
-        return HttpSink(url, run, token=token, on_decision=on_decision, on_answer=on_answer, **options)
-    if options:  # e.g. a script with transport options run with MOXCO_URL pointing at a file
-        log.warning("moxco: transport options %s apply to an http(s):// collector only; ignored for %s",
-                    sorted(options), url)
+        return HttpSink(url, run, token=token, on_decision=on_decision, on_answer=on_answer, on_error=on_error,
+                        on_run=on_run, **options)
+    ignored = sorted(set(options) - set(EMBEDDED_OPTIONS))
+    if ignored:  # e.g. a script with transport options run with MOXCO_URL pointing at a file
+        log.warning("moxco: transport options %s apply to an http(s):// collector only; ignored for %s", ignored, url)
     from moxco.agent.sink import EmbeddedSink
 
-    return EmbeddedSink.open(url, run, on_decision=on_decision, on_answer=on_answer)  # never raises for store trouble
-
-
-def default_spool_dir(run: str) -> Path:
-    """``$MOXCO_SPOOL/<run>``, else ``~/.cache/moxco/spool/<run>`` (the name percent-encoded; a
-    very long name is shortened with a hash so it stays a valid file name)."""
-    root = Path(os.environ.get("MOXCO_SPOOL") or Path.home() / ".cache" / "moxco" / "spool").expanduser()
-    name = quote(run, safe="")
-    if len(name.encode()) > 120 or name in (".", ".."):
-        name = f"{name[:80]}-{hashlib.sha256(run.encode()).hexdigest()[:16]}"
-    return root / name
-
-
-# --- the on-disk spool -----------------------------------------------------------------------------
-
-
-class Spool:
-    """Append-only JSON-lines segment files, read back oldest first.
-
-    ``append`` writes whole lines and flushes (a crash loses at most a partial last line, which the
-    reader skips); ``peek``/``pop`` walk the oldest segment, which is deleted once read. Segments
-    left by an earlier process are read before anything this process appends (new appends always
-    open a new segment). ``max_bytes`` caps the bytes on disk; ``append`` returns what did not fit.
-    Not thread-safe: ``HttpSink`` calls it under its lock.
-    """
-
-    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 8 << 20) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_bytes, self.segment_bytes = int(max_bytes), int(segment_bytes)
-        self.segments: Deque[int] = deque(sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit()))
-        self.bytes = sum(self._path(n).stat().st_size for n in self.segments)
-        self.leftover = self.bytes > 0  # data an earlier process could not send
-        self.skipped_lines = 0
-        self._offset = 0  # read position in segments[0]
-        self._peeked: Optional[Tuple[dict, int]] = None  # (envelope, its line length)
-        self._tail: Optional[Any] = None  # file appended to (always a segment this process created)
-        self._tail_number: Optional[int] = None
-        self._tail_size = 0
-
-    def _path(self, number: int) -> Path:
-        return self.dir / f"{number:08d}.seg"
-
-    def __bool__(self) -> bool:
-        return self.bytes - self._offset > 0
-
-    def append(self, envelopes: Iterable[dict]) -> List[dict]:
-        """Append envelopes in order; returns the point-carrying ones refused because the cap is
-        reached. Envelopes without points (registration, status, acknowledgement) are tiny and
-        carry order and decisions' fate, so they are always written."""
-        refused = []
-        for envelope in envelopes:
-            line = (json.dumps(envelope, separators=(",", ":"), allow_nan=False) + "\n").encode()
-            if envelope.get("points") and self.bytes + len(line) > self.max_bytes:
-                refused.append(envelope)
-                continue
-            if self._tail is None or self._tail_size >= self.segment_bytes:
-                self._rotate()
-            self._tail.write(line)
-            self._tail_size += len(line)
-            self.bytes += len(line)
-        if self._tail is not None:
-            self._tail.flush()
-        return refused
-
-    def _rotate(self) -> None:
-        if self._tail is not None:
-            self._tail.close()
-        number = (self.segments[-1] + 1) if self.segments else 1
-        self._tail = open(self._path(number), "ab")
-        self._tail_number, self._tail_size = number, 0
-        self.segments.append(number)
-
-    def peek(self) -> Optional[dict]:
-        """The oldest envelope not yet popped, or None."""
-        while self._peeked is None:
-            if not self:
-                self._clear()
-                return None
-            head = self.segments[0]
-            with open(self._path(head), "rb") as f:
-                f.seek(self._offset)
-                line = f.readline()
-            if not line:  # this segment is read to its end
-                self._drop_head()
-                continue
-            if not line.endswith(b"\n") and head != self._tail_number:
-                self.skipped_lines += 1  # a partial last line left by a crash
-                self._offset += len(line)
-                continue
-            try:
-                self._peeked = (json.loads(line), len(line))
-            except ValueError:
-                self.skipped_lines += 1
-                self._offset += len(line)
-        return self._peeked[0]
-
-    def pop(self) -> None:
-        """Forget the envelope ``peek`` returned (it was delivered)."""
-        if self._peeked is None:
-            return
-        self._offset += self._peeked[1]
-        self._peeked = None
-        if not self:
-            self._clear()
-
-    def _clear(self) -> None:
-        """Everything was read: delete the segments rather than keep read data on disk."""
-        while self.segments:
-            self._drop_head()
-
-    def _drop_head(self) -> None:
-        number = self.segments.popleft()
-        path = self._path(number)
-        size = path.stat().st_size if path.exists() else 0
-        if number == self._tail_number:
-            self._tail.close()
-            self._tail, self._tail_number, self._tail_size = None, None, 0
-        path.unlink(missing_ok=True)
-        self.bytes -= size
-        self._offset = 0
-
-    def close(self) -> None:
-        if self._tail is not None:
-            self._tail.close()
-            self._tail = None
+    return EmbeddedSink(url=url, run=run, on_decision=on_decision, on_answer=on_answer, on_error=on_error,
+                        on_run=on_run, **{k: v for k, v in options.items() if k in EMBEDDED_OPTIONS})
 
 
 # --- HTTP ------------------------------------------------------------------------------------------
@@ -345,22 +236,7 @@ class Client:
 # --- the sink --------------------------------------------------------------------------------------
 
 
-@dataclass
-class TransportStats:
-    """Counters of an ``HttpSink`` (``HttpSink.stats``); points are never lost without being counted."""
-
-    points_enqueued: int = 0
-    points_sent: int = 0  # in batches the collector answered 2xx (duplicates included)
-    batches_sent: int = 0
-    duplicate_batches: int = 0  # batches the collector had stored already (a retry that landed)
-    points_rejected: int = 0  # in batches a 4xx refused for good
-    points_dropped: int = 0  # spool full (or unwritable): never sent
-    points_spooled: int = 0  # moved to disk while the collector was away (counted once per move)
-    requests: int = 0
-    failed_requests: int = 0  # no response, 5xx, 429, 401/403
-    decisions_received: int = 0  # handed to the agent (first sight of each id)
-    spool_leftover: bool = False  # an earlier process left a spool, replayed first
-    foreground_requests: int = 0  # requests made outside the sender thread (``decisions()`` only)
+TransportStats = SinkStats  # (the name the HTTP sink's counters had)
 
 
 _OK, _REJECTED, _RETRY = "ok", "rejected", "retry"
@@ -378,14 +254,16 @@ class HttpSink:
     def __init__(self, url: str, run: str, *, token: Optional[str] = None,
                  on_decision: Optional[Callable[[str, Decision], None]] = None,
                  on_answer: Optional[Callable[[List[int]], None]] = None,
+                 on_error: Optional[Callable[[str, BaseException], None]] = None,
+                 on_run: Optional[Callable[[Any], None]] = None, session: Optional[str] = None,
                  spool_dir: Optional[os.PathLike | str] = None, spool_max_bytes: int = 1 << 30,
                  batch_points: int = 5000, linger: float = 0.5, max_memory_points: int = 200_000,
                  timeout: float = 10.0, backoff: float = 0.25, max_backoff: float = 10.0,
                  poll_every: float = 2.0, close_timeout: float = 10.0) -> None:
         if batch_points < 1 or max_memory_points < batch_points:
             raise ValueError("batch_points must be ≥ 1 and max_memory_points ≥ batch_points")
-        self.url, self.run = url.rstrip("/"), run
-        self.on_decision = on_decision
+        self.url, self.run, self.requested = url.rstrip("/"), run, run
+        self.on_decision, self.on_error, self.on_run = on_decision, on_error, on_run
         self.on_answer = on_answer
         self.batch_points, self.linger, self.max_memory_points = int(batch_points), float(linger), int(max_memory_points)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
@@ -396,13 +274,12 @@ class HttpSink:
 
         self.spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir(run)
         try:
-            self._lock_file = self._lock_spool_dir()
+            self.spool_dir, self._lock_file = lock_spool_dir(self.spool_dir, run)
         except OSError as exc:  # e.g. a read-only home: a private temporary spool rather than no job
             fallback = Path(tempfile.mkdtemp(prefix="moxco-spool-")) / self.spool_dir.name
             log.warning("moxco: run %r: cannot use the spool directory %s (%s); using %s (set $MOXCO_SPOOL or "
                         "transport={'spool_dir': ...})", run, self.spool_dir, exc, fallback)
-            self.spool_dir = fallback
-            self._lock_file = self._lock_spool_dir()
+            self.spool_dir, self._lock_file = lock_spool_dir(fallback, run)
         self.spool = Spool(self.spool_dir, spool_max_bytes)
         self.stats.spool_leftover = self.spool.leftover
         if self.spool.leftover:
@@ -411,8 +288,15 @@ class HttpSink:
         self._acked_path = self.spool_dir / "acked"
         self._acked = set(self._acked_path.read_text().split()) if self._acked_path.exists() else set()
         self._seen: set[str] = set()  # decision ids already handed to the agent
+        self._sessions = Sessions(self.spool_dir)  # the run each writer session opened
+        self._refused: set = set()  # sessions whose open the collector refused for good
+        self._run_known = True  # False from open_run until the collector says which run it opened
+        self._opened: Optional[OpenedRun] = None
+        self._open_answered = threading.Event()  # the collector answered our open, or did not answer
+        self._open_waiting = False  # open_run is waiting for that answer
+        self._open_refused: Optional[Tuple[int, str]] = None  # the collector refused it: (status, why)
 
-        self._session = uuid.uuid4().hex[:16]
+        self._session = session or uuid.uuid4().hex[:16]
         self._seq = 0
         self._cond = threading.Condition()
         self._points: List[list] = []  # encoded, not yet in a batch
@@ -434,11 +318,46 @@ class HttpSink:
 
     # --- the Sink methods: called by the agent/writer threads; memory only, never the network ----------
 
+    def open_run(self, name: str, *, resume: Any = False, session: Optional[str] = None, wait: float = 5.0,
+                 **fields: Any) -> Optional[OpenedRun]:
+        """Open the run for writing (``POST /runs``: run identity, ``Store.open_run``). The request
+        goes first, through the sender; this waits up to ``wait`` seconds for the answer and returns
+        the ``OpenedRun``, or None when the collector did not answer by then (the request stays
+        queued or spooled, and ``on_run`` is told when it is answered). Everything queued before the
+        answer goes to the run it opened."""
+        if session:
+            self._session = session
+        body = {"name": name, "resume": resume, "session": self._session,
+                **{k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in fields.items()}}
+        with self._cond:
+            self.requested = self.run = name
+            self._run_known = False
+            self._open_answered.clear()
+            registration = {"config": dict(fields.get("config") or {}), "status": "running"}
+            for key in ("optimizer", "policy"):
+                if key in fields:
+                    registration[key] = body[key]
+            self._registration = registration
+            self._open_waiting = True  # an answer now is returned here, not through on_run
+            self._enqueue("open", json.loads(json.dumps(body)))
+            self._cond.notify_all()
+        self._open_answered.wait(wait)
+        with self._cond:
+            self._open_waiting = False
+            if self._open_refused is not None:  # the collector said no (no run to resume, another live writer…)
+                from moxco.collector.store import ConflictError, NotFoundError, StoreError
+
+                status, message = self._open_refused
+                raise {404: NotFoundError, 409: ConflictError}.get(status, StoreError)(message)
+            return self._opened
+
     def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = _UNSET,
-                policy: Any = _UNSET, status: Optional[str] = None, create: bool = True) -> None:
+                policy: Any = _UNSET, status: Optional[str] = None, create: bool = True,
+                policy_state: Optional[Mapping[str, Any]] = None) -> None:
         """Register (or update) the run: ``PUT /runs/{run}`` with the registration so far (config
         merged, optimizer and policy as last given; the collector's ingest runs the policy).
-        ``create=False``: ``PATCH``, the run must exist."""
+        ``create=False``: ``PATCH``, the run must exist. ``policy_state`` (a checkpoint's) goes
+        with this request only."""
         with self._cond:
             body = dict(self._registration or {"config": {}, "status": "running"})
             body["config"] = {**body["config"], **dict(config or {})}
@@ -450,7 +369,10 @@ class HttpSink:
                 body["status"] = status
             self._registration = body
             # a snapshot: later updates make new envelopes
-            self._enqueue("run" if create else "status", json.loads(json.dumps(body)))
+            snapshot = json.loads(json.dumps(body))
+            if policy_state is not None:
+                snapshot["policy_state"] = json.loads(json.dumps(policy_state))
+            self._enqueue("run" if create else "status", snapshot)
 
     def set_status(self, name: str, status: str) -> None:
         with self._cond:
@@ -495,6 +417,17 @@ class HttpSink:
             self._acks.append(ack)
             self._cond.notify_all()
 
+    def sync(self, timeout: float = 10.0) -> bool:
+        """Make what was handed over durable: delivered within ``timeout``, else moved to the spool
+        on disk (a process killed after this loses none of it). Returns whether all was delivered."""
+        if self.flush(timeout):
+            return True
+        with self._cond:
+            self._cut_batch()
+            self._cut_acks()
+            self._spill()
+        return False
+
     def decisions(self, name: str) -> List[Decision]:
         """All decisions of the run with their acknowledgements (``GET /runs/{run}/decisions``, a
         ``read``-scope request made now, on the caller's thread; never called by training hooks)."""
@@ -531,24 +464,21 @@ class HttpSink:
                 self._spill()
             self._report_losses(reported)  # the final spill may have dropped more: straight to the spool
             left = bool(self.spool)
+            self.stats.points_left = self.spool.points_left() if left else 0
             self.spool.close()
         if not self._thread.is_alive():
             self._client.close()
         if left:
-            log.warning("moxco: run %r: the collector at %s did not take everything before close; the rest is "
-                        "in the spool %s and an agent attached with the same run name replays it first",
-                        self.run, self.url, self.spool_dir)
+            self._report("spool", RuntimeError(
+                f"{self.stats.points_left} points left in the spool (not delivered before close): send them with "
+                f"`moxco spool push {self.spool_dir} --url {self.url}` (an agent attached with the same run name "
+                "replays them first too)"))
         s = self.stats
         if s.points_dropped or s.points_rejected:
             log.warning("moxco: run %r: %d points dropped (spool full) and %d rejected by the collector",
                         self.run, s.points_dropped, s.points_rejected)
         if not left:  # all delivered, acknowledgements included: nothing worth keeping on disk
-            try:  # (the lock file goes while still locked, so no other agent can be holding it)
-                for name in ("acked", "lock"):
-                    (self.spool_dir / name).unlink(missing_ok=True)
-                self.spool_dir.rmdir()
-            except OSError:
-                pass  # foreign files: leave the directory alone
+            remove_spool_dir(self.spool_dir)  # (the lock file goes while still locked: no other agent holds it)
         self._unlock_spool_dir()
 
     def _report_losses(self, reported: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -559,6 +489,11 @@ class HttpSink:
             self._registration["config"]["transport"] = {"points_dropped": counts[0], "points_rejected": counts[1]}
             self._enqueue("run", json.loads(json.dumps(self._registration)))
         return counts
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last delivery failed (the collector away, or refusing the token)."""
+        return self._offline
 
     @property
     def pending(self) -> int:
@@ -593,7 +528,8 @@ class HttpSink:
     def _envelope(self, kind: str, body: dict, points: int = 0, probes: Sequence[int] = ()) -> dict:
         """One unit of delivery, in memory or a spool line; its id is a batch's ``batch_id``;
         ``probes``: the steps of its goodness points, answered once the collector has taken it."""
-        envelope = {"kind": kind, "id": self._next_id(), "body": body, "points": points}
+        envelope = {"kind": kind, "id": self._next_id(), "body": body, "points": points, "session": self._session,
+                    "run": self.run if kind != "open" and self._run_known else None}
         if probes:
             envelope["probes"] = list(probes)
         if kind == "batch":
@@ -730,6 +666,8 @@ class HttpSink:
                     if outcome == _RETRY:
                         self._offline = True
                         self._spill()
+                        if envelope["kind"] == "open" and envelope.get("session") == self._session:
+                            self._open_answered.set()  # unanswered: the run is opened when the collector is back
                         if self._closing and delay is None:
                             return  # the collector is gone: leave the rest in the spool
                     else:
@@ -771,17 +709,33 @@ class HttpSink:
         self.stats.requests += 1
         return self._client.request(method, path, body)
 
-    def _run_path(self) -> str:
-        return f"{API}/runs/{quote(self.run, safe='')}"
+    def _run_path(self, name: Optional[str] = None) -> str:
+        return f"{API}/runs/{quote(name or self.run, safe='')}"
 
     def _deliver(self, envelope: dict) -> Tuple[str, Optional[float]]:
         """Send one envelope; ``(outcome, retry_after)`` with outcome ok / rejected / retry."""
-        kind, body, run = envelope["kind"], envelope["body"], self._run_path()
-        method, path = {"run": ("PUT", run), "status": ("PATCH", run), "batch": ("POST", f"{run}/batches"),
+        kind, body = envelope["kind"], envelope["body"]
+        if envelope.get("session") in self._refused and kind != "open":
+            self.stats.points_rejected += envelope["points"]
+            return _REJECTED, None  # its run was never opened (the collector refused it): said when refused
+        run = self._run_path(self._sessions.run_of(envelope, self.run))
+        method, path = {"open": ("POST", f"{API}/runs"), "run": ("PUT", run), "status": ("PATCH", run),
+                        "batch": ("POST", f"{run}/batches"),
                         "ack": ("POST", f"{run}/decisions/{quote(str(body.get('decision_id')), safe='')}/ack")}[kind]
         payload = {k: v for k, v in body.items() if k != "decision_id"} if kind == "ack" else body
         try:
             response = self._request(method, path, payload)
+            if response.status == 404 and kind == "open" and payload.get("resume") == "must":
+                with self._cond:
+                    if envelope.get("session") == self._session and self._open_waiting:
+                        # attach is waiting: it fails there, saying so; nothing of this session is sent
+                        self._open_refused = (404, response.message)
+                        self._refused.add(self._session)
+                        self._open_answered.set()
+                        return _REJECTED, None
+                self._report("run", RuntimeError(f"no run named {payload.get('name')!r} to resume (resume='must'); "
+                                                 "the points go to a new run of that name"))
+                response = self._request(method, path, {**payload, "resume": True})
             if response.status == 404 and kind in ("batch", "status"):
                 # the collector does not know the run (a fresh store): register it again, retry once
                 with self._cond:
@@ -814,17 +768,36 @@ class HttpSink:
                 self.stats.points_sent += envelope["points"]
                 if isinstance(response.body, Mapping):
                     self.stats.duplicate_batches += bool(response.body.get("duplicate"))
+            if kind == "open":
+                return self._opened_as(envelope, response.body), None
             self._hand_over(response.body)
             return _OK, None
         if status >= 500 or status == 429 or status in (401, 403):
             self.stats.failed_requests += 1
             level = logging.ERROR if status in (401, 403) else logging.WARNING
+            if status in (401, 403) and "auth" not in self._warned:
+                self._warned.add("auth")
+                self._report("store", RuntimeError(
+                    f"the collector at {self.url} refused the token ({status}: {response.message}); the data stays "
+                    f"in the spool {self.spool_dir}: send it with the right token, `moxco spool push {self.spool_dir} "
+                    f"--url {self.url} --token …`, or attach again with the same run name and the right token"))
             if "retry" not in self._warned:
                 self._warned.add("retry")
                 log.log(level, "moxco: run %r: the collector answered %d to %s %s: %s; keeping the data in the spool "
                         "%s and retrying", self.run, status, method, path, response.message, self.spool_dir)
             return _RETRY, response.retry_after
         # any other 4xx: this envelope will never be accepted
+        if kind == "open":
+            self._refused.add(envelope.get("session"))
+            with self._cond:
+                waiting = envelope.get("session") == self._session and self._open_waiting
+                if waiting:  # attach fails, saying why
+                    self._open_refused = (status, response.message)
+            if not waiting:
+                self._report("run", RuntimeError(f"the collector refused to open run {body.get('name')!r} ({status}: "
+                                                 f"{response.message}); this session's points are not stored"))
+            if envelope.get("session") == self._session:
+                self._open_answered.set()
         self.stats.points_rejected += envelope["points"]
         log.error("moxco: run %r: the collector refused %s %s with %d: %s (%d points not stored; not retried)",
                   self.run, method, path, status, response.message, envelope["points"])
@@ -833,6 +806,8 @@ class HttpSink:
     def _poll(self) -> bool:
         """``GET …/decisions/pending`` while idle, so a decision reaches an agent that sends nothing.
         Returns whether the collector answered."""
+        if not self._run_known:  # the run is not open yet
+            return True
         try:
             response = self._request("GET", f"{self._run_path()}/decisions/pending")
         except Unreachable:
@@ -875,27 +850,40 @@ class HttpSink:
             except Exception as exc:
                 self._warn_once("on_decision", "moxco: run %r: the decision callback failed: %s", self.run, exc)
 
-    # --- one agent per spool directory -----------------------------------------------------------------
-
-    def _lock_spool_dir(self) -> Optional[Any]:
-        """Hold an exclusive lock on the spool directory; another live agent with the same run name
-        (and so the same directory) gets a private sibling directory instead of a shared one."""
+    def _opened_as(self, envelope: dict, body: Any) -> str:
+        """The collector opened a session's run: later envelopes of that session go to it (recorded
+        in ``<spool>/sessions`` for a later process too); for this sink's own session, the agent
+        learns its run (``on_run``)."""
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no lock
-            return None
-        for candidate in (self.spool_dir, self.spool_dir.with_name(f"{self.spool_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}")):
-            candidate.mkdir(parents=True, exist_ok=True)
-            handle = open(candidate / "lock", "a")
+            opened = OpenedRun.from_json(body)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self._warn_once("garbage", "moxco: run %r: POST /runs answered with something that is not a run (%r); "
+                            "retrying", self.run, str(body)[:120])
+            return _RETRY
+        session = envelope.get("session")
+        if session:
+            self._sessions.record(session, opened.run.name)
+        if session == self._session:
+            with self._cond:
+                self.run, self._run_known, self._opened = opened.run.name, True, opened
+                waiting = self._open_waiting
+            self._open_answered.set()
+            if not waiting and self.on_run is not None:
+                try:
+                    self.on_run(opened)
+                except Exception as exc:
+                    self._warn_once("on_run", "moxco: run %r: the run callback failed: %s", self.run, exc)
+        return _OK
+
+    def _report(self, part: str, exc: BaseException) -> None:
+        """Tell the agent (``on_error``: its errors and log) or, alone, the log."""
+        if self.on_error is not None:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                log.warning("moxco: run %r: another agent holds the spool %s; using a private one", self.run, candidate)
-                continue
-            self.spool_dir = candidate
-            return handle
-        return None  # pragma: no cover
+                self.on_error(part, exc)
+                return
+            except Exception:
+                pass
+        log.warning("moxco: run %r: %s", self.run, exc)
 
     def _unlock_spool_dir(self) -> None:
         if self._lock_file is not None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from torch import Tensor
 
@@ -30,6 +31,7 @@ from moxco import metrics
 from moxco.agent.options import GoodnessSettings
 from moxco.aligator import Aligator, GradNormSqEstimator, split_terms
 from moxco.goodness import Goodness, goodness
+from moxco.policy import decide
 from moxco.catalogue import GOODNESS_TERMS, needing
 from moxco.wire import Point
 
@@ -65,6 +67,23 @@ class StepRecord:
     wall_time: float = field(default_factory=time.time)
     epoch_start: bool = False
     probe: Optional[Dict[str, Any]] = None  # sharpness, split sums for the grad-norm estimator
+    user: bool = False  # the user's own series (``agent.log``): stored as they are
+
+
+class _Control:
+    """Work for the writer thread between two records (a snapshot of its state, a flush): run
+    there, in order, so it sees every record submitted before it."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except Exception as exc:  # handed back to the caller
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def _uniform(ratios: Tensor) -> bool:
@@ -74,6 +93,32 @@ def _uniform(ratios: Tensor) -> bool:
         return True
     low, high = float(ratios.min()), float(ratios.max())
     return high - low <= UNIFORM_TOLERANCE * max(abs(high), 1e-300)
+
+
+def user_values(values: Any) -> Dict[str, Any]:
+    """``agent.log``'s values, checked: names by ``moxco.wire.check_metric_name`` and not a moxco
+    metric's (the catalogue's); numbers as floats, one-element tensors detached (read on the writer
+    thread). ``ValueError``/``TypeError`` say what is wrong."""
+    from moxco.catalogue import metric
+    from moxco.wire import check_metric_name
+
+    if not isinstance(values, Mapping):
+        raise TypeError(f"agent.log takes a mapping of names to values, got {type(values).__name__}")
+    checked: Dict[str, Any] = {}
+    for name, value in values.items():
+        check_metric_name(name)
+        if metric(name) is not None:
+            raise ValueError(f"{name!r} is a moxco metric (moxco.catalogue); log your own series under another name, "
+                             f"e.g. 'user/{name}'")
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"agent.log: {name!r} has {value.numel()} elements; log scalars")
+            checked[name] = value.detach().reshape(())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            checked[name] = float(value)
+        else:
+            raise TypeError(f"agent.log: {name!r} is a {type(value).__name__}, not a number")
+    return checked
 
 
 def _read(value: Any) -> float:
@@ -88,7 +133,7 @@ class MetricWriter:
     def __init__(self, store: Any, run: str, *, goodness_settings: GoodnessSettings,
                  sharpness_target: Callable[[], Optional[float]], on_error: Callable[[str, BaseException], None],
                  on_answer: Optional[Callable[[List[int]], None]] = None, queue_size: int = 10_000,
-                 probe_set: bool = False) -> None:
+                 probe_set: bool = False, policy: Optional[Dict[str, Any]] = None) -> None:
         self.store, self.run = store, run
         self.goodness_settings = goodness_settings
         self.probe_set = probe_set  # F, ∇F and goodness's loss term come from the probe set
@@ -99,9 +144,12 @@ class MetricWriter:
         self.convexity = metrics.ConvexityRatio()  # convexity_ratio's running sums (audit eq. 6)
         self.loss_denoiser = Aligator()
         self.grad_norm_estimator = GradNormSqEstimator()
+        # the run's decision policy as the store runs it on these goodness points (moxco.policy.decide),
+        # followed here for the agent's checkpoints: the store keeps the one that decides
+        self.policy, self.policy_state = policy, None
         self.dropped = 0
         self.written = 0
-        self._queue: "queue.Queue[Optional[StepRecord]]" = queue.Queue(maxsize=queue_size)
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=queue_size)
         self._urgent = threading.Event()  # a probe's record is queued: stop gathering
         self._buffer: List[Point] = []
         self._last_flush = time.monotonic()
@@ -152,6 +200,45 @@ class MetricWriter:
         """Whether the thread is there to apply ``update_run`` and ``acknowledge``."""
         return self._thread.is_alive()
 
+    def call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run ``fn`` on the writer thread after every record submitted so far; its result, or
+        ``TimeoutError`` when the thread did not get there within ``timeout`` seconds (a store that
+        holds a write). Called on the training thread, which waits (checkpoints, ``flush``)."""
+        control = _Control(fn)
+        if not self.running:
+            control.run()
+        else:
+            self._queue.put(control, timeout=timeout)
+            if not control.done.wait(timeout):
+                raise TimeoutError(f"the writer thread did not get to it within {timeout:g} s")
+        if control.error is not None:
+            raise control.error
+        return control.result
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Store everything submitted so far (through the sink) before returning."""
+        self.call(self._flush, timeout)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The writer's running state (call on the writer thread: ``call(writer.state_dict)``):
+        the gap/smoothness aggregates, the convexity ratio's sums, ALIGATOR's denoisers (the loss,
+        the three gradient-norm terms), and the decision policy's state."""
+        from moxco.agent.resume import to_plain
+
+        return {"aggregates": self.aggregates.state_dict(), "convexity": self.convexity.state_dict(),
+                "loss_denoiser": to_plain(self.loss_denoiser), "grad_norm_estimator": to_plain(self.grad_norm_estimator),
+                "policy_state": self.policy_state, "written": self.written}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ``state_dict()`` (call on the writer thread)."""
+        from moxco.agent.resume import from_plain
+
+        self.aggregates.load_state_dict(state["aggregates"])
+        self.convexity.load_state_dict(state["convexity"])
+        self.loss_denoiser = from_plain(state["loss_denoiser"])
+        self.grad_norm_estimator = from_plain(state["grad_norm_estimator"])
+        self.policy_state = state.get("policy_state")
+
     def close(self, timeout: float = 30.0) -> None:
         """Flush everything queued and stop the thread."""
         self._queue.put(None)
@@ -169,13 +256,16 @@ class MetricWriter:
             except queue.Empty:
                 self._flush()
                 continue
-            if first is not None and first.probe is None:
+            if isinstance(first, StepRecord) and first.probe is None:
                 self._urgent.wait(GATHER_SECONDS)  # cut short by a probe's record
             self._urgent.clear()  # (before gathering: a probe queued from now on sets it again)
             for record in self._gathered(first):
                 if record is None:
                     self._flush()
                     return
+                if isinstance(record, _Control):
+                    record.run()
+                    continue
                 try:
                     self._absorb(record)
                 except Exception as exc:  # never let one bad record stop the thread
@@ -200,6 +290,10 @@ class MetricWriter:
 
     def _absorb(self, record: StepRecord) -> None:
         step, wall = record.step, record.wall_time
+        if record.user:
+            for name, value in record.values.items():
+                self._emit(step, name, _read(value), wall)
+            return
         if record.epoch_start:
             self.aggregates.reset_epoch()
         ratios = record.values.pop(GRAD_RESCALE_RATIOS, None)
@@ -280,6 +374,12 @@ class MetricWriter:
                          loss, tau=s.tau, sharpness_target=target, loss_target=s.loss_target, form=s.form)
         for name, value in zip(("goodness",) + GOODNESS_TERMS, score):
             self._emit(step, name, value, wall)
+        if self.policy is not None:
+            try:
+                self.policy_state, _ = decide(self.policy, self.policy_state, {step: score})
+            except Exception as exc:  # the checkpoint then lacks the policy's state: the store keeps its own
+                self.policy = None
+                self.on_error("policy_state", exc)
         return score
 
     def _probe(self, step: int, probe: Dict[str, Any], values: Dict[str, float], wall: float) -> None:

@@ -1,6 +1,7 @@
 """The tables of the moxco store (SQLAlchemy Core), shared by SQLite and PostgreSQL.
 
-* ``runs``: one row per training run: unique name, status, config (JSON), timestamps (server
+* ``runs``: one row per training run: unique name, a stable ``uid`` (a UUID string: the run's id
+  outside the store, never reused), status, config (JSON), timestamps (server
   clock), last step, ``last_ingest_at``; ``optimizer`` (JSON), ``policy``
   (``PolicyConfig.to_dict()``; NULL: no policy decisions for the run) and ``policy_state``
   (``DecisionPolicy.state_dict()``, updated under the run's row lock so several collector workers
@@ -72,6 +73,7 @@ runs = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(MAX_NAME_LENGTH), nullable=False),
+    Column("uid", String(36), nullable=True),  # set by the store on every insert (migration 0008)
     Column("status", String(16), nullable=False),
     Column("config", JSON, nullable=False),
     Column("created_at", Float, nullable=False),
@@ -84,6 +86,7 @@ runs = Table(
     Column("owner", Integer, nullable=True),  # tokens.id of the registering token; NULL: none
     Column("session", String(MAX_SESSION), nullable=True),  # the writer session holding the run
     UniqueConstraint("name", name="uq_runs_name"),
+    Index("uq_runs_uid", "uid", unique=True),
 )
 
 metric_points = Table(

@@ -35,7 +35,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 # group → (what it is, what a run needs for the group to produce points: the run page says it
 # under an empty panel)
 GROUPS: Dict[str, Tuple[str, str]] = {
-    "free": ("every step, from dot products over the parameters (no extra pass)", ""),
+    "free": ("every step, at no extra pass: dot products over the parameters, the step's loss, learning rate, "
+             "time and throughput", ""),
     "reeval": ("one extra forward+backward at x_{t−1} on the step's batch, every reeval_every steps",
                "needs reeval_every > 0"),
     "reference": ("the same replay at a reference point x*, and the convexity ratio on the probe cadence",
@@ -50,7 +51,7 @@ GROUPS: Dict[str, Tuple[str, str]] = {
 }
 
 # what a metric can need from the step (Metric.needs)
-NEEDS = ("gradient", "loss", "replay", "hvp", "reference")
+NEEDS = ("gradient", "loss", "replay", "hvp", "reference", "clock")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class Metric:
 
     ``needs``: ``gradient`` (g_t: left out on a step whose raw gradient cannot be recovered),
     ``loss`` (the step's loss: left out when the agent cannot find it), ``replay`` (an extra
-    forward+backward), ``hvp`` (Hessian-vector products), ``reference`` (a reference point x*).
+    forward+backward), ``hvp`` (Hessian-vector products), ``reference`` (a reference point x*),
+    ``clock`` (the wall clock: two runs of one seed differ in it).
     ``panel``: the id of the ``Panel`` it is drawn in (``""``: not drawn). ``label``, ``color``,
     ``dash``: how it is drawn there. ``stored_at``: when the step it is stored at is not the step it
     describes, which step that is. ``requires``: what a run needs for it to have points, where that is
@@ -251,12 +253,23 @@ METRICS: Tuple[Metric, ...] = (
     Metric("phase", "goodness", "MoXCo phase: 1 explores, 2 commits", "1 or 2", "MoXCo Alg. 1", panel="phase",
            label="phase"),
     # --- optimizer state ---
-    Metric("lr", "optimizer", "the optimizer's step size", "η", panel="optimizer", label="lr"),
+    Metric("lr", "free", "the optimizer's step size", "η", panel="optimizer", label="lr",
+           reading="the first parameter group's lr used by the step (a schedule's value at that step)"),
     Metric("alpha", "optimizer", "MoXCo inertia α", "α", "MoXCo eq. 1", panel="optimizer", label="α"),
     Metric("beta", "optimizer", "MoXCo gradient extrapolation β", "β", "MoXCo eq. 1", panel="optimizer",
            label="β"),
     Metric("buffer_variance", "optimizer", "variance of the critical-momenta buffer", "", "Adam+CM"),
     Metric("buffer_cosine", "optimizer", "mean cosine agreement of the critical-momenta buffer", "", "Adam+CM"),
+    # --- free: what the loop tells ---
+    Metric("step_time", "free", "wall time of the training step", "t(step t) − t(step t−1)", unit="s", needs=("clock",),
+           reading="from one optimizer step to the next: the step's forward and backward, the update before them, "
+                   "the data loading, and the agent's own work"),
+    Metric("samples_per_second", "free", "training throughput in samples", "batch size / step_time", unit="1/s", needs=("clock",),
+           reading="the step's samples (the leading dimension of its inputs, over every rank and micro-batch) "
+                   "over step_time"),
+    Metric("tokens_per_second", "free", "training throughput in tokens", "tokens / step_time", unit="1/s", needs=("clock",),
+           reading="when the batch has token ids (input_ids, or an integer batch × sequence tensor): their count, "
+                   "padding included, over step_time"),
 )
 
 _BY_NAME: Dict[str, Metric] = {m.name: m for m in METRICS}

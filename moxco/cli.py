@@ -8,6 +8,7 @@ missing (an install without the ``collector`` extra, say) still register their c
 import error is reported when such a command runs, with the extra to install.
 
 * ``moxco demo``: the main job (``moxco.agent.demo``).
+* ``moxco spool``: what agents left in their spools, sent later (``moxco.agent.spool_cli``).
 * ``moxco serve``, ``db``, ``token``, ``decide``: the collector service (``moxco.collector.cli``).
 * ``moxco audit``: post-hoc assumption audits (``moxco.collector.audit.cli``).
 * ``moxco dashboards``: Grafana dashboards as code (``moxco.dashboards.cli``).
@@ -25,6 +26,7 @@ from moxco import __version__
 # (module, the extra that provides its dependencies)
 COMMAND_MODULES = (
     ("moxco.agent.demo_cli", None),
+    ("moxco.agent.spool_cli", None),
     ("moxco.collector.cli", "collector"),
     ("moxco.collector.audit.cli", None),
     ("moxco.dashboards.cli", "dashboards"),

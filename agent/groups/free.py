@@ -5,6 +5,10 @@
 step's update against this step's gradient) and ``update_corr_rs`` ``⟨g_t, Δ_{t−1}⟩`` (audit eq.
 13); ``update_norm`` ``‖x_t − x_{t−1}‖``, stored at step t−1. All but the loss come from one fused
 pass (``moxco.metrics.free_sums``) that also writes ``x_t`` over the agent's copy of ``x_{t−1}``.
+And what the loop tells for free: ``lr``, the first parameter group's learning rate used by this
+step; ``step_time``, the wall time from the previous step's pre-hook to this one's (this step's
+forward and backward and the previous update); ``samples_per_second`` and ``tokens_per_second``,
+the step's batch (``StepCapture.batch_size``, ``token_count``; times the ranks) over it.
 
 Parts, and what their failure drops:
 
@@ -15,12 +19,14 @@ Parts, and what their failure drops:
 * ``free``: the fused sums: ``grad_norm_sq``, ``update_norm``, ``distance``, ``update_corr``,
   ``update_corr_rs``;
 * ``random_scaling``: at the step post-hook, ``x_{t+1} = x_t + s_t Δ_t`` with ``s_t ~ Exp(1)``
-  (audit paper §4.3), when asked for.
+  (audit paper §4.3), when asked for;
+* ``lr``: ``lr``; ``timing``: ``step_time``, ``samples_per_second``, ``tokens_per_second``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -38,6 +44,8 @@ from moxco.catalogue import names, needing
 
 GRADIENT_RECORD_FAILED = ("the end-of-backward gradient record failed (agent.errors['gradient']), so .grad may hold "
                           "a rescaled gradient")
+SUMS = ("grad_norm_sq", "update_norm", "distance", "update_corr", "update_corr_rs")  # metrics.FreeSums'
+TIMING = ("step_time", "samples_per_second", "tokens_per_second")
 FIRST_CHANGE = ("the loop began changing .grad after backward (clipping or scaling) at this step, and the norms that "
                 "undo it were not recorded for it; they are from the next backward on")
 
@@ -48,14 +56,18 @@ class FreeMetrics:
     name = "free"
 
     def __init__(self, failures: Failures, state: StepState, capture: StepCapture, raw_gradient: RawGradient,
-                 group: DataParallelGroup, *, random_scaling: bool) -> None:
+                 group: DataParallelGroup, *, random_scaling: bool, optimizer: Any = None) -> None:
         self.failures, self.state, self.capture, self.raw_gradient = failures, state, capture, raw_gradient
-        self.group, self.random_scaling = group, random_scaling
+        self.group, self.random_scaling, self.optimizer = group, random_scaling, optimizer
         self.due = always
+        self._last_step_at: Optional[float] = None
         failures.declare("gradient", self.name, needing("gradient"))
         failures.declare("loss", self.name, needing("loss"))
-        failures.declare("free", self.name, [n for n in names("free") if n != "loss"])
+        failures.declare("free", self.name, SUMS)
         failures.declare("random_scaling", self.name)
+        failures.declare("lr", self.name, ["lr"])
+        failures.declare("timing", self.name, TIMING)
+        assert set(SUMS + TIMING + ("loss", "lr")) == set(names("free")), "the free group's parts and the catalogue"
 
     # --- the step pre-hook ----------------------------------------------------------------------
 
@@ -91,6 +103,35 @@ class FreeMetrics:
     def _loss(self) -> Tensor:
         nan = lambda: torch.tensor(math.nan, dtype=torch.float64)  # noqa: E731
         return self.group.mean_scalar(self.failures.local("loss", self.capture.step_loss, nan))
+
+    def loop_values(self, ctx: StepContext) -> None:
+        """``lr``, ``step_time`` and the throughput: what the loop tells at no cost."""
+        now = time.perf_counter()
+        if self.optimizer is not None:
+            self.failures.run("lr", self._lr, ctx)
+        if self._last_step_at is not None:
+            self.failures.run("timing", self._timing, ctx, now - self._last_step_at)
+        self._last_step_at = now
+
+    def _lr(self, ctx: StepContext) -> None:
+        lr = self.optimizer.param_groups[0].get("lr")
+        if isinstance(lr, torch.Tensor) or (isinstance(lr, (int, float)) and not isinstance(lr, bool)):
+            ctx.values["lr"] = lr  # (a tensor lr is read on the writer thread)
+
+    def _timing(self, ctx: StepContext, seconds: float) -> None:
+        ctx.values["step_time"] = seconds
+        if seconds <= 0:
+            return
+        samples = StepCapture.batch_size(ctx.calls)
+        if samples:
+            ctx.values["samples_per_second"] = samples * self.group.world / seconds
+        tokens = StepCapture.token_count(ctx.calls)
+        if tokens:
+            ctx.values["tokens_per_second"] = tokens * self.group.world / seconds
+
+    def skipped(self) -> None:
+        """A step the agent did not measure (parameters not there yet): its time is not this one's."""
+        self._last_step_at = None
 
     def compute(self, ctx: StepContext) -> None:
         """The fused sums (``metrics.FreeSums``, read on the writer thread), and ``x_{t−1} ← x_t``."""

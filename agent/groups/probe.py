@@ -120,13 +120,12 @@ class Probe:
         # the curvature's own random numbers (start vectors, Hutchinson's signs): under FSDP each rank
         # draws its shards' independently; elsewhere every rank draws the same (replicated parameters)
         self.generator = torch.Generator().manual_seed(seed + 1 + (replays.group.rank if shards is not None else 0))
-        owners = shards.owners if shards is not None else params
-        settings = dict(iters_per_call=o.sharpness_iters, cold_iters=max(o.sharpness_iters, 20),
-                        generator=self.generator, reduce=shards.reduce if shards is not None else None)
-        self.sharpness = _Tracker(owners, **settings)
+        self._settings = dict(iters_per_call=o.sharpness_iters, cold_iters=max(o.sharpness_iters, 20),
+                              generator=self.generator, reduce=shards.reduce if shards is not None else None)
         self.adam = adam_family(optimizer)
         precond = o.sharpness_precond if o.sharpness_precond is not None else self.adam is not None
-        self.sharpness_precond = _Tracker(owners, self._preconditioner, **settings) if precond else None
+        self._precond = precond
+        self.rebind(shards.owners if shards is not None else params)
         self.trace_samples = o.hessian_trace
         self.pending_errors: List[Tuple[str, BaseException]] = []  # recorded once the run is registered
 
@@ -145,6 +144,30 @@ class Probe:
         failures.declare("convexity_ratio", self.name, ["convexity_ratio"])
         failures.declare("optimizer", self.name, names("optimizer"))
         failures.declare("sharpness_target", self.name, ["sharpness_target"])
+
+    def rebind(self, params: List[Tensor]) -> None:
+        """Track the curvature over ``params`` (at attach, and when the optimizer's parameters
+        change): the trackers start cold."""
+        self.sharpness = _Tracker(params, **self._settings)
+        self.sharpness_precond = _Tracker(params, self._preconditioner, **self._settings) if self._precond else None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The trackers' vectors and estimates and the curvature's random state (a checkpoint)."""
+        return {"sharpness": self.sharpness.state_dict(),
+                "sharpness_precond": None if self.sharpness_precond is None else self.sharpness_precond.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ``state_dict()``; a bare ``Sharpness.state_dict()`` (older checkpoints) restores
+        the top eigenvalue's tracker only."""
+        if "eigenvector" in state:
+            self.sharpness.load_state_dict(state)
+            return
+        self.sharpness.load_state_dict(state["sharpness"])
+        if self.sharpness_precond is not None and state.get("sharpness_precond") is not None:
+            self.sharpness_precond.load_state_dict(state["sharpness_precond"])
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
 
     def describe(self) -> Dict[str, Any]:
         """What the run's config records: the probe batch and how the curvature is measured."""

@@ -10,7 +10,7 @@ JSON schemas here describe those checks for clients.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from typing_extensions import Annotated
@@ -18,7 +18,8 @@ from typing_extensions import Annotated
 from moxco.collector.api.errors import invalid, wire_error
 from moxco.collector.schema import RUN_STATUSES
 from moxco.decision import MAX_LR
-from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_SESSION, MAX_STEP, MAX_TEXT, WireError, check_document
+from moxco.wire import (MAX_BATCH_ID, MAX_METRIC_NAME, MAX_RUN_NAME, MAX_SESSION, MAX_STEP, MAX_TEXT, WireError,
+                        check_document)
 
 
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
@@ -63,6 +64,9 @@ class RunBody(Body):
                                                                "null: no policy decisions")
     status: Optional[Literal[RUN_STATUSES]] = None  # type: ignore[valid-type]
     session: Optional[Session] = None
+    policy_state: Optional[Dict[str, Any]] = Field(
+        None, description="an agent's checkpointed DecisionPolicy.state_dict(): stored only when it has seen a later "
+                          "probe than the stored state")
 
 
 class PolicyBody(Body):
@@ -71,6 +75,21 @@ class PolicyBody(Body):
     what: ClassVar[str] = "a policy change"
     policy: Optional[Dict[str, Any]] = Field(..., description="moxco.policy.PolicyConfig.to_dict(); "
                                                               "null: no policy decisions")
+
+
+class OpenRunBody(Body):
+    """``POST /runs``: an agent opens a run for writing (``Store.open_run``)."""
+
+    what: ClassVar[str] = "a run to open"
+    name: Annotated[str, Field(min_length=1, max_length=MAX_RUN_NAME)]
+    resume: Union[bool, Literal["must"]] = Field(
+        False, description="false: a new run (a taken name gets a suffix, name-2, …); true: continue the run of "
+                           "that name, or start it; \"must\": continue it, 404 when there is none")
+    session: Optional[Session] = Field(None, description="the writer's session id (the prefix of its batch ids)")
+    config: Optional[Dict[str, Any]] = Field(None, description="merged into the stored config")
+    optimizer: Optional[Dict[str, Any]] = Field(None, description="replaces the stored one")
+    policy: Optional[Dict[str, Any]] = Field(None, description="moxco.policy.PolicyConfig.to_dict(); "
+                                                               "null: no policy decisions")
 
 
 class Ack(Body):

@@ -1,7 +1,9 @@
 """The storage layer: the only code that writes SQL (SQLite by default, PostgreSQL at scale).
 
 ``open_store(url)`` opens (and migrates) a store. The embedded agent and the collector service
-use the same ``Store`` calls: ``put_run`` (registration, with the run's decision policy),
+use the same ``Store`` calls: ``open_run`` (an agent's registration: a taken name starts a new,
+suffixed run unless the agent resumes), ``put_run`` (registration or update by name, with the run's
+decision policy),
 ``ingest`` (a batch of points with acknowledgements; the run's policy decides on its goodness
 points, under the run's lock), ``decisions``/``acknowledge``/``add_decision`` (``moxco.decision.
 Decision`` objects), ``set_status``, ``run``/``list_runs``, the series reads, tokens. Reads return
@@ -24,8 +26,8 @@ Modules: ``engine`` (URL, engine, migrations, SQLite concurrency, driver errors)
 
 from __future__ import annotations
 
-from moxco.collector.store.base import (BusyError, ConflictError, ForbiddenError, IngestResult, NotFoundError, RunInfo,
-                                        RunSummary, StoreError, StoreLostError, TooLargeError)
+from moxco.collector.store.base import (BusyError, ConflictError, ForbiddenError, IngestResult, NotFoundError,
+                                        OpenedRun, RunInfo, RunSummary, StoreError, StoreLostError, TooLargeError)
 from moxco.collector.store.decisions import Decisions
 from moxco.collector.store.engine import MIGRATIONS, StoreCore, normalize_url, upgrade
 from moxco.collector.store.points import Points
@@ -51,6 +53,6 @@ def open_store(url: str) -> Store:
     return Store(url)
 
 
-__all__ = ["BusyError", "ConflictError", "ForbiddenError", "IngestResult", "MIGRATIONS", "NotFoundError", "RunInfo",
-           "RunSummary", "Store", "StoreError", "StoreLostError", "TooLargeError", "UNSET", "hash_token", "normalize_url",
-           "open_store", "upgrade"]
+__all__ = ["BusyError", "ConflictError", "ForbiddenError", "IngestResult", "MIGRATIONS", "NotFoundError", "OpenedRun",
+           "RunInfo", "RunSummary", "Store", "StoreError", "StoreLostError", "TooLargeError", "UNSET", "hash_token",
+           "normalize_url", "open_store", "upgrade"]

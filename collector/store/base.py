@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from moxco.decision import Decision
 
@@ -53,7 +53,8 @@ class StoreLostError(RuntimeError):
 class RunInfo:
     """One run as stored: its registration (config, optimizer, policy), status, timestamps (server
     clock), last step; ``metrics`` (names, any rank) and ``phase`` (the latest run-level ``phase``
-    point) when read with ``Store.run``."""
+    point) when read with ``Store.run``. ``id``: the run's stable id (a UUID string), which never
+    changes and is never reused, where the name may be reused by a resumed run."""
 
     name: str
     status: str
@@ -66,6 +67,7 @@ class RunInfo:
     last_ingest_at: Optional[float] = None
     metrics: Optional[List[str]] = None
     phase: Optional[int] = None
+    id: Optional[str] = None
 
     def summary(self) -> "RunSummary":
         """The run as the run list shows it (no config, optimizer or metric list)."""
@@ -76,13 +78,60 @@ class RunInfo:
 
     def to_json(self) -> Dict[str, Any]:
         """The run as the API returns it (``metrics`` and ``phase`` only when they were read)."""
-        out = {"name": self.name, "status": self.status, "config": self.config, "optimizer": self.optimizer,
+        out = {"name": self.name, "id": self.id, "status": self.status, "config": self.config, "optimizer": self.optimizer,
                "policy": self.policy, "created_at": self.created_at, "updated_at": self.updated_at,
                "last_step": self.last_step, "last_ingest_at": self.last_ingest_at}
         if self.metrics is not None:
             out["metrics"] = self.metrics
             out["phase"] = self.phase
         return out
+
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RunInfo":
+        """A run from the API's JSON (``to_json``)."""
+        return cls(data["name"], data["status"], dict(data.get("config") or {}), data.get("created_at"),
+                   data.get("updated_at"), data.get("last_step"), data.get("optimizer"), data.get("policy"),
+                   data.get("last_ingest_at"), data.get("metrics"), data.get("phase"), data.get("id"))
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """What ``Store.open_run`` did: the ``run`` opened for writing, whether it was ``created`` (else
+    resumed), and the name that was ``requested`` (``run.name`` differs when that name was taken and
+    a new run was asked for). A resumed run comes with what its series say for an agent that
+    continues it without a checkpoint: ``latest`` (the newest ``(step, value)`` of each run-level
+    series) and ``counts`` (points per run-level series)."""
+
+    run: RunInfo
+    created: bool
+    requested: str
+    latest: Optional[Dict[str, Tuple[int, float]]] = None
+    counts: Optional[Dict[str, int]] = None
+
+    @property
+    def renamed(self) -> bool:
+        return self.run.name != self.requested
+
+    def to_json(self) -> Dict[str, Any]:
+        from moxco.wire import encode_value
+
+        # the run's summary (what a writer is answered: no config), its id and phase, what was done
+        out = {**self.run.summary().to_json(), "id": self.run.id, "phase": self.run.phase, "created": self.created,
+               "resumed": not self.created, "requested": self.requested}
+        if self.latest is not None:
+            out["latest"] = {m: [s, encode_value(v)] for m, (s, v) in self.latest.items()}
+            out["counts"] = dict(self.counts or {})
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "OpenedRun":
+        from moxco.wire import decode_value
+
+        latest = data.get("latest")
+        return cls(RunInfo.from_json(data), bool(data["created"]), data.get("requested") or data["name"],
+                   None if latest is None else {m: (int(s), decode_value(v)) for m, (s, v) in latest.items()},
+                   None if latest is None else {m: int(n) for m, n in (data.get("counts") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -144,4 +193,5 @@ def json_value(value: Any) -> Any:
 def run_info(row: Mapping[str, Any], *, metrics: Optional[List[str]] = None, phase: Optional[int] = None) -> RunInfo:
     """A ``runs`` row as a ``RunInfo``."""
     return RunInfo(row["name"], row["status"], dict(row["config"]), row["created_at"], row["updated_at"],
-                   row["last_step"], row["optimizer"], row["policy"], row["last_ingest_at"], metrics, phase)
+                   row["last_step"], row["optimizer"], row["policy"], row["last_ingest_at"], metrics, phase,
+                   row["uid"])

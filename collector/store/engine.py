@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -35,9 +36,21 @@ from moxco.collector.store.base import NotFoundError, StoreError, StoreLostError
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
 def normalize_url(url: str) -> str:
-    """Accept a SQLAlchemy URL or a bare file path (taken as a SQLite file)."""
+    """Accept a SQLAlchemy URL or a bare file path (taken as a SQLite file). Something that starts
+    like a URL but lacks ``://`` (``sqlite:/runs.db``) is refused (``StoreError``), never taken as a
+    path (it would make a directory named ``sqlite:``)."""
+    if not isinstance(url, str) or not url.strip():
+        raise StoreError(f"a store URL is a non-empty string, got {url!r}")
     if "://" not in url:
+        if _SCHEME.match(url) and not re.match(r"^[A-Za-z]:[\\/]", url):  # (C:\… is a Windows path)
+            scheme = url.split(":", 1)[0]
+            raise StoreError(f"not a database URL: {url!r} needs '://' after {scheme + ':'!r} (e.g. "
+                             "sqlite:///runs.db for a file in the working directory, sqlite:////abs/path.db, "
+                             "postgresql://user@host/db); a plain path is taken as a SQLite file")
         return f"sqlite:///{Path(url).expanduser().resolve()}"
     for prefix in ("postgresql://", "postgres://"):  # the plain libpq form: use psycopg 3
         if url.startswith(prefix):

@@ -1,8 +1,11 @@
-"""Runs: registration (config, optimizer, decision policy), who may write them, status, listing,
-the stale-run sweep.
+"""Runs: registration (config, optimizer, decision policy), identity, who may write them, status,
+listing, the stale-run sweep.
 
-A run is registered by name (``moxco.wire.check_run_name``); registering it again merges the
-given config into the stored one and replaces the optimizer and policy when given. The policy is
+A run has a name (``moxco.wire.check_run_name``), which people type and may reuse, and a stable
+``uid`` (a UUID), which never changes. ``open_run`` is an agent's registration: a name already
+taken starts a new run with a suffixed name unless the agent resumes. ``put_run`` registers or
+updates by name: registering again merges the given config into the stored one and replaces the
+optimizer and policy when given. The policy is
 ``moxco.policy.PolicyConfig.to_dict()`` (NULL: the store takes no policy decisions for the run);
 its state (``DecisionPolicy.state_dict()``) is kept with the run and updated under the run's row
 lock by ingest.
@@ -23,20 +26,22 @@ Who writes a run (``check_writer``, in every write under the run's lock):
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from sqlalchemy import and_, case, false, func, literal, select, true, update
 
-from moxco.collector.schema import RUN_LEVEL_RANK, RUN_STATUSES, latest_points, runs
-from moxco.collector.store.base import (SUMMARY_HYPERPARAMETERS, BusyError, NotFoundError, RunInfo,
-                                        RunSummary, StoreError, TooLargeError, check_owner, json_value,
+from moxco.collector.schema import RUN_LEVEL_RANK, RUN_STATUSES, latest_points, runs, series_blocks
+from moxco.collector.store.base import (SUMMARY_HYPERPARAMETERS, BusyError, NotFoundError, OpenedRun, RunInfo,
+                                        RunSummary, StoreError, TooLargeError, check_owner, from_db, json_value,
                                         run_info)
-from moxco.policy import PolicyConfig
-from moxco.wire import (MAX_CONFIG_BYTES, WireError, check_document, check_name_pattern, check_run_name,
-                        check_session)
+from moxco.policy import DecisionPolicy, PolicyConfig
+from moxco.wire import (MAX_CONFIG_BYTES, MAX_RUN_NAME, WireError, check_document, check_name_pattern,
+                        check_run_name, check_session)
 
 UNSET: Any = object()  # "leave as stored" for put_run's optimizer and policy
 SESSION_STALE_AFTER_S = 600.0  # a writer session silent this long no longer holds its run
+RESUME_MODES = (False, True, "must")
 
 
 def check_name(name: Any) -> str:
@@ -76,6 +81,20 @@ def check_policy(policy: Any) -> Optional[Dict[str, Any]]:
         raise StoreError(f"invalid policy: {exc}") from None
 
 
+def _check_fields(config: Any, optimizer: Any, policy: Any, session: Any) -> Any:
+    """Checks a registration's config, optimizer and session; returns the policy as
+    ``PolicyConfig.to_dict()`` (or ``UNSET``/None as given)."""
+    if config is not None:
+        if not isinstance(config, Mapping):
+            raise StoreError(f"a run's config is a mapping, got {type(config).__name__}")
+        check_doc(dict(config), "the run's config", MAX_CONFIG_BYTES)
+    if optimizer is not UNSET and optimizer is not None:
+        check_doc(optimizer, "the run's optimizer", MAX_CONFIG_BYTES)
+    if session is not None:
+        _session(session)
+    return policy if policy is UNSET else check_policy(policy)
+
+
 def check_writer(name: str, owner: Optional[int], held_by: Optional[str], status: str, last_heard: Optional[float],
                  token_id: Optional[int], session: Optional[str], stale_after: float, now: float) -> None:
     """Refuse a write to run ``name`` (module docstring): ``ForbiddenError`` when ``token_id`` is
@@ -88,6 +107,21 @@ def check_writer(name: str, owner: Optional[int], held_by: Optional[str], status
                         f"wait until the other job finishes or is silent for {stale_after:.0f} s")
 
 
+def _newer(given: Mapping[str, Any], stored: Optional[Mapping[str, Any]]) -> bool:
+    """Whether policy state ``given`` has observed a later probe than ``stored``."""
+    if not isinstance(given, Mapping) or given.get("last_step") is None:
+        return False
+    try:
+        DecisionPolicy().load_state_dict({**dict(given), "config": PolicyConfig().to_dict()})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"not a decision policy state: {exc}") from None
+    return stored is None or stored.get("last_step") is None or int(given["last_step"]) > int(stored["last_step"])
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 class Runs:
     """Run registration and reads (a mixin of ``Store``)."""
 
@@ -95,7 +129,8 @@ class Runs:
 
     def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = UNSET,
                 policy: Any = UNSET, status: Optional[str] = None, create: bool = True,
-                token_id: Optional[int] = None, session: Optional[str] = None) -> RunInfo:
+                token_id: Optional[int] = None, session: Optional[str] = None,
+                policy_state: Optional[Mapping[str, Any]] = None) -> RunInfo:
         """Register (``create``) or update run ``name``; returns it as ``run`` does.
 
         ``config`` is merged into the stored config (at most ``MAX_CONFIG_BYTES`` as JSON once
@@ -106,53 +141,124 @@ class Runs:
         after a restart never makes the policy fire again. ``status`` defaults to ``running`` for
         a new run and to unchanged for an existing one; ``create=False`` refuses
         (``NotFoundError``) a run that does not exist. ``token_id``, ``session``: who writes
-        (module docstring)."""
+        (module docstring). ``policy_state``: a ``DecisionPolicy.state_dict()`` from an agent's
+        checkpoint, stored only when it has seen more probes than the stored state (``last_step``
+        later): a store that lost the run's progress gets it back, one that is ahead keeps its own."""
         check_name(name)
         _check_status(status)
-        if config is not None:
-            if not isinstance(config, Mapping):
-                raise StoreError(f"a run's config is a mapping, got {type(config).__name__}")
-            check_doc(dict(config), "the run's config", MAX_CONFIG_BYTES)
-        if optimizer is not UNSET and optimizer is not None:
-            check_doc(optimizer, "the run's optimizer", MAX_CONFIG_BYTES)
-        if policy is not UNSET:
-            policy = check_policy(policy)
-        if session is not None:
-            _session(session)
-        now = time.time()
+        policy = _check_fields(config, optimizer, policy, session)
         with self._writer.begin() as conn:
-            query = self.sql.for_update(select(runs).where(runs.c.name == name))
-            row = conn.execute(query).mappings().first()
+            row = self._locked_row(conn, name)
             if row is None:
                 if not create:
                     raise NotFoundError(f"no run named {name!r}")
-                conn.execute(self.sql.insert(runs).on_conflict_do_nothing().values(
-                    name=name, status=status or "running", config=dict(config or {}), created_at=now,
-                    updated_at=now, last_step=None, optimizer=None if optimizer is UNSET else optimizer,
-                    policy=None if policy is UNSET else policy, policy_state=None, owner=token_id, session=session))
-                row = conn.execute(query).mappings().first()
-                if row["created_at"] == now:
+                if self._insert(conn, name, config, optimizer, policy, status or "running", token_id, session):
+                    if policy_state is not None:
+                        self._update(conn, self._locked_row(conn, name), None, UNSET, UNSET, None, policy_state, None)
                     return self._run(conn, name)
+                row = self._locked_row(conn, name)  # another writer registered it meanwhile
             check_writer(name, row["owner"], row["session"], row["status"], _last_heard(row), token_id, session,
-                         self.session_stale_after, now)
-            values: Dict[str, Any] = {"updated_at": now}
-            if config:
-                merged = {**row["config"], **dict(config)}
-                check_doc(merged, "the run's config (merged with the stored one)", MAX_CONFIG_BYTES)
-                values["config"] = merged
-            if optimizer is not UNSET:
-                values["optimizer"] = optimizer
-            if policy is not UNSET:
-                values["policy"] = policy
-                state = row["policy_state"]
-                if policy is not None and state is not None and state.get("config") != policy:
-                    values["policy_state"] = {**state, "config": policy}
-            if status is not None:
-                values["status"] = status
-            if session is not None:
-                values["session"] = session
-            conn.execute(update(runs).where(runs.c.id == row["id"]).values(**values))
+                         self.session_stale_after, time.time())
+            self._update(conn, row, config, optimizer, policy, status, policy_state, session)
             return self._run(conn, name)
+
+    def open_run(self, name: str, *, resume: Any = False, session: Optional[str] = None,
+                 config: Optional[Mapping[str, Any]] = None, optimizer: Any = UNSET,
+                 policy: Any = UNSET, token_id: Optional[int] = None) -> OpenedRun:
+        """Open a run for writing: an agent's registration, with run identity.
+
+        * ``resume=False``: a new run. Named ``name`` when no run has that name, else the first
+          free ``name-2``, ``name-3``, … (``OpenedRun.requested`` keeps the name asked for): a
+          second job started with the same name never writes into the first one's series.
+        * ``resume=True``: run ``name`` continues (status ``running`` again, ``config`` merged,
+          ``optimizer`` and ``policy`` as in ``put_run``: the policy keeps its progress), or a new
+          run ``name`` when there is none.
+        * ``resume="must"``: run ``name`` continues; ``NotFoundError`` when there is none.
+
+        ``session``: the id of the writer opening the run (an agent's session, also the prefix of
+        its batch ids): it holds the run from now on, a resumed one included (the session that held
+        it before, e.g. a job killed without closing, is refused from then on); ``token_id``: as in
+        ``put_run`` (a resumed run must be the token's own; a new run is). Returns the ``OpenedRun``."""
+        check_name(name)
+        if resume not in RESUME_MODES:
+            raise StoreError(f"resume must be False, True or 'must', got {resume!r}")
+        policy = _check_fields(config, optimizer, policy, session)
+        with self._writer.begin() as conn:
+            for _attempt in range(10):
+                row = self._locked_row(conn, name)
+                if row is not None and resume:
+                    # resuming takes the run over (a job killed without closing still holds it): the
+                    # session that held it is refused from now on (BusyError), so two never mix
+                    check_owner(name, row["owner"], token_id)
+                    self._update(conn, row, config, optimizer, policy, "running", None, session)
+                    latest, counts = self._series_summary(conn, row["id"])
+                    return OpenedRun(self._run(conn, name), created=False, requested=name, latest=latest,
+                                     counts=counts)
+                if row is None and resume == "must":
+                    raise NotFoundError(f"no run named {name!r} to resume (resume='must'): start it with "
+                                        "resume=True or without resume")
+                target = name if row is None else self._free_name(conn, name)
+                if self._insert(conn, target, config, optimizer, policy, "running", token_id, session):
+                    return OpenedRun(self._run(conn, target), created=True, requested=name)
+            raise StoreError(f"could not open a run named {name!r}: its names are being taken concurrently")
+
+    def _series_summary(self, conn, run_id: int) -> Tuple[Dict[str, Tuple[int, float]], Dict[str, int]]:
+        """``({metric: (newest step, value)}, {metric: points})`` of the run's run-level series."""
+        lp, sb = latest_points.c, series_blocks.c
+        latest = {m: (int(s), from_db(v)) for m, s, v in conn.execute(
+            select(lp.metric, lp.step, lp.value).where(lp.run_id == run_id, lp.rank == RUN_LEVEL_RANK))}
+        counts = {m: int(n) for m, n in conn.execute(
+            select(sb.metric, func.sum(sb["count"])).where(sb.run_id == run_id, sb.rank == RUN_LEVEL_RANK)
+            .group_by(sb.metric))}
+        return latest, counts
+
+    def _locked_row(self, conn, name: str):
+        return conn.execute(self.sql.for_update(select(runs).where(runs.c.name == name))).mappings().first()
+
+    def _insert(self, conn, name: str, config, optimizer, policy, status: str, owner: Optional[int] = None,
+                session: Optional[str] = None) -> bool:
+        """Insert run ``name`` (a new ``uid``); False when a run of that name exists already."""
+        now, uid = time.time(), str(uuid.uuid4())
+        conn.execute(self.sql.insert(runs).on_conflict_do_nothing().values(
+            name=name, uid=uid, status=status, config=dict(config or {}), created_at=now, updated_at=now,
+            last_step=None, optimizer=None if optimizer is UNSET else optimizer,
+            policy=None if policy is UNSET else policy, policy_state=None, owner=owner, session=session))
+        return conn.execute(select(runs.c.uid).where(runs.c.name == name)).scalar() == uid
+
+    def _update(self, conn, row, config, optimizer, policy, status: Optional[str],
+                policy_state: Optional[Mapping[str, Any]], session: Optional[str]) -> None:
+        values: Dict[str, Any] = {"updated_at": time.time()}
+        if config:
+            merged = {**row["config"], **dict(config)}
+            check_doc(merged, "the run's config (merged with the stored one)", MAX_CONFIG_BYTES)
+            values["config"] = merged
+        if optimizer is not UNSET:
+            values["optimizer"] = optimizer
+        state = row["policy_state"]
+        if policy is not UNSET:
+            values["policy"] = policy
+            if policy is not None and state is not None and state.get("config") != policy:
+                state = values["policy_state"] = {**state, "config": policy}
+        if policy_state is not None and _newer(policy_state, state):
+            current = policy if policy is not UNSET else row["policy"]
+            values["policy_state"] = {**dict(policy_state), **({"config": current} if current else {})}
+        if status is not None:
+            values["status"] = status
+        if session is not None:
+            values["session"] = session
+        conn.execute(update(runs).where(runs.c.id == row["id"]).values(**values))
+
+    def _free_name(self, conn, name: str) -> str:
+        """The first ``name-N`` (N ≥ 2) no run has, cut to the longest run name."""
+        taken = set(conn.execute(select(runs.c.name).where(runs.c.name.like(f"{_like_escape(name[:150])}-%",
+                                                                            escape="\\"))).scalars())
+        n = 2
+        while True:
+            suffix = f"-{n}"
+            candidate = name[: MAX_RUN_NAME - len(suffix)] + suffix
+            if candidate not in taken and conn.execute(select(runs.c.id).where(runs.c.name == candidate)).first() is None:
+                return candidate
+            n += 1
 
     def set_status(self, name: str, status: str, *, token_id: Optional[int] = None) -> None:
         """Set run ``name``'s status (``running``, ``finished``, ``interrupted``, ``failed``)."""

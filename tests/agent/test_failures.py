@@ -44,6 +44,7 @@ def test_a_loss_the_agent_cannot_find_drops_the_loss_metrics_and_keeps_the_loss_
             xs.append(flat(model.parameters()))
         agent.close()
     assert set(agent.errors) == {"loss"} and "criterion" in agent.errors["loss"]
+    assert "agent.loss(F.cross_entropy, output, y)" in agent.errors["loss"]  # the call a plain loop needs
     assert set(agent.dropped()) == set(needing("loss")) and set(agent.dropped().values()) == {"loss"}
     assert sum("disabled" in r.message for r in caplog.records) == 1
 

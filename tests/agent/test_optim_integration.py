@@ -67,6 +67,8 @@ def test_moxco_optimizer_state_target_and_commit(tmp_path):
     target_steps, target = store.series("moxco", "sharpness_target")
     assert np.array_equal(target_steps, steps)
     lr_steps, lr = store.series("moxco", "lr")
+    assert lr_steps.tolist() == list(range(150))  # the learning rate of every step
+    lr = lr[np.searchsorted(lr_steps, target_steps)]
     beta = store.series("moxco", "beta")[1]
     before = target_steps < decision.step
     assert target[before] == pytest.approx(np.full(before.sum(), eos_sharpness(0.05, 0.9, 0.5)))

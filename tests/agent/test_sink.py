@@ -80,35 +80,3 @@ def test_a_store_file_deleted_mid_run_is_noticed_said_once_and_the_run_goes_on(t
         run = store.run("lost")
     assert steps.size >= 140 and int(steps[-1]) == 199  # the steps after the loss are all there
     assert "deleted" in run.config["errors"]["store"] and run.status == "finished"
-
-
-def test_attach_with_an_unwritable_store_does_not_raise_and_writes_to_the_spool_folder(tmp_path, monkeypatch):
-    """A read-only working directory (the default store ``./moxco.db``): ``attach`` does not raise;
-    the store is opened in the agent's spool folder instead, with a warning naming both."""
-    import torch
-
-    from moxco.agent import attach
-
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    readonly.chmod(0o555)
-    monkeypatch.setenv("MOXCO_SPOOL", str(tmp_path / "spool"))
-    monkeypatch.delenv("MOXCO_URL", raising=False)
-    monkeypatch.chdir(readonly)
-    try:
-        if os.geteuid() == 0:  # root writes anywhere: a file where the store's folder should be
-            (tmp_path / "blocker").write_text("")
-            url = f"sqlite:///{tmp_path / 'blocker' / 'moxco.db'}"
-        else:
-            url = None
-        mse = torch.nn.MSELoss()
-        model = torch.nn.Linear(4, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        agent = attach(model, opt, url=url, run="ro", reeval_every=0, probe_every=0,
-                       criterion=mse)
-        _train(agent, model, opt, 20, mse)
-        agent.close()
-    finally:
-        readonly.chmod(0o755)
-    with open_store(str(tmp_path / "spool" / "ro" / "moxco.db")) as store:
-        assert store.series("ro", "loss")[0].tolist() == list(range(20))

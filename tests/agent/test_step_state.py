@@ -115,7 +115,7 @@ def test_the_copy_of_the_previous_iterate_moves_through_its_states(tmp_path, mon
     assert set(agent.errors) == {"copy"} and "random scaling stop" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     store = open_store(url)
-    assert set(store.metrics("no-copy")) == {"loss", "grad_norm_sq"}
+    assert set(store.metrics("no-copy")) == {"loss", "grad_norm_sq", "lr", "step_time", "samples_per_second"}
     assert store.series("no-copy", "loss")[0].tolist() == list(range(STEPS))
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import moxco.agent
+from moxco.catalogue import needing
 from moxco.agent.demo import NOISE_STD, make_task
 from moxco.agent.transport import HttpSink, Spool
 from moxco.wire import Point
@@ -311,7 +312,7 @@ class SocketSpy:
 
 
 def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10, start_step=0, decisions=None,
-             decision_timeout=5.0, **transport):
+             decision_timeout=5.0, resume=False, **transport):
     """agent/demo.py's job: MoXCo on a teacher-student regression that reaches the goodness threshold
     (its policy fires at the probe of step 60)."""
     model, inputs, targets = make_task(0)
@@ -319,7 +320,7 @@ def demo_job(url, run, tmp_path, policy=None, reeval_every=1, sharpness_iters=10
     criterion = nn.MSELoss()
     agent = moxco.agent.attach(
         model, opt, url=url, run=run, reeval_every=reeval_every, probe_every=10, criterion=criterion,
-        sharpness_iters=sharpness_iters, seed=0, start_step=start_step,
+        sharpness_iters=sharpness_iters, seed=0, start_step=start_step, resume=resume,
         goodness={"tau": 1.0, "loss_target": NOISE_STD**2, "form": "eos"},
         policy=policy or {"threshold": 0.9, "consecutive": 3, "min_step": 50},
         decisions=decisions, decision_timeout=decision_timeout,
@@ -416,7 +417,8 @@ def test_agent_decisions_are_the_same_decision_objects_in_embedded_and_http_mode
     for url in (collector.db, collector.url):
         probe = nn.Linear(2, 1)
         readers.append(moxco.agent.attach(probe, torch.optim.SGD(probe.parameters(), lr=0.1), url=url, run="modes",
-                                          reeval_every=0, probe_every=0, transport={"spool_dir": tmp_path / "spool"}
+                                          resume="must", reeval_every=0, probe_every=0,
+                                          transport={"spool_dir": tmp_path / "spool"}
                                           if url.startswith("http") else None))
     try:
         embedded, http = (reader.decisions() for reader in readers)
@@ -509,7 +511,9 @@ def test_sync_decisions_over_http_three_runs_with_one_seed_are_the_same_run(coll
         assert store.metrics(run) == sorted(reference)
         for metric, (steps, values) in reference.items():
             got_steps, got_values = store.series(run, metric)
-            assert np.array_equal(got_steps, steps) and np.array_equal(got_values, values, equal_nan=True), metric
+            assert np.array_equal(got_steps, steps), metric
+            if metric not in needing("clock"):  # (step time and throughput differ from run to run)
+                assert np.array_equal(got_values, values, equal_nan=True), metric
         assert all(torch.equal(a, b) for a, b in zip(after, runs["sync-a"]))
 
     probe = nn.Linear(2, 1)

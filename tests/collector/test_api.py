@@ -38,7 +38,7 @@ def test_migrations_from_empty(store_url):
         if store.dialect == "postgresql":  # points in chunks, read through the metric_points view (0005)
             assert "point_chunks" in tables and "metric_points" in inspect(store.engine).get_view_names()
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0008"
     Store(store_url).close()  # a second upgrade is a no-op
 
 
@@ -56,6 +56,29 @@ def test_register_update_list_and_get(client):
     assert client.get("/api/v1/runs", params={"name": "GPT2*"}).json()["total"] == 0  # case-sensitive glob
     assert client.get("/api/v1/runs", params={"limit": 1, "offset": 1}).json()["runs"][0]["name"] == "gpt2 α"
     assert client.get("/api/v1/runs", params={"until": 0}).json()["total"] == 0
+
+
+def test_opening_a_taken_run_name_starts_a_new_run_unless_resumed(client):
+    """``POST /runs`` is an agent's registration: a free name is created (201) with a stable id; the
+    same name again is a new run named ``name-2`` with another id; ``resume: true`` continues the
+    run of that name (200, same id, running again, config merged); ``resume: "must"`` on a name no
+    run has is a 404 that says so."""
+    first = client.post("/api/v1/runs", json={"name": "mlp", "config": {"seed": 0}, "session": "a1"})
+    assert first.status_code == 201 and first.json()["name"] == "mlp" and first.json()["created"] is True
+    uid = first.json()["id"]
+    assert len(uid) == 36 and client.get("/api/v1/runs/mlp").json()["id"] == uid
+    second = client.post("/api/v1/runs", json={"name": "mlp", "config": {"seed": 1}})
+    assert second.status_code == 201 and second.json()["name"] == "mlp-2" and second.json()["requested"] == "mlp"
+    assert second.json()["id"] != uid
+    client.patch("/api/v1/runs/mlp", json={"status": "interrupted"})
+    resumed = client.post("/api/v1/runs", json={"name": "mlp", "resume": True, "config": {"resumed": 1}})
+    assert resumed.status_code == 200 and resumed.json()["resumed"] is True and resumed.json()["id"] == uid
+    assert resumed.json()["status"] == "running" and "config" not in resumed.json()  # a writer gets the summary
+    assert client.get("/api/v1/runs/mlp").json()["config"] == {"seed": 0, "resumed": 1}
+    missing = client.post("/api/v1/runs", json={"name": "nope", "resume": "must"})
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+    assert client.post("/api/v1/runs", json={"name": "a/b"}).status_code == 422
+    assert client.post("/api/v1/runs", json={"name": "x", "resume": "yes"}).status_code == 422
 
 
 def test_nan_and_inf_round_trip_and_latest(client):

@@ -29,7 +29,7 @@ def test_no_auth_is_refused_on_a_non_loopback_bind(tmp_path):
 
 def test_tokens_scopes_and_decide_cli_against_a_served_store(tmp_path, serve):
     url = f"sqlite:///{tmp_path / 'runs.db'}"
-    assert "revision 0007" in cli("db", "upgrade", "--url", url).stdout
+    assert "revision 0008" in cli("db", "upgrade", "--url", url).stdout
     ingest = cli("token", "create", "--url", url, "--name", "trainer", "--scope", "ingest").stdout.strip()
     reader = cli("token", "create", "--url", url, "--name", "grafana", "--scope", "read").stdout.strip()
     operator = cli("token", "create", "--url", url, "--name", "ops", "--scope", "decide").stdout.strip()

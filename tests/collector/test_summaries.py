@@ -268,7 +268,7 @@ def test_migration_0003_backfills_summaries(tmp_path):
     upgrade(store.engine, "0002")
     with store.engine.begin() as conn:  # a run and its points as a 0002 store holds them (no series_blocks yet)
         conn.exec_driver_sql("INSERT INTO runs (name, status, config, created_at, updated_at) "
-                             "VALUES ('r', 'running', '{}', 0, 0)")
+                             "VALUES ('r', 'running', '{}', 1, 1)")
         run_id = conn.exec_driver_sql("SELECT id FROM runs").scalar()
         conn.exec_driver_sql("INSERT INTO metric_points VALUES (?, 'loss', -1, ?, ?, 1.0)",
                              [(run_id, i, None if i == 7 else float(i % 17)) for i in range(3000)])

@@ -37,14 +37,14 @@ NO_DECISIONS = {"threshold": 1.0, "min_step": 10**9}
 class Job:
     """demo_job's training loop with the socket spy and a count of every point handed to the sink."""
 
-    def __init__(self, url: str, run: str, tmp_path: Path, monkeypatch, policy=None, start_step=0,
+    def __init__(self, url: str, run: str, tmp_path: Path, monkeypatch, policy=None, start_step=0, resume=False,
                  **transport) -> None:
         self.run = run
         self.spy = SocketSpy(monkeypatch)
         transport = {"max_backoff": 0.5, "linger": 0.2, **transport}
         self.agent, self.opt, self._step = demo_job(url, run, tmp_path, reeval_every=3, sharpness_iters=1,
                                                     policy=policy or NO_DECISIONS, start_step=start_step,
-                                                    **transport)
+                                                    resume=resume, **transport)
         self.sink = self.agent.store
         self.sent = spy_on_writes(self.sink)
         self.training = threading.current_thread().name
@@ -280,7 +280,7 @@ def test_agent_killed_mid_run_acknowledged_points_durable_run_interrupted_and_re
         resumed_steps = max(100, killed_at - checkpoint + 40)
         job_dir = tmp_path / "resumed"
         job_dir.mkdir()
-        job = Job(collector.url, "crash", job_dir, monkeypatch, spool_dir=spool, start_step=checkpoint)
+        job = Job(collector.url, "crash", job_dir, monkeypatch, spool_dir=spool, start_step=checkpoint, resume=True)
         job.steps(resumed_steps)
         wait_until(lambda: job.sink.stats.points_sent > 0, what="the resumed run's first batch")
         wait_until(lambda: store.run("crash").status == "running", 30, "the resumed run to be running")

@@ -19,7 +19,7 @@ from moxco.collector.store import Store
 MAX_CONFIG_BYTES = 256 * 1024  # the documented limit of a run's config (docs/security.md)
 from tests.figures import figure
 
-POLICY = {"threshold": 0.85, "min_step": 0, "consecutive": 1, "cooldown": 0, "max_decisions": 1,
+POLICY = {"threshold": 0.85, "min_step": 0, "consecutive": 1, "cooldown": 0, "max_decisions": 1, "lag": 2,
           "action": {"phase": 2, "alpha": 0.1, "beta": 0.1}}
 LOOPBACK = "http://127.0.0.1"
 

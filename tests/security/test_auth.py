@@ -57,6 +57,7 @@ REQUESTS = {
     ("GET", "/api/v1/docs"): ("/api/v1/docs", None),
     ("HEAD", "/api/v1/docs"): ("/api/v1/docs", None),
     ("GET", "/api/v1/catalogue"): ("/api/v1/catalogue", None),
+    ("POST", "/api/v1/runs"): ("/api/v1/runs", {"name": "r", "resume": True}),
     ("PUT", "/api/v1/runs/{run}"): ("/api/v1/runs/r", {"config": {"k": 1}}),
     ("PATCH", "/api/v1/runs/{run}"): ("/api/v1/runs/r", {"status": "running"}),
     ("PUT", "/api/v1/runs/{run}/policy"): ("/api/v1/runs/r/policy", {"policy": None}),

@@ -1,4 +1,5 @@
-"""Runs: register (``PUT``), update (``PATCH``), change the policy (``PUT …/policy``), list and read.
+"""Runs: open for writing (``POST``, with run identity), register (``PUT``), update (``PATCH``),
+change the policy (``PUT …/policy``), list and read.
 
 An ``ingest`` token writes only to the runs it registered (``deps.limited_to_own_runs``; the store
 checks it under the run's lock), and is answered a run's summary, not its config: reading a
@@ -13,8 +14,8 @@ from fastapi import Depends, Query, Request
 
 from moxco.collector.api.deps import get_store, limited_to_own_runs, principal, read_json, run_name, store_call
 from moxco.collector.api.errors import json_response
-from moxco.collector.api.routes.base import Route
-from moxco.collector.api.schemas import PolicyBody, RunBody, check_depth, parse
+from moxco.collector.api.routes.base import JSON_OBJECT, Route
+from moxco.collector.api.schemas import OpenRunBody, PolicyBody, RunBody, check_depth, parse
 from moxco.collector.auth import Principal
 from moxco.collector.schema import RUN_STATUSES
 from moxco.collector.store import Store
@@ -35,6 +36,8 @@ def _fields(body: RunBody) -> Dict[str, Any]:
             fields[key] = getattr(body, key)
     if body.status is not None:
         fields["status"] = body.status
+    if body.policy_state is not None:
+        fields["policy_state"] = body.policy_state
     return fields
 
 
@@ -65,6 +68,18 @@ async def put_policy(request: Request, run: str = Depends(run_name), store: Stor
     return json_response(info.summary().to_json())
 
 
+async def open_run(request: Request, store: Store = Depends(get_store), caller: Principal = Depends(principal)):
+    """Open a run for writing (an agent's registration): a new run (a taken name gets a suffix), or
+    with ``resume`` the run of that name continues. 201 with the run when it was created, 200 when
+    resumed; the answer is the run's summary with the name the run has (``name``), its ``id``,
+    and ``requested``. An ``ingest`` token resumes only a run it registered."""
+    body = parse(OpenRunBody, check_depth(await read_json(request), "the run"))
+    fields = {key: getattr(body, key) for key in ("config", "optimizer", "policy") if key in body.model_fields_set}
+    opened = await store_call(store.open_run, await run_name(body.name), resume=body.resume, session=body.session,
+                              token_id=limited_to_own_runs(caller), **fields)
+    return json_response(opened.to_json(), status=201 if opened.created else 200)
+
+
 async def list_runs(name: Optional[str] = Query(None, max_length=MAX_PATTERN),
                     status: Optional[str] = Query(None, pattern="^(" + "|".join(RUN_STATUSES) + ")$"),
                     since: Optional[float] = None, until: Optional[float] = None,
@@ -83,6 +98,7 @@ async def get_run(run: str = Depends(run_name), store: Store = Depends(get_store
 
 
 ROUTES = (
+    Route(("POST",), "/api/v1/runs", open_run, "ingest", body=OpenRunBody, responses={201: {"description": "run created", "content": JSON_OBJECT}}),
     Route(("PUT",), "/api/v1/runs/{run}", put_run, "ingest", body=RunBody),
     Route(("PATCH",), "/api/v1/runs/{run}", patch_run, "ingest", body=RunBody),
     Route(("PUT",), "/api/v1/runs/{run}/policy", put_policy, "decide", body=PolicyBody),
