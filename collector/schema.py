@@ -4,7 +4,7 @@
   clock), last step, ``last_ingest_at``; ``optimizer`` (JSON), ``policy``
   (``PolicyConfig.to_dict()``; NULL: no policy decisions for the run) and ``policy_state``
   (``DecisionPolicy.state_dict()``, updated under the run's row lock so several collector workers
-  share one policy).
+  share one policy); the user's ``tags`` (JSON list of strings) and ``note``.
 * ``metric_points``: the series, one row per point, columns ``(run_id, metric, rank, step, value,
   wall_time)``. ``value`` NULL means NaN (±Inf are stored as they are); ``rank`` is -1 for
   run-level values and the torch.distributed rank for per-rank ones. On SQLite it is a
@@ -79,6 +79,8 @@ runs = Table(
     Column("policy", JSON, nullable=True),
     Column("policy_state", JSON, nullable=True),
     Column("last_ingest_at", Float, nullable=True),
+    Column("tags", JSON, nullable=True),  # the user's labels: a list of strings (NULL: none)
+    Column("note", String(1000), nullable=True),  # the user's note on the run
     UniqueConstraint("name", name="uq_runs_name"),
 )
 

@@ -17,6 +17,7 @@ from typing_extensions import Annotated
 
 from moxco.collector.api.errors import invalid
 from moxco.collector.schema import RUN_STATUSES
+from moxco.collector.store.runs import MAX_TAG, MAX_TAGS
 from moxco.wire import MAX_BATCH_ID, MAX_METRIC_NAME, MAX_STEP, MAX_TEXT
 
 MAX_JSON_DEPTH = 32  # nesting of config/optimizer/policy/action objects (orjson writes at most 255)
@@ -52,7 +53,8 @@ class Body(BaseModel):
 
 
 class RunBody(Body):
-    """``PUT``/``PATCH /runs/{run}``: the registration (fields left out stay as stored)."""
+    """``PUT``/``PATCH /runs/{run}``: the registration and the user's labels (fields left out stay
+    as stored)."""
 
     what: ClassVar[str] = "a run"
     config: Optional[Dict[str, Any]] = Field(None, description="merged into the stored config")
@@ -60,6 +62,9 @@ class RunBody(Body):
     policy: Optional[Dict[str, Any]] = Field(None, description="moxco.policy.PolicyConfig.to_dict(); "
                                                                "null: no policy decisions")
     status: Optional[Literal[RUN_STATUSES]] = None  # type: ignore[valid-type]
+    tags: Optional[List[Annotated[str, Field(min_length=1, max_length=MAX_TAG)]]] = Field(
+        None, max_length=MAX_TAGS, description="the user's labels (replace the stored ones; null: none)")
+    note: Optional[Text] = Field(None, description="the user's note on the run (replaces the stored one; null: none)")
 
 
 class Ack(Body):

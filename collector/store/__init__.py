@@ -4,8 +4,8 @@
 use the same ``Store`` calls: ``put_run`` (registration, with the run's decision policy),
 ``ingest`` (a batch of points with acknowledgements; the run's policy decides on its goodness
 points, under the run's lock), ``decisions``/``acknowledge``/``add_decision`` (``moxco.decision.
-Decision`` objects), ``set_status``, ``run``/``list_runs``, the series reads, tokens. Reads return
-NumPy arrays.
+Decision`` objects), ``set_status``, ``run``/``list_runs``/``delete_run``, the series reads and
+exports, tokens. Reads return NumPy arrays.
 
 Guarantees:
 
@@ -19,21 +19,23 @@ Guarantees:
 
 Modules: ``engine`` (URL, engine, migrations, SQLite concurrency, driver errors), ``sqlite`` and
 ``postgres`` (each database's point insert, columnar read and codecs), ``runs``, ``points`` (ingest),
-``series`` (reads, ``SeriesCache``), ``decisions`` (and the policy step), ``tokens``.
+``series`` (reads, ``SeriesCache``), ``export`` (whole series and a run's table in bounded windows,
+``frame``), ``decisions`` (and the policy step), ``tokens``.
 """
 
 from __future__ import annotations
 
 from moxco.collector.store.base import ConflictError, IngestResult, NotFoundError, RunInfo, StoreError
 from moxco.collector.store.decisions import Decisions
-from moxco.collector.store.engine import MIGRATIONS, StoreCore, normalize_url, upgrade
+from moxco.collector.store.export import EXPORT_CHUNK_POINTS, Export
+from moxco.collector.store.engine import MIGRATIONS, StoreCore, normalize_url, store_exists, upgrade
 from moxco.collector.store.points import Points
 from moxco.collector.store.runs import UNSET, Runs
-from moxco.collector.store.series import Series, SeriesCache
+from moxco.collector.store.series import Latest, Series, SeriesCache
 from moxco.collector.store.tokens import Tokens, hash_token
 
 
-class Store(Runs, Points, Series, Decisions, Tokens, StoreCore):
+class Store(Runs, Points, Series, Export, Decisions, Tokens, StoreCore):
     """A moxco store on one database URL (thread-safe: SQLAlchemy pools connections)."""
 
     def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 10,
@@ -45,10 +47,15 @@ class Store(Runs, Points, Series, Decisions, Tokens, StoreCore):
         self._series_cache = SeriesCache(series_cache_points)
 
 
-def open_store(url: str) -> Store:
-    """Open (creating and migrating if needed) the store at ``url`` (SQLAlchemy URL or file path)."""
+def open_store(url: str, *, create: bool = True) -> Store:
+    """Open (migrating if needed) the store at ``url`` (SQLAlchemy URL or file path). ``create``:
+    make a new store when there is none; ``create=False`` refuses (``NotFoundError``, naming the
+    file or database) instead, for callers that only read or change what is there."""
+    if not create and not store_exists(url):
+        raise NotFoundError(f"no moxco store at {normalize_url(url).split('@')[-1]} (nothing was created): "
+                            "check the URL, or let an agent or `moxco serve` create it")
     return Store(url)
 
 
-__all__ = ["ConflictError", "IngestResult", "MIGRATIONS", "NotFoundError", "RunInfo", "Store", "StoreError", "UNSET",
-           "hash_token", "normalize_url", "open_store", "upgrade"]
+__all__ = ["ConflictError", "IngestResult", "Latest", "MIGRATIONS", "NotFoundError", "RunInfo", "Store", "StoreError", "UNSET",
+           "hash_token", "normalize_url", "open_store", "store_exists", "upgrade"]

@@ -25,8 +25,8 @@ class ConflictError(StoreError):
 @dataclass(frozen=True)
 class RunInfo:
     """One run as stored: its registration (config, optimizer, policy), status, timestamps (server
-    clock), last step; ``metrics`` (names, any rank) and ``phase`` (the latest run-level ``phase``
-    point) when read with ``Store.run``."""
+    clock), last step, the user's ``tags`` and ``note``; ``metrics`` (names, any rank) and
+    ``phase`` (the latest run-level ``phase`` point) when read with ``Store.run``."""
 
     name: str
     status: str
@@ -39,12 +39,15 @@ class RunInfo:
     last_ingest_at: Optional[float] = None
     metrics: Optional[List[str]] = None
     phase: Optional[int] = None
+    tags: List[str] = field(default_factory=list)
+    note: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The run as the API returns it (``metrics`` and ``phase`` only when they were read)."""
         out = {"name": self.name, "status": self.status, "config": self.config, "optimizer": self.optimizer,
                "policy": self.policy, "created_at": self.created_at, "updated_at": self.updated_at,
-               "last_step": self.last_step, "last_ingest_at": self.last_ingest_at}
+               "last_step": self.last_step, "last_ingest_at": self.last_ingest_at, "tags": list(self.tags),
+               "note": self.note}
         if self.metrics is not None:
             out["metrics"] = self.metrics
             out["phase"] = self.phase
@@ -85,4 +88,5 @@ def json_value(value: Any) -> Any:
 def run_info(row: Mapping[str, Any], *, metrics: Optional[List[str]] = None, phase: Optional[int] = None) -> RunInfo:
     """A ``runs`` row as a ``RunInfo``."""
     return RunInfo(row["name"], row["status"], dict(row["config"]), row["created_at"], row["updated_at"],
-                   row["last_step"], row["optimizer"], row["policy"], row["last_ingest_at"], metrics, phase)
+                   row["last_step"], row["optimizer"], row["policy"], row["last_ingest_at"], metrics, phase,
+                   list(json_value(row["tags"]) or []), row["note"])
