@@ -1,6 +1,6 @@
 """``moxco audit``: post-hoc assumption audits of stored runs (docs/audit.md).
 
-    moxco audit RUN [--url URL] [--out report.html]            one run: HTML report + JSON summary
+    moxco audit RUN [--store URL] [--out report.html]          one run: HTML report + JSON summary
     moxco audit --compare RUN1 RUN2 ... [--out compare.html]    runs side by side
     moxco audit --checkpoints DIR --reference FINAL.pt --data module:function [--run NAME]
                                                                global metrics from saved checkpoints
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+
+from moxco.cli import add_store_option, add_url_option
 
 
 def register(commands: "argparse._SubParsersAction") -> None:
@@ -27,21 +27,22 @@ def register(commands: "argparse._SubParsersAction") -> None:
         "(convexity along the path, global convexity, smoothness vs sharpness, the descent lemma, MoXCo). "
         "Verdict rules: docs/audit.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  moxco audit gpt2-adamw --url sqlite:///runs.db --out gpt2.html\n"
-               "  moxco audit --compare gpt2-adamw gpt2-sgdm --url sqlite:///runs.db\n"
+        epilog="examples:\n  moxco audit gpt2-adamw --store sqlite:///runs.db --out gpt2.html\n"
+               "  moxco audit --compare gpt2-adamw gpt2-sgdm --store sqlite:///runs.db\n"
                "  moxco audit --checkpoints ckpts/ --reference xstar.pt --data examples/pretrain_gpt2.py:probe_data "
-               "--run gpt2-ckpt --url sqlite:///runs.db",
+               "--run gpt2-ckpt --store sqlite:///runs.db",
     )
     p.add_argument("runs", nargs="*", metavar="RUN", help="the run to audit (several with --compare)")
-    p.add_argument("--url", help="store URL (SQLAlchemy URL or SQLite file path; default: $MOXCO_URL, else "
-                                 "sqlite:///moxco.db in the working directory)")
+    add_store_option(p, "the store holding the run (checkpoint mode: the store to write it to)")
+    add_url_option(p, "a collector holding the run (not supported yet: give its store with --store)")
     p.add_argument("--out", help="HTML report path (default: audit-RUN.html, audit-compare.html); the JSON summary "
                                  "is written beside it with the suffix .json")
     p.add_argument("--compare", action="store_true", help="put the given runs side by side")
-    p.add_argument("--checkpoints", metavar="DIR", help="checkpoint mode: the directory of saved checkpoints")
-    p.add_argument("--reference", metavar="FINAL.pt", help="checkpoint mode: x*, the reference weights")
+    p.add_argument("--checkpoints", metavar="DIR", help="checkpoint mode: the directory of saved checkpoints (default: none, audit a stored run)")
+    p.add_argument("--reference", metavar="FINAL.pt", help="checkpoint mode: x*, the reference weights (required there; default: none)")
     p.add_argument("--data", metavar="SPEC", help="checkpoint mode: 'module:function' or 'file.py:function' returning "
-                                                  "(model_fn, probe batches[, loss_fn]); see docs/audit.md")
+                                                  "(model_fn, probe batches[, loss_fn]); see docs/audit.md (required there; "
+                                                  "default: none)")
     p.add_argument("--run", dest="run_name", metavar="NAME",
                    help="checkpoint mode: the run to write into (default: the checkpoint directory's name + '-ckpt')")
     p.add_argument("--device", help="checkpoint mode: torch device (default: cuda when available, else cpu)")
@@ -59,14 +60,25 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _open(url: Optional[str]):
+def _store(args) -> str:
+    """The store of ``--store`` (``moxco.cli.store_url``); a collector (``--url``) is not read yet."""
+    from moxco.cli import collector_url, store_url
+    from moxco.collector.audit.analysis import AuditError
+
+    try:
+        url = collector_url(args.url) if args.store is None else None
+        if url is not None:
+            raise AuditError(f"{url}: reading runs from a collector over HTTP is not supported yet; give the "
+                             "collector's store with --store (the URL `moxco serve --store` was given)")
+        return store_url(args.store)
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
+
+
+def _open(url: str):
     from moxco.collector.audit.analysis import AuditError
     from moxco.collector.store import normalize_url, open_store
 
-    url = url or os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
-    if url.startswith(("http://", "https://")):
-        raise AuditError(f"{url}: reading runs from a collector over HTTP is not supported yet; point --url at the "
-                         "collector's database (the URL `moxco serve` was given)")
     normalized = normalize_url(url)
     if normalized.startswith("sqlite:///") and normalized != "sqlite:///:memory:":
         path = Path(normalized[len("sqlite:///"):])
@@ -110,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                          f"give one RUN, got {len(args.runs)}; use --compare to put runs side by side", 2)
         from moxco.collector.audit.report import write_report
 
-        with _open(args.url) as store:
+        with _open(_store(args)) as store:
             result = audit(_load(store, args.runs[0]), dtype=args.dtype, tolerance_factor=factor)
         out = Path(args.out or f"audit-{_safe(args.runs[0])}.html")
         html_path, json_path = write_report(result, out)
@@ -141,7 +153,7 @@ def _compare(args, factor: float) -> int:
     duplicates = sorted({r for r in args.runs if args.runs.count(r) > 1})
     if duplicates:
         return _fail(f"--compare: run(s) given twice: {', '.join(duplicates)}", 2)
-    with _open(args.url) as store:
+    with _open(_store(args)) as store:
         results = [audit(_load(store, name), dtype=args.dtype, tolerance_factor=factor) for name in args.runs]
     html_path, json_path = write_compare(results, Path(args.out or "audit-compare.html"))
     _print_summary(args, results, html_path, json_path)
@@ -158,11 +170,15 @@ def _checkpoint_mode(args, factor: float) -> int:
     if args.compare or len(args.runs) > 1:
         return _fail("checkpoint mode audits one run; give its name with --run", 2)
     name = args.run_name or (args.runs[0] if args.runs else f"{Path(args.checkpoints).resolve().name}-ckpt")
-    url = args.url or os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
+    from moxco.cli import store_url
     from moxco.collector.store import open_store
 
-    if url.startswith(("http://", "https://")):
-        return _fail("checkpoint mode writes to a database URL (sqlite:///… or postgresql://…), not to a collector")
+    if args.url is not None:
+        return _fail("checkpoint mode writes to a store (--store sqlite:///… or postgresql://…), not to a collector")
+    try:
+        url = store_url(args.store)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
     with open_store(url) as store:
         summary = checkpoint_audit(store, name, Path(args.checkpoints), Path(args.reference), args.data,
                                    device=args.device, progress=not args.no_progress)

@@ -25,6 +25,10 @@ Modules: ``engine`` (URL, engine, migrations, SQLite concurrency, driver errors)
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from sqlalchemy import make_url
+
 from moxco.collector.store.base import ConflictError, IngestResult, NotFoundError, RunInfo, StoreError
 from moxco.collector.store.decisions import Decisions
 from moxco.collector.store.export import EXPORT_CHUNK_POINTS, Export
@@ -52,10 +56,13 @@ def open_store(url: str, *, create: bool = True) -> Store:
     make a new store when there is none; ``create=False`` refuses (``NotFoundError``, naming the
     file or database) instead, for callers that only read or change what is there."""
     if not create and not store_exists(url):
-        raise NotFoundError(f"no moxco store at {normalize_url(url).split('@')[-1]} (nothing was created): "
-                            "check the URL, or let an agent or `moxco serve` create it")
+        where = normalize_url(url)
+        if where.startswith("sqlite"):
+            where = f"{where} (the file {str(Path(make_url(where).database or ':memory:').resolve())!r} does not exist)"
+        raise NotFoundError(f"no moxco store at {where.split('@')[-1]}; nothing was created: check the URL, or let "
+                            "an agent or `moxco serve` create it")
     return Store(url)
 
 
-__all__ = ["ConflictError", "IngestResult", "Latest", "MIGRATIONS", "NotFoundError", "RunInfo", "Store", "StoreError", "UNSET",
+__all__ = ["ConflictError", "EXPORT_CHUNK_POINTS", "IngestResult", "Latest", "MIGRATIONS", "NotFoundError", "RunInfo", "Store", "StoreError", "UNSET",
            "hash_token", "normalize_url", "open_store", "store_exists", "upgrade"]

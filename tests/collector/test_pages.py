@@ -327,7 +327,7 @@ def test_with_auth_the_page_asks_for_a_read_token_once(tmp_path, page):
         store.ingest("secured", [(s, "loss", 1.0 / (s + 1), time.time()) for s in range(7)])
 
     def token(*scopes: str) -> str:
-        args = [sys.executable, "-m", "moxco.cli", "token", "create", "--url", url, "--name", "-".join(scopes)]
+        args = [sys.executable, "-m", "moxco.cli", "token", "create", "--store", url, "--name", "-".join(scopes)]
         for scope in scopes:
             args += ["--scope", scope]
         done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, check=True)
