@@ -18,7 +18,7 @@ from sqlalchemy import select
 from moxco import catalogue
 from moxco.collector.schema import BLOCK_STEPS, RUN_LEVEL_RANK, latest_points, series_blocks
 
-EXPORT_CHUNK_POINTS = 65_536  # points read per window (all the table's metrics together)
+EXPORT_CHUNK_POINTS = 32_768  # points read per window (all the table's metrics together)
 
 Columns = Tuple[np.ndarray, np.ndarray, np.ndarray]
 Table = Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray], Dict[str, np.ndarray]]  # one window of a run's table
