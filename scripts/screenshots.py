@@ -83,11 +83,12 @@ def main(argv=None) -> int:
             page = context.new_page()
             page.set_default_timeout(60_000)
 
+            page.set_viewport_size({"width": 1400, "height": 360})
             page.goto(f"{collector.url}/?refresh=0")
             page.wait_for_function("() => window.moxcoRuns && window.moxcoRuns.loaded")
             for name, _, _ in RUNS:
                 page.check(f"#runs tbody tr[data-run='{name}'] td.check input")
-            page.screenshot(path=str(out / "pages-runs.png"))
+            page.screenshot(path=str(out / "pages-runs.png"), full_page=True)
 
             page.goto(f"{collector.url}/runs/{quote(RUNS[0][0], safe='')}?refresh=0")
             page.wait_for_function("() => window.moxcoPage && window.moxcoPage.loaded")

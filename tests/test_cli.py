@@ -1,4 +1,6 @@
-"""The README's main-job command: `moxco demo` trains, stores, summarises and self-checks."""
+"""The README's main-job command (`moxco demo` trains, stores, summarises and self-checks), and the
+one convention of every command's flags: --store, --url, --token, help with defaults, plain text,
+no store created by a command that only reads one."""
 
 from __future__ import annotations
 
