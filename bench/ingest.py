@@ -265,7 +265,7 @@ def load(target, args_of, clients: int, seconds: float) -> dict:
 def serve(url: str, workers: int, tmp: Path):
     port = free_port()
     log = open(tmp / f"serve-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moxco.cli", "serve", "--url", url, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "moxco.cli", "serve", "--store", url, "--port", str(port),
                              "--workers", str(workers), "--no-auth"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     return port, proc

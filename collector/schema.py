@@ -7,7 +7,8 @@
   (``DecisionPolicy.state_dict()``, updated under the run's row lock so several collector workers
   share one policy); ``owner``: the id of the token that registered it (NULL: registered without
   a token, by an admin token, embedded or by the CLI), the only ``ingest`` token that may write
-  to it; ``session``: the writer session that holds it (docs/api.md, One writer per run).
+  to it; ``session``: the writer session that holds it (docs/api.md, One writer per run); the
+  user's ``tags`` (JSON list of strings) and ``note``.
 * ``metric_points``: the series, one row per point, columns ``(run_id, metric, rank, step, value,
   wall_time)``. ``value`` NULL means NaN (±Inf are stored as they are); ``rank`` is -1 for
   run-level values and the torch.distributed rank for per-rank ones. On SQLite it is a
@@ -85,6 +86,8 @@ runs = Table(
     Column("last_ingest_at", Float, nullable=True),
     Column("owner", Integer, nullable=True),  # tokens.id of the registering token; NULL: none
     Column("session", String(MAX_SESSION), nullable=True),  # the writer session holding the run
+    Column("tags", JSON, nullable=True),  # the user's labels: a list of strings (NULL: none)
+    Column("note", String(1000), nullable=True),  # the user's note on the run
     UniqueConstraint("name", name="uq_runs_name"),
     Index("uq_runs_uid", "uid", unique=True),
 )

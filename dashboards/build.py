@@ -2,21 +2,22 @@
 
 Two dashboards:
 
-* ``moxco-live-run`` (**moxco · live run**): one run (variable ``run`` from
-  ``label_values(moxco_run_step, run)``), the MoXCo story top to bottom: where the run is now,
-  loss and gradient norm, sharpness against ``λ_target`` (the edge-of-stability bound), goodness
-  against the threshold C and its three terms, the phase, the optimizer's state, the audit metrics
-  (gaps, smoothness, update correlations, convexity ratio, distance), and the run's full history
-  from the store.
+* ``moxco-live-run`` (**moxco · live run**): one run (variable ``run``: every run in the store,
+  finished ones too), the MoXCo story top to bottom: where the run is now, then each panel of the
+  metric catalogue twice, side by side: live from Prometheus against wall time (left), and by step
+  from the store at full resolution, long series downsampled by the store's block summaries
+  (right): loss and gradient norm, sharpness against ``λ_target`` (the edge-of-stability bound),
+  goodness against the threshold C of the run's stored policy (variable ``C``) and its three
+  terms, the phase, the optimizer's state, the audit metrics; then the run's decisions.
 * ``moxco-compare-runs`` (**moxco · compare runs**): several runs side by side (multi-select
-  ``run``), with a summary table from the store.
+  ``run``), with a summary table from the store (each run's threshold C included).
 
 Live panels query Prometheus (the collector's ``/metrics``: ``moxco_<metric>{run}`` gauges,
 docs/api.md); since several collector workers expose the same gauges, every query aggregates
-``max by (run)`` so a run is one line whatever the number of workers. Full history, the decision
-table and the decision annotations query the PostgreSQL store (``runs``, ``metric_points``,
-``latest_points``, ``series_blocks``, ``decisions``: collector/schema.py) through Grafana's
-PostgreSQL datasource; tests/dashboards/test_sql_on_store.py runs every such query on a real one.
+``max by (run)`` so a run is one line whatever the number of workers. The run list, the threshold,
+the by-step panels, the decision table and the decision annotations query the PostgreSQL store
+(``dashboards/store_sql.py``) through Grafana's PostgreSQL datasource;
+tests/dashboards/test_sql_on_store.py runs every such query on a real one.
 
 ``python -m moxco.dashboards.build`` (or ``moxco dashboards build``) writes the JSON to
 ``dashboards/json/`` and the Kubernetes ConfigMap that carries it to
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries, trend
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
@@ -41,6 +42,8 @@ from grafana_foundation_sdk.models import dashboard as dm
 
 from moxco import catalogue
 from moxco.dashboards.sdk import AnnotationBuilder, SQLQueryBuilder
+from moxco.dashboards.store_sql import (DECISIONS_ANNOTATION_SQL, DECISIONS_TABLE_SQL, FULL_RESOLUTION, RUNS_SQL,
+                                        RUNS_SUMMARY_SQL, THRESHOLD_SQL, by_step_sql)
 
 # --- datasources: fixed uids, so provisioning, push and the dashboards agree --------------------
 
@@ -55,7 +58,6 @@ POSTGRES = dm.DataSourceRef(type_val=POSTGRES_TYPE, uid=POSTGRES_UID)
 LIVE_UID = "moxco-live-run"
 COMPARE_UID = "moxco-compare-runs"
 TAGS = ["moxco"]
-DEFAULT_THRESHOLD_C = "0.85"  # moxco.policy.PolicyConfig's default threshold
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JSON_DIR = Path(__file__).resolve().parent / "json"
@@ -145,39 +147,57 @@ def stat_panel(ids: _Ids, title: str, description: str, expr: str, *, unit: str 
     return panel
 
 
-def _span(panel: "catalogue.Panel") -> int:
-    """Grid width: a wide panel takes the row; the others share it, up to three a row."""
-    if panel.wide:
-        return 24
-    narrow = sum(1 for p in catalogue.PANELS if p.section == panel.section and not p.wide)
-    return 24 // min(3, max(narrow, 1))
-
-
-def catalogue_panel(ids: _Ids, panel: "catalogue.Panel", query: Callable[[str], str]) -> timeseries.Panel:
-    """A time-series panel drawn from a ``moxco.catalogue`` panel: its metrics (``query(name)``, with
-    their labels and dashes), its scale, range, the threshold C and its reference lines."""
-    metrics = catalogue.panel_metrics(panel.id)
-    refs = [chr(ord("A") + i) for i in range(len(metrics) + 1)]
-    targets = [prom(query(m.name), m.label or m.name, ref) for m, ref in zip(metrics, refs)]
-    if panel.threshold:
-        targets.append(prom("vector($C)", "C", refs[len(metrics)]))
-    out = series_panel(ids, panel.title, panel.help, targets, unit=panel.grafana_unit, log=panel.log,
-                       span=_span(panel), step_line=panel.stepped)
+def _style(out, panel: "catalogue.Panel", threshold_label: Optional[str]):
+    """A catalogue panel's look on a time-series or trend builder: range, decimals, the dashes of
+    its metrics, the threshold C's line, the catalogue's reference lines."""
     if panel.value_range is not None:
         out = out.min(panel.value_range[0]).max(panel.value_range[1])
     if panel.phase:
         out = out.decimals(0)
-    for m in metrics:
+    for m in catalogue.panel_metrics(panel.id):
         if m.dash:
             out = out.override_by_name(m.label or m.name, _dashed(m.color, m.dash))
-    if panel.threshold:
-        out = out.override_by_name("C", _dashed("green"))
+    if panel.threshold and threshold_label:
+        out = out.override_by_name(threshold_label, _dashed("green"))
     if panel.refs:
         steps = [(None, "red")] + [(value, "green" if value > 0 else "orange") for value, _label, _color in
                                    sorted(panel.refs)]
         out = (out.thresholds(_thresholds(*steps))
                .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphTresholdsStyleMode.DASHED)))
     return out
+
+
+def catalogue_panel(ids: _Ids, panel: "catalogue.Panel", query: Callable[[str], str], span: int = 12) -> timeseries.Panel:
+    """A live time-series panel drawn from a ``moxco.catalogue`` panel: its metrics (``query(name)``,
+    with their labels and dashes), its scale, range, the threshold C and its reference lines."""
+    metrics = catalogue.panel_metrics(panel.id)
+    refs = [chr(ord("A") + i) for i in range(len(metrics) + 1)]
+    targets = [prom(query(m.name), m.label or m.name, ref) for m, ref in zip(metrics, refs)]
+    if panel.threshold:
+        targets.append(prom("vector($C)", "C", refs[len(metrics)]))
+    out = series_panel(ids, panel.title, panel.help, targets, unit=panel.grafana_unit, log=panel.log,
+                       span=span, step_line=panel.stepped)
+    return _style(out, panel, "C")
+
+
+BY_STEP_NOTE = (f" By step, from the store: every run, finished ones too; a series of up to {FULL_RESOLUTION:,} "
+                "points at full resolution, a longer one as each 1,024-step block's first, lowest, highest and "
+                "last point (every spike kept); a NaN is a gap.")
+
+
+def by_step_panel(ids: _Ids, panel: "catalogue.Panel", span: int = 12) -> trend.Panel:
+    """The same catalogue panel by step from the store (Grafana's trend panel: a numeric x axis),
+    the threshold C read from the run's stored policy."""
+    metrics = catalogue.panel_metrics(panel.id)
+    query = by_step_sql([(m.name, m.label or m.name) for m in metrics], threshold=panel.threshold)
+    out = (trend.Panel().id(ids()).title(f"{panel.title} · by step").description(panel.help + BY_STEP_NOTE)
+           .datasource(POSTGRES).with_target(sql(query, fmt="table")).x_field("step").unit(panel.grafana_unit)
+           .span(span).height(8).legend(_legend()).tooltip(_tooltip()).line_width(1).fill_opacity(0)
+           .show_points(cm.VisibilityMode.AUTO).span_nulls(False)
+           .line_interpolation(cm.LineInterpolation.STEP_AFTER if panel.stepped else cm.LineInterpolation.LINEAR))
+    if panel.log:
+        out = out.scale_distribution(cb.ScaleDistributionConfig().type(cm.ScaleDistribution.SYMLOG).log(10))
+    return _style(out, panel, "C" if panel.threshold else None)
 
 
 # --- PromQL --------------------------------------------------------------------------------------
@@ -189,64 +209,6 @@ def gauge(metric: str, selector: str) -> str:
     return f"max by (run) (moxco_{metric}{{{selector}}})"
 
 
-# --- SQL on the store (collector/schema.py) ------------------------------------------------------
-
-
-def history_sql(metric: str) -> str:
-    """Per time bucket, the min and max of a run-level metric over the run's whole stored history
-    (NaN is stored as NULL and so skipped; extremes survive the bucketing)."""
-    return f"""
-        SELECT $__unixEpochGroupAlias(p.wall_time, $__interval), min(p.value) AS "min", max(p.value) AS "max"
-        FROM metric_points p JOIN runs r ON r.id = p.run_id
-        WHERE r.name = ${{run:sqlstring}} AND p.metric = '{metric}' AND p.rank = -1
-          AND $__unixEpochFilter(p.wall_time)
-        GROUP BY 1 ORDER BY 1"""
-
-
-DECISIONS_ANNOTATION_SQL = """
-    SELECT to_timestamp(d.created_at) AS "time",
-           'decision (' || d.source || ') at step ' || d.step || ': ' || CAST(d.action AS TEXT)
-           || ', goodness ' || COALESCE(CAST(ROUND(CAST(d.goodness AS NUMERIC), 3) AS TEXT), 'n/a')
-           || COALESCE(', applied at step ' || d.applied_step, ', not applied yet') AS "text",
-           r.name AS "tags"
-    FROM decisions d JOIN runs r ON r.id = d.run_id
-    WHERE r.name IN (${run:sqlstring}) AND $__unixEpochFilter(d.created_at)
-    ORDER BY 1"""
-
-DECISIONS_TABLE_SQL = """
-    SELECT to_timestamp(d.created_at) AS "time", d.step AS "step", d.source AS "source",
-           d.goodness AS "goodness", d.grad_term AS "grad term", d.sharpness_term AS "sharpness term",
-           d.loss_term AS "loss term", CAST(d.action AS TEXT) AS "action",
-           d.applied_step AS "applied at step"
-    FROM decisions d JOIN runs r ON r.id = d.run_id
-    WHERE r.name = ${run:sqlstring}
-    ORDER BY d.step"""
-
-
-def _latest(metric: str) -> str:
-    # latest_points: one key lookup (the points themselves are chunks behind a view on PostgreSQL)
-    return (f"(SELECT lp.value FROM latest_points lp WHERE lp.run_id = r.id AND lp.metric = '{metric}' "
-            f"AND lp.rank = -1)")
-
-
-def _extreme(fn: str, metric: str) -> str:
-    # series_blocks keeps each block's min and max (NaN skipped): ~1,000 rows for 1 M points
-    column = {"min": "min_value", "max": "max_value"}[fn]
-    return (f"(SELECT {fn}(b.{column}) FROM series_blocks b WHERE b.run_id = r.id AND b.metric = '{metric}' "
-            f"AND b.rank = -1)")
-
-
-RUNS_SUMMARY_SQL = f"""
-    SELECT r.name AS "run", r.status AS "status", r.last_step AS "last step",
-           {_latest('phase')} AS "phase",
-           {_latest('loss')} AS "last loss", {_extreme('min', 'loss')} AS "min loss",
-           {_latest('goodness')} AS "last goodness", {_extreme('max', 'sharpness')} AS "max sharpness",
-           {_latest('convexity_ratio')} AS "convexity ratio",
-           (SELECT count(*) FROM decisions d WHERE d.run_id = r.id) AS "decisions"
-    FROM runs r
-    WHERE r.name IN (${{run:sqlstring}})
-    ORDER BY r.name"""
-
 # --- shared pieces -------------------------------------------------------------------------------
 
 PHASE_MAPPINGS = [dm.ValueMap(options={
@@ -256,20 +218,23 @@ PHASE_MAPPINGS = [dm.ValueMap(options={
 
 
 def run_variable(multi: bool) -> db.QueryVariable:
-    """``run``: the runs the collector exposes now (its ``moxco_run_step`` gauge)."""
-    variable = (db.QueryVariable("run").label("run").datasource(PROMETHEUS)
-                .query("label_values(moxco_run_step, run)")
-                .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
-                .description("Runs the collector reports as running (label_values(moxco_run_step, run))."))
+    """``run``: every run of the store, newest first (finished runs stay selectable)."""
+    variable = (db.QueryVariable("run").label("run").datasource(POSTGRES).query(" ".join(RUNS_SQL.split()))
+                .refresh(dm.VariableRefresh.ON_DASHBOARD_LOAD)
+                .description("The store's runs, newest first, finished ones too (the moxco PostgreSQL datasource)."))
     if multi:
-        variable = variable.multi(True).include_all(True)
+        variable = variable.multi(True).include_all(False)
     return variable
 
 
-def threshold_variable() -> db.TextBoxVariable:
-    """``C``: the goodness threshold the run's decision policy uses (docs/metrics.md, Decisions)."""
-    return (db.TextBoxVariable("C").label("goodness threshold C").default_value(DEFAULT_THRESHOLD_C)
-            .description("The decision policy's goodness threshold C (PolicyConfig.threshold, default 0.85)."))
+def threshold_variable() -> db.QueryVariable:
+    """``C`` (hidden): the goodness threshold of the selected run's stored decision policy; NaN when
+    the run has none (``vector(NaN)`` draws nothing)."""
+    return (db.QueryVariable("C").label("goodness threshold C").datasource(POSTGRES)
+            .query(" ".join(THRESHOLD_SQL.split())).refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .hide(dm.VariableHide.HIDE_VARIABLE)
+            .description("The run's stored decision policy's goodness threshold C (PolicyConfig.threshold); "
+                         "NaN when the run has no policy."))
 
 
 def decision_annotations(selector: str) -> List[AnnotationBuilder]:
@@ -319,9 +284,11 @@ def live_run() -> db.Dashboard:
     d = d.with_panel(stat_panel(ids, "Phase", "MoXCo phase: 1 explores, 2 commits (after a decision).",
                                 f"max(moxco_phase{{{sel}}})", mappings=PHASE_MAPPINGS, decimals=0))
     d = d.with_panel(stat_panel(
-        ids, "Goodness", "Latest MoXCo goodness score (eq. 6); green at or above the default threshold C = 0.85.",
-        f"max(moxco_goodness{{{sel}}})", unit="none", decimals=3,
-        thresholds=_thresholds((None, "red"), (0.5, "orange"), (0.85, "green"))))
+        ids, "Goodness", "Latest MoXCo goodness score (eq. 6); the goodness panels below draw it against the "
+        "threshold C of the run's stored policy.", f"max(moxco_goodness{{{sel}}})", unit="none", decimals=3, span=2))
+    d = d.with_panel(stat_panel(
+        ids, "Threshold C", "The goodness threshold of the run's stored decision policy (empty: the run has no "
+        "policy).", "vector($C)", unit="none", decimals=3, span=2))
     d = d.with_panel(stat_panel(
         ids, "Sharpness / λ_target", "λ̂ / λ_target: above 100 % the run is sharper than the edge-of-stability "
         "target (k·λ_EOS, MoXCo Theorem 2).",
@@ -334,28 +301,21 @@ def live_run() -> db.Dashboard:
         f"time() - max(moxco_run_last_ingest_timestamp_seconds{{{sel}}})", unit="s", decimals=0,
         thresholds=_thresholds((None, "green"), (120, "orange"), (600, "red"))))
 
-    # Training, MoXCo and the audit: one row per section of the metric catalogue, one panel per
-    # catalogue panel (the run page draws the same ones)
+    # Training, MoXCo and the audit: one row per section of the metric catalogue; each catalogue
+    # panel live from Prometheus (left) and by step from the store (right). The run page draws the
+    # same panels.
     for section, title in catalogue.SECTIONS:
         d = d.with_row(db.Row(title).id(ids()))
         for panel in catalogue.PANELS:
             if panel.section == section:
-                d = d.with_panel(catalogue_panel(ids, panel, g))
+                d = d.with_panel(catalogue_panel(ids, panel, g)).with_panel(by_step_panel(ids, panel))
 
-    # Full history from the store (collapsed: it queries PostgreSQL).
-    history = db.Row("Full history (PostgreSQL store)").id(ids())
-    for metric, title in (("loss", "Loss (history)"), ("goodness", "Goodness (history)"),
-                          ("sharpness", "Sharpness (history)")):
-        history = history.with_panel(series_panel(
-            ids, title, f"Every stored {metric} point of the run, min and max per time bucket (NaN points are "
-            "stored as NULL and skipped).", [sql(history_sql(metric))], datasource=POSTGRES, span=8,
-            log=metric != "goodness"))
-    history = history.with_panel(
+    d = d.with_row(db.Row("Decisions").id(ids()))
+    d = d.with_panel(
         table.Panel().id(ids()).title("Decisions").description(
             "The run's phase-switch decisions: the goodness and its three terms when it fired, the action, "
             "and the step the agent applied it at.")
         .datasource(POSTGRES).with_target(sql(DECISIONS_TABLE_SQL, fmt="table")).span(24).height(8))
-    d = d.with_row(history)
     return d
 
 
@@ -374,15 +334,15 @@ def compare_runs() -> db.Dashboard:
 
     d = _dashboard(COMPARE_UID, "moxco · compare runs",
                    "Several moxco runs side by side: the same MoXCo and audit panels, one line per run.")
-    d = d.with_variable(run_variable(multi=True)).with_variable(threshold_variable())
+    d = d.with_variable(run_variable(multi=True))
     for annotation in decision_annotations(sel):
         d = d.annotation(annotation)
 
     d = d.with_row(db.Row("Runs").id(ids()))
     d = d.with_panel(
         table.Panel().id(ids()).title("Runs (store)").description(
-            "One row per selected run from the store: status, last step, phase, loss, goodness, the largest "
-            "sharpness seen, the convexity ratio and the number of decisions.")
+            "One row per selected run from the store: status, last step, phase, loss, goodness and the threshold "
+            "C of its stored policy, the largest sharpness seen, the convexity ratio and the number of decisions.")
         .datasource(POSTGRES).with_target(sql(RUNS_SUMMARY_SQL, fmt="table")).span(24).height(6))
 
     d = d.with_row(db.Row("Training").id(ids()))
@@ -396,9 +356,8 @@ def compare_runs() -> db.Dashboard:
                     prom("vector(1)", "EOS", "B")], legend=legend, unit="none")
         .override_by_name("EOS", _dashed("red")))
     d = d.with_panel(series_panel(
-        ids, "Goodness vs threshold C", "Goodness per run against the threshold C (dashed).",
-        [prom(gauge("goodness", sel), "{{run}}", "A"), prom("vector($C)", "C", "B")], legend=legend, unit="none")
-        .min(0).max(1).override_by_name("C", _dashed("green")))
+        ids, "Goodness", "Goodness per run; each run's threshold C is in the table above (its stored policy).",
+        [prom(gauge("goodness", sel), "{{run}}", "A")], legend=legend, unit="none").min(0).max(1))
     d = d.with_panel(panel("Phase", "1 explore, 2 commit.", "phase", unit="none", step_line=True, span=8)
                      .min(1).max(2).decimals(0))
     d = d.with_panel(panel("Distance ‖x − x₀‖", "How far each run has travelled from its start.", "distance",

@@ -72,8 +72,10 @@ def postgres_datasource(url: str) -> Dict[str, Any]:
     """The ``moxco-postgres`` datasource from ``postgresql://user:password@host:port/db?sslmode=…``
     (the collector's store; a read-only role is enough)."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("postgresql", "postgres") or not parsed.hostname or not parsed.path.strip("/"):
-        raise PushError(f"--postgres-url must look like postgresql://user:password@host:5432/database, got {url!r}")
+    scheme = parsed.scheme.split("+", 1)[0]  # postgresql+psycopg://… (a store URL) is the same server
+    if scheme not in ("postgresql", "postgres") or not parsed.hostname or not parsed.path.strip("/"):
+        raise PushError(f"--store must be the PostgreSQL store as Grafana reaches it, "
+                        f"postgresql://user:password@host:5432/database, got {url!r}")
     sslmode = parse_qs(parsed.query).get("sslmode", ["disable"])[0]
     payload: Dict[str, Any] = {
         "uid": build.POSTGRES_UID,
@@ -118,7 +120,7 @@ class _Grafana:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise PushError(f"--grafana must be an http(s) URL such as http://localhost:3000, got {url!r}")
         if not token:
-            raise PushError("no Grafana token: pass --token or set MOXCO_GRAFANA_TOKEN (a service-account token)")
+            raise PushError("no Grafana token: pass --grafana-token or set MOXCO_GRAFANA_TOKEN (a service-account token)")
         # grafana-client joins the path prefix and "api" without a separator: keep a trailing slash.
         base = url if parsed.path.endswith("/") else url + "/"
         self.url = url
@@ -135,7 +137,7 @@ class _Grafana:
                 return None
             if status == 401:
                 raise PushError(f"Grafana at {self.url} rejected the token (401 Unauthorized) while trying to "
-                                f"{what}: check --token (a service-account token, glsa_…), and that it has not "
+                                f"{what}: check --grafana-token (a service-account token, glsa_…), and that it has not "
                                 "expired or been revoked") from None
             if status == 403:
                 raise PushError(f"the token may not {what} (403 Forbidden: {detail}): give the service account "
@@ -277,7 +279,7 @@ def push(grafana_url: str, token: str, *, folder: str = "moxco", prometheus_url:
 
 def missing_datasources(grafana_url: str, token: str, timeout: float = 10.0) -> List[str]:
     """The dashboards' datasource uids that the Grafana does not have (a warning after a push
-    without ``--prometheus-url``/``--postgres-url``)."""
+    without ``--prometheus-url``/``--store``)."""
     g = _Grafana(grafana_url, token, timeout)
     missing = []
     for uid in (build.PROMETHEUS_UID, build.POSTGRES_UID):

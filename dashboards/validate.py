@@ -41,8 +41,8 @@ def iter_panels(model: dict) -> Iterator[dict]:
 
 
 def iter_queries(model: dict) -> Iterator[Tuple[str, str, str]]:
-    """``(where, language, text)`` for every query: panel targets, annotations and variables.
-    ``language`` is ``promql`` or ``sql``."""
+    """``(where, language, text)`` for every query: panel targets, annotations and variables (a
+    variable on a PostgreSQL datasource is ``sql``). ``language`` is ``promql`` or ``sql``."""
     for panel in iter_panels(model):
         if panel.get("type") == "row":
             continue
@@ -64,8 +64,12 @@ def iter_queries(model: dict) -> Iterator[Tuple[str, str, str]]:
         if variable.get("type") == "query":
             query = variable.get("query")
             text = query.get("query", "") if isinstance(query, dict) else (query or "")
+            where = f"variable {variable.get('name')!r}"
+            if "postgres" in str((variable.get("datasource") or {}).get("type", "")):
+                yield where, "sql", text
+                continue
             match = re.fullmatch(r"\s*label_values\((.*),\s*\w+\)\s*", text)
-            yield f"variable {variable.get('name')!r}", "promql", match.group(1) if match else text
+            yield where, "promql", match.group(1) if match else text
 
 
 def referenced_variables(text: str) -> Set[str]:

@@ -1,7 +1,7 @@
 """The moxco agent in a Hugging Face ``Trainer``: one line, ``callbacks=[MoxcoCallback(...)]``.
 
     python examples/hf_trainer_callback.py --steps 30 --url sqlite:///runs.db --run hf-gpt2
-    moxco audit hf-gpt2 --url sqlite:///runs.db
+    moxco audit hf-gpt2 --store sqlite:///runs.db
 
 A tiny ``GPT2LMHeadModel`` trained with the Trainer's defaults (AdamW, linear schedule, gradient
 clipping at 1.0) on the standard library's sources (``lm_common``). Runs unchanged on a GPU.

@@ -1,7 +1,7 @@
 """The moxco agent in a Lightning ``Trainer``: one line, ``callbacks=[MoxcoCallback(...)]``.
 
     python examples/lightning_callback.py --steps 30 --url sqlite:///runs.db --run pl-gpt2
-    moxco audit pl-gpt2 --url sqlite:///runs.db
+    moxco audit pl-gpt2 --store sqlite:///runs.db
 
 A LightningModule around a tiny ``GPT2LMHeadModel``; ``MoxcoCallback(module="model")`` attaches the
 agent to ``self.model``, whose forward (given labels) returns the loss. Runs unchanged on a GPU

@@ -2,7 +2,7 @@
 
     python examples/pretrain_bert.py --steps 200 --optimizer adamw --url sqlite:///runs.db --run bert-adamw
     python examples/pretrain_bert.py --optimizer sgdm --random-scaling ...
-    moxco audit bert-adamw --url sqlite:///runs.db --out bert-adamw.html
+    moxco audit bert-adamw --store sqlite:///runs.db --out bert-adamw.html
 
 ``BertForMaskedLM`` from a tiny ``BertConfig`` (random init), a WordPiece tokenizer trained
 locally on the Python standard library's sources (see ``lm_common``), BERT's 15 % masking

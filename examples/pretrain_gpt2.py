@@ -2,7 +2,7 @@
 
     python examples/pretrain_gpt2.py --steps 200 --optimizer adamw --url sqlite:///runs.db --run gpt2-adamw
     python examples/pretrain_gpt2.py --optimizer sgdm --random-scaling ...
-    moxco audit gpt2-adamw --url sqlite:///runs.db --out gpt2-adamw.html
+    moxco audit gpt2-adamw --store sqlite:///runs.db --out gpt2-adamw.html
 
 ``GPT2LMHeadModel`` from a tiny ``GPT2Config`` (random init), a byte-level BPE tokenizer trained
 locally on the Python standard library's sources (see ``lm_common``), AdamW or SGD with momentum,

@@ -58,7 +58,7 @@ def missing(message: str):
 
 
 class CollectorProcess:
-    """``moxco serve --url DB`` in a subprocess on a free loopback port (the CLI's default host),
+    """``moxco serve --store DB`` in a subprocess on a free loopback port (the CLI's default host),
     stdout and stderr appended to ``log``.
 
     ``start()`` waits for ``/healthz`` (an exit or no answer within ``timeout`` raises with the log);
@@ -93,7 +93,7 @@ class CollectorProcess:
 
     @property
     def command(self) -> List[str]:
-        return [*self.program, "serve", "--url", self.db, "--port", str(self.port), *self.extra] + (
+        return [*self.program, "serve", "--store", self.db, "--port", str(self.port), *self.extra] + (
             [] if self.auth else ["--no-auth"])
 
     def start(self) -> "CollectorProcess":

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from moxco.collector.api.deps import Services, authorize
+from moxco.collector.api.deps import Services, authorize, known_query
 from moxco.collector.api.errors import (ERROR_SCHEMA, ERROR_STATUSES, ApiError, error_kind, error_response, install,
                                         to_api_error)
 from moxco.collector.api.routes import ROUTES
@@ -96,8 +96,11 @@ def create_app(store_url: Optional[str] = None, *, auth: bool = True, max_body: 
     install(app)
     for route in ROUTES:
         scope = route.guarded_scope if (route.guarded_scope and metrics_auth) else route.scope
+        dependencies = [] if scope == "public" else [Depends(authorize(scope))]
+        if route.path.startswith("/api/"):
+            dependencies.append(Depends(known_query(route.path, route.endpoint)))
         app.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[scope],
-                          dependencies=[] if scope == "public" else [Depends(authorize(scope))],
+                          dependencies=dependencies,
                           openapi_extra=openapi_body(route.body) if route.body is not None else None,
                           responses=dict(route.responses), include_in_schema=route.in_schema)
     app.mount(STATIC_PATH, StaticWithHeaders(directory=STATIC_DIR), name="static")

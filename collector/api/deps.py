@@ -78,6 +78,29 @@ def authorize(scope: str):
     return authorized
 
 
+def known_query(path: str, endpoint) -> Any:
+    """The route dependency refusing query parameters the route does not take (422
+    ``invalid_parameter`` naming them and the ones it takes): a misspelt or unsupported parameter
+    (``?fromat=csv``) is an error, never silently ignored."""
+    from fastapi.dependencies.utils import get_dependant
+
+    allowed, todo = set(), [get_dependant(path=path, call=endpoint)]
+    while todo:  # the endpoint's query parameters and those of its dependencies
+        dependant = todo.pop()
+        allowed |= {p.alias for p in dependant.query_params}
+        todo.extend(dependant.dependencies)
+
+    async def only_known(request: Request) -> None:
+        unknown = sorted(set(request.query_params.keys()) - allowed)
+        if unknown:
+            takes = ", ".join(sorted(allowed)) or "none"
+            raise ApiError(422, "invalid_parameter", f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+                           f"{', '.join(map(repr, unknown))}; this route takes: {takes}",
+                           [{"loc": ["query", name], "message": "unknown parameter"} for name in unknown])
+
+    return only_known
+
+
 async def principal(request: Request) -> Principal:
     """Who is calling (``Depends(principal)``), as the route's ``authorize`` found it."""
     return getattr(request.state, "principal", ANONYMOUS)

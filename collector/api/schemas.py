@@ -17,6 +17,7 @@ from typing_extensions import Annotated
 
 from moxco.collector.api.errors import invalid, wire_error
 from moxco.collector.schema import RUN_STATUSES
+from moxco.collector.store.runs import MAX_TAG, MAX_TAGS
 from moxco.decision import MAX_LR
 from moxco.wire import (MAX_BATCH_ID, MAX_METRIC_NAME, MAX_RUN_NAME, MAX_SESSION, MAX_STEP, MAX_TEXT, WireError,
                         check_document)
@@ -55,7 +56,8 @@ class Body(BaseModel):
 
 
 class RunBody(Body):
-    """``PUT``/``PATCH /runs/{run}``: the registration (fields left out stay as stored)."""
+    """``PUT``/``PATCH /runs/{run}``: the registration and the user's labels (fields left out stay
+    as stored)."""
 
     what: ClassVar[str] = "a run"
     config: Optional[Dict[str, Any]] = Field(None, description="merged into the stored config")
@@ -67,6 +69,9 @@ class RunBody(Body):
     policy_state: Optional[Dict[str, Any]] = Field(
         None, description="an agent's checkpointed DecisionPolicy.state_dict(): stored only when it has seen a later "
                           "probe than the stored state")
+    tags: Optional[List[Annotated[str, Field(min_length=1, max_length=MAX_TAG)]]] = Field(
+        None, max_length=MAX_TAGS, description="the user's labels (replace the stored ones; null: none)")
+    note: Optional[Text] = Field(None, description="the user's note on the run (replaces the stored one; null: none)")
 
 
 class PolicyBody(Body):

@@ -1,7 +1,7 @@
 """``moxco audit``: post-hoc assumption audits of stored runs (docs/audit.md).
 
-    moxco audit RUN [--url URL] [--token T] [--out report.html]  one run: HTML report + JSON summary
-    moxco audit --compare RUN1 RUN2 ... [--out compare.html]      runs side by side
+    moxco audit RUN [--store URL | --url COLLECTOR --token T] [--out report.html]  one run: report + JSON
+    moxco audit --compare RUN1 RUN2 ... [--out compare.html]                       runs side by side
     moxco audit --checkpoints DIR --reference FINAL.pt --data module:function [--run NAME]
                                                                global metrics from saved checkpoints
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from moxco.cli import add_store_option, add_token_option, add_url_option
 
 
 def register(commands: "argparse._SubParsersAction") -> None:
@@ -26,24 +27,24 @@ def register(commands: "argparse._SubParsersAction") -> None:
         "with one verdict per assumption (convexity along the path, global convexity, smoothness vs sharpness, the "
         "descent lemma, MoXCo), each stating its test and numbers. Verdict rules: docs/audit.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  moxco audit gpt2-adamw --url sqlite:///runs.db --out gpt2.html\n"
+        epilog="examples:\n  moxco audit gpt2-adamw --store sqlite:///runs.db --out gpt2.html\n"
                "  moxco audit gpt2-adamw --url http://collector:8000 --token $READ_TOKEN\n"
-               "  moxco audit --compare gpt2-adamw gpt2-sgdm --url sqlite:///runs.db\n"
+               "  moxco audit --compare gpt2-adamw gpt2-sgdm --store sqlite:///runs.db\n"
                "  moxco audit --checkpoints ckpts/ --reference xstar.pt --data examples/pretrain_gpt2.py:probe_data "
-               "--run gpt2-ckpt --url sqlite:///runs.db",
+               "--run gpt2-ckpt --store sqlite:///runs.db",
     )
     p.add_argument("runs", nargs="*", metavar="RUN", help="the run to audit (several with --compare)")
-    p.add_argument("--url", help="where the run is: a collector (http(s)://…, read through its query API with a "
-                                 "read-scope token) or a store (SQLAlchemy URL or SQLite file path); default: "
-                                 "$MOXCO_URL, else sqlite:///moxco.db in the working directory")
-    p.add_argument("--token", help="the collector's read-scope token for an http(s):// --url (default: $MOXCO_TOKEN)")
+    add_store_option(p, "the store holding the run (checkpoint mode: the store to write it to)")
+    add_url_option(p, "a collector holding the run (read through its query API)")
+    add_token_option(p, "read")
     p.add_argument("--out", help="HTML report path (default: audit-RUN.html, audit-compare.html); the JSON summary "
                                  "is written beside it with the suffix .json")
     p.add_argument("--compare", action="store_true", help="put the given runs side by side")
-    p.add_argument("--checkpoints", metavar="DIR", help="checkpoint mode: the directory of saved checkpoints")
-    p.add_argument("--reference", metavar="FINAL.pt", help="checkpoint mode: x*, the reference weights")
+    p.add_argument("--checkpoints", metavar="DIR", help="checkpoint mode: the directory of saved checkpoints (default: none, audit a stored run)")
+    p.add_argument("--reference", metavar="FINAL.pt", help="checkpoint mode: x*, the reference weights (required there; default: none)")
     p.add_argument("--data", metavar="SPEC", help="checkpoint mode: 'module:function' or 'file.py:function' returning "
-                                                  "(model_fn, probe batches[, loss_fn]); see docs/audit.md")
+                                                  "(model_fn, probe batches[, loss_fn]); see docs/audit.md (required there; "
+                                                  "default: none)")
     p.add_argument("--run", dest="run_name", metavar="NAME",
                    help="checkpoint mode: the run to write into (default: the checkpoint directory's name + '-ckpt')")
     p.add_argument("--device", help="checkpoint mode: torch device (default: cuda when available, else cpu)")
@@ -62,9 +63,19 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _source(args):
+    """The run source: the collector of ``--url`` (or ``$MOXCO_URL`` when it is one) unless
+    ``--store`` is given, else the store (``moxco.cli.store_url``)."""
+    from moxco.cli import api_token, collector_url, store_url
+    from moxco.collector.audit.analysis import AuditError
     from moxco.collector.audit.source import open_source
 
-    return open_source(args.url, args.token)
+    try:
+        collector = collector_url(args.url) if args.store is None else None
+        if collector is not None:
+            return open_source(collector, api_token(args.token))
+        return open_source(store_url(args.store))
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,12 +149,16 @@ def _checkpoint_mode(args, factor: float) -> int:
     if args.compare or len(args.runs) > 1:
         return _fail("checkpoint mode audits one run; give its name with --run", 2)
     name = args.run_name or (args.runs[0] if args.runs else f"{Path(args.checkpoints).resolve().name}-ckpt")
-    url = args.url or os.environ.get("MOXCO_URL") or f"sqlite:///{Path.cwd() / 'moxco.db'}"
+    from moxco.cli import store_url
     from moxco.collector.audit.source import StoreSource
     from moxco.collector.store import open_store
 
-    if url.startswith(("http://", "https://")):
-        return _fail("checkpoint mode writes to a database URL (sqlite:///… or postgresql://…), not to a collector")
+    if args.url is not None:
+        return _fail("checkpoint mode writes to a store (--store sqlite:///… or postgresql://…), not to a collector")
+    try:
+        url = store_url(args.store)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
     with open_store(url) as store:
         summary = checkpoint_audit(store, name, Path(args.checkpoints), Path(args.reference), args.data,
                                    device=args.device, progress=not args.no_progress)

@@ -2,6 +2,9 @@
  *
  * - api(path, params): GET /api/v1/<path> with the tab's token; on 401/403 it asks for a token once
  *   (a dialog; kept in sessionStorage) and retries, so every caller simply awaits the data.
+ * - apiWrite(method, path, body, scope, why): a change (tags and note, deleting a run) with a token
+ *   of the scope it needs, asked for when the tab has none (cancellable); download(path, params):
+ *   a file from the API (exports), with the token.
  * - h(tag, attrs, ...children): builds DOM with textContent only. Nothing from the API is ever
  *   parsed as HTML (run names and configs can hold markup), so there is no innerHTML here.
  * - formatting of numbers (NaN/±Inf as text), steps, times, phases, run statuses.
@@ -10,6 +13,7 @@
 
 const moxco = (() => {
   const TOKEN_KEY = "moxco.token";
+  const WRITE_TOKEN_KEY = "moxco.token.write"; // a token that may change runs (ingest or admin)
   const STATUSES = ["running", "finished", "interrupted", "failed"];
   const SILENT_AFTER_S = 120; // a running run with no data for this long is flagged
 
@@ -149,30 +153,39 @@ const moxco = (() => {
     return { code: "http_error", message: `${resp.status} ${resp.statusText}` };
   }
 
+  function writeToken() {
+    try { return sessionStorage.getItem(WRITE_TOKEN_KEY); } catch (e) { return null; }
+  }
+
   let pendingAsk = null; // one dialog for every request that needs a token
 
-  function askToken(message) {
+  /** Ask for a token (a modal dialog) and keep it under `key`. The read token's dialog cannot be
+   *  dismissed (the page shows nothing without it); a write's can (resolves false). */
+  function askToken(message, { key = TOKEN_KEY, scope = "read", cancellable = false } = {}) {
     if (pendingAsk) return pendingAsk;
     pendingAsk = new Promise((resolve) => {
       const input = h("input", { id: "token-input", type: "password", autocomplete: "off", spellcheck: "false",
-        required: true, placeholder: "token secret", "aria-label": "API token" });
+        placeholder: "token secret", "aria-label": "API token" });
+      let cancelled = false;
+      const cancel = cancellable ? h("button", { type: "button", id: "token-cancel", class: "secondary", text: "Cancel",
+        onclick: () => { cancelled = true; dialog.close(); } }) : null;
       const dialog = h("dialog", { id: "token-dialog", class: "token-dialog" },
         h("form", { method: "dialog" },
           h("h2", { text: "API token" }),
           h("p", { id: "token-message", text: message }),
-          h("p", { class: "muted" }, "Create one with ", h("code", { text: "moxco token create --name viewer --scope read" }),
+          h("p", { class: "muted" }, "Create one with ", h("code", { text: `moxco token create --name NAME --scope ${scope}` }),
             ". It is kept in this tab only (sessionStorage) and sent as a Bearer token to this collector's API."),
           input,
-          h("div", { class: "actions" }, h("button", { type: "submit", id: "token-submit", text: "Use token" }))));
-      dialog.addEventListener("cancel", (e) => e.preventDefault()); // the page is useless without it
+          h("div", { class: "actions" }, cancel, h("button", { type: "submit", id: "token-submit", text: "Use token" }))));
+      dialog.addEventListener("cancel", (e) => { if (cancellable) cancelled = true; else e.preventDefault(); });
       dialog.addEventListener("close", () => {
         const value = input.value.trim();
-        if (!value) { dialog.showModal(); return; }
-        try { sessionStorage.setItem(TOKEN_KEY, value); } catch (e) { /* storage disabled */ }
+        if (!cancelled && !value) { dialog.showModal(); return; }
+        if (!cancelled) { try { sessionStorage.setItem(key, value); } catch (e) { /* storage disabled */ } }
         dialog.remove();
         pendingAsk = null;
         updateTokenButton();
-        resolve();
+        resolve(!cancelled);
       });
       document.body.append(dialog);
       dialog.showModal();
@@ -182,13 +195,13 @@ const moxco = (() => {
   }
 
   function forgetToken() {
-    try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* storage disabled */ }
+    try { sessionStorage.removeItem(TOKEN_KEY); sessionStorage.removeItem(WRITE_TOKEN_KEY); } catch (e) { /* storage disabled */ }
     location.reload();
   }
 
   function updateTokenButton() {
     const button = document.getElementById("forget-token");
-    if (button) button.hidden = !token();
+    if (button) button.hidden = !token() && !writeToken();
   }
   document.addEventListener("DOMContentLoaded", () => {
     const button = document.getElementById("forget-token");
@@ -200,7 +213,8 @@ const moxco = (() => {
   async function api(path, params) {
     const url = new URL("api/v1/" + path, ROOT);
     for (const [k, v] of Object.entries(params || {})) {
-      if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, String(v));
+      if (Array.isArray(v)) for (const item of v) url.searchParams.append(k, String(item)); // repeated parameters
+      else if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, String(v));
     }
     for (;;) {
       const headers = { Accept: "application/json" };
@@ -230,6 +244,84 @@ const moxco = (() => {
     }
   }
 
+  /** A change through the API (PATCH, DELETE, …) needing `scope`: the write token of this tab is
+   *  tried first, then the read token; on 401/403 the page asks once for a token with `scope` (the
+   *  user may cancel: an ApiError 403). Returns the parsed JSON answer. */
+  async function apiWrite(method, path, body, scope, why) {
+    const url = new URL("api/v1/" + path, ROOT);
+    for (;;) {
+      const headers = { Accept: "application/json" };
+      if (body !== undefined) headers["Content-Type"] = "application/json";
+      const secret = writeToken() || token();
+      if (secret) headers.Authorization = `Bearer ${secret}`;
+      let resp;
+      try {
+        resp = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), cache: "no-store" });
+      } catch (e) {
+        throw new ApiError(0, "network", `cannot reach the collector (${e.message})`);
+      }
+      if (resp.status === 401 || resp.status === 403) {
+        const err = await readError(resp);
+        if (writeToken()) { try { sessionStorage.removeItem(WRITE_TOKEN_KEY); } catch (e) { /* storage disabled */ } }
+        const given = await askToken(`${why} needs a token with the ${scope} scope (${err.message}).`,
+          { key: WRITE_TOKEN_KEY, scope, cancellable: true });
+        if (!given) throw new ApiError(resp.status, err.code, err.message);
+        continue;
+      }
+      if (!resp.ok) {
+        const err = await readError(resp);
+        throw new ApiError(resp.status, err.code, err.message);
+      }
+      return resp.json();
+    }
+  }
+
+  /** Download GET <root>api/v1/<path>?params as a file (the page's token is sent, so a plain link
+   *  cannot do it): fetched, then saved under the name the collector gives. */
+  async function download(path, params, fallback) {
+    const url = new URL("api/v1/" + path, ROOT);
+    for (const [k, v] of Object.entries(params || {})) url.searchParams.set(k, String(v));
+    for (;;) {
+      const headers = {};
+      const secret = token();
+      if (secret) headers.Authorization = `Bearer ${secret}`;
+      const resp = await fetch(url, { headers, cache: "no-store" });
+      if (resp.status === 401 || resp.status === 403) {
+        const err = await readError(resp);
+        await askToken(`Downloading needs a token with the read scope: ${err.message}`);
+        continue;
+      }
+      if (!resp.ok) {
+        const err = await readError(resp);
+        throw new ApiError(resp.status, err.code, err.message);
+      }
+      const disposition = resp.headers.get("Content-Disposition") || "";
+      const exact = disposition.match(/filename\*=UTF-8''([^;]+)/);
+      const name = exact ? decodeURIComponent(exact[1]) : fallback;
+      const blob = await resp.blob();
+      const link = h("a", { href: URL.createObjectURL(blob), download: name, hidden: true });
+      document.body.append(link);
+      link.click();
+      setTimeout(() => { URL.revokeObjectURL(link.href); link.remove(); }, 60_000);
+      return { name, size: blob.size };
+    }
+  }
+
+  /** A run's key hyper-parameters: optimizer class, lr, α, β (from the run list's summary, the
+   *  registered optimizer, or the config's hyperparameters) and the policy's threshold C. */
+  function hyper(run) {
+    const hp = run.hyperparameters || run.optimizer || (run.config && run.config.hyperparameters) || {};
+    const cls = hp.class || (run.config && typeof run.config.optimizer === "string" ? run.config.optimizer : null);
+    const value = (k) => (typeof hp[k] === "number" ? hp[k] : null);
+    return { optimizer: cls, lr: value("lr"), alpha: value("alpha"), beta: value("beta"), C: thresholdC(run) };
+  }
+
+  /** The agent's stored failures: config.errors, {failed part: message}. */
+  function runErrors(run) {
+    const errors = run && run.config && run.config.errors;
+    return errors && typeof errors === "object" && !Array.isArray(errors) ? errors : {};
+  }
+
   /** The path of a run's page relative to the root (".", ".." cannot be path segments). */
   function runHref(name) {
     return name === "." || name === ".." ? `runs/?name=${encodeURIComponent(name)}` : `runs/${encodeURIComponent(name)}`;
@@ -249,6 +341,12 @@ const moxco = (() => {
     return s === 0 ? 0 : Math.max(s, 0.5) * 1000;
   }
 
+  /** The path of the compare page for `runs`, relative to the root. */
+  function compareHref(runs) {
+    return "compare?" + runs.map((r) => `run=${encodeURIComponent(r)}`).join("&");
+  }
+
   return { ROOT, STATUSES, ApiError, h, num, fmt, fmtInt, dateTime, ago, agoEl, phaseText, statusBadge,
-           thresholdC, actionText, api, token, runHref, showError, refreshMs };
+           thresholdC, actionText, api, apiWrite, download, hyper, runErrors, token, runHref, compareHref,
+           showError, refreshMs };
 })();

@@ -6,8 +6,8 @@ suffixed run unless the agent resumes), ``put_run`` (registration or update by n
 decision policy),
 ``ingest`` (a batch of points with acknowledgements; the run's policy decides on its goodness
 points, under the run's lock), ``decisions``/``acknowledge``/``add_decision`` (``moxco.decision.
-Decision`` objects), ``set_status``, ``run``/``list_runs``, the series reads, tokens. Reads return
-NumPy arrays.
+Decision`` objects), ``set_status``, ``run``/``list_runs``/``delete_run``, the series reads and
+exports, tokens. Reads return NumPy arrays.
 
 Guarantees:
 
@@ -21,22 +21,28 @@ Guarantees:
 
 Modules: ``engine`` (URL, engine, migrations, SQLite concurrency, driver errors), ``sqlite`` and
 ``postgres`` (each database's point insert, columnar read and codecs), ``runs``, ``points`` (ingest),
-``series`` (reads, ``SeriesCache``), ``decisions`` (and the policy step), ``tokens``.
+``series`` (reads, ``SeriesCache``), ``export`` (whole series and a run's table in bounded windows,
+``frame``), ``decisions`` (and the policy step), ``tokens``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from sqlalchemy import make_url
+
 from moxco.collector.store.base import (BusyError, ConflictError, ForbiddenError, IngestResult, NotFoundError,
                                         OpenedRun, RunInfo, RunSummary, StoreError, StoreLostError, TooLargeError)
 from moxco.collector.store.decisions import Decisions
-from moxco.collector.store.engine import MIGRATIONS, StoreCore, normalize_url, upgrade
+from moxco.collector.store.export import EXPORT_CHUNK_POINTS, Export
+from moxco.collector.store.engine import MIGRATIONS, StoreCore, normalize_url, store_exists, upgrade
 from moxco.collector.store.points import Points
 from moxco.collector.store.runs import UNSET, Runs
-from moxco.collector.store.series import Series, SeriesCache
+from moxco.collector.store.series import Latest, Series, SeriesCache
 from moxco.collector.store.tokens import Tokens, hash_token
 
 
-class Store(Runs, Points, Series, Decisions, Tokens, StoreCore):
+class Store(Runs, Points, Series, Export, Decisions, Tokens, StoreCore):
     """A moxco store on one database URL (thread-safe: SQLAlchemy pools connections)."""
 
     def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 10,
@@ -48,11 +54,19 @@ class Store(Runs, Points, Series, Decisions, Tokens, StoreCore):
         self._series_cache = SeriesCache(series_cache_points)
 
 
-def open_store(url: str) -> Store:
-    """Open (creating and migrating if needed) the store at ``url`` (SQLAlchemy URL or file path)."""
+def open_store(url: str, *, create: bool = True) -> Store:
+    """Open (migrating if needed) the store at ``url`` (SQLAlchemy URL or file path). ``create``:
+    make a new store when there is none; ``create=False`` refuses (``NotFoundError``, naming the
+    file or database) instead, for callers that only read or change what is there."""
+    if not create and not store_exists(url):
+        where = normalize_url(url)
+        if where.startswith("sqlite"):
+            where = f"{where} (the file {str(Path(make_url(where).database or ':memory:').resolve())!r} does not exist)"
+        raise NotFoundError(f"no moxco store at {where.split('@')[-1]}; nothing was created: check the URL, or let "
+                            "an agent or `moxco serve` create it")
     return Store(url)
 
 
-__all__ = ["BusyError", "ConflictError", "ForbiddenError", "IngestResult", "MIGRATIONS", "NotFoundError", "OpenedRun",
-           "RunInfo", "RunSummary", "Store", "StoreError", "StoreLostError", "TooLargeError", "UNSET", "hash_token",
-           "normalize_url", "open_store", "upgrade"]
+__all__ = ["BusyError", "ConflictError", "EXPORT_CHUNK_POINTS", "ForbiddenError", "IngestResult", "Latest", "MIGRATIONS",
+           "NotFoundError", "OpenedRun", "RunInfo", "RunSummary", "Store", "StoreError", "StoreLostError",
+           "TooLargeError", "UNSET", "hash_token", "normalize_url", "open_store", "store_exists", "upgrade"]

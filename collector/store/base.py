@@ -52,9 +52,10 @@ class StoreLostError(RuntimeError):
 @dataclass(frozen=True)
 class RunInfo:
     """One run as stored: its registration (config, optimizer, policy), status, timestamps (server
-    clock), last step; ``metrics`` (names, any rank) and ``phase`` (the latest run-level ``phase``
-    point) when read with ``Store.run``. ``id``: the run's stable id (a UUID string), which never
-    changes and is never reused, where the name may be reused by a resumed run."""
+    clock), last step, the user's ``tags`` and ``note``; ``metrics`` (names, any rank) and
+    ``phase`` (the latest run-level ``phase`` point) when read with ``Store.run``. ``id``: the run's
+    stable id (a UUID string), which never changes and is never reused, where the name may be reused
+    by a resumed run."""
 
     name: str
     status: str
@@ -68,19 +69,23 @@ class RunInfo:
     metrics: Optional[List[str]] = None
     phase: Optional[int] = None
     id: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    note: Optional[str] = None
 
     def summary(self) -> "RunSummary":
         """The run as the run list shows it (no config, optimizer or metric list)."""
         optimizer = self.optimizer if isinstance(self.optimizer, Mapping) else {}
         return RunSummary(self.name, self.status, self.created_at, self.updated_at, self.last_step,
                           self.last_ingest_at, self.policy,
-                          {k: optimizer[k] for k in SUMMARY_HYPERPARAMETERS if optimizer.get(k) is not None})
+                          {k: optimizer[k] for k in SUMMARY_HYPERPARAMETERS if optimizer.get(k) is not None},
+                          list(self.tags), self.note)
 
     def to_json(self) -> Dict[str, Any]:
         """The run as the API returns it (``metrics`` and ``phase`` only when they were read)."""
         out = {"name": self.name, "id": self.id, "status": self.status, "config": self.config, "optimizer": self.optimizer,
                "policy": self.policy, "created_at": self.created_at, "updated_at": self.updated_at,
-               "last_step": self.last_step, "last_ingest_at": self.last_ingest_at}
+               "last_step": self.last_step, "last_ingest_at": self.last_ingest_at, "tags": list(self.tags),
+               "note": self.note}
         if self.metrics is not None:
             out["metrics"] = self.metrics
             out["phase"] = self.phase
@@ -92,7 +97,8 @@ class RunInfo:
         """A run from the API's JSON (``to_json``)."""
         return cls(data["name"], data["status"], dict(data.get("config") or {}), data.get("created_at"),
                    data.get("updated_at"), data.get("last_step"), data.get("optimizer"), data.get("policy"),
-                   data.get("last_ingest_at"), data.get("metrics"), data.get("phase"), data.get("id"))
+                   data.get("last_ingest_at"), data.get("metrics"), data.get("phase"), data.get("id"),
+                   list(data.get("tags") or []), data.get("note"))
 
 
 @dataclass(frozen=True)
@@ -149,11 +155,14 @@ class RunSummary:
     last_ingest_at: Optional[float]
     policy: Optional[Dict[str, Any]]
     hyperparameters: Dict[str, Any]
+    tags: List[str] = field(default_factory=list)
+    note: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "status": self.status, "created_at": self.created_at,
                 "updated_at": self.updated_at, "last_step": self.last_step, "last_ingest_at": self.last_ingest_at,
-                "policy": self.policy, "hyperparameters": self.hyperparameters}
+                "policy": self.policy, "hyperparameters": self.hyperparameters, "tags": list(self.tags),
+                "note": self.note}
 
 
 SUMMARY_HYPERPARAMETERS = ("class", "lr", "alpha", "beta")
@@ -194,4 +203,4 @@ def run_info(row: Mapping[str, Any], *, metrics: Optional[List[str]] = None, pha
     """A ``runs`` row as a ``RunInfo``."""
     return RunInfo(row["name"], row["status"], dict(row["config"]), row["created_at"], row["updated_at"],
                    row["last_step"], row["optimizer"], row["policy"], row["last_ingest_at"], metrics, phase,
-                   row["uid"])
+                   row["uid"], list(json_value(row["tags"]) or []), row["note"])

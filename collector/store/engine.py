@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, inspect, make_url, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError
@@ -56,6 +56,27 @@ def normalize_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+def store_exists(url: str) -> bool:
+    """Whether ``url`` holds a moxco store already (a SQLite file that exists; a database with the
+    ``runs`` table), without creating anything. An in-memory SQLite database never does. Errors
+    reaching a server (PostgreSQL down, bad credentials) are raised, not read as "no store"."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if not database or database == ":memory:":
+            return False
+        path = Path(database)
+        if not path.is_file():
+            return False
+        if path.stat().st_size == 0:
+            return False
+    engine = create_engine(url)
+    try:
+        return inspect(engine).has_table("runs")
+    finally:
+        engine.dispose()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

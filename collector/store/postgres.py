@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from sqlalchemy import and_, case, cast, exists, func, literal, select
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.types import JSON, Float, Text
 
 from moxco.collector.schema import BLOCK_STEPS
 from moxco.collector.store.base import StoreError
@@ -121,6 +123,30 @@ class PostgreSQL:
     def insert(self, table):
         """The dialect's ``INSERT`` construct (``on_conflict_do_nothing``/``on_conflict_do_update``)."""
         return postgresql.insert(table)
+
+    def json_array_has(self, column, item: str):
+        """A condition: the JSON array in ``column`` holds the string ``item``."""
+        each = func.json_array_elements_text(column).table_valued("value")
+        return exists(select(literal(1)).select_from(each).where(each.c.value == item))
+
+    def json_path_equals(self, column, keys: Sequence[str], value: Any):
+        """A condition: the JSON document in ``column`` holds ``value`` at ``keys`` (same JSON type:
+        a number equals a number, a string a string, a bool a bool). The cast to a number happens
+        only where the value is a JSON number (a CASE: PostgreSQL may evaluate AND's terms in any
+        order)."""
+        path = cast(postgresql.array(list(keys)), postgresql.ARRAY(Text))
+        node = column.op("#>", return_type=JSON)(path)
+        text = column.op("#>>", return_type=Text)(path)
+        kind = func.json_typeof(node)
+        if isinstance(value, bool):
+            return and_(kind == "boolean", text == ("true" if value else "false"))
+        if isinstance(value, (int, float)):
+            return case((kind == "number", cast(text, Float)), else_=None) == float(value)
+        return and_(kind == "string", text == value)
+
+    def delete_points(self, conn, run_id: int) -> None:
+        """Delete every point of run ``run_id`` (inside the caller's write transaction)."""
+        conn.exec_driver_sql("DELETE FROM point_chunks WHERE run_id = %s", (run_id,))
 
     def snapshot(self, conn):
         """``conn`` reading one snapshot across statements (``REPEATABLE READ``)."""

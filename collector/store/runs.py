@@ -8,7 +8,8 @@ updates by name: registering again merges the given config into the stored one a
 optimizer and policy when given. The policy is
 ``moxco.policy.PolicyConfig.to_dict()`` (NULL: the store takes no policy decisions for the run);
 its state (``DecisionPolicy.state_dict()``) is kept with the run and updated under the run's row
-lock by ingest.
+lock by ingest. The user's ``tags`` and ``note`` label a run for the runs list (``check_tags``,
+``check_note``); ``list_runs`` filters by them and by values in the config (``config_filter``).
 
 Who writes a run (``check_writer``, in every write under the run's lock):
 
@@ -27,19 +28,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sqlalchemy import and_, case, false, func, literal, select, true, update
+from sqlalchemy import and_, case, delete, false, func, literal, select, true, update
 
-from moxco.collector.schema import RUN_LEVEL_RANK, RUN_STATUSES, latest_points, runs, series_blocks
+from moxco.collector.schema import (RUN_LEVEL_RANK, RUN_STATUSES, batches, decisions, latest_points, runs,
+                                    series_blocks)
 from moxco.collector.store.base import (SUMMARY_HYPERPARAMETERS, BusyError, NotFoundError, OpenedRun, RunInfo,
                                         RunSummary, StoreError, TooLargeError, check_owner, from_db, json_value,
                                         run_info)
 from moxco.policy import DecisionPolicy, PolicyConfig
 from moxco.wire import (MAX_CONFIG_BYTES, MAX_RUN_NAME, WireError, check_document, check_name_pattern,
-                        check_run_name, check_session)
+                        check_run_name, check_session, check_text)
 
-UNSET: Any = object()  # "leave as stored" for put_run's optimizer and policy
+UNSET: Any = object()  # "leave as stored" for put_run's optimizer, policy, tags and note
+MAX_TAGS, MAX_TAG = 32, 64  # tags per run, characters per tag
 SESSION_STALE_AFTER_S = 600.0  # a writer session silent this long no longer holds its run
 RESUME_MODES = (False, True, "must")
 
@@ -50,6 +53,48 @@ def check_name(name: Any) -> str:
         return check_run_name(name)
     except WireError as exc:
         raise StoreError(str(exc)) from None
+
+
+def check_tags(tags: Any) -> List[str]:
+    """A run's tags: a list of at most ``MAX_TAGS`` strings of 1–``MAX_TAG`` characters without
+    control characters, surrounding spaces removed, duplicates dropped (first kept)."""
+    if not isinstance(tags, (list, tuple)) or len(tags) > MAX_TAGS:
+        raise StoreError(f"`tags` must be a list of at most {MAX_TAGS} strings")
+    out: List[str] = []
+    for tag in tags:
+        try:
+            tag = check_text(tag, "tags").strip()
+        except WireError as exc:
+            raise StoreError(str(exc)) from None
+        if not tag or len(tag) > MAX_TAG or "\n" in tag or "\t" in tag:
+            raise StoreError(f"a tag is 1–{MAX_TAG} characters on one line, got {tag!r}")
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+def check_note(note: Any) -> Optional[str]:
+    """A run's note: text of at most 1,000 characters (``moxco.wire.check_text``); empty or None: no note."""
+    if note is None:
+        return None
+    try:
+        return check_text(note, "note") or None
+    except WireError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def config_filter(path: str, value: Any) -> Tuple[Tuple[str, ...], Any]:
+    """``(keys, value)`` for ``list_runs(config=…)``: ``path`` is a dotted path into the run's config
+    (``optimizer``, ``hyperparameters.lr``, ``policy.threshold``); ``value`` a string, number or
+    bool, compared with the stored JSON value of the same type."""
+    keys = tuple(path.split("."))
+    if not path or not all(keys) or any('"' in k or "\\" in k for k in keys) or len(keys) > 8:
+        raise StoreError(f"a config filter's key is a dotted path of names (e.g. hyperparameters.lr), got {path!r}")
+    if isinstance(value, float) and value != value:
+        raise StoreError("a config filter's value cannot be NaN")
+    if not isinstance(value, (str, int, float, bool)):
+        raise StoreError(f"a config filter's value is a string, number or bool, got {type(value).__name__}")
+    return keys, value
 
 
 def _check_status(status: Optional[str]) -> None:
@@ -130,7 +175,7 @@ class Runs:
     def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = UNSET,
                 policy: Any = UNSET, status: Optional[str] = None, create: bool = True,
                 token_id: Optional[int] = None, session: Optional[str] = None,
-                policy_state: Optional[Mapping[str, Any]] = None) -> RunInfo:
+                policy_state: Optional[Mapping[str, Any]] = None, tags: Any = UNSET, note: Any = UNSET) -> RunInfo:
         """Register (``create``) or update run ``name``; returns it as ``run`` does.
 
         ``config`` is merged into the stored config (at most ``MAX_CONFIG_BYTES`` as JSON once
@@ -143,8 +188,15 @@ class Runs:
         (``NotFoundError``) a run that does not exist. ``token_id``, ``session``: who writes
         (module docstring). ``policy_state``: a ``DecisionPolicy.state_dict()`` from an agent's
         checkpoint, stored only when it has seen more probes than the stored state (``last_step``
-        later): a store that lost the run's progress gets it back, one that is ahead keeps its own."""
+        later): a store that lost the run's progress gets it back, one that is ahead keeps its own.
+        ``tags`` and ``note`` replace the stored ones when given (``check_tags``, ``check_note``;
+        ``None`` clears them)."""
         check_name(name)
+        labels: Dict[str, Any] = {}
+        if tags is not UNSET:
+            labels["tags"] = check_tags(tags if tags is not None else [])
+        if note is not UNSET:
+            labels["note"] = check_note(note)
         _check_status(status)
         policy = _check_fields(config, optimizer, policy, session)
         with self._writer.begin() as conn:
@@ -152,14 +204,15 @@ class Runs:
             if row is None:
                 if not create:
                     raise NotFoundError(f"no run named {name!r}")
-                if self._insert(conn, name, config, optimizer, policy, status or "running", token_id, session):
+                if self._insert(conn, name, config, optimizer, policy, status or "running", token_id, session,
+                                labels):
                     if policy_state is not None:
                         self._update(conn, self._locked_row(conn, name), None, UNSET, UNSET, None, policy_state, None)
                     return self._run(conn, name)
                 row = self._locked_row(conn, name)  # another writer registered it meanwhile
             check_writer(name, row["owner"], row["session"], row["status"], _last_heard(row), token_id, session,
                          self.session_stale_after, time.time())
-            self._update(conn, row, config, optimizer, policy, status, policy_state, session)
+            self._update(conn, row, config, optimizer, policy, status, policy_state, session, labels)
             return self._run(conn, name)
 
     def open_run(self, name: str, *, resume: Any = False, session: Optional[str] = None,
@@ -216,17 +269,19 @@ class Runs:
         return conn.execute(self.sql.for_update(select(runs).where(runs.c.name == name))).mappings().first()
 
     def _insert(self, conn, name: str, config, optimizer, policy, status: str, owner: Optional[int] = None,
-                session: Optional[str] = None) -> bool:
+                session: Optional[str] = None, labels: Optional[Mapping[str, Any]] = None) -> bool:
         """Insert run ``name`` (a new ``uid``); False when a run of that name exists already."""
         now, uid = time.time(), str(uuid.uuid4())
         conn.execute(self.sql.insert(runs).on_conflict_do_nothing().values(
             name=name, uid=uid, status=status, config=dict(config or {}), created_at=now, updated_at=now,
             last_step=None, optimizer=None if optimizer is UNSET else optimizer,
-            policy=None if policy is UNSET else policy, policy_state=None, owner=owner, session=session))
+            policy=None if policy is UNSET else policy, policy_state=None, owner=owner, session=session,
+            **dict(labels or {})))
         return conn.execute(select(runs.c.uid).where(runs.c.name == name)).scalar() == uid
 
     def _update(self, conn, row, config, optimizer, policy, status: Optional[str],
-                policy_state: Optional[Mapping[str, Any]], session: Optional[str]) -> None:
+                policy_state: Optional[Mapping[str, Any]], session: Optional[str],
+                labels: Optional[Mapping[str, Any]] = None) -> None:
         values: Dict[str, Any] = {"updated_at": time.time()}
         if config:
             merged = {**row["config"], **dict(config)}
@@ -246,6 +301,7 @@ class Runs:
             values["status"] = status
         if session is not None:
             values["session"] = session
+        values.update(labels or {})
         conn.execute(update(runs).where(runs.c.id == row["id"]).values(**values))
 
     def _free_name(self, conn, name: str) -> str:
@@ -287,16 +343,22 @@ class Runs:
         return run_info(row, metrics=names, phase=None if phase is None else int(phase))
 
     def list_runs(self, *, name: Optional[str] = None, status: Optional[str] = None, since: Optional[float] = None,
-                  until: Optional[float] = None, limit: Optional[int] = 100,
-                  offset: int = 0) -> Tuple[int, List[RunSummary]]:
+                  until: Optional[float] = None, limit: Optional[int] = 100, offset: int = 0,
+                  tags: Sequence[str] = (), config: Sequence[Tuple[str, Any]] = ()) -> Tuple[int, List[RunSummary]]:
         """Runs newest first, filtered by a case-sensitive glob on the name (``*``, ``?``, ``[…]``,
         ``[!…]``: ``fnmatch.fnmatchcase``'s syntax), status, and activity window (``since``:
-        updated at or after; ``until``: created at or before). Returns ``(total matching, the
+        updated at or after; ``until``: created at or before), ``tags`` (the run has every one) and
+        ``config`` (``(dotted path, value)`` pairs, ``config_filter``: the run's config holds every
+        one, value and JSON type equal). Returns ``(total matching, the
         page)`` as ``RunSummary`` records (no config: ``run(name)`` has it); ``limit=None``: every
         run from ``offset``. Filtering, counting and paging run in the database, which sends only
         the page's rows."""
         r = runs.c
         where = [true()]
+        for tag in tags:
+            where.append(self.sql.json_array_has(r.tags, str(tag)))
+        for path, value in config:
+            where.append(self.sql.json_path_equals(r.config, *config_filter(path, value)))
         if status is not None:
             where.append(r.status == status)
         if since is not None:
@@ -311,7 +373,8 @@ class Runs:
             where.append(glob_condition(r.name, name, self.sql.name))
         condition = and_(*where)
         hyper = [r.optimizer[key].label(f"h_{key}") for key in SUMMARY_HYPERPARAMETERS]
-        query = (select(r.name, r.status, r.created_at, r.updated_at, r.last_step, r.last_ingest_at, r.policy, *hyper)
+        query = (select(r.name, r.status, r.created_at, r.updated_at, r.last_step, r.last_ingest_at, r.policy, r.tags,
+                        r.note, *hyper)
                  .where(condition).order_by(r.created_at.desc(), r.id.desc()).offset(offset))
         if limit is not None:
             query = query.limit(limit)
@@ -321,8 +384,25 @@ class Runs:
             rows = conn.execute(query).mappings().all()
         return total, [RunSummary(row["name"], row["status"], row["created_at"], row["updated_at"], row["last_step"],
                                   row["last_ingest_at"], json_value(row["policy"]),
-                                  {k: row[f"h_{k}"] for k in SUMMARY_HYPERPARAMETERS if row[f"h_{k}"] is not None})
+                                  {k: row[f"h_{k}"] for k in SUMMARY_HYPERPARAMETERS if row[f"h_{k}"] is not None},
+                                  list(json_value(row["tags"]) or []), row["note"])
                        for row in rows]
+
+    def delete_run(self, name: str) -> Dict[str, int]:
+        """Delete run ``name`` and everything stored for it (points, block summaries, latest values,
+        decisions, batch ids) in one transaction under the run's lock; returns what was deleted
+        (``points``, ``decisions``). ``NotFoundError`` when there is no such run. A writer still
+        sending to the name afterwards gets ``NotFoundError`` until it registers the run again."""
+        with self._writer.begin() as conn:
+            run_id = self._lock_run(conn, name).id
+            points = conn.execute(select(func.coalesce(func.sum(series_blocks.c["count"]), 0))
+                                  .where(series_blocks.c.run_id == run_id)).scalar()
+            gone = conn.execute(delete(decisions).where(decisions.c.run_id == run_id)).rowcount
+            self.sql.delete_points(conn, run_id)
+            for table in (series_blocks, latest_points, batches):
+                conn.execute(delete(table).where(table.c.run_id == run_id))
+            conn.execute(delete(runs).where(runs.c.id == run_id))
+        return {"points": int(points), "decisions": int(gone)}
 
     def sweep_stale_runs(self, stale_after: float, *, now: Optional[float] = None) -> Dict[str, List[str]]:
         """Mark ``running`` runs that stored no point and were not updated (registered again,

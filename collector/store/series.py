@@ -11,16 +11,23 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import and_, case, false, func, or_, select
 
 from moxco.collector import downsample as ds
 from moxco.collector.schema import BLOCK_STEPS, RUN_LEVEL_RANK, SUMMARY_FIELDS, decisions, latest_points, runs, series_blocks
-from moxco.collector.store.base import from_db
+from moxco.collector.store.base import NotFoundError, from_db
 
 _FIRST, _LAST = -(2**63), 2**63 - 1
+
+
+class Latest(NamedTuple):
+    """The newest point of a series (``Store.latest``): unpacks as ``step, value``."""
+
+    step: int
+    value: float
 
 
 class SeriesCache:
@@ -36,19 +43,21 @@ class SeriesCache:
 
     def __init__(self, max_points: int) -> None:
         self.max_points = int(max_points)
-        self._entries: "OrderedDict[Tuple[int, str, int], Tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]" = OrderedDict()
+        self._entries: "OrderedDict[Tuple[int, float, str, int], Tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]" = OrderedDict()
         self._points = 0
         self._lock = threading.Lock()
 
-    def get(self, sql, conn, run_id: int, metric: str, rank: int):
-        """``(steps, values, wall_times)`` of a series; ``sql`` is the store's dialect object."""
+    def get(self, sql, conn, run_id: int, metric: str, rank: int, created_at: float = 0.0):
+        """``(steps, values, wall_times)`` of a series; ``sql`` is the store's dialect object.
+        ``created_at`` (the run's) tells a deleted run's entries from those of a run registered
+        later under the same id (SQLite may reuse the id of the newest row once it is deleted)."""
         lp = latest_points.c
         head = conn.execute(select(lp.version, lp.rewrites).where(
             lp.run_id == run_id, lp.metric == metric, lp.rank == rank)).first()
         empty = (np.empty(0, np.int64), np.empty(0), np.empty(0))
         if head is None:
             return empty
-        key = (run_id, metric, rank)
+        key = (run_id, created_at, metric, rank)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -102,9 +111,10 @@ class Series:
             query = select(latest_points.c.metric).where(latest_points.c.run_id == run_id).distinct()
             return sorted(conn.execute(query).scalars())
 
-    def latest(self, name: str, *, rank: int = RUN_LEVEL_RANK) -> Dict[str, Tuple[int, float]]:
-        """``{metric: (step, value)}`` of the newest point of every metric of run ``name``."""
-        return {m: (s, v) for m, (s, v, _w) in self.latest_points(name, rank=rank).items()}
+    def latest(self, name: str, *, rank: int = RUN_LEVEL_RANK) -> Dict[str, "Latest"]:
+        """``{metric: Latest(step, value)}``: the newest point of every metric of run ``name``, a
+        named pair (``step, value = store.latest(run)["loss"]``; NaN and ±Inf as floats)."""
+        return {m: Latest(s, v) for m, (s, v, _w) in sorted(self.latest_points(name, rank=rank).items())}
 
     def latest_points(self, name: str, *, rank: int = RUN_LEVEL_RANK) -> Dict[str, Tuple[int, float, float]]:
         """``{metric: (step, value, wall_time)}`` of the newest point of every metric of run ``name``."""
@@ -160,8 +170,10 @@ class Series:
         """``(steps, values, wall_times)`` of a whole series as read-only NumPy arrays, from a
         per-process cache that reloads only what was appended since (see ``SeriesCache``)."""
         with self.engine.connect() as conn:
-            run_id = self._run_id(conn, name)
-            return self._series_cache.get(self.sql, conn, run_id, metric, rank)
+            row = conn.execute(select(runs.c.id, runs.c.created_at).where(runs.c.name == name)).first()
+            if row is None:
+                raise NotFoundError(f"no run named {name!r}")
+            return self._series_cache.get(self.sql, conn, row.id, metric, rank, row.created_at)
 
     def block_summaries(self, name: str, metric: str, *, rank: int = RUN_LEVEL_RANK) -> Dict[str, np.ndarray]:
         """The stored ``series_blocks`` of one series, as ``downsample.block_summaries`` returns them."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
+from sqlalchemy import and_, exists, func, literal, select
 from sqlalchemy.dialects import sqlite
 
 SQLITE_INSERT_ROWS = 250  # rows per multi-row INSERT: 1,500 parameters, far under SQLite's limit
@@ -33,6 +34,26 @@ class SQLite:
     def insert(self, table):
         """The dialect's ``INSERT`` construct (``on_conflict_do_nothing``/``on_conflict_do_update``)."""
         return sqlite.insert(table)
+
+    def json_array_has(self, column, item: str):
+        """A condition: the JSON array in ``column`` holds the string ``item``."""
+        each = func.json_each(column).table_valued("value")
+        return exists(select(literal(1)).select_from(each).where(each.c.value == item))
+
+    def json_path_equals(self, column, keys: Sequence[str], value: Any):
+        """A condition: the JSON document in ``column`` holds ``value`` at ``keys`` (same JSON type:
+        a number equals a number, a string a string, a bool a bool)."""
+        path = "$" + "".join(f'."{k}"' for k in keys)
+        kind, got = func.json_type(column, path), func.json_extract(column, path)
+        if isinstance(value, bool):
+            return kind == ("true" if value else "false")
+        if isinstance(value, (int, float)):
+            return and_(kind.in_(("integer", "real")), got == value)
+        return and_(kind == "text", got == value)
+
+    def delete_points(self, conn, run_id: int) -> None:
+        """Delete every point of run ``run_id`` (inside the caller's write transaction)."""
+        conn.exec_driver_sql("DELETE FROM metric_points WHERE run_id = ?", (run_id,))
 
     def snapshot(self, conn):
         """``conn`` reading one consistent snapshot across statements: a SQLite read transaction is."""

@@ -127,7 +127,7 @@ def check_numbers_against_the_store(summary: dict, store, run: str) -> None:
 def test_examples_then_audit_report(runs, run):
     tmp, url = runs
     out = tmp / f"{run}.html"
-    printed = moxco_audit(run, "--url", url, "--out", str(out)).stdout
+    printed = moxco_audit(run, "--store", url, "--out", str(out)).stdout
     summary = json.loads(out.with_suffix(".json").read_text())
     store = open_store(url)
     check_numbers_against_the_store(summary, store, run)
@@ -153,7 +153,7 @@ def test_examples_then_audit_report(runs, run):
 def test_compare_puts_the_runs_side_by_side(runs):
     tmp, url = runs
     out = tmp / "compare.html"
-    moxco_audit("--compare", "gpt2-adamw", "bert-sgdm-rs", "--url", url, "--out", str(out), "--quiet")
+    moxco_audit("--compare", "gpt2-adamw", "bert-sgdm-rs", "--store", url, "--out", str(out), "--quiet")
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["runs"] == ["gpt2-adamw", "bert-sgdm-rs"]
     for run in summary["runs"]:
@@ -178,7 +178,7 @@ def test_compare_puts_the_runs_side_by_side(runs):
 
 def test_unknown_run_lists_the_available_ones(runs):
     tmp, url = runs
-    result = subprocess.run([sys.executable, "-m", "moxco.cli", "audit", "gpt3", "--url", url], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "moxco.cli", "audit", "gpt3", "--store", url], capture_output=True,
                             text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1
     assert "no run named 'gpt3'" in result.stderr

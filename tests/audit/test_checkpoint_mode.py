@@ -83,7 +83,7 @@ def test_checkpoint_mode_equals_online_mode_with_the_same_reference(tmp_path, ta
     train(task, url, "online", 40, reference=str(tmp_path / "xstar.pt"), checkpoints=checkpoints)
     out = tmp_path / "ckpt.html"
     code = main(["audit", "--checkpoints", str(checkpoints), "--reference", str(tmp_path / "xstar.pt"),
-                 "--data", f"{tmp_path / 'probe_task.py'}:probe", "--run", "from-checkpoints", "--url", url,
+                 "--data", f"{tmp_path / 'probe_task.py'}:probe", "--run", "from-checkpoints", "--store", url,
                  "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -111,7 +111,7 @@ def test_checkpoint_mode_refuses_to_overwrite_and_explains_bad_input(tmp_path, t
     checkpoints.mkdir()
     x_star = train(task, url, "online", 10, checkpoints=checkpoints)
     torch.save(x_star, tmp_path / "xstar.pt")
-    args = ["audit", "--checkpoints", str(checkpoints), "--reference", str(tmp_path / "xstar.pt"), "--url", url,
+    args = ["audit", "--checkpoints", str(checkpoints), "--reference", str(tmp_path / "xstar.pt"), "--store", url,
             "--out", str(tmp_path / "r.html"), "--no-progress"]
     assert main(args + ["--data", f"{tmp_path / 'probe_task.py'}:nothing"]) == 1
     assert "has no function 'nothing'" in capsys.readouterr().err
@@ -124,6 +124,6 @@ def test_checkpoint_mode_refuses_to_overwrite_and_explains_bad_input(tmp_path, t
     assert "already has convexity_ratio" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["audit", "--checkpoints", str(empty), "--reference", str(tmp_path / "xstar.pt"), "--url", url,
+    assert main(["audit", "--checkpoints", str(empty), "--reference", str(tmp_path / "xstar.pt"), "--store", url,
                  "--data", "probe_task:probe"]) == 1
     assert "no checkpoints" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def test_an_audit_over_http_equals_the_audit_from_the_store(collector, capsys):
     server, db, tokens, tmp = collector
     for run in ("sgdm-rs", "adam"):
         over_http = audit_json(tmp, f"{run}-http", run, "--url", server.url, "--token", tokens["read"])
-        from_store = audit_json(tmp, f"{run}-store", run, "--url", db)
+        from_store = audit_json(tmp, f"{run}-store", run, "--store", db)
         assert over_http["source"] == server.url and from_store["source"] == db
         assert without_source(over_http) == without_source(from_store)
         assert over_http["overview"]["steps"] == STEPS
@@ -111,7 +111,7 @@ def test_compare_over_http_equals_compare_from_the_store(collector):
     server, db, tokens, tmp = collector
     over_http = audit_json(tmp, "cmp-http", "--compare", "sgdm-rs", "adam", "--url", server.url,
                            "--token", tokens["read"])
-    from_store = audit_json(tmp, "cmp-store", "--compare", "sgdm-rs", "adam", "--url", db)
+    from_store = audit_json(tmp, "cmp-store", "--compare", "sgdm-rs", "adam", "--store", db)
     assert without_source(over_http) == without_source(from_store)
     rows = {row["key"]: row for row in over_http["configuration"]}
     assert rows["optimizer"]["values"] == ["SGD", "Adam"] and rows["lr"]["values"] == [0.1, 0.01]

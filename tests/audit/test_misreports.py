@@ -50,7 +50,7 @@ def store_run(url, name, config, series, *, operator=None):
 
 def cli_audit(tmp_path, url, run, capsys):
     out = tmp_path / f"{run}.html"
-    code = main(["audit", run, "--url", url, "--out", str(out)])
+    code = main(["audit", run, "--store", url, "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return json.loads(out.with_suffix(".json").read_text()), out.read_text(), captured.out

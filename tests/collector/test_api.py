@@ -38,7 +38,7 @@ def test_migrations_from_empty(store_url):
         if store.dialect == "postgresql":  # points in chunks, read through the metric_points view (0005)
             assert "point_chunks" in tables and "metric_points" in inspect(store.engine).get_view_names()
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0008"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0009"
     Store(store_url).close()  # a second upgrade is a no-op
 
 

@@ -23,16 +23,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_no_auth_is_refused_on_a_non_loopback_bind(tmp_path):
-    r = cli("serve", "--url", f"sqlite:///{tmp_path / 'x.db'}", "--host", "0.0.0.0", "--no-auth")
+    r = cli("serve", "--store", f"sqlite:///{tmp_path / 'x.db'}", "--host", "0.0.0.0", "--no-auth")
     assert r.returncode == 2 and "only allowed on a loopback address" in r.stderr
 
 
 def test_tokens_scopes_and_decide_cli_against_a_served_store(tmp_path, serve):
     url = f"sqlite:///{tmp_path / 'runs.db'}"
-    assert "revision 0008" in cli("db", "upgrade", "--url", url).stdout
-    ingest = cli("token", "create", "--url", url, "--name", "trainer", "--scope", "ingest").stdout.strip()
-    reader = cli("token", "create", "--url", url, "--name", "grafana", "--scope", "read").stdout.strip()
-    operator = cli("token", "create", "--url", url, "--name", "ops", "--scope", "decide").stdout.strip()
+    assert "revision 0009" in cli("db", "upgrade", "--store", url).stdout
+    ingest = cli("token", "create", "--store", url, "--name", "trainer", "--scope", "ingest").stdout.strip()
+    reader = cli("token", "create", "--store", url, "--name", "grafana", "--scope", "read").stdout.strip()
+    operator = cli("token", "create", "--store", url, "--name", "ops", "--scope", "decide").stdout.strip()
     assert ingest.startswith("mox_") and len({ingest, reader, operator}) == 3
     with Store(url) as store:
         assert all(ingest not in str(row) for row in store.tokens())  # only hashes are stored
@@ -61,8 +61,8 @@ def test_tokens_scopes_and_decide_cli_against_a_served_store(tmp_path, serve):
     assert cli("decide", "job", "--phase", "1", "--step", "9", "--store", url).returncode == 0
     assert len(httpx.get(base + "/job/decisions", headers=auth(reader)).json()["decisions"]) == 2
 
-    assert "revoked 1" in cli("token", "revoke", "grafana", "--url", url).stdout
-    listed = cli("token", "list", "--url", url).stdout
+    assert "revoked 1" in cli("token", "revoke", "grafana", "--store", url).stdout
+    listed = cli("token", "list", "--store", url).stdout
     assert "grafana" in listed and "revoked" in listed and reader not in listed
 
 

@@ -29,7 +29,7 @@ def test_migrations_create_the_schema_from_empty(tmp_path):
     # opening again is a no-op upgrade, and the file is in WAL mode
     open_store(str(path)).close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("select version_num from alembic_version").fetchall() == [("0008",)]  # the head
+        assert conn.execute("select version_num from alembic_version").fetchall() == [("0009",)]  # the head
         assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 

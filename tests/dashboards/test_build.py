@@ -120,11 +120,14 @@ def test_variables(models):
     live = {v["name"]: v for v in models[build.LIVE_UID]["templating"]["list"]}
     compare = {v["name"]: v for v in models[build.COMPARE_UID]["templating"]["list"]}
     for variables, multi in ((live, False), (compare, True)):
-        run = variables["run"]
-        assert run["query"] == "label_values(moxco_run_step, run)"
-        assert run["datasource"]["uid"] == build.PROMETHEUS_UID
-        assert run["multi"] is multi and run["includeAll"] is multi
-        assert variables["C"]["type"] == "textbox" and variables["C"]["query"] == "0.85"
+        run = variables["run"]  # every run of the store, finished ones too (not the running runs' gauge)
+        assert run["query"].startswith("SELECT name FROM runs") and "status" not in run["query"]
+        assert run["datasource"]["uid"] == build.POSTGRES_UID
+        assert run["multi"] is multi
+    # C is read from the run's stored policy, not typed in (tests/dashboards/test_sql_on_store.py runs it)
+    assert live["C"]["type"] == "query" and live["C"]["datasource"]["uid"] == build.POSTGRES_UID
+    assert "policy" in live["C"]["query"] and "${run:sqlstring}" in live["C"]["query"] and live["C"]["hide"] == 2
+    assert "C" not in compare  # several runs, several thresholds: a column of the runs table there
 
 
 def test_variable_references_are_parsed():
@@ -167,6 +170,22 @@ def test_live_dashboard_tells_the_moxco_story(models):
     history = [p for p in iter_panels(live) if p.get("datasource", {}).get("uid") == build.POSTGRES_UID]
     assert {"loss", "goodness", "sharpness"} <= {m for p in history for t in p["targets"]
                                                 for m in sql_metric_names(t["rawSql"])}
+
+
+def test_every_catalogue_panel_is_also_drawn_by_step_from_the_store_beside_the_live_one(models):
+    live = models[build.LIVE_UID]
+    panels = [p for p in iter_panels(live) if p["type"] != "row"]
+    for panel in catalogue.PANELS:
+        live_panel = next(p for p in panels if p["title"] == panel.title and p["type"] == "timeseries")
+        by_step = next(p for p in panels if p["title"] == f"{panel.title} · by step")
+        assert by_step["type"] == "trend" and by_step["options"]["xField"] == "step"
+        assert by_step["datasource"]["uid"] == build.POSTGRES_UID and by_step["targets"][0]["format"] == "table"
+        assert sql_metric_names(by_step["targets"][0]["rawSql"]) == {m.name for m in catalogue.panel_metrics(panel.id)}
+        # side by side: the same row, the live panel on the left
+        assert by_step["gridPos"]["y"] == live_panel["gridPos"]["y"] and by_step["gridPos"]["x"] > live_panel["gridPos"]["x"]
+        if panel.threshold:  # C from the run's stored policy, dashed
+            assert '"C"' in by_step["targets"][0]["rawSql"] and "policy" in by_step["targets"][0]["rawSql"]
+            assert any(o["matcher"]["options"] == "C" for o in by_step["fieldConfig"]["overrides"])
 
 
 def test_decisions_and_phases_are_annotations(models):

@@ -151,7 +151,7 @@ def test_bad_or_missing_token(grafana, token):
         _push(grafana, token=token)
     message = str(err.value)
     if token:
-        assert "rejected the token (401 Unauthorized)" in message and "--token" in message
+        assert "rejected the token (401 Unauthorized)" in message and "--grafana-token" in message
     else:
         assert "no Grafana token" in message
     assert grafana.state.writes() == []
@@ -211,7 +211,7 @@ def test_not_grafana(status, body):
 def test_bad_urls():
     with pytest.raises(PushError, match="--grafana must be an http"):
         push("localhost:3000", ADMIN)
-    with pytest.raises(PushError, match="--postgres-url must look like"):
+    with pytest.raises(PushError, match="--store must be the PostgreSQL store"):
         postgres_datasource("mysql://u@h/db")
 
 
@@ -220,7 +220,7 @@ def test_bad_urls():
 
 def test_cli_push_twice(grafana, capsys, monkeypatch):
     monkeypatch.setenv("MOXCO_GRAFANA_TOKEN", ADMIN)  # the token from the environment
-    argv = ["dashboards", "push", "--grafana", grafana.url, "--prometheus-url", PROM_URL, "--postgres-url", PG_URL]
+    argv = ["dashboards", "push", "--grafana", grafana.url, "--prometheus-url", PROM_URL, "--store", PG_URL]
     assert moxco_main(argv) == 0
     first = capsys.readouterr()
     assert first.out.splitlines() == ["folder moxco: created", "datasource moxco-prometheus: created",
@@ -231,13 +231,14 @@ def test_cli_push_twice(grafana, capsys, monkeypatch):
     assert all(line.endswith(": unchanged") for line in capsys.readouterr().out.splitlines())
 
 
-def test_cli_warns_about_missing_datasources_and_fails_clearly(grafana, capsys):
-    assert moxco_main(["dashboards", "push", "--grafana", grafana.url, "--token", ADMIN]) == 0
+def test_cli_warns_about_missing_datasources_and_fails_clearly(grafana, capsys, monkeypatch):
+    monkeypatch.delenv("MOXCO_STORE_URL", raising=False)  # else its PostgreSQL store would be the datasource
+    assert moxco_main(["dashboards", "push", "--grafana", grafana.url, "--grafana-token", ADMIN]) == 0
     err = capsys.readouterr().err
     assert "no datasource 'moxco-prometheus'" in err and "--prometheus-url" in err
-    assert "no datasource 'moxco-postgres'" in err and "--postgres-url" in err
+    assert "no datasource 'moxco-postgres'" in err and "--store" in err
 
-    assert moxco_main(["dashboards", "push", "--grafana", grafana.url, "--token", "nope"]) == 1
+    assert moxco_main(["dashboards", "push", "--grafana", grafana.url, "--grafana-token", "nope"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: Grafana at ")
 

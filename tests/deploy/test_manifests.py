@@ -26,8 +26,8 @@ def test_compose_services_and_wiring():
     for name in ("collector-1", "collector-2"):
         command = services[name]["command"]
         assert command[0] == "serve" and command[command.index("--host") + 1] == "0.0.0.0"
-        assert command[command.index("--url") + 1].startswith("postgresql://moxco:")
-        assert command[command.index("--url") + 1].endswith("@postgres:5432/moxco")
+        assert command[command.index("--store") + 1].startswith("postgresql://moxco:")
+        assert command[command.index("--store") + 1].endswith("@postgres:5432/moxco")
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
     nginx = (DEPLOY / "nginx" / "nginx.conf").read_text("utf-8")
     assert re.findall(r"server (collector-\d):8000", nginx) == ["collector-1", "collector-2"]

@@ -7,10 +7,10 @@ test can iterate the table (every route of the app has a row and every row a rou
 
 from __future__ import annotations
 
-from moxco.collector.api.routes import batches, catalogue, decisions, docs, ops, pages, runs, series
+from moxco.collector.api.routes import batches, catalogue, decisions, docs, exports, ops, pages, runs, series
 from moxco.collector.api.routes.base import SCOPES, Route
 
 ROUTES = (*ops.ROUTES, *docs.ROUTES, *catalogue.ROUTES, *runs.ROUTES, *batches.ROUTES, *decisions.ROUTES, *series.ROUTES,
-          *pages.ROUTES)
+          *exports.ROUTES, *pages.ROUTES)
 
 __all__ = ["ROUTES", "Route", "SCOPES"]

@@ -3,7 +3,7 @@ and any client: every metric's meaning, formula and paper, and the page's sectio
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Tuple
 
 import orjson
 from fastapi.responses import Response
@@ -11,15 +11,18 @@ from fastapi.responses import Response
 from moxco import catalogue as _catalogue
 from moxco.collector.api.routes.base import JSON_OBJECT, Route
 
-_BODY: Optional[bytes] = None  # the catalogue is fixed for the life of the process
+_CACHE: Dict[Tuple[int, ...], bytes] = {}
 
 
 async def catalogue():
-    """The metric catalogue as JSON (no token needed: it holds no data)."""
-    global _BODY
-    if _BODY is None:
-        _BODY = orjson.dumps(_catalogue.to_json())
-    return Response(_BODY, media_type="application/json")
+    """The metric catalogue as JSON (no token needed: it holds no data). Rendered once per
+    catalogue (its metric, panel and section tuples), so an entry added at run time is served."""
+    key = (id(_catalogue.METRICS), id(_catalogue.PANELS), id(_catalogue.SECTIONS), id(_catalogue.GROUPS))
+    body = _CACHE.get(key)
+    if body is None:
+        _CACHE.clear()
+        body = _CACHE[key] = orjson.dumps(_catalogue.to_json())
+    return Response(body, media_type="application/json")
 
 
 ROUTES = (

@@ -1,9 +1,10 @@
-"""The collector's own pages: a runs list at ``/`` and a live run page at ``/runs/{run}``.
+"""The collector's own pages: a runs list at ``/``, a live run page at ``/runs/{run}`` and a
+page comparing runs at ``/compare?run=…&run=…``.
 
 The pages are static HTML, CSS and JavaScript under ``collector/static/`` (no build step; the
 charts are uPlot, vendored in ``static/vendor/``). They hold no data of their own: the browser reads
 everything through the query API (docs/api.md: ``/api/v1/runs``, ``/runs/{run}``, ``/series``,
-``/latest``, ``/decisions``, ``/catalogue``) with the same token any other client uses, so the pages
+``/latest``, ``/decisions``, ``/export``, ``/catalogue``) with the same token any other client uses, so the pages
 show exactly what the API serves and need no auth of their own. When auth is on, the page asks
 once for a token with the ``read`` scope and keeps it in the tab's ``sessionStorage``.
 
@@ -68,6 +69,11 @@ async def run_page_by_query() -> FileResponse:
     return _page("run.html")
 
 
+async def compare_page() -> FileResponse:
+    """Runs overlaid panel by panel; the script reads the runs from the URL (``?run=a&run=b``)."""
+    return _page("compare.html")
+
+
 async def run_page(run: str) -> FileResponse:
     """One run's page; the script reads the name from the URL and asks the API for the rest
     (a run that does not exist is reported by the page, from the API's 404)."""
@@ -79,4 +85,5 @@ ROUTES = (
     Route(("GET",), "/runs", runs_redirect, "public", in_schema=False),
     Route(("GET", "HEAD"), "/runs/", run_page_by_query, "public", in_schema=False),
     Route(("GET", "HEAD"), "/runs/{run}", run_page, "public", in_schema=False),
+    Route(("GET", "HEAD"), "/compare", compare_page, "public", in_schema=False),
 )
