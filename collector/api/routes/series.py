@@ -106,7 +106,7 @@ async def series(request: Request, metric: str, run: str = Depends(run_name),
 
 ROUTES = (
     Route(("GET",), "/api/v1/runs/{run}/latest", latest, "read"),
-    Route(("GET",), "/api/v1/runs/{run}/series/{metric}", series, "read",
+    Route(("GET",), "/api/v1/runs/{run}/series/{metric:path}", series, "read",
           responses={200: {"description": "the series as JSON, or CSV or Parquet with format",
                            "content": {"application/json": {"schema": {"type": "object"}},
                                        **EXPORT_RESPONSES[200]["content"]}}}),
