@@ -158,6 +158,10 @@ PANELS: Tuple[Panel, ...] = (
     Panel("update_corr", "audit", "Update correlation and progress",
           "update_corr = ⟨g_{t+1}, x_{t+1} − x_t⟩ (the descent lemma predicts < 0), update_corr_rs = "
           "⟨g_{t+1}, Δ_t⟩, and loss_diff.", log=True),
+    Panel("update_cos", "audit", "Update cosine",
+          "update_cos = ⟨g_{t+1}, x_{t+1} − x_t⟩ / (‖g_{t+1}‖ ‖x_{t+1} − x_t‖): update_corr without its scale, "
+          "in [−1, 1]; < 0 when the step went downhill of the next gradient.", value_range=(-1.0, 1.0),
+          refs=((0.0, "0", "#6b7280"),)),
     Panel("convexity_ratio", "audit", "Convexity ratio",
           "Σ⟨∇F(x_t), x_t − x*⟩ / Σ(F(x_t) − F(x*)): > 1 convex-like, (0, 1] convex analysis applies with a "
           "1/K slow-down, ≤ 0 strongly non-convex. Needs a reference x*.",
@@ -181,6 +185,11 @@ METRICS: Tuple[Metric, ...] = (
            needs=("gradient",), panel="update_corr", label="update_corr_rs", dash=(4, 3), stored_at="step t+1",
            reading="with random scaling, an unbiased estimate of F(x_{t+1}) − F(x_t) (eq. 12); equals "
                    "update_corr without it"),
+    Metric("update_cos", "free", "cosine of the next gradient with the step",
+           "⟨g_{t+1}, x_{t+1} − x_t⟩ / (‖g_{t+1}‖ ‖x_{t+1} − x_t‖)", "audit eq. 9, normalised", needs=("gradient",),
+           panel="update_cos", label="update_cos", stored_at="step t+1",
+           reading="update_corr without the gradient's and the step's scale: comparable across runs, phases and "
+                   "learning rates; NaN when the gradient or the step is zero"),
     # --- reeval: a replay at x_{t-1} on z_t ---
     Metric("loss_diff", "reeval", "progress on the same batch", "f(x_t, z_t) − f(x_{t−1}, z_t)", "audit eq. 13",
            needs=("loss", "replay"), panel="update_corr", label="loss_diff"),

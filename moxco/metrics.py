@@ -175,6 +175,8 @@ class FreeSums:
     ``‖x_t − x_0‖²`` if ``has_origin``. Made on the training thread without reading the device
     (``free_sums``); ``values()`` reads it once, off that thread, and applies the formulas."""
 
+    METRICS = ("grad_norm_sq", "update_norm", "distance", "update_corr", "update_corr_rs", "update_cos")  # values()'
+
     sums: Tensor
     has_update: bool
     has_origin: bool
@@ -188,13 +190,16 @@ class FreeSums:
 
     def values(self) -> Tuple[Dict[str, float], Dict[str, float]]:
         """``(metrics of step t, metrics of step t−1)``: ``grad_norm_sq``, ``update_corr`` (audit eq. 9),
-        ``update_corr_rs`` (eq. 13), ``distance`` = ``‖x_t − x_0‖``; and ``update_norm`` =
+        ``update_corr_rs`` (eq. 13), ``update_cos`` = ``update_corr / (‖g_t‖ ‖x_t − x_{t−1}‖)`` (NaN
+        when either is 0), ``distance`` = ``‖x_t − x_0‖``; and ``update_norm`` =
         ``‖x_t − x_{t−1}‖``, which belongs to step t−1."""
         sums = self.sums.detach().cpu().tolist()
         now, before = {"grad_norm_sq": sums[0]}, {}
         if self.has_update:
             now["update_corr"] = sums[1]
             now["update_corr_rs"] = update_corr_rs_from_update_corr(sums[1], self.scale)
+            scale = math.sqrt(sums[0] * sums[2])
+            now["update_cos"] = sums[1] / scale if scale > 0 else math.nan
             before["update_norm"] = math.sqrt(sums[2])
         if self.has_origin:
             now["distance"] = math.sqrt(sums[-1])

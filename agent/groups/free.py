@@ -44,7 +44,7 @@ from moxco.catalogue import names, needing
 
 GRADIENT_RECORD_FAILED = ("the end-of-backward gradient record failed (agent.errors['gradient']), so .grad may hold "
                           "a rescaled gradient")
-SUMS = ("grad_norm_sq", "update_norm", "distance", "update_corr", "update_corr_rs")  # metrics.FreeSums'
+SUMS = metrics.FreeSums.METRICS
 TIMING = ("step_time", "samples_per_second", "tokens_per_second")
 FIRST_CHANGE = ("the loop began changing .grad after backward (clipping or scaling) at this step, and the norms that "
                 "undo it were not recorded for it; they are from the next backward on")

@@ -404,6 +404,7 @@ def test_free_sums_give_the_step_metrics_and_the_previous_update_norm(kernels):
     assert now == {"grad_norm_sq": pytest.approx(norm_sq(g), rel=1e-6),
                    "update_corr": pytest.approx(corr, rel=1e-6),
                    "update_corr_rs": pytest.approx(corr / 0.25, rel=1e-6),  # audit eq. 13: x_t − x_{t−1} = s Δ
+                   "update_cos": pytest.approx(corr / math.sqrt(norm_sq(g) * norm_sq(d)), rel=1e-6),
                    "distance": pytest.approx(math.sqrt(norm_sq([a - b for a, b in zip(x, x0)])), rel=1e-6)}
     assert before == {"update_norm": pytest.approx(math.sqrt(norm_sq(d)), rel=1e-6)}
     dot_step, step_sq = free.update_products()
@@ -418,6 +419,12 @@ def test_free_sums_give_the_step_metrics_and_the_previous_update_norm(kernels):
     nan_now, nan_before = metrics.free_sums([t * math.nan for t in g], x, prev, x0).values()
     assert math.isnan(nan_now["grad_norm_sq"]) and math.isnan(nan_now["update_corr"])
     assert nan_before["update_norm"] == pytest.approx(math.sqrt(norm_sq(d)), rel=1e-6)
+    # the cosine is scale-free: a gradient step x_t = x_{t−1} − η g_t gives −1 whatever η and ‖g‖; no step: NaN
+    for eta, size in ((1e-3, 1.0), (10.0, 1e4)):
+        big = [t * size for t in g]
+        cos = metrics.free_sums(big, [p - eta * t for p, t in zip(prev, big)], prev, None).values()[0]["update_cos"]
+        assert cos == pytest.approx(-1.0, abs=1e-6)
+    assert math.isnan(metrics.free_sums(g, prev, [t.clone() for t in prev], None).values()[0]["update_cos"])
     # one collective for all of them when sharded: the reducer sees the whole vector once
     calls = []
     metrics.free_sums(g, x, prev, x0, reduce=lambda v: calls.append(v.shape) or v)
