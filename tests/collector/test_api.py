@@ -108,6 +108,7 @@ def test_a_metric_name_with_slashes_is_read_through_its_series_path(client):
     assert client.get("/api/v1/runs/r/series/val%2Floss", params={"format": "csv"}).text.splitlines()[1:] == \
         ["0,0.5,10.0", "5,0.25,11.0"]
     assert client.get("/api/v1/runs/r/series/loss").json()["values"] == [1.0]
+    assert client.get("/api/v1/runs/r/series/val%2Floss%0A").status_code == 422  # the whole name is checked
 
 
 def test_retried_batch_is_stored_once(client):
