@@ -156,7 +156,7 @@ class EmbeddedSink:
             if left:  # (said before the spool closes: the agent stores what it is told with the run)
                 self._report("spool", RuntimeError(
                     f"{self.stats.points_left} points left in the spool (the store could not be written): send them "
-                    f"with `moxco spool push {self.spool_dir} --url {self.url}`"))
+                    f"with `moxco spool push {self.spool_dir} --store {self.url}`"))
             self.spool.close()
             if not left:
                 remove_spool_dir(self.spool_dir)
