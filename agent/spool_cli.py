@@ -93,7 +93,8 @@ def push_spools(args: argparse.Namespace) -> int:
 
 
 def _push(directory: Path, run: str, args: argparse.Namespace):
-    from moxco.agent.transport import HttpSink, is_http_url
+    from moxco.agent.sink import is_http_url
+    from moxco.agent.transport import HttpSink
 
     if is_http_url(args.url):
         sink = HttpSink(args.url, run, token=args.token, spool_dir=directory, max_backoff=2.0)
