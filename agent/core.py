@@ -55,23 +55,16 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from moxco import native, tensors
 from moxco.agent import binding
+from moxco.agent.binding import Bindable
 from moxco.agent.capture import StepCapture
 from moxco.agent.decisions import DecisionInbox, Outcome
 from moxco.agent.distributed import DataParallelGroup
 from moxco.agent.failures import Failures
-from moxco.agent.gradients import RawGradient
-from moxco.agent.groups.free import FreeMetrics
-from moxco.agent.groups.probe import Probe
-from moxco.agent.groups.reeval import Reevaluation
-from moxco.agent.groups.reference import Reference, load_reference
 from moxco.agent.options import OPTION_NAMES, AgentOptions, check_names, default_run_name, default_url
 from moxco.agent.probe_set import ProbeSet
-from moxco.agent.replays import Replays
 from moxco.agent.resume import Resumable, close_at_exit
-from moxco.agent.sharded import ShardedParams, ShardedRawGradient, uses_fsdp1, uses_fsdp2
-from moxco.agent.step import Previous, StepContext, StepState, grad_of
+from moxco.agent.step import Previous, StepContext, StepState
 from moxco.agent.writer import WRITER_PARTS, MetricWriter, StepRecord, user_values
 from moxco.decision import Decision
 
@@ -81,7 +74,7 @@ COPY_NOTE = "x_{t−1} is no longer kept: update_norm, update_corr(_rs), the re-
 LAZY_NOTE = "the optimizer's parameters are not initialised yet (a lazy module): measurement starts once they are"
 
 
-class Agent(Resumable):
+class Agent(Bindable, Resumable):
     """The attached agent. Use ``attach(...)`` to create one; ``close()`` (or ``with``) flushes."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, options: Optional[AgentOptions] = None,
@@ -162,88 +155,6 @@ class Agent(Resumable):
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         self._exit_hook = functools.partial(close_at_exit, weakref.ref(self))
         atexit.register(self._exit_hook)
-
-    # --- the parameters ---------------------------------------------------------------------------
-
-    def _bind(self) -> bool:
-        """Build what depends on the parameters (the copies, the gradient records, the metric
-        groups), once they exist; False while some are not initialised."""
-        o = self.options
-        params, names = binding.optimizer_params(self.model, self.optimizer)
-        if binding.any_lazy(params):
-            return False
-        self.names, self._n_params = names, len(params)
-        # FSDP: the agent works on the local shards and sums partial sums over ranks (agent.sharded)
-        self.shards = (ShardedParams(self.model, params, names, self.group)
-                       if uses_fsdp2(self.model) or uses_fsdp1(self.model) else None)
-        self._reduce = self.shards.reduce if self.shards is not None else None
-        self.params = self.shards.local() if self.shards is not None else params
-        self._read_grad = self.shards.grads if self.shards is not None else lambda: grad_of(self.params)
-        # the fused CPU reductions are built (once per machine, ~0.3 s) here, not in the first step
-        if any(p.device.type == "cpu" for p in self.params):
-            native.warm()
-        self.raw_gradient = (ShardedRawGradient(self.shards, o.scaler) if self.shards is not None
-                             else RawGradient(self.params, o.scaler))
-        self.state = StepState(self._start_step + self._unmeasured, self._generator,
-                               tensors.copy_params(self.params) if o.track_distance else None)
-        if self._store_phase is not None:
-            self.state.phase = int(self._store_phase)
-        reference = None if o.reference is None else load_reference(o.reference, self.names, self.params, self.shards)
-        if self.probe_set is None and o.probe_data is not None:  # the fixed probe batches, drawn once
-            self.probe_set = ProbeSet.build(o.probe_data, batches=o.probe_batches,
-                                            with_targets=o.criterion is not None or o.loss_fn is not None,
-                                            device=self.params[0].device if self.params else None, seed=self._seed)
-        self.replays = Replays(self.capture, self.names, self.group, self.shards, self.failures)
-        self.free = FreeMetrics(self.failures, self.state, self.capture, self.raw_gradient, self.group,
-                                random_scaling=o.random_scaling, optimizer=self.optimizer)
-        self.reeval = Reevaluation(o.reeval_every, self.failures, self.state, self.replays)
-        self.reference = Reference(reference, o.reeval_every, self.failures, self.replays)
-        self.probe = Probe(o, self.failures, self.state, self.replays, self.optimizer, self.params, seed=self._seed,
-                           reference=reference, probe_set=self.probe_set)
-        if self.writer is not None:  # bound after the run was opened (lazy parameters)
-            self.probe.on_config = self.writer.update_run  # (stored off the training thread)
-            self.writer.update_run(self.probe.describe())
-        self._sharpness_target = self.probe.sharpness_target
-        self._bound = True
-        if o.probe_every:
-            for part, exc in self.probe.pending_errors:  # a curvature option this run cannot honour
-                self._record_error(part, exc)  # (stored with the run once it is open)
-        if self._pending_state is not None:
-            pending, self._pending_state = self._pending_state, None
-            self.load_state_dict(pending)
-        return True
-
-    def _rebind(self) -> None:
-        """The optimizer's parameters changed since the binding (``add_param_group``)."""
-        if self.shards is not None:
-            raise RuntimeError("parameters added to the optimizer after attach are not measured under FSDP")
-        params, names = binding.optimizer_params(self.model, self.optimizer)
-        if binding.any_lazy(params):
-            return
-        old, step = self.params, self.state.step
-        if len(params) > len(old) and all(a is b for a, b in zip(params, old)):
-            self.state.extend(params[len(old):])
-            what = f"{len(params) - len(old)} parameters added to the optimizer are measured from step {step} on"
-        else:
-            self.state.restart(params)
-            what = f"the optimizer's parameters changed: distance and the update metrics start over at step {step}"
-        self.params, self.names, self._n_params = params, names, len(params)
-        self.replays.names = list(names)
-        self.raw_gradient.remove()
-        self.raw_gradient = self.free.raw_gradient = RawGradient(params, self.options.scaler)
-        self.probe.rebind(params)
-        if self.reference.point is not None:
-            self.reference.point = self.probe.reference = load_reference(self.options.reference, names, params, None)
-        log.warning("moxco: run %r: %s", self.run, what)
-
-    def _before_forward(self, module, args) -> None:
-        if (self._bound and not self._closed and not self.capture.replaying
-                and binding.param_count(self.optimizer) != self._n_params):
-            self.failures.run("params", self._rebind)
-
-    def _after_forward(self, module, args, output) -> None:
-        if not self._bound and not self._closed:
-            self.failures.run("params", self._bind)
 
     # --- the step ------------------------------------------------------------------------------
 

@@ -27,8 +27,7 @@ from dataclasses import replace
 from typing import Any, Dict, List, Mapping, Optional
 
 from moxco.agent.options import AgentOptions, default_url
-from moxco.agent.sink import EmbeddedSink
-from moxco.agent.transport import open_sink
+from moxco.agent.sink import EmbeddedSink, open_sink
 from moxco.agent.writer import MetricWriter
 
 log = logging.getLogger("moxco.agent")

@@ -1,6 +1,8 @@
-"""The embedded sink: the agent's ``Sink`` on a ``Store`` in this process (``attach(url="sqlite:…")``).
+"""Where the agent's points go: the ``Sink`` protocol, ``open_sink`` (an ``http(s)://`` URL gives the
+HTTP sink, ``agent.transport.HttpSink``; any other the embedded one), and the embedded sink, the
+agent's ``Sink`` on a ``Store`` in this process (``attach(url="sqlite:…")``).
 
-It makes the store's own calls (``open_run``, ``put_run``, ``ingest``, ``set_status``,
+The embedded sink makes the store's own calls (``open_run``, ``put_run``, ``ingest``, ``set_status``,
 ``decisions``), on the writer thread, so the same store code registers the run with its decision
 policy and decides on the goodness points of each batch, as the collector does for an agent over
 HTTP. The decisions an ingest answers as pending (the policy's, an operator's) are handed to
@@ -27,7 +29,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from moxco.agent.spool import (SinkStats, Sessions, Spool, StoreReplay, default_spool_dir, has_segments,
                                lock_spool_dir, remove_spool_dir)
@@ -37,7 +39,63 @@ from moxco.wire import encode_point
 
 log = logging.getLogger("moxco.agent")
 
-_UNSET: Any = object()
+_UNSET: Any = object()  # put_run: "leave as registered"
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """What the agent and its writer need from where points go: the embedded store
+    (``EmbeddedSink``, below) or a collector (``agent.transport.HttpSink``). The calls are the store's own
+    (``moxco.collector.store.Store``): ``put_run`` registers the run with its config, optimizer and
+    decision policy (the store's ingest runs the policy); ``ingest`` takes ``Point``s and
+    acknowledgements ``(decision id, applied step[, rejected reason])``; ``decisions`` returns
+    ``Decision`` objects. Decisions the store takes come back through the ``on_decision`` callback
+    the sink was opened with, each id once. ``open_run`` is the agent's registration (run identity:
+    ``Store.open_run``), answered now when the store answers, else later through ``on_run``;
+    ``sync`` makes what was handed over durable (stored, or on disk in the spool); ``stats``
+    counts points (``agent.spool.SinkStats``)."""
+
+    def open_run(self, name: str, *, resume: Any = False, session: Optional[str] = None, **fields: Any) -> Any: ...
+
+    def put_run(self, name: str, *, config: Optional[Mapping[str, Any]] = None, optimizer: Any = _UNSET,
+                policy: Any = _UNSET, status: Optional[str] = None, create: bool = True) -> Any: ...
+
+    def ingest(self, name: str, points: Iterable[Any], *, acks: Sequence[Tuple] = ()) -> Any: ...
+
+    def set_status(self, name: str, status: str) -> None: ...
+
+    def decisions(self, name: str) -> List[Decision]: ...
+
+    def sync(self, timeout: float = 10.0) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def is_http_url(url: Optional[str]) -> bool:
+    return isinstance(url, str) and url.lower().startswith(("http://", "https://"))
+
+
+EMBEDDED_OPTIONS = ("spool_dir", "spool_max_bytes")
+
+
+def open_sink(url: str, run: str, *, token: Optional[str] = None,
+              on_decision: Optional[Callable[[str, Decision], None]] = None,
+              on_answer: Optional[Callable[[List[int]], None]] = None,
+              on_error: Optional[Callable[[str, BaseException], None]] = None,
+              on_run: Optional[Callable[[Any], None]] = None, **options: Any) -> Sink:
+    """An ``HttpSink`` for an ``http(s)://`` collector URL, else the embedded sink on the store at
+    ``url`` (``EmbeddedSink``, which spools while the store cannot be opened or written).
+    Never raises for a store that is away."""
+    if is_http_url(url):
+        from moxco.agent.transport import HttpSink
+
+        return HttpSink(url, run, token=token, on_decision=on_decision, on_answer=on_answer, on_error=on_error,
+                        on_run=on_run, **options)
+    ignored = sorted(set(options) - set(EMBEDDED_OPTIONS))
+    if ignored:  # e.g. a script with transport options run with MOXCO_URL pointing at a file
+        log.warning("moxco: transport options %s apply to an http(s):// collector only; ignored for %s", ignored, url)
+    return EmbeddedSink(url=url, run=run, on_decision=on_decision, on_answer=on_answer, on_error=on_error,
+                        on_run=on_run, **{k: v for k, v in options.items() if k in EMBEDDED_OPTIONS})
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -156,7 +214,7 @@ class EmbeddedSink:
             if left:  # (said before the spool closes: the agent stores what it is told with the run)
                 self._report("spool", RuntimeError(
                     f"{self.stats.points_left} points left in the spool (the store could not be written): send them "
-                    f"with `moxco spool push {self.spool_dir} --url {self.url}`"))
+                    f"with `moxco spool push {self.spool_dir} --store {self.url}`"))
             self.spool.close()
             if not left:
                 remove_spool_dir(self.spool_dir)

@@ -2,10 +2,10 @@
 
 * ``moxco spool list``: the spool directories under ``$MOXCO_SPOOL`` (default
   ``~/.cache/moxco/spool``) that hold data, with their run and how many points are left;
-* ``moxco spool push DIR… --url URL [--token T]``: replay each directory, in order, to a collector
-  (``http(s)://``) or a store (``sqlite:…``, ``postgresql://…``), as the agent would have: each
-  envelope goes to the run its session opened, a batch sent twice is stored once, what was delivered
-  is removed from the spool. Exits 1 when something is left (the store still unreachable, a wrong
+* ``moxco spool push DIR… (--url COLLECTOR [--token T] | --store URL)``: replay each directory, in
+  order, to a collector (``http(s)://``) or a store (``sqlite:…``, ``postgresql://…``), as the agent
+  would have: each envelope goes to the run its session opened, a batch sent twice is stored once,
+  what was delivered is removed from the spool. Exits 1 when something is left (the store still unreachable, a wrong
   token), saying how much.
 
 A directory a live agent holds is refused (that agent is sending it).
@@ -17,6 +17,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from moxco.cli import add_store_option, add_token_option, add_url_option
 
 
 def register(commands: "argparse._SubParsersAction") -> None:
@@ -30,9 +32,9 @@ def register(commands: "argparse._SubParsersAction") -> None:
     listing.set_defaults(func=list_spools)
     push = sub.add_parser("push", help="send spool directories to a collector or a store")
     push.add_argument("dirs", nargs="+", metavar="DIR", help="a spool directory (moxco spool list shows them)")
-    push.add_argument("--url", required=True, help="http(s)://collector:port, or a store URL (sqlite:///runs.db, "
-                                                    "postgresql://…)")
-    push.add_argument("--token", help="the collector's ingest token (default: $MOXCO_TOKEN)")
+    add_url_option(push, "the collector to send to")
+    add_store_option(push, "the store to write to when no collector is given")
+    add_token_option(push, "ingest")
     push.add_argument("--timeout", type=float, default=300.0, help="seconds to wait per directory (default: "
                                                                      "%(default)s)")
     push.set_defaults(func=push_spools)
@@ -59,8 +61,12 @@ def push_spools(args: argparse.Namespace) -> int:
     from moxco.agent.options import check_url
     from moxco.agent.spool import has_segments, lock_spool_dir, run_of_spool_dir
 
+    from moxco.cli import api_token, collector_url, store_url
+
     try:
-        check_url(args.url)
+        collector = collector_url(args.url) if args.store is None else None
+        args.url = collector or check_url(store_url(args.store))
+        args.token = api_token(args.token)
     except ValueError as exc:
         print(f"moxco spool push: {exc}", file=sys.stderr)
         return 2
@@ -87,7 +93,8 @@ def push_spools(args: argparse.Namespace) -> int:
 
 
 def _push(directory: Path, run: str, args: argparse.Namespace):
-    from moxco.agent.transport import HttpSink, is_http_url
+    from moxco.agent.sink import is_http_url
+    from moxco.agent.transport import HttpSink
 
     if is_http_url(args.url):
         sink = HttpSink(args.url, run, token=args.token, spool_dir=directory, max_backoff=2.0)

@@ -128,7 +128,7 @@ def _read(value: Any) -> float:
 
 
 class MetricWriter:
-    """Owns the sink (``agent.transport.Sink``), the aggregates, the denoisers and goodness."""
+    """Owns the sink (``agent.sink.Sink``), the aggregates, the denoisers and goodness."""
 
     def __init__(self, store: Any, run: str, *, goodness_settings: GoodnessSettings,
                  sharpness_target: Callable[[], Optional[float]], on_error: Callable[[str, BaseException], None],

@@ -83,7 +83,6 @@ import json
 import math
 import platform
 import re
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -102,8 +101,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-# the CPU benchmark's MLP and data, the commit measured, and its doc's marker blocks
-from agent_overhead import DOC, mlp_workload, source_state, write_doc  # noqa: E402
+# the CPU benchmark's MLP and data, the commit measured, medians, and writing into its doc
+from benchkit import add_write_docs, median, source_state, write_between_markers  # noqa: E402
+from overhead_report import DOC, DOC_TITLE  # noqa: E402
+from overhead_workloads import mlp_workload  # noqa: E402
 
 BEGIN, END = "<!-- bench:gpu:begin -->", "<!-- bench:gpu:end -->"
 JSON_NAME, MD_NAME = "gpu-bench.json", "gpu-bench.md"
@@ -699,11 +700,6 @@ class Loop:
 
 
 # --- timing -------------------------------------------------------------------------------------
-
-
-def median(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return statistics.median(xs) if xs else math.nan
 
 
 def timed_run(work: Work, dev: Device, key: str, steps: int, warmup: int, tmpdir: str, seed: int) -> Dict[str, Any]:
@@ -1374,7 +1370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="cuda or cpu (default: cuda when torch sees one)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2 and a few steps: every code path in < 1 min")
     parser.add_argument("--out", type=Path, default=None, help=f"write {MD_NAME} and {JSON_NAME} into this folder")
-    parser.add_argument("--write-docs", action="store_true", help=f"put the table into {DOC.relative_to(ROOT)}")
+    add_write_docs(parser, DOC, "the table")
     parser.add_argument("--report", type=Path, default=None, help="render this saved JSON instead of measuring")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run (default: the plan's)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the plan's)")
@@ -1386,7 +1382,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         text = markdown(json.loads(args.report.read_text()))
         print(text)
         if args.write_docs:
-            write_doc(text, BEGIN, END)
+            write_between_markers(DOC, text, BEGIN, END, DOC_TITLE)
         return 0
     plan = TINY if args.tiny else FULL
     args.threads = plan.threads if args.threads is None else args.threads
@@ -1446,7 +1442,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = safe_markdown(results)
     print(text)
     if args.write_docs:
-        write_doc(text, BEGIN, END)
+        write_between_markers(DOC, text, BEGIN, END, DOC_TITLE)
     log("done")
     return 0
 

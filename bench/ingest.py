@@ -1,7 +1,7 @@
 """Collector ingest throughput and latency vs an MLflow tracking server, and the 1 M-point query.
 
     .venv/bin/python bench/ingest.py [--seconds 8] [--clients 1 8 32] [--open-factor 10]
-                                     [--out docs/benchmarks-collector.md]
+                                     [--out FILE] [--write-docs]
 
 Clients are separate processes, one run each, sending batches of 1,000 points (5 metrics × 200
 steps). For each number of concurrent clients:
@@ -9,9 +9,9 @@ steps). For each number of concurrent clients:
 * closed loop (moxco and MLflow, each on SQLite and on PostgreSQL): every client sends its
   next batch as soon as the previous one is answered, for ``--seconds``: the most points/s each
   server takes, with p50/p99 latency per batch (at saturation, so mostly queueing);
-* open loop (moxco, both stores), what DESIGN §6 asks: the clients together offer
+* open loop (moxco, both stores), what the collector's budget asks: the clients together offer
   ``--open-factor`` (10) × the points/s MLflow took with the same number of clients on the same
-  backend kind (DESIGN §6), each client sending on a fixed schedule (``paced_batches``) and
+  backend kind, each client sending on a fixed schedule (``paced_batches``) and
   latency counted from each batch's scheduled time (coordinated omission not hidden). Reported:
   points/s achieved and p50/p99 at that load.
 
@@ -45,7 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchkit import add_write_docs, write_section
+
 REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks-collector.md"
+HEADING = "# Collector benchmarks (bench/ingest.py)"
 BATCH = 1000
 
 
@@ -305,7 +309,8 @@ def main() -> int:
                         help="open-loop offered load: this many times MLflow's points/s at the same client count")
     parser.add_argument("--open-rate", type=float, default=None,
                         help="open-loop offered points/s (all clients) instead of a multiple of MLflow's")
-    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-collector.md"))
+    parser.add_argument("--out", default=None, help="also write the report into this markdown file")
+    add_write_docs(parser, DOC, "the report (its section; the others stay)")
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="moxco-bench-"))
@@ -391,12 +396,12 @@ def run_mlflow(args, tmp: Path, backend: str, uri: str) -> list:
 def write_report(args, rows, open_rows, queries) -> None:
     # the reference of each moxco row: MLflow with the same client count on the same backend kind
     mlflow = {(r["server"].split("(")[1], r["clients"]): r for r in rows if r["server"].startswith("MLflow")}
-    lines = ["# Collector benchmarks (bench/ingest.py)", "",
+    lines = [HEADING, "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
              f"load average {args.load_before:.1f} before the run (each row gives the 1-minute load average "
              "when it started: other work on the machine, and this benchmark's own client processes). "
              f"Batches of {BATCH} points, {args.seconds:g} s per cell, each client a separate process with "
-             f"its own run; servers with {args.workers} workers. Regenerate with `.venv/bin/python bench/ingest.py`.",
+             f"its own run; servers with {args.workers} workers. Regenerate with `.venv/bin/python bench/ingest.py --write-docs`.",
              "",
              "### Closed loop: the most each server takes",
              "",
@@ -411,7 +416,7 @@ def write_report(args, rows, open_rows, queries) -> None:
         lines.append(f"| {r['server']} | {r['clients']} | {r['points_s']:,.0f} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r.get('failed', 0)} of {r['batches']} | {ratio} | {r.get('load1', 0):.1f} |")
     if open_rows:
-        lines += ["", f"### Open loop at {args.open_factor:g} × MLflow's points/s (DESIGN §6)" if not args.open_rate
+        lines += ["", f"### Open loop at {args.open_factor:g} × MLflow's points/s" if not args.open_rate
                   else f"### Open loop at {args.open_rate:,.0f} points/s", "",
                   "The clients send on a schedule (each its share of the offered points/s, at its own phase), "
                   "whatever the answers do; a client that falls behind sends the due batches back to back. "
@@ -431,14 +436,11 @@ def write_report(args, rows, open_rows, queries) -> None:
               "| --- | ---: | ---: |"]
     for backend, q in queries.items():
         lines.append(f"| {backend} | {q['cold_ms']:.0f} | {q['warm_ms']:.1f} |")
-    out = Path(args.out)
-    keep = ""  # sections written by other scripts (bench/load.py's "## Load") survive a rerun
-    if out.exists():
-        previous = out.read_text()
-        at = previous.find("\n## ")
-        keep = previous[at:] if at >= 0 else ""
-    out.write_text("\n".join(lines) + "\n" + keep)
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    # its section only: the sections after it (the reading of the figures, bench/load.py's) stay
+    for path in [Path(args.out)] * bool(args.out) + [DOC] * args.write_docs:
+        write_section(path, text, HEADING)
+    print(text.rstrip("\n"))
 
 
 if __name__ == "__main__":

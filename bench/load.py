@@ -1,7 +1,7 @@
 """Load: N simulated agents against one collector — held throughput, the knee, memory over a soak.
 
     .venv/bin/python bench/load.py [--quick] [--soak-seconds 600] [--agents 1 2 4 8 16 32]
-                                   [--backends postgresql sqlite] [--out docs/benchmarks-collector.md]
+                                   [--backends postgresql sqlite] [--out FILE] [--write-docs]
 
 For each backend (PostgreSQL: ``moxco serve --workers 2``; SQLite: ``--workers 1``) and each number
 of agents N (stepped up: 1, 2, 4, 8, 16, 32), N agent processes (loopback only; at most
@@ -46,7 +46,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import ROOT, add_write_docs, write_section  # noqa: E402  (same folder)
 from ingest import paced_batches, serve, start_postgres  # noqa: E402  (same folder)
+
+DOC = ROOT / "docs" / "benchmarks-collector.md"
+HEADING = "## Load (bench/load.py)"
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 1000
@@ -176,6 +180,7 @@ def main() -> int:
     parser.add_argument("--backends", nargs="+", default=["postgresql", "sqlite"])
     parser.add_argument("--quick", action="store_true", help="3 s steps, 60 s soak")
     parser.add_argument("--out", default=None, help="write the Load section into this Markdown file")
+    add_write_docs(parser, DOC, "the Load section")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop servers and PostgreSQL on the way out
     if args.quick:
@@ -216,8 +221,8 @@ def main() -> int:
         shutil.rmtree(pg_root, ignore_errors=True)
     text = report(args, steps, soaks, load_before)
     print(text)
-    if args.out:
-        write_section(Path(args.out), text)
+    for path in [Path(args.out)] * bool(args.out) + [DOC] * args.write_docs:
+        write_section(path, text, HEADING)
     return 0
 
 
@@ -228,12 +233,12 @@ def summarise(rows: list) -> dict:
 
 
 def report(args, steps: list, soaks: list, load_before) -> str:
-    lines = ["## Load (bench/load.py)", "",
+    lines = [HEADING, "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared by the agents, the collector and "
              f"PostgreSQL; load average before the run {load_before[0]:.1f}. Agents: separate processes, one run "
              f"each, batches of {BATCH} points on a schedule of {args.rate:g} batches/s per agent ({args.rate * BATCH:,.0f} "
              f"points/s offered per agent; latency from each batch's scheduled time), {args.step_seconds:g} s per step. Collector: PostgreSQL with 2 workers, "
-             "SQLite with 1. Regenerate with `.venv/bin/python bench/load.py --out docs/benchmarks-collector.md`.",
+             "SQLite with 1. Regenerate with `.venv/bin/python bench/load.py --write-docs`.",
              "", "| backend | agents | offered points/s | stored points/s | p50 ms | p99 ms | errors | collector RSS MiB | load1 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in steps:
@@ -256,18 +261,6 @@ def report(args, steps: list, soaks: list, load_before) -> str:
                   f"{s['rss_max_mib']:.0f}, end {s['rss_end_mib']:.0f}: growth after warm-up {s['growth_mib']:.1f} MiB, "
                   f"bound {s['bound_mib']:g} MiB: **{'held' if s['held'] else 'EXCEEDED'}**."]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the ``## Load`` section of ``path`` (up to the next ``## `` heading), or append it."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find("## Load (bench/load.py)")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 3)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":

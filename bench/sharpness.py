@@ -22,7 +22,7 @@ times, interleaved, each of:
 Each method is timed ``--repeats`` times at each point (trackers re-run from the same saved state
 through ``state_dict``, so they repeat identical work); the table gives medians over points and
 repeats, and times as ratios to the faster reference at 1 % in the same process (machines are
-noisy). The budget (DESIGN §6): the warm 1-HVP probe within 1 % of ``λ_max`` in ≤ 1/5 of that time.
+noisy). The budget: the warm 1-HVP probe within 1 % of ``λ_max`` in ≤ 1/5 of that time.
 
 Clock: by default the CPU time of this process (``time.process_time``) with one intra-op thread
 (``--threads 1``). On a shared machine wall time also counts other processes' time slices, and
@@ -36,7 +36,8 @@ PyHessian are read by wrapping its ``hessian_vector_product``; for hessian-eigen
 
     python bench/sharpness.py --seed 0 --repeats 5 --out bench-sharpness.md
 
-The table is printed and written into docs/sharpness.md between the ``bench:sharpness`` markers.
+The table is printed; ``--write-docs`` writes it into docs/sharpness.md between the
+``bench:sharpness`` markers.
 Needs the ``dev`` extra (``pyhessian``, ``hessian-eigenthings``).
 """
 
@@ -55,6 +56,9 @@ from pathlib import Path
 import torch
 
 from moxco.curvature import Sharpness, extreme_eigenvalues, power_iteration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import add_write_docs, write_between_markers  # noqa: E402  (same folder)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "sharpness.md"
 BEGIN, END = "<!-- bench:sharpness:begin -->", "<!-- bench:sharpness:end -->"
@@ -305,15 +309,6 @@ def describe(args) -> str:
     return setup + "\n\nReproduce: " + command + "\n"
 
 
-def write_into_doc(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else f"# Sharpness\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -329,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu (process time, default) or wall")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default 1)")
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
-    parser.add_argument("--no-doc", action="store_true", help="do not update docs/sharpness.md")
+    add_write_docs(parser, DOC, "the table")
     args = parser.parse_args(argv)
     for name in ("repeats", "probes", "steps_between", "threads"):
         if getattr(args, name) < 1:
@@ -346,8 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     table = ("\n".join(run(args, pretrain, pyhessian, eigenthings) for pretrain in args.pretrain_steps) + "\n"
              + describe(args))
     print(table)
-    if not args.no_doc:
-        write_into_doc(DOC, table)
+    if args.write_docs:
+        write_between_markers(DOC, table, BEGIN, END, "# Sharpness")
     if args.out:
         Path(args.out).write_text(table)
 

@@ -6,7 +6,8 @@ to plot. One module per assumption of the audit paper ("Reevaluating Theoretical
 for Optimization in Deep Learning") and one for MoXCo:
 
 * ``convexity``: convexity along the path (§3.1) and global convexity (§3.2);
-* ``smoothness``: smoothness as a proxy for sharpness (§4.1);
+* ``smoothness``: smoothness as a proxy for sharpness (§4.1), with ``stability``: the edge of
+  stability, judged by the preconditioned pair for Adam-family runs;
 * ``descent``: the descent lemma and the random-scaling identity (§4.2-4.3);
 * ``moxco_section``: MoXCo's goodness, phase and decisions.
 

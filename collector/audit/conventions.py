@@ -108,8 +108,9 @@ CONVENTIONS: Dict[str, Convention] = {c.quantity: c for c in (
         "absent"),
     Convention(
         "sharpness",
-        "the top Hessian eigenvalue of the probe batch's loss by warm-started power iteration (its probes with a "
-        "value ≤ 0 are left out of the comparison)",
+        "the top (algebraic largest) Hessian eigenvalue of the probe batch's loss, tracked warm (a cold Lanczos, "
+        "then power steps shifted by the smallest eigenvalue's estimate); its probes with a value ≤ 0 are left out "
+        "of the comparison",
         "fig. 5: the maximum eigenvalue of the training loss Hessian (Cohen et al.'s full-batch sharpness)",
         "not in the public code",
         "—",
@@ -120,6 +121,16 @@ CONVENTIONS: Dict[str, Convention] = {c.quantity: c for c in (
         "Spearman's ρ with its 2-standard-error interval, and the median ratio",
         "fig. 5: the curves drawn together, no statistic",
         "none",
+        "—",
+        "moxco only"),
+    Convention(
+        "edge_of_stability",
+        "the median of sharpness / edge over the probes of the run's second half, with its 2-standard-error "
+        "interval (order statistics) and quartiles: λ_max against λ_EOS = 2(1+α)/(η(1+2β)); for an Adam-family "
+        "optimizer λ_max(P⁻¹H), P = diag(√v̂ + ε) from its second moments, against 2(1+β₁)/((1−β₁)η) "
+        "(Cohen et al. 2022)",
+        "fig. 5: full-batch gradient descent at the edge of stability 2/η (Cohen et al. 2021), no statistic",
+        "not in the public code",
         "—",
         "moxco only"),
     Convention(

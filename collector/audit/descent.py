@@ -17,6 +17,7 @@ inconclusive when it could not.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Dict
 
 import numpy as np
@@ -37,6 +38,10 @@ def aligned(run: RunData, *metrics: str):
     return common, [values[np.searchsorted(steps, common)] for steps, values in pairs]
 
 
+#: the random-scaling identity's sub-verdict, under the equation it tests
+_identity = partial(sub_verdict, paper="eq. 12")
+
+
 def _random_scaling_identity(run: RunData, section: Section) -> Dict[str, Any]:
     random_scaling = bool(run.config.get("random_scaling", False))
     common, (rs, ld, uc) = aligned(run, "update_corr_rs", "loss_diff", "update_corr")
@@ -51,12 +56,12 @@ def _random_scaling_identity(run: RunData, section: Section) -> Dict[str, Any]:
                                           "(fig. 8; symmetric log scale). With random scaling the sum of "
                                           "update_corr_rs should follow the sum of loss_diff (eq. 12)."))
     if not random_scaling:
-        return sub_verdict(NOT_APPLICABLE, cause="the run did not use random scaling, so eq. 12 is not expected to "
+        return _identity(NOT_APPLICABLE, cause="the run did not use random scaling, so eq. 12 is not expected to "
                                                  "hold (attach(..., random_scaling=True) to test it)", **numbers)
     if common.size < 2:
         cause = absence_cause(run, ["loss_diff", "update_corr_rs"]) or \
             f"only {common.size} step(s) have update_corr_rs, loss_diff and update_corr"
-        return sub_verdict(NOT_MEASURED, cause=cause, **numbers)
+        return _identity(NOT_MEASURED, cause=cause, **numbers)
     test = sign_test(rs - ld)
     progress = float(np.mean(ld))
     numbers.update({"mean_difference": test.mean, "difference_standard_error": test.se, "difference_z": test.z,
@@ -64,12 +69,12 @@ def _random_scaling_identity(run: RunData, section: Section) -> Dict[str, Any]:
     line = (f"mean update_corr_rs − loss_diff = {num(test.mean, '+.3g')} ± {num(test.se, '.2g')} (SE) over "
             f"{test.n} steps, {num(abs(test.z))} SE from 0; mean loss_diff = {num(progress, '+.3g')}")
     if math.isnan(test.se):
-        return sub_verdict(INCONCLUSIVE, f"{line}: too few steps for a standard error", **numbers)
+        return _identity(INCONCLUSIVE, f"{line}: too few steps for a standard error", **numbers)
     if test.sign != 0:
-        return sub_verdict(FAILS, f"{line}: the difference is beyond {Z:g} SE", **numbers)
+        return _identity(FAILS, f"{line}: the difference is beyond {Z:g} SE", **numbers)
     if Z * test.se < abs(progress):
-        return sub_verdict(HOLDS, f"{line}: within {Z:g} SE, and {Z:g} SE < |mean loss_diff|", **numbers)
-    return sub_verdict(INCONCLUSIVE, f"{line}: within {Z:g} SE, but {Z:g} SE ≥ |mean loss_diff|, so a bias as large "
+        return _identity(HOLDS, f"{line}: within {Z:g} SE, and {Z:g} SE < |mean loss_diff|", **numbers)
+    return _identity(INCONCLUSIVE, f"{line}: within {Z:g} SE, but {Z:g} SE ≥ |mean loss_diff|, so a bias as large "
                                      "as the progress itself would go unseen", **numbers)
 
 

@@ -254,6 +254,22 @@ def draw_pairs(d: Dict[str, Any]):
     return fig
 
 
+def draw_eos(d: Dict[str, Any]):
+    """One panel per pair: the sharpness at each probe and its edge of stability (dashed), log scale."""
+    panels = d["panels"]
+    fig, axes = figure(len(panels), height=2.8)
+    for ax, panel in zip(axes, panels):
+        s, v = positive(panel["steps"], panel["sharpness"])
+        ax.plot(s, v, "s-", color="#333", ms=3, lw=1, label=panel["label"])
+        s, v = positive(panel["steps"], panel["edge"])
+        ax.plot(s, v, color="#d62728", ls="--", lw=1.4, label=panel["edge_label"])
+        if ax.lines:
+            ax.set_yscale("log")
+        ax.set_ylabel("sharpness"), ax.legend(fontsize=8)
+    axes[-1].set_xlabel("step")
+    return fig
+
+
 def running_mean(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """``(mean of the first t values, its standard error s_t/√t)`` for every t (NaN error at t = 1)."""
     values = np.asarray(values, dtype=np.float64)
@@ -318,6 +334,7 @@ def draw_moxco(d: Dict[str, Any]):
 
 DRAW: Dict[str, Callable[[Dict[str, Any]], Any]] = {
     "loss": draw_loss, "gaps": draw_gaps, "ratio": draw_ratio, "smoothness": draw_smoothness, "pairs": draw_pairs,
+    "eos": draw_eos,
     "corr": draw_corr, "cumsum": draw_cumsum, "moxco": draw_moxco,
 }
 

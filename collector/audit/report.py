@@ -20,6 +20,7 @@ from moxco.collector.audit.analysis import (
     DEGRADED, FAILS, HOLDS, INCONCLUSIVE, NOT_APPLICABLE, NOT_MEASURED, Plot, RunAudit, Section,
 )
 from moxco.collector.audit.plots import render
+from moxco.collector.audit.verdicts import SUB_VERDICT_KEYS
 
 VERDICT_CLASS = {HOLDS: "holds", DEGRADED: "degraded", FAILS: "fails", INCONCLUSIVE: "inconclusive",
                  NOT_MEASURED: "absent", NOT_APPLICABLE: "absent"}
@@ -86,8 +87,9 @@ def section_html(section: Section, images: Dict[str, str]) -> str:
     parts.append(numbers_table({k: v for k, v in section.numbers.items() if k != "decisions"}, section.key))
     for name, extra in section.extra_verdicts.items():
         label = name.replace("_", " ")
-        numbers = {k: v for k, v in extra.items() if k not in ("verdict", "verdict_line", "test", "cause")}
-        parts.append(f"<h3>{esc(label)} (eq. 12)</h3>{numbers_table(numbers, section.key + '.' + name)}")
+        numbers = {k: v for k, v in extra.items() if k not in SUB_VERDICT_KEYS}
+        paper = f" ({extra['paper']})" if extra.get("paper") else ""
+        parts.append(f"<h3>{esc(label)}{esc(paper)}</h3>{numbers_table(numbers, section.key + '.' + name)}")
         parts.append(verdict_html(extra["verdict"], f"{label}: {extra['verdict_line']}", f"{section.key}.{name}"))
     if section.reading:
         parts.append(f"<p class='reading'>{esc(section.reading)}</p>")

@@ -22,6 +22,7 @@ from typing import Dict
 import numpy as np
 
 from moxco.collector.audit.source import RunData
+from moxco.collector.audit.stability import audit_edge_of_stability
 from moxco.collector.audit.stats import Z, pearson, rank_correlation, rank_correlation_interval
 from moxco.collector.audit.verdicts import (
     DEGRADED, FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, Plot, Section, absence_cause, num,
@@ -77,6 +78,14 @@ def _too_few_pairs(run: RunData, pairs: Dict[str, np.ndarray], n: int) -> str:
 
 
 def audit_smoothness(run: RunData) -> Section:
+    """The smoothness-against-sharpness verdict, with the edge-of-stability sub-verdict
+    (``stability.audit_edge_of_stability``) and the share of probes with negative curvature."""
+    section = _smoothness_and_sharpness(run)
+    audit_edge_of_stability(run, section)
+    return section
+
+
+def _smoothness_and_sharpness(run: RunData) -> Section:
     section = Section("smoothness", "Smoothness and sharpness", "audit §4, §4.1, eq. 4-5, fig. 4-5",
                       conventions={"final_max_smooth": "max_smooth", "final_exp_smooth": "ema",
                                    "median_inst_smooth": "inst_smooth", "final_sharpness": "sharpness",

@@ -6,7 +6,9 @@
 * ``sign_test``: the mean's sign at ``z`` of those standard errors;
 * ``rank_correlation`` (Spearman's ρ, ties at their average rank) and ``rank_correlation_interval``:
   its ``z``-standard-error interval through Fisher's transform, ``atanh ρ ± z·√(1.06/(n−3))``
-  (the variance of Fieller, Hartley & Pearson 1957 for Spearman's ρ).
+  (the variance of Fieller, Hartley & Pearson 1957 for Spearman's ρ);
+* ``median_interval``: the distribution-free ``z``-standard-error interval of a median, between two
+  order statistics.
 """
 
 from __future__ import annotations
@@ -128,3 +130,18 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 2 or a.std() == 0 or b.std() == 0:
         return math.nan
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def median_interval(values: np.ndarray, z: float = Z) -> Tuple[float, float]:
+    """The distribution-free ``z``-standard-error interval of the median of ``n`` values: the order
+    statistics of ranks ``⌊n/2 − z√n/2⌋`` and ``⌈1 + n/2 + z√n/2⌉`` (1-based, clipped to ``[1, n]``),
+    from the normal approximation of the binomial count of values below the median (Conover,
+    "Practical nonparametric statistics", §3.2). NaN for no value; with 5 values it is ``[min, max]``."""
+    values = np.sort(np.asarray(values, dtype=np.float64))
+    n = values.size
+    if n == 0:
+        return math.nan, math.nan
+    half = z * math.sqrt(n) / 2
+    low = max(1, math.floor(n / 2 - half))
+    high = min(n, math.ceil(1 + n / 2 + half))
+    return float(values[low - 1]), float(values[high - 1])

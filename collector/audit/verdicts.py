@@ -103,10 +103,15 @@ def verdict_line(verdict: str, test: str = "", *, K: Optional[float] = None, cau
     return f"{head}: {detail}" if detail else head
 
 
-def sub_verdict(verdict: str, test: str = "", *, cause: str = "", **numbers: Any) -> Dict[str, Any]:
-    """A sub-verdict (``Section.extra_verdicts``): its numbers, verdict, test and line."""
-    return {**numbers, "verdict": verdict, "test": test, "cause": cause,
+def sub_verdict(verdict: str, test: str = "", *, cause: str = "", paper: str = "", **numbers: Any) -> Dict[str, Any]:
+    """A sub-verdict (``Section.extra_verdicts``): its numbers, verdict, test and line, and the
+    equation or paper it tests (``paper``, shown beside its heading)."""
+    return {**numbers, "verdict": verdict, "test": test, "cause": cause, "paper": paper,
             "verdict_line": verdict_line(verdict, test, cause=cause)}
+
+
+#: the keys of a sub-verdict that are not numbers
+SUB_VERDICT_KEYS = ("verdict", "verdict_line", "test", "cause", "paper")
 
 
 def json_number(value: Any) -> Any:
@@ -141,6 +146,7 @@ def json_value(value: Any) -> Any:
 GENERAL_ERRORS = ("capture", "copy", "writer", "store")
 #: error keys beyond a metric's catalogue group that stop it
 EXTRA_ERRORS = {"sharpness": ("sharpness",), "goodness": ("sharpness", "probe"),
+                "sharpness_precond": ("sharpness_precond",), "sharpness_precond_target": ("sharpness_precond",),
                 "goodness_grad_term": ("probe",), "goodness_sharpness_term": ("sharpness", "probe"),
                 "goodness_loss_term": ("probe",), "convexity_ratio": ("probe",)}
 #: the option that turns each group on, and what to do when it is off

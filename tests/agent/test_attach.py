@@ -186,7 +186,7 @@ def test_a_store_that_cannot_be_reached_or_written_is_spooled_to_and_pushed_late
     target = f"sqlite:///{tmp_path / 'later.db'}"
     assert moxco_main(["spool", "list"]) == 0
     assert f"{left} points" in capsys.readouterr().out
-    assert moxco_main(["spool", "push", str(spool), "--url", target]) == 0
+    assert moxco_main(["spool", "push", str(spool), "--store", target]) == 0
     assert f"{left} points sent" in capsys.readouterr().out and not spool.exists()
     store = open_store(target)
     run = store.run("away")

@@ -133,7 +133,7 @@ def test_report_renders_the_saved_json_and_writes_it_between_the_doc_markers(tin
     _, text, out = tiny_run
     doc = tmp_path / "doc.md"
     doc.write_text(f"# Doc\n\nbefore\n\n{gpu.BEGIN}\npending\n{gpu.END}\n\nafter\n")
-    monkeypatch.setattr(sys.modules["agent_overhead"], "DOC", doc)  # where write_doc writes
+    monkeypatch.setattr(gpu, "DOC", doc)  # where --write-docs writes
     assert gpu.main(["--report", str(out / gpu.JSON_NAME), "--write-docs"]) == 0
     assert capsys.readouterr().out.strip() == text.strip()
     written = doc.read_text()

@@ -195,11 +195,10 @@ def test_store_refuses_writes_agent_keeps_spooling_nothing_lost(fault, request, 
         wait_until(lambda: job.sink.stats.points_sent > 0, what="the first batches")
         failed = job.sink.stats.failed_requests
         if fault == "sqlite-disk-full":
-            with open(volume / "ballast", "wb") as f:  # fill the volume to its last byte
-                try:
+            with open(volume / "ballast", "wb", buffering=0) as f:  # fill the volume to its last byte
+                try:  # (unbuffered: nothing is left to flush, and fail, at close)
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
                 except OSError:
                     pass
             expected = (507, "store_full")
