@@ -8,7 +8,8 @@ Two dashboards:
   from the store at full resolution, long series downsampled by the store's block summaries
   (right): loss and gradient norm, sharpness against ``λ_target`` (the edge-of-stability bound),
   goodness against the threshold C of the run's stored policy (variable ``C``) and its three
-  terms, the phase, the optimizer's state, the audit metrics; then the run's decisions.
+  terms, the phase, the optimizer's state, the audit metrics; then the series the run logs itself
+  (``agent.log``), by step from the store, one line each; then the run's decisions.
 * ``moxco-compare-runs`` (**moxco · compare runs**): several runs side by side (multi-select
   ``run``), with a summary table from the store (each run's threshold C included).
 
@@ -43,7 +44,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 from moxco import catalogue
 from moxco.dashboards.sdk import AnnotationBuilder, SQLQueryBuilder
 from moxco.dashboards.store_sql import (DECISIONS_ANNOTATION_SQL, DECISIONS_TABLE_SQL, FULL_RESOLUTION, RUNS_SQL,
-                                        RUNS_SUMMARY_SQL, THRESHOLD_SQL, by_step_sql)
+                                        RUNS_SUMMARY_SQL, THRESHOLD_SQL, by_step_sql, user_series_sql)
 
 # --- datasources: fixed uids, so provisioning, push and the dashboards agree --------------------
 
@@ -200,6 +201,28 @@ def by_step_panel(ids: _Ids, panel: "catalogue.Panel", span: int = 12) -> trend.
     return _style(out, panel, "C" if panel.threshold else None)
 
 
+USER_SERIES_NOTE = ("Every series the run logs with agent.log({...}) (every stored series that is not one of "
+                    "moxco's metrics), one line per name, by step from the store. A series logged every few steps "
+                    "is drawn through the steps it skips.")
+
+
+def user_series_panel(ids: _Ids, span: int = 24) -> trend.Panel:
+    """The run's own series (``agent.log``) by step from the store, one line each: the query reads
+    every series the catalogue does not name, long (``step, metric, Value``); Grafana splits it by
+    ``metric`` (frames named after it) and joins the frames on ``step`` again (the trend panel
+    draws one frame), each ``Value`` named after its frame."""
+    query = user_series_sql(catalogue.ALL)
+    return (trend.Panel().id(ids()).title("Your metrics").description(USER_SERIES_NOTE + BY_STEP_NOTE)
+            .datasource(POSTGRES).with_target(sql(query, fmt="table"))
+            .with_transformation(dm.DataTransformerConfig(id_val="partitionByValues", options={
+                "fields": ["metric"], "keepFields": False, "naming": {"asLabels": False}}))
+            .with_transformation(dm.DataTransformerConfig(id_val="joinByField", options={
+                "byField": "step", "mode": "outer"}))
+            .x_field("step").span(span).height(8).legend(_legend()).tooltip(_tooltip()).line_width(1)
+            .fill_opacity(0).show_points(cm.VisibilityMode.AUTO).span_nulls(False)
+            .line_interpolation(cm.LineInterpolation.LINEAR))
+
+
 # --- PromQL --------------------------------------------------------------------------------------
 
 
@@ -309,6 +332,10 @@ def live_run() -> db.Dashboard:
         for panel in catalogue.PANELS:
             if panel.section == section:
                 d = d.with_panel(catalogue_panel(ids, panel, g)).with_panel(by_step_panel(ids, panel))
+
+    # The run's own series (agent.log), by step from the store.
+    d = d.with_row(db.Row("Your metrics").id(ids()))
+    d = d.with_panel(user_series_panel(ids))
 
     d = d.with_row(db.Row("Decisions").id(ids()))
     d = d.with_panel(

@@ -9,6 +9,8 @@
   one from its block summaries (``series_blocks``: per block of 1,024 steps its first, minimum,
   maximum and last point, and its first NaN), ~4 rows per block whatever the run's length, every
   spike kept. NaN is NULL (a gap).
+* ``user_series_sql``: every other series of the run (the user's own, ``agent.log``) the same way,
+  long (``step, metric, Value``), for one panel with a line per metric.
 * the decisions (annotations and table) and the runs summary of the compare dashboard.
 
 Every query quotes the run through Grafana's ``${run:sqlstring}`` (safe for any run name) and is run
@@ -38,6 +40,33 @@ THRESHOLD_SQL = f"""
     SELECT COALESCE(CAST((SELECT {_THRESHOLD} FROM runs r WHERE r.name = ${{run:sqlstring}}) AS TEXT), 'NaN')"""
 
 
+def _points_by_step(where: str, narrow: bool = True) -> str:
+    """``run``, ``total`` and ``x``: the selected run's run-level points of the metrics ``where``
+    (a condition on ``metric``) by step, ``x(metric, step, value)``: a series of at most
+    ``FULL_RESOLUTION`` points whole, a longer one as its blocks' first, lowest, highest and last
+    point and first NaN; NaN is NULL. ``total`` holds only the metrics ``where`` keeps, so ``x``
+    (joined on it) does too; ``narrow`` repeats the condition where the points are read (an
+    ``IN`` list lets the index skip the other metrics' rows, a ``NOT IN`` would not)."""
+    again = f" AND {{}}.{where}" if narrow else ""
+    return f"""
+        WITH run AS (SELECT id FROM runs WHERE name = ${{run:sqlstring}}),
+        total AS (
+          SELECT b.metric, sum(b.count) AS n FROM series_blocks b JOIN run ON b.run_id = run.id
+          WHERE b.rank = -1 AND b.{where} GROUP BY b.metric),
+        x AS (
+          SELECT c.metric, u.step, NULLIF(u.value, 'NaN'::float8) AS value
+          FROM point_chunks c JOIN run ON c.run_id = run.id JOIN total t ON t.metric = c.metric AND t.n <= {FULL_RESOLUTION}
+          CROSS JOIN LATERAL unnest(c.steps, c.vals) AS u(step, value)
+          WHERE c.rank = -1{again.format("c")}
+          UNION
+          SELECT b.metric, u.step, u.value
+          FROM series_blocks b JOIN run ON b.run_id = run.id JOIN total t ON t.metric = b.metric AND t.n > {FULL_RESOLUTION}
+          CROSS JOIN LATERAL (VALUES (b.first_step, b.first_value), (b.min_step, b.min_value),
+                                     (b.max_step, b.max_value), (b.last_step, b.last_value),
+                                     (b.nan_step, NULL::float8)) AS u(step, value)
+          WHERE b.rank = -1{again.format("b")} AND u.step IS NOT NULL)"""
+
+
 def by_step_sql(columns: Sequence[Tuple[str, str]], threshold: bool = False) -> str:
     """The run's ``(metric, label)`` series by step as one table: ``step``, then one column per
     label (NULL where that metric has no point at the step, or a NaN); with ``threshold``, a ``C``
@@ -46,25 +75,20 @@ def by_step_sql(columns: Sequence[Tuple[str, str]], threshold: bool = False) -> 
     pivot = ", ".join(f"max(x.value) FILTER (WHERE x.metric = {_quote(metric)}) AS {_ident(label)}"
                       for metric, label in columns)
     extra = f", (SELECT {_THRESHOLD} FROM runs r WHERE r.name = ${{run:sqlstring}}) AS \"C\"" if threshold else ""
-    return f"""
-        WITH run AS (SELECT id FROM runs WHERE name = ${{run:sqlstring}}),
-        total AS (
-          SELECT b.metric, sum(b.count) AS n FROM series_blocks b JOIN run ON b.run_id = run.id
-          WHERE b.rank = -1 AND b.metric IN ({names}) GROUP BY b.metric),
-        x AS (
-          SELECT c.metric, u.step, NULLIF(u.value, 'NaN'::float8) AS value
-          FROM point_chunks c JOIN run ON c.run_id = run.id JOIN total t ON t.metric = c.metric AND t.n <= {FULL_RESOLUTION}
-          CROSS JOIN LATERAL unnest(c.steps, c.vals) AS u(step, value)
-          WHERE c.rank = -1 AND c.metric IN ({names})
-          UNION
-          SELECT b.metric, u.step, u.value
-          FROM series_blocks b JOIN run ON b.run_id = run.id JOIN total t ON t.metric = b.metric AND t.n > {FULL_RESOLUTION}
-          CROSS JOIN LATERAL (VALUES (b.first_step, b.first_value), (b.min_step, b.min_value),
-                                     (b.max_step, b.max_value), (b.last_step, b.last_value),
-                                     (b.nan_step, NULL::float8)) AS u(step, value)
-          WHERE b.rank = -1 AND b.metric IN ({names}) AND u.step IS NOT NULL)
+    return _points_by_step(f"metric IN ({names})") + f"""
         SELECT x.step AS "step", {pivot}{extra}
         FROM x GROUP BY x.step ORDER BY x.step"""
+
+
+def user_series_sql(known: Sequence[str]) -> str:
+    """Every run-level series of the run whose name is not in ``known`` (the catalogue's: what
+    remains is what the user logged with ``agent.log``), long: ``step``, ``metric``, ``Value``, by
+    metric then step, as ``by_step_sql`` reads them (block summaries past ``FULL_RESOLUTION``). The
+    panel splits it into one line per metric (``Value`` is what Grafana names after the metric)."""
+    names = ", ".join(_quote(metric) for metric in known)
+    return _points_by_step(f"metric NOT IN ({names})", narrow=False) + """
+        SELECT x.step AS "step", x.metric AS "metric", x.value AS "Value"
+        FROM x ORDER BY x.metric, x.step"""
 
 
 DECISIONS_ANNOTATION_SQL = """

@@ -2,7 +2,8 @@
  *
  * The panels are the metric catalogue's (GET /api/v1/catalogue: sections → panels → series with
  * labels, colours, dashes, log, stepped, range, threshold, refs, requires), so a metric added to the
- * catalogue is drawn here with no change to this file.
+ * catalogue is drawn here with no change to this file. After them, "Your metrics": one chart per
+ * stored series the catalogue does not know (the run's own, from agent.log), drawn the same way.
  *
  * A chart draws "lines": one per (run, series of the panel). Each run is a source holding the points
  * the page has read for each metric ({steps, values, walls, total, downsampled}). What every chart
@@ -269,12 +270,22 @@ const moxcoPlot = (() => {
       this.plot = null;
       this.align();
       this.create();
-      new ResizeObserver(() => {
+      this.resize = new ResizeObserver(() => {
         const width = Math.floor(this.body.clientWidth);
         if (width > 0 && this.plot && width !== this.plot.width) this.plot.setSize({ width, height: HEIGHT });
-      }).observe(this.body);
+      });
+      this.resize.observe(this.body);
       view.charts.push(this);
       window.moxcoCharts[panel.id] = this.hook();
+    }
+
+    /** Take the chart off the page (a series that is gone). */
+    remove() {
+      this.resize.disconnect();
+      this.plot.destroy();
+      this.el.remove();
+      this.view.charts.splice(this.view.charts.indexOf(this), 1);
+      delete window.moxcoCharts[this.panel.id];
     }
 
     get smoothed() { return this.view.smoothing > 0 && !this.panel.stepped; }
@@ -650,15 +661,53 @@ const moxcoPlot = (() => {
         "smoothing ", slider, shown));
   }
 
-  /** Build a page's sections and charts from the catalogue. */
+  /** The chart id of a user's own series (`window.moxcoCharts[userChartId(name)]`): apart from the
+   *  catalogue's panel ids, whatever the series is called. */
+  const userChartId = (metric) => `user:${metric}`;
+
+  /** A panel for one of the user's own series (agent.log): the shape of a catalogue panel. */
+  function userPanel(metric) {
+    return { id: userChartId(metric), title: metric, help: `${metric}: your own series, logged with agent.log({...})`,
+             log: false, stepped: false, range: null, threshold: false, wide: false, phase: false, refs: [],
+             requires: [], series: [{ metric, label: metric, color: null, dash: null }] };
+  }
+
+  /**
+   * Build a page's sections and charts from the catalogue, then the "Your metrics" section: one
+   * chart per series the catalogue does not know (what a run logs with agent.log), hidden while
+   * there is none. Returns {charts, user, setUser(names)}: `setUser` takes the stored metric names
+   * (the run's, or the union of the compared runs'), adds a chart for each new user series and
+   * takes off those no longer there; `user` is the user series charted, by name.
+   */
   function build(cat, container, view, options) {
     const charts = [];
-    for (const section of cat.sections) {
+    const section = (id, title) => {
       const grid = h("div", { class: "grid" });
-      container.append(h("section", { class: "section", dataset: { section: section.id } }, h("h2", { text: section.title }), grid));
-      for (const panel of section.panels) charts.push(new Chart(panel, grid, view, options));
+      const el = h("section", { class: "section", dataset: { section: id } }, h("h2", { text: title }), grid);
+      container.append(el);
+      return { el, grid };
+    };
+    for (const s of cat.sections) {
+      const { grid } = section(s.id, s.title);
+      for (const panel of s.panels) charts.push(new Chart(panel, grid, view, options));
     }
-    return charts;
+    const known = new Set(cat.metrics.map((m) => m.name));
+    const mine = section("user", "Your metrics");
+    mine.el.hidden = true;
+    const user = new Map();
+    return {
+      charts,
+      get user() { return [...user.keys()]; },
+      setUser(names) {
+        const wanted = [...new Set(names)].filter((n) => !known.has(n)).sort();
+        for (const [name, chart] of user) if (!wanted.includes(name)) { chart.remove(); user.delete(name); }
+        mine.el.hidden = wanted.length === 0; // shown before a chart is made, so it is made at its width
+        const added = wanted.filter((n) => !user.has(n));
+        for (const name of added) user.set(name, new Chart(userPanel(name), mine.grid, view, options));
+        if (added.length) mine.grid.append(...wanted.map((n) => user.get(n).el)); // in name order
+        return added;
+      },
+    };
   }
 
   /** Metric names the catalogue's panels draw. */
@@ -674,5 +723,5 @@ const moxcoPlot = (() => {
 
   window.moxcoCharts = window.moxcoCharts || {};
   return { PALETTE, DASHES, X_MODES, catalogue, ema, symlogSplits, Source, View, Chart, controls, build, panelMetrics,
-           droppedBy, fmtDuration };
+           droppedBy, fmtDuration, userChartId };
 })();

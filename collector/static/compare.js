@@ -1,6 +1,7 @@
 /* moxco pages: runs compared panel by panel (served at /compare?run=a&run=b…).
  *
- * The same catalogue panels as the run page (charts.js), each with every run's lines overlaid: one
+ * The same catalogue panels as the run page (charts.js), then "Your metrics" (a chart per series a
+ * compared run logs with agent.log), each with every run's lines overlaid: one
  * colour per run (a line's dash tells the panel's series apart), a legend naming run and series.
  * Runs are added (a name, with suggestions from the runs list) and removed (×) in place; the URL
  * follows, so a comparison can be shared. Every few seconds each run is re-read and new points are
@@ -19,7 +20,7 @@
   const MAX_RUNS = PALETTE.length;
   const view = new View();
   const sources = [];
-  const state = { cat: null, metrics: [], timer: null, generation: 0, suggested: 0 };
+  const state = { cat: null, metrics: [], layout: null, timer: null, generation: 0, suggested: 0 };
   const page = (window.moxcoPage = { runs: [], loaded: false, polls: 0, error: null });
 
   const chartOptions = {
@@ -75,7 +76,13 @@
     page.runs = sources.map((s) => s.name);
   }
 
+  /** The user series of the runs compared: a chart each (charts.js). */
+  function userCharts() {
+    return state.layout.setUser(sources.flatMap((s) => (s.detail && s.detail.metrics) || []));
+  }
+
   function redraw() {
+    userCharts();
     view.refresh(false);
     renderChips();
   }
@@ -104,8 +111,9 @@
     const present = new Set(detail.metrics || []);
     const moved = !source.detail || detail.last_ingest_at !== source.detail.last_ingest_at;
     source.detail = detail;
+    userCharts();
     const jobs = [];
-    for (const metric of state.metrics) {
+    for (const metric of state.metrics.concat(state.layout.user)) {
       if (!present.has(metric)) continue;
       const held = source.data[metric];
       if (!held) jobs.push(source.fetch(metric, true, MAX_POINTS));
@@ -161,7 +169,7 @@
     }
     state.metrics = panelMetrics(state.cat);
     for (const name of names().slice(0, MAX_RUNS)) sources.push(new Source(name, colorFor()));
-    build(state.cat, document.getElementById("panels"), view, chartOptions);
+    state.layout = build(state.cat, document.getElementById("panels"), view, chartOptions);
     renderChips();
     poll();
   });

@@ -1,7 +1,8 @@
 /* moxco pages: one run (served at /runs/{run}).
  *
  * The panels are the metric catalogue's (GET /api/v1/catalogue, drawn by charts.js), the same ones
- * Grafana's live-run dashboard draws. Data comes from the query API: the run (status, last step,
+ * Grafana's live-run dashboard draws, then "Your metrics": a chart per series the run logs with
+ * agent.log (added as they appear). Data comes from the query API: the run (status, last step,
  * metric names, config, tags, note), each metric's series (downsampled by the collector to
  * MAX_POINTS with minmax, so extremes survive), /latest for the tiles, /decisions.
  *
@@ -36,7 +37,7 @@
 
   const source = new Source(name, null);
   const view = new View();
-  const state = { cat: null, metrics: [], latest: null, lastIngest: undefined, paused: false, timer: null,
+  const state = { cat: null, metrics: [], layout: null, latest: null, lastIngest: undefined, paused: false, timer: null,
                   configKey: "", decisionsKey: "", labelsKey: "", errorsKey: "" };
   const page = (window.moxcoPage = { run: name, loaded: false, polls: 0, error: null, decisions: [], errors: {} });
 
@@ -235,8 +236,9 @@
     const detail = await api(runPath);
     const present = new Set(detail.metrics || []);
     const moved = detail.last_ingest_at !== state.lastIngest;
+    if (state.layout.setUser(present).length) state.decisionsKey = ""; // new charts get the decision markers
     const jobs = [];
-    for (const metric of state.metrics) {
+    for (const metric of state.metrics.concat(state.layout.user)) {
       if (!present.has(metric)) continue;
       const held = source.data[metric];
       if (!held) jobs.push([metric, true]);
@@ -360,7 +362,7 @@
       return;
     }
     state.metrics = panelMetrics(state.cat);
-    build(state.cat, document.getElementById("panels"), view, chartOptions);
+    state.layout = build(state.cat, document.getElementById("panels"), view, chartOptions);
     poll();
   });
 })();

@@ -95,6 +95,22 @@ def test_nan_and_inf_round_trip_and_latest(client):
     assert client.get("/api/v1/runs/r").json()["metrics"] == ["grad_norm_sq", "loss"]
 
 
+def test_a_metric_name_with_slashes_is_read_through_its_series_path(client):
+    """Metric names may hold "/" (`val/loss`, as Lightning logs them): the series path takes the
+    rest of the URL, percent-encoded or not."""
+    client.put("/api/v1/runs/r", json={})
+    points = [["val/loss", 0, 0.5, 10.0], ["val/loss", 5, 0.25, 11.0], ["a/b/c", 1, 2.0, 12.0], ["loss", 0, 1.0, 10.0]]
+    assert batch(client, "r", "b0", points).json()["stored"] == 4
+    for path in ("val%2Floss", "val/loss"):
+        got = client.get(f"/api/v1/runs/r/series/{path}").json()
+        assert got["metric"] == "val/loss" and got["steps"] == [0, 5] and got["values"] == [0.5, 0.25]
+    assert client.get("/api/v1/runs/r/series/a%2Fb%2Fc").json()["values"] == [2.0]
+    assert client.get("/api/v1/runs/r/series/val%2Floss", params={"format": "csv"}).text.splitlines()[1:] == \
+        ["0,0.5,10.0", "5,0.25,11.0"]
+    assert client.get("/api/v1/runs/r/series/loss").json()["values"] == [1.0]
+    assert client.get("/api/v1/runs/r/series/val%2Floss%0A").status_code == 422  # the whole name is checked
+
+
 def test_retried_batch_is_stored_once(client):
     client.put("/api/v1/runs/r", json={})
     points = [["loss", s, 1.0 / (s + 1), 100.0 + s] for s in range(300)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -186,6 +187,32 @@ def test_every_catalogue_panel_is_also_drawn_by_step_from_the_store_beside_the_l
         if panel.threshold:  # C from the run's stored policy, dashed
             assert '"C"' in by_step["targets"][0]["rawSql"] and "policy" in by_step["targets"][0]["rawSql"]
             assert any(o["matcher"]["options"] == "C" for o in by_step["fieldConfig"]["overrides"])
+
+
+def test_the_runs_own_series_have_one_by_step_panel_that_leaves_out_the_catalogue(models):
+    """"Your metrics": every series of the run the catalogue does not name (agent.log), by step from
+    the store, split into one line per metric and joined on the step again (the trend panel draws
+    one frame). The names left out are the catalogue's, generated from it."""
+    live = models[build.LIVE_UID]
+    panels = list(iter_panels(live))
+    (mine,) = [p for p in panels if p["title"] == "Your metrics" and p["type"] != "row"]
+    row = next(p for p in panels if p["type"] == "row" and p["title"] == "Your metrics")
+    assert mine["type"] == "trend" and mine["options"]["xField"] == "step"
+    assert mine["datasource"]["uid"] == build.POSTGRES_UID and mine["targets"][0]["format"] == "table"
+    assert mine["gridPos"]["y"] > row["gridPos"]["y"]
+    sql = mine["targets"][0]["rawSql"]
+    assert sql_metric_names(sql) == set()  # reads no metric by name …
+    (excluded,) = re.findall(r"metric NOT IN \(([^)]*)\)", sql)
+    assert re.findall(r"'([^']*)'", excluded) == list(catalogue.ALL)  # … but every one but the catalogue's
+    assert sql.rstrip().endswith('SELECT x.step AS "step", x.metric AS "metric", x.value AS "Value" FROM x '
+                                 'ORDER BY x.metric, x.step')
+    assert [(t["id"], t["options"]) for t in mine["transformations"]] == [
+        ("partitionByValues", {"fields": ["metric"], "keepFields": False, "naming": {"asLabels": False}}),
+        ("joinByField", {"byField": "step", "mode": "outer"}),
+    ]
+    assert mine["fieldConfig"]["defaults"]["custom"]["spanNulls"] is False  # a NaN is a gap
+    titles = [p["title"] for p in panels if p["type"] == "row"]  # after the catalogue's rows
+    assert titles.index("Your metrics") > max(titles.index(t) for _s, t in catalogue.SECTIONS)
 
 
 def test_decisions_and_phases_are_annotations(models):

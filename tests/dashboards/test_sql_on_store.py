@@ -2,7 +2,8 @@
 PostgreSQL store written by the collector's storage layer, with Grafana's macros expanded as its
 PostgreSQL data source documents them, and returns what the store holds. This is what keeps the
 panels working when the schema changes (points became chunks behind the ``metric_points`` view in
-revision 0005)."""
+revision 0005). A third run is a training job's, with its own series logged through ``agent.log``:
+the "Your metrics" panel returns exactly those."""
 
 from __future__ import annotations
 
@@ -12,14 +13,22 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+import moxco.agent
 from moxco import catalogue
 from moxco.collector.store import Store
 from moxco.decision import Decision
+from moxco.policy import PolicyConfig
 from moxco.dashboards.store_sql import FULL_RESOLUTION
 from moxco.dashboards.validate import iter_queries, sql_metric_names
 
 INTERVAL_S = 60  # what Grafana puts for $__interval here ("1m")
+OWN = "gamma"  # a training job's run, with its own series (agent.log)
+OWN_SERIES = {"accuracy", "val_loss", "eval/tokens"}
+# each run's threshold C: alpha's stored policy, none for beta's, the agent's default policy (its config)
+THRESHOLD = {"alpha": 0.75, "beta's": None, OWN: PolicyConfig().threshold}
 
 
 def expand(sql: str, runs, start: float, end: float) -> str:
@@ -59,7 +68,34 @@ def store(pg_url, models):
             store.ingest(run, (["loss"], [5], [-50.0], [now], [-1]), batch_id=f"{run}-back")  # stored already: ignored
             store.add_decision(run, Decision(n - 1, {"phase": 2}, source="operator"))
         store.set_status("beta's", "finished")  # a finished run stays selectable
+        _train_and_log(pg_url)
+        store.add_decision(OWN, Decision(3, {"phase": 2}, source="operator"))
         yield store
+
+
+def _train_and_log(url: str) -> None:
+    """A short training job on the store (the embedded agent) that logs its own series: val_loss
+    every 5th step, accuracy every step with a NaN, and a series longer than ``FULL_RESOLUTION``
+    (read from its block summaries), at explicit steps."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion = nn.MSELoss()
+    agent = moxco.agent.attach(model, opt, url=url, run=OWN, criterion=criterion, reeval_every=0, probe_every=0)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    for step in range(30):
+        criterion(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 5 == 0:
+            agent.log({"val_loss": 1.0 / (step + 1)})
+        agent.log({"accuracy": math.nan if step == 7 else 0.5 + step / 100})
+    for k in range(0, 3000, 500):
+        agent.log({"eval/tokens": float((k + 1) % 7)}, step=k)  # (a few at a time, as a job would)
+        for s in range(k + 1, k + 500):
+            agent.log({"eval/tokens": math.sin(s / 40.0) + (25.0 if s == 2222 else 0.0)}, step=s)
+    agent.close()
+    assert not agent.errors, agent.errors
 
 
 def test_every_dashboard_query_runs_and_matches_the_store(store, models):
@@ -67,7 +103,7 @@ def test_every_dashboard_query_runs_and_matches_the_store(store, models):
     ran = set()
     for uid, model in models.items():
         variable = next(v for v in model["templating"]["list"] if v["name"] == "run")
-        selections = [["alpha", "beta's"]] if variable.get("multi") else [["alpha"], ["beta's"]]
+        selections = [["alpha", "beta's"]] if variable.get("multi") else [["alpha"], ["beta's"], [OWN]]
         for where, lang, text in iter_queries(model):
             if lang != "sql":
                 continue
@@ -78,8 +114,8 @@ def test_every_dashboard_query_runs_and_matches_the_store(store, models):
                     rows = [dict(zip(result.keys(), row)) for row in result]
                 _check(store, sql, rows, runs, (uid, where, runs))
             ran.add(where)
-    # every by-step panel, the two variables, the two tables, the decision annotations
-    assert len(ran) == len(catalogue.PANELS) + 5, sorted(ran)
+    # every by-step panel, the user's own series, the two variables, the two tables, the decision annotations
+    assert len(ran) == len(catalogue.PANELS) + 6, sorted(ran)
 
 
 PIVOT = re.compile(r"FILTER \(WHERE x\.metric = '([^']+)'\) AS \"([^\"]+)\"")
@@ -89,11 +125,48 @@ def _finite(steps, values):
     return [(int(s), float(v)) for s, v in zip(steps, values) if math.isfinite(v)]
 
 
+def _summarised(store, run, metric, got, steps_out) -> bool:
+    """``got`` (step, value) is each 1,024-step block's first, lowest, highest and last finite
+    point, extremes included, and the series' NaN steps are among ``steps_out`` (a gap there)."""
+    steps, values = store.series(run, metric)
+    blocks = store.block_summaries(run, metric)
+    want = set()
+    for k in range(blocks["block"].size):
+        for f in ("first", "min", "max", "last"):
+            if blocks[f"{f}_step"][k] >= 0 and math.isfinite(blocks[f"{f}_value"][k]):
+                want.add((int(blocks[f"{f}_step"][k]), float(blocks[f"{f}_value"][k])))
+    finite = [(s, v) for s, v in got if v is not None]
+    assert finite == sorted(want)
+    assert min(v for _s, v in finite) == np.nanmin(values) and max(v for _s, v in finite) == np.nanmax(values)
+    assert {int(s) for s, v in zip(steps, values) if math.isnan(v)} <= steps_out
+    return True
+
+
 def _check(store, sql, rows, runs, where):
     if sql.startswith("SELECT name FROM runs"):  # the run variable: every run, newest first
-        assert [r["name"] for r in rows] == ["beta's", "alpha"], where
+        assert [r["name"] for r in rows] == [OWN, "beta's", "alpha"], where
     elif "'NaN')" in sql and "threshold" in sql:  # the C variable: the run's stored threshold
-        assert [list(r.values()) for r in rows] == [["0.75" if runs == ["alpha"] else "NaN"]], where
+        (run,) = runs
+        assert [list(r.values()) for r in rows] == [[str(THRESHOLD[run] or "NaN")]], where
+    elif 'AS "metric"' in sql:  # the run's own series by step, long: step, metric, Value
+        (run,) = runs
+        own = set(store.metrics(run)) - set(catalogue.ALL)
+        assert own == (OWN_SERIES if run == OWN else set()), where
+        assert {r["metric"] for r in rows} == own, where  # every own series, no catalogue metric
+        assert [(r["metric"], r["step"]) for r in rows] == sorted((r["metric"], r["step"]) for r in rows), where
+        for metric in own:
+            got = [(r["step"], r["Value"]) for r in rows if r["metric"] == metric]
+            steps, values = store.series(run, metric)
+            if steps.size <= FULL_RESOLUTION:
+                assert [(s, v) for s, v in got if v is not None] == _finite(steps, values), where
+                assert {s for s, v in got if v is None} == {int(s) for s, v in zip(steps, values) if math.isnan(v)}
+            else:
+                assert got and _summarised(store, run, metric, got, {s for s, _v in got}), where
+        if run == OWN:
+            assert [r["step"] for r in rows if r["metric"] == "val_loss"] == list(range(1, 31, 5))
+            assert sum(r["Value"] is None for r in rows if r["metric"] == "accuracy") == 1  # the NaN, a gap
+            assert max((r["Value"], r["step"]) for r in rows if r["metric"] == "eval/tokens")[1] == 2222  # the spike
+            assert len([r for r in rows if r["metric"] == "eval/tokens"]) < 0.01 * 3000 * 5
     elif 'AS "step"' in sql:  # a catalogue panel by step: full resolution, else block summaries
         (run,) = runs
         steps_out = [r["step"] for r in rows]
@@ -104,19 +177,12 @@ def _check(store, sql, rows, runs, where):
             if steps.size <= FULL_RESOLUTION:
                 assert got == _finite(steps, values), where
             else:  # each block's first, lowest, highest and last point, and its first NaN as a gap
-                blocks = store.block_summaries(run, metric)
-                want = set()
-                for k in range(blocks["block"].size):
-                    for f in ("first", "min", "max", "last"):
-                        if blocks[f"{f}_step"][k] >= 0 and math.isfinite(blocks[f"{f}_value"][k]):
-                            want.add((int(blocks[f"{f}_step"][k]), float(blocks[f"{f}_value"][k])))
-                assert got == sorted(want), where
-                assert min(v for _s, v in got) == np.nanmin(values) and max(v for _s, v in got) == np.nanmax(values)
+                assert _summarised(store, run, metric, got, set(steps_out)), where
                 nan_steps = {int(s) for s, v in zip(steps, values) if math.isnan(v)}
-                assert nan_steps and nan_steps <= set(steps_out), where  # the NaN is a gap where it is
-                assert len(rows) <= 5 * blocks["block"].size * len(PIVOT.findall(sql)), where
+                assert nan_steps, where  # (the fixture stores one)
+                assert len(rows) <= 5 * store.block_summaries(run, metric)["block"].size * len(PIVOT.findall(sql)), where
         if '"C"' in sql:
-            assert {r["C"] for r in rows} == ({0.75} if run == "alpha" else {None}), where
+            assert {r["C"] for r in rows} == ({THRESHOLD[run]} if rows else set()), where
     elif 'AS "last loss"' in sql:  # the runs summary table
         assert [r["run"] for r in rows] == runs, where
         for row in rows:

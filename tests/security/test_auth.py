@@ -81,7 +81,7 @@ REQUESTS = {
                                                                             "step": 9}),
     ("GET", "/api/v1/runs/{run}/decisions"): ("/api/v1/runs/r/decisions", None),
     ("GET", "/api/v1/runs/{run}/latest"): ("/api/v1/runs/r/latest", None),
-    ("GET", "/api/v1/runs/{run}/series/{metric}"): ("/api/v1/runs/r/series/loss", None),
+    ("GET", "/api/v1/runs/{run}/series/{metric:metric_name}"): ("/api/v1/runs/r/series/loss", None),
     ("GET", "/"): ("/", None),
     ("HEAD", "/"): ("/", None),
     ("GET", "/runs"): ("/runs", None),

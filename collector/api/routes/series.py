@@ -6,6 +6,7 @@ from typing import Optional
 
 import numpy as np
 from fastapi import Depends, Query, Request
+from starlette.convertors import Convertor, register_url_convertor
 
 from moxco.collector import downsample as ds
 from moxco.collector.api.deps import get_store, run_name, store_call
@@ -16,6 +17,24 @@ from moxco.collector.store import Store
 from moxco.wire import MAX_RANK, MAX_STEP, RUN_LEVEL_RANK, WireError, check_metric_name, json_float, json_floats
 
 MAX_SERIES_POINTS = 100_000
+
+
+class MetricNameConvertor(Convertor):
+    """``{metric:metric_name}``: the rest of the path, "/" included (``val/loss``, as Lightning
+    names what it logs), every character kept so that ``check_metric_name`` judges the whole name
+    (Starlette's ``path`` convertor, ``.*``, stops before a trailing newline: ``loss%0A`` would read
+    ``loss``)."""
+
+    regex = "(?s:.+)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("metric_name", MetricNameConvertor())
 
 
 async def latest(run: str = Depends(run_name), rank: int = Query(RUN_LEVEL_RANK, ge=-1, le=MAX_RANK),
@@ -106,7 +125,7 @@ async def series(request: Request, metric: str, run: str = Depends(run_name),
 
 ROUTES = (
     Route(("GET",), "/api/v1/runs/{run}/latest", latest, "read"),
-    Route(("GET",), "/api/v1/runs/{run}/series/{metric}", series, "read",
+    Route(("GET",), "/api/v1/runs/{run}/series/{metric:metric_name}", series, "read",
           responses={200: {"description": "the series as JSON, or CSV or Parquet with format",
                            "content": {"application/json": {"schema": {"type": "object"}},
                                        **EXPORT_RESPONSES[200]["content"]}}}),
