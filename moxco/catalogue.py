@@ -124,6 +124,10 @@ RED, GREEN = "#dc2626", "#16a34a"
 
 PANELS: Tuple[Panel, ...] = (
     Panel("loss", "training", "Loss", "Minibatch loss f(x_t, z_t)."),
+    Panel("step_time", "training", "Step time", "Wall time from one optimizer step to the next: forward, backward, "
+          "the update, data loading and the agent's own work.", grafana_unit="s"),
+    Panel("throughput", "training", "Throughput", "Samples (and tokens, when the batch has token ids) per second "
+          "of step time.", grafana_unit="none"),
     Panel("grad_norm_sq", "training", "Squared gradient norm",
           "‖g_t‖², the raw minibatch value (biased up by gradient noise; goodness uses the ALIGATOR estimate).",
           log=True),
@@ -155,6 +159,9 @@ PANELS: Tuple[Panel, ...] = (
           "mean and EMA.", log=True),
     Panel("smoothness", "audit", "Smoothness",
           "inst_smooth = ‖g_t − ∇f(x_{t−1})‖ / ‖x_t − x_{t−1}‖, its running max and EMA.", log=True),
+    Panel("reference", "audit", "Against the reference x*",
+          "inst_gap_ref = f(x_t) − f(x*) − ⟨g_t, x_t − x*⟩ (≤ 0 when f is convex between x_t and x*) and "
+          "inst_smooth_ref = ‖g_t − ∇f(x*)‖ / ‖x_t − x*‖, on the step's batch.", log=True),
     Panel("update_corr", "audit", "Update correlation and progress",
           "update_corr = ⟨g_{t+1}, x_{t+1} − x_t⟩ (the descent lemma predicts < 0), update_corr_rs = "
           "⟨g_{t+1}, Δ_t⟩, and loss_diff.", log=True),
@@ -214,9 +221,10 @@ METRICS: Tuple[Metric, ...] = (
     # --- reference: the same at x* ---
     Metric("inst_gap_ref", "reference", "convexity gap against the reference x*",
            "f(x_t,z_t) − f(x*,z_t) − ⟨g_t, x_t − x*⟩", "audit eq. 2",
-           needs=("loss", "gradient", "replay", "reference")),
+           needs=("loss", "gradient", "replay", "reference"), panel="reference", label="inst_gap_ref"),
     Metric("inst_smooth_ref", "reference", "smoothness against the reference x*",
-           "‖g_t − ∇f(x*,z_t)‖ / ‖x_t − x*‖", "audit eq. 4", needs=("loss", "gradient", "replay", "reference")),
+           "‖g_t − ∇f(x*,z_t)‖ / ‖x_t − x*‖", "audit eq. 4", needs=("loss", "gradient", "replay", "reference"),
+           panel="reference", label="inst_smooth_ref", dash=(4, 3)),
     Metric("convexity_ratio", "reference", "convexity ratio of the trajectory against x*",
            "Σ_t ⟨∇F(x_t), x_t − x*⟩ / Σ_t (F(x_t) − F(x*))", "audit eq. 6",
            needs=("loss", "gradient", "replay", "reference"), panel="convexity_ratio", label="convexity_ratio",
@@ -271,12 +279,15 @@ METRICS: Tuple[Metric, ...] = (
     Metric("buffer_cosine", "optimizer", "mean cosine agreement of the critical-momenta buffer", "", "Adam+CM"),
     # --- free: what the loop tells ---
     Metric("step_time", "free", "wall time of the training step", "t(step t) − t(step t−1)", unit="s", needs=("clock",),
+           panel="step_time", label="step_time",
            reading="from one optimizer step to the next: the step's forward and backward, the update before them, "
                    "the data loading, and the agent's own work"),
     Metric("samples_per_second", "free", "training throughput in samples", "batch size / step_time", unit="1/s", needs=("clock",),
+           panel="throughput", label="samples/s",
            reading="the step's samples (the leading dimension of its inputs, over every rank and micro-batch) "
                    "over step_time"),
     Metric("tokens_per_second", "free", "training throughput in tokens", "tokens / step_time", unit="1/s", needs=("clock",),
+           panel="throughput", label="tokens/s", dash=(4, 3),
            reading="when the batch has token ids (input_ids, or an integer batch × sequence tensor): their count, "
                    "padding included, over step_time"),
 )

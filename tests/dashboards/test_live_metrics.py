@@ -45,6 +45,17 @@ def _feed_store(url: str) -> None:
         opt.step()
         opt.zero_grad()
     agent.close(status="running")
+    # a token model (integer batch × sequence inputs): tokens_per_second
+    tokens = nn.Sequential(nn.Embedding(16, 4), nn.Flatten(), nn.Linear(4 * 6, 1))
+    opt = torch.optim.SGD(tokens.parameters(), lr=0.05)
+    agent = moxco.agent.attach(tokens, opt, url=url, run=f"{RUN}-tokens", reeval_every=0, probe_every=0,
+                               criterion=criterion, seed=0)
+    ids, y = torch.randint(0, 16, (8, 6)), torch.randn(8, 1)
+    for _ in range(3):
+        criterion(tokens(ids), y).backward()
+        opt.step()
+        opt.zero_grad()
+    agent.close(status="running")
 
 
 @pytest.fixture(scope="module")
