@@ -278,16 +278,16 @@ METRICS: Tuple[Metric, ...] = (
     Metric("buffer_variance", "optimizer", "variance of the critical-momenta buffer", "", "Adam+CM"),
     Metric("buffer_cosine", "optimizer", "mean cosine agreement of the critical-momenta buffer", "", "Adam+CM"),
     # --- free: what the loop tells ---
-    Metric("step_time", "free", "wall time of the training step", "t(step t) − t(step t−1)", unit="s", needs=("clock",),
-           panel="step_time", label="step_time",
+    Metric("step_time", "free", "wall time of the training step", "t(step t) − t(step t−1)", unit="s",
+           needs=("clock",), panel="step_time", label="step_time",
            reading="from one optimizer step to the next: the step's forward and backward, the update before them, "
                    "the data loading, and the agent's own work"),
-    Metric("samples_per_second", "free", "training throughput in samples", "batch size / step_time", unit="1/s", needs=("clock",),
-           panel="throughput", label="samples/s",
+    Metric("samples_per_second", "free", "training throughput in samples", "batch size / step_time", unit="1/s",
+           needs=("clock",), panel="throughput", label="samples/s",
            reading="the step's samples (the leading dimension of its inputs, over every rank and micro-batch) "
                    "over step_time"),
-    Metric("tokens_per_second", "free", "training throughput in tokens", "tokens / step_time", unit="1/s", needs=("clock",),
-           panel="throughput", label="tokens/s", dash=(4, 3),
+    Metric("tokens_per_second", "free", "training throughput in tokens", "tokens / step_time", unit="1/s",
+           needs=("clock",), panel="throughput", label="tokens/s", dash=(4, 3),
            reading="when the batch has token ids (input_ids, or an integer batch × sequence tensor): their count, "
                    "padding included, over step_time"),
 )
