@@ -45,6 +45,16 @@ const moxcoPlot = (() => {
     return catalogueCache;
   }
 
+  /** The catalogue, or null after saying on the page (its #error banner) why it could not be loaded. */
+  async function loadCatalogue() {
+    try {
+      return await catalogue();
+    } catch (e) {
+      moxco.showError(document.getElementById("error"), `Could not load the metric catalogue: ${e.message}. Reload to retry.`);
+      return null;
+    }
+  }
+
   // --- numbers ---------------------------------------------------------------------------------
 
   /** TensorBoard's smoothing: the debiased exponential moving average with weight w; non-finite
@@ -722,6 +732,6 @@ const moxcoPlot = (() => {
   }
 
   window.moxcoCharts = window.moxcoCharts || {};
-  return { PALETTE, DASHES, X_MODES, catalogue, ema, symlogSplits, Source, View, Chart, controls, build, panelMetrics,
+  return { PALETTE, DASHES, X_MODES, catalogue, loadCatalogue, ema, symlogSplits, Source, View, Chart, controls, build, panelMetrics,
            droppedBy, fmtDuration, userChartId };
 })();

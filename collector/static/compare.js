@@ -14,7 +14,7 @@
 
 (() => {
   const { h, api, fmt, showError, statusBadge, thresholdC, runHref } = moxco;
-  const { Source, View, build, controls, panelMetrics, catalogue, PALETTE, DASHES } = moxcoPlot;
+  const { Source, View, build, controls, panelMetrics, loadCatalogue, PALETTE, DASHES } = moxcoPlot;
 
   const MAX_POINTS = 2000;
   const MAX_RUNS = PALETTE.length;
@@ -161,12 +161,8 @@
       addRun(form.elements.run.value);
       form.elements.run.value = "";
     });
-    try {
-      state.cat = await catalogue();
-    } catch (e) {
-      showError(document.getElementById("error"), `Could not load the metric catalogue: ${e.message}. Reload to retry.`);
-      return;
-    }
+    state.cat = await loadCatalogue();
+    if (!state.cat) return;
     state.metrics = panelMetrics(state.cat);
     for (const name of names().slice(0, MAX_RUNS)) sources.push(new Source(name, colorFor()));
     state.layout = build(state.cat, document.getElementById("panels"), view, chartOptions);

@@ -21,7 +21,7 @@
 (() => {
   const { h, api, apiWrite, download, num, fmt, fmtInt, dateTime, agoEl, phaseText, statusBadge, thresholdC,
           actionText, runErrors, showError } = moxco;
-  const { Source, View, build, controls, panelMetrics, droppedBy, catalogue } = moxcoPlot;
+  const { Source, View, build, controls, panelMetrics, droppedBy, loadCatalogue } = moxcoPlot;
 
   const MAX_POINTS = 2000; // per series and request; the collector downsamples beyond it
   const REFETCH_ABOVE = 3 * MAX_POINTS; // a live series grown past this is fetched again, downsampled
@@ -355,12 +355,8 @@
     document.getElementById("labels-cancel").addEventListener("click", () => { document.getElementById("labels-form").hidden = true; });
     document.getElementById("download").addEventListener("click", downloadRun);
     document.getElementById("compare-link").href = `../${moxco.compareHref([name])}`;
-    try {
-      state.cat = await catalogue();
-    } catch (e) {
-      showError(document.getElementById("error"), `Could not load the metric catalogue: ${e.message}. Reload to retry.`);
-      return;
-    }
+    state.cat = await loadCatalogue();
+    if (!state.cat) return;
     state.metrics = panelMetrics(state.cat);
     state.layout = build(state.cat, document.getElementById("panels"), view, chartOptions);
     poll();
