@@ -99,7 +99,8 @@ def _combination(coefficients, vectors: List[List[Tensor]]) -> List[Tensor]:
 
 
 def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: Optional[torch.Generator] = None,
-            max_basis: Optional[int] = None, keep_vector: bool = True, unit_start: bool = False) -> EigenResult:
+            max_basis: Optional[int] = None, keep_vector: bool = True, unit_start: bool = False,
+            min_iters: int = 1) -> EigenResult:
     """Extreme eigenvalues of the symmetric operator ``op`` by Lanczos with full reorthogonalisation.
 
     From the unit ``q₁`` (``v0`` normalised, else standard normal from ``generator``), each product
@@ -110,8 +111,8 @@ def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: 
     ``λ_max`` and ``y = Qs`` its Ritz vector, with residual ``‖My − θy‖ = ‖w‖ |s_k|``; the smallest gives
     ``λ_min``'s estimate the same way (``which="LA"`` and ``"SA"`` of hessian-eigenthings, from one run).
     Stops after ``iters`` products, when the largest Ritz value moves by ``≤ tol`` relative between two
-    products (``tol=None``: never), or at a breakdown (``‖w‖`` at rounding level: the Krylov space is
-    invariant and the Ritz values exact).
+    products once ``min_iters`` are done (``tol=None``: never), or at a breakdown (``‖w‖`` at rounding
+    level: the Krylov space is invariant and the Ritz values exact).
 
     Memory: the basis, at most ``max_basis`` (≥ 3; default ``iters``) parameter-sized vectors. When it
     is full the run restarts thick (Wu & Simon 2000): it keeps the Ritz vectors of ``λ_max`` and
@@ -124,6 +125,7 @@ def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: 
     iters = check_iters(iters, "iters")
     tol = check_tol(tol)
     max_basis = iters if max_basis is None else check_iters(max_basis, "max_basis")
+    min_iters = check_iters(min_iters, "min_iters")
     max_basis = max(max_basis, 3)
     reduce = op.reduce
     q = list(v0) if unit_start and v0 is not None else start_vector(v0, params, generator, reduce)
@@ -160,7 +162,8 @@ def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: 
         scale = max(abs(theta_max), abs(theta_min), 1e-300)
         if beta <= 8 * rounding * scale * math.sqrt(k + 1):  # breakdown: the Ritz values are exact
             converged = True
-        if prev is not None and tol is not None and abs(theta_max - prev) <= tol * abs(theta_max):
+        if (prev is not None and tol is not None and hvps >= min_iters
+                and abs(theta_max - prev) <= tol * abs(theta_max)):
             converged = True
         prev = theta_max
         if converged or hvps >= iters:

@@ -135,6 +135,21 @@ def test_sharpness_and_its_minimum_on_a_probe_set_are_the_explicit_hessians_extr
             assert lows[step] == pytest.approx(float(eigs[0]), rel=1e-3)
 
 
+def test_the_default_cold_probe_stops_once_converged_at_the_explicit_top_eigenvalue(url):
+    """The first probe (the tracker's cold Lanczos) stops at a relative change of 1e-5: fewer than the
+    cap of 20 products, with ``sharpness`` within 1e-5 of ``eigvalsh(H)[-1]``; then one product a probe."""
+    model = tanh_mlp(3)
+    probe = [data(30, 24)]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent, xs, _ = train(model, opt, [data(300 + t, 8) for t in range(3)],
+                         dict(probe_every=2, reeval_every=0, probe_data=probe[0]), url, "cold")
+    assert agent.errors == {}
+    tracker = agent.probe.sharpness
+    assert tracker.calls == 2 and tracker.hvps - 1 < 20
+    (top,) = [v for s, v in zip(*open_store(url).series("cold", "sharpness")) if s == 0]
+    assert top == pytest.approx(float(torch.linalg.eigvalsh(explicit_hessian(model, xs[0], probe))[-1]), rel=1e-5)
+
+
 def test_probe_data_from_a_shuffled_dataloader_draws_probe_batches_once_and_leaves_the_users_random_stream(url):
     """The agent draws ``probe_batches`` batches from ``iter(loader)`` at attach with the user's random
     state put back: the loop's next random number is unchanged, and ``F`` is the loss of exactly the

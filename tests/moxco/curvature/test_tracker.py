@@ -319,3 +319,29 @@ def test_moxco_hessian_keeps_its_public_names():
     for name in ("Sharpness", "hvp", "power_iteration", "top_eigenvalue", "EigenResult"):
         assert getattr(hessian, name) is getattr(curvature, name)
     assert moxco.Sharpness is curvature.Sharpness
+
+
+@pytest.mark.parametrize("seed,weight_std", [(0, 1.0), (1, 2.0), (2, 2.0)])
+def test_a_cold_probe_stops_at_cold_tol_with_the_explicit_top_eigenvalue(seed, weight_std):
+    """The cold Lanczos stops once its estimate moves by ≤ ``cold_tol``: far fewer than ``cold_iters``
+    products, still within 1e-5 of ``eigvalsh(H)[-1]`` (also where negative curvature dominates)."""
+    mlp = MLP(seed, weight_std=weight_std)
+    exact = float(mlp.spectrum()[-1])
+    tracker = Sharpness(mlp.params, iters_per_call=1, cold_iters=100, cold_tol=1e-5, generator=gen(seed))
+    assert tracker(mlp.loss) == pytest.approx(exact, rel=1e-5)
+    assert tracker.hvps < 20  # 7-16 here (more where negative curvature dominates)
+    full = Sharpness(mlp.params, iters_per_call=1, cold_iters=100, generator=gen(seed))  # cold_tol = tol = None
+    full(mlp.loss)
+    assert full.hvps == 100
+
+
+def test_a_cold_probe_spends_at_least_a_warm_probes_products():
+    """``cold_tol`` never makes the cold probe cheaper than the warm ones the user asked for (exact
+    ``iters_per_call`` products when ``tol`` is None); with a ``tol`` the warm probes stop early too."""
+    mlp = MLP(0)
+    exact_count = Sharpness(mlp.params, iters_per_call=30, cold_iters=40, cold_tol=1e-2, generator=gen(0))
+    exact_count(mlp.loss)
+    assert exact_count.hvps >= 30
+    with_tol = Sharpness(mlp.params, iters_per_call=30, tol=1e-2, cold_iters=40, cold_tol=1e-2, generator=gen(0))
+    with_tol(mlp.loss)
+    assert with_tol.hvps < 30
