@@ -17,7 +17,10 @@ times, interleaved, each of:
 * ``moxco.curvature.extreme_eigenvalues`` cold (Lanczos from a random vector, ``tol=1e-3``) and
   ``power_iteration`` cold with ``reuse_graph=True`` (PyHessian's trick);
 * the warm ``Sharpness`` tracker, one probe with 1 HVP (the shifted power step), and one with up to 3
-  (Lanczos from the kept vector, ``tol=1e-3``), each warm-started from its previous probe's vector.
+  (Lanczos from the kept vector, ``tol=1e-3``), each warm-started from its previous probe's vector;
+* the floor of any exact one-product probe: one bare autograd HVP on the 1-HVP tracker's kept vector
+  (``S``: forward and backward with ``create_graph``; ``D``: the double backward; no solver), whose
+  Rayleigh quotient is that probe's estimate.
 
 Each method is timed ``--repeats`` times at each point (trackers re-run from the same saved state
 through ``state_dict``, so they repeat identical work); the table gives medians over points and
@@ -151,6 +154,16 @@ class EigenthingsRunner:
         return float(result.eigenvalues[0]), elapsed, max_iter
 
 
+def bare_hvp(loss_fn, params, v) -> tuple[float, float, float]:
+    """``(vᵀHv, S, D)``: one exact Hessian-vector product and nothing else, timed in its two parts."""
+    start = clock()
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    middle = clock()
+    hv = torch.autograd.grad(grads, params, grad_outputs=v)
+    end = clock()
+    return float(sum((a.double() * b.double()).sum() for a, b in zip(v, hv))), middle - start, end - middle
+
+
 def oracle_iterations(run_with, exact: float, target: float = TARGET_ERROR) -> int:
     """The fewest iterations ``m`` for which ``run_with(m)`` is within ``target`` of ``exact`` (untimed)."""
     for m in range(1, MAX_ORACLE_ITERS + 1):
@@ -209,12 +222,13 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
     trackers = {"1 HVP": tracker(1), "3 HVPs": tracker(3)}
 
     rows = ["PyHessian", "PyHessian at 1 %", "eigenthings at 1 %", "cold Lanczos", "cold power, reuse_graph",
-            "warm 1 HVP", "warm 3 HVPs"]
+            "warm 1 HVP", "warm 3 HVPs", "bare HVP"]
     references = ("PyHessian at 1 %", "eigenthings at 1 %")
     times = {r: [] for r in rows}
     errors = {r: [] for r in rows}
     hvps = {r: [] for r in rows}
     exact_values = []
+    parts = {"S": [], "D": []}  # the bare HVP's two parts
 
     for probe in range(args.warmup + args.probes):
         sgd_steps(model, optimizer, x_train, y_train, batches, args.steps_between)
@@ -247,6 +261,11 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
                 before = warm.hvps
                 value, seconds = timed(lambda: warm(probe_loss))
                 measured[f"warm {name}"] = (value, seconds, warm.hvps - before)
+            kept = saved["1 HVP"]["eigenvector"]
+            value, s_time, d_time = bare_hvp(probe_loss, params, kept)
+            measured["bare HVP"] = (value, s_time + d_time, 1)
+            parts["S"].append(s_time)
+            parts["D"].append(d_time)
             for row, (value, seconds, count) in measured.items():
                 times[row].append(seconds)
                 errors[row].append(abs(value - exact) / abs(exact))
@@ -270,6 +289,7 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
         "cold power, reuse_graph": "`power_iteration(tol=1e-3, reuse_graph=True)`, cold",
         "warm 1 HVP": "`Sharpness(iters_per_call=1)`, warm",
         "warm 3 HVPs": "`Sharpness(iters_per_call=3, tol=1e-3)`, warm",
+        "bare HVP": "one bare autograd HVP on the 1-HVP probe's vector (`S + D`, no solver): the floor",
     }
     for row in rows:
         t = medians[row]
@@ -283,6 +303,15 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
         f"Budget: the warm 1-HVP probe within {TARGET_ERROR:.0%} of λ_max: "
         f"{'met' if worst <= TARGET_ERROR else 'NOT met'} (worst {worst:.2e}); in ≤ {TARGET_RATIO:g} × the faster "
         f"reference at 1 % ({faster}): {'met' if tracked <= TARGET_RATIO else 'NOT met'} ({tracked:.3f})."
+    )
+    s_time, d_time = statistics.median(parts["S"]), statistics.median(parts["D"])
+    n_ph = statistics.median(hvps["PyHessian at 1 %"])
+    floor = medians["bare HVP"] / reference
+    verdict += (
+        f"\n\nFloor: one bare exact HVP (S + D = {s_time * 1e3:.2f} + {d_time * 1e3:.2f} ms) takes {floor:.3f} × the "
+        f"reference, the least any exact one-product probe can take; the probe's bookkeeping (start, reductions, "
+        f"next vector, shift) adds {medians['warm 1 HVP'] / medians['bare HVP'] - 1:.0%} to it. PyHessian reuses one graph "
+        f"for its {n_ph:g} products at 1 %: (S + D)/(S + {n_ph:g}·D) = {(s_time + d_time) / (s_time + n_ph * d_time):.3f}."
     )
     heading = (
         f"**After {pretrain} SGD steps** (probe-batch loss {start_loss:.4f} before the warm-up probes; "

@@ -16,14 +16,15 @@
  *             out = [|g|^2, <g, x - p>, |x - p|^2, |x - o|^2], and p <- x, bit for bit;
  *   OP_NORMS  a = v: out[t] = |v_t|^2 for every tensor t;
  *   OP_DIST   a = x, b = y, scale s: out = [|s x - y|^2];
- *   OP_SUMS   OP_STEP's sums without writing p.
+ *   OP_SUMS   OP_STEP's sums without writing p;
+ *   OP_POWER  a = v, b = h (= Mv), scale s: out = [<v, h>, |h|^2, |h - s v|^2] (a power step's sums).
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { OP_STEP = 0, OP_NORMS = 1, OP_DIST = 2, OP_SUMS = 3 };
+enum { OP_STEP = 0, OP_NORMS = 1, OP_DIST = 2, OP_SUMS = 3, OP_POWER = 4 };
 enum { MAX_THREADS = 64 };
 
 typedef struct {
@@ -33,7 +34,7 @@ typedef struct {
     const int64_t *numel;
     double scale;
     int64_t begin, end; /* this job's range of the concatenated elements */
-    double *out;        /* this job's partial sums: 4 (STEP, SUMS), nt (NORMS), 1 (DIST) */
+    double *out;        /* this job's partial sums: 4 (STEP, SUMS), nt (NORMS), 1 (DIST), 3 (POWER) */
 } job_t;
 
 /* one loop per case (origin or not, writing p or not), so that each vectorises without branches */
@@ -79,6 +80,16 @@ typedef struct {
         }                                                                                           \
         return acc;                                                                                 \
     }                                                                                               \
+    static void power_##SFX(const T *v, const T *h, T s, int64_t n, double *out) {                \
+        double vh = 0, hh = 0, ww = 0;                                                              \
+        _Pragma("omp simd reduction(+:vh,hh,ww)") for (int64_t j = 0; j < n; j++) {                \
+            T hv = h[j], wv = hv - s * v[j];                                                        \
+            vh += (double)v[j] * (double)hv;                                                        \
+            hh += (double)hv * (double)hv;                                                          \
+            ww += (double)wv * (double)wv;                                                          \
+        }                                                                                           \
+        out[0] += vh; out[1] += hh; out[2] += ww;                                                   \
+    }                                                                                               \
     static void run_##SFX(job_t *job) {                                                             \
         int64_t start = 0;                                                                          \
         for (int64_t t = 0; t < job->nt && start < job->end; t++) {                                 \
@@ -94,6 +105,9 @@ typedef struct {
                            (T *)job->c[t] + lo, o, job->op == OP_STEP, m, job->out);                \
             } else if (job->op == OP_NORMS) {                                                       \
                 job->out[t] += sq_##SFX((const T *)job->a[t] + lo, m);                              \
+            } else if (job->op == OP_POWER) {                                                       \
+                power_##SFX((const T *)job->a[t] + lo, (const T *)job->b[t] + lo, (T)job->scale, m,  \
+                            job->out);                                                              \
             } else {                                                                                \
                 job->out[0] += dist_##SFX((const T *)job->a[t] + lo, (const T *)job->b[t] + lo,     \
                                           (T)job->scale, m);                                        \
@@ -118,9 +132,10 @@ static void *run_task(void *arg) {
 /* Returns 0, or -1 when the arguments are out of range (nothing is read or written then). */
 int moxco_reduce(int op, int is_double, int64_t nt, void *const *a, void *const *b, void *const *c,
                  void *const *d, const int64_t *numel, double scale, int threads, double *out) {
-    if (nt < 0 || threads < 1 || op < OP_STEP || op > OP_SUMS) return -1;
+    if (nt < 0 || threads < 1 || op < OP_STEP || op > OP_POWER) return -1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    int64_t width = op == OP_STEP || op == OP_SUMS ? 4 : op == OP_NORMS ? nt : 1, total = 0;
+    int64_t width = op == OP_STEP || op == OP_SUMS ? 4 : op == OP_NORMS ? nt : op == OP_POWER ? 3 : 1,
+            total = 0;
     for (int64_t t = 0; t < nt; t++) {
         if (numel[t] < 0) return -1;
         total += numel[t];

@@ -7,7 +7,7 @@ same parameter-sized arrays go through memory several times (about 16 array tran
 free metrics, where reading ``g``, ``x``, ``x_{t−1}``, ``x_0`` once and writing ``x_{t−1}`` once is
 5). One fused loop does each job in one pass, in double-precision accumulators (relative error
 ~1e-12 where the eager sums give ~1e-7): the step_sums table of bench/agent_overhead.py measures
-both.
+both. The curvature probe's power step takes its three sums the same way (``power_sums``).
 
 Everything here is an optimisation with an exact fallback. ``moxco.tensors`` calls these functions
 first; they return ``None`` (and the eager path runs) when the tensors are not all plain contiguous
@@ -47,7 +47,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
 TUNE_FLAGS = ("-march=native",)  # dropped when the compiler refuses them
 
-OP_STEP, OP_NORMS, OP_DIST, OP_SUMS = 0, 1, 2, 3
+OP_STEP, OP_NORMS, OP_DIST, OP_SUMS, OP_POWER = 0, 1, 2, 3, 4
 # elements per thread below which another thread costs more than it saves (starting a thread takes
 # tens of microseconds; on 2 cores sharing one memory bus a second thread did not pay at 3·10⁷)
 MIN_PER_THREAD = 1 << 20
@@ -233,6 +233,13 @@ def step_sums(gs: Sequence[Tensor], xs: Sequence[Tensor], prev: Sequence[Tensor]
 def norms_sq(xs: Sequence[Tensor], threads: Optional[int] = None) -> Optional[Tensor]:
     """``[‖x_1‖², …, ‖x_n‖²]`` (float64) in one pass (``tensors.norms_sq``), or ``None``."""
     return _run(OP_NORMS, [xs], len(xs), threads=threads)
+
+
+def power_sums(vs: Sequence[Tensor], hs: Sequence[Tensor], shift: float = 0.0,
+               threads: Optional[int] = None) -> Optional[Tensor]:
+    """``[⟨v, h⟩, ‖h‖², ‖h − σv‖²]`` (float64) in one pass that writes nothing (``tensors.power_sums``),
+    or ``None``."""
+    return _run(OP_POWER, [vs, hs], 3, scale=shift, threads=threads)
 
 
 def dist_sq(xs: Sequence[Tensor], ys: Sequence[Tensor], scale: float = 1.0,

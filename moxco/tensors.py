@@ -150,6 +150,23 @@ def norm_sq(xs: TensorList) -> Tensor:
 
 
 @torch.no_grad()
+def power_sums(vs: TensorList, hs: TensorList, shift: float = 0.0) -> Tensor:
+    """``[⟨v, h⟩, ‖h‖², ‖h − σv‖²]`` (float64, shape (3,), additive across shards): the sums of a
+    power step ``h = Mv`` on ``M − σI`` (its Rayleigh quotient, residual and next norm), in one pass
+    where the fused kernel reads the tensors (``native.power_sums``)."""
+    _check_pair(vs, hs)
+    shift = float(shift)
+    if not vs:
+        return torch.zeros(3, dtype=ACCUMULATE_DTYPE)
+    fused = native.power_sums(vs, hs, shift)
+    if fused is not None:
+        return fused
+    h_sq = norm_sq(hs)
+    w_sq = norm_sq(add_scaled(hs, vs, -shift)) if shift else h_sq
+    return torch.stack([dot(vs, hs), h_sq, w_sq])
+
+
+@torch.no_grad()
 def dot_diff(gs: TensorList, xs: TensorList, ys: TensorList) -> Tensor:
     """``⟨g, x − y⟩`` computed tensor by tensor: exact where ``⟨g,x⟩ − ⟨g,y⟩`` would cancel, and
     never more than one tensor-sized temporary alive."""

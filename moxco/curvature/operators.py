@@ -44,8 +44,9 @@ __all__ = [
 
 
 def reduced(partials: List[Tensor], reduce: Reduce) -> List[float]:
-    """Float64 partial sums completed across ranks by ``reduce`` (one collective), as Python floats."""
-    stacked = torch.stack([p.to(ACCUMULATE_DTYPE).reshape(()) for p in partials])
+    """Float64 partial sums (scalars, or 1-D tensors of several) completed across ranks by ``reduce``
+    (one collective), as Python floats in order."""
+    stacked = torch.cat([p.to(ACCUMULATE_DTYPE).reshape(-1) for p in partials])
     if reduce is not None:
         out = reduce(stacked)
         stacked = stacked if out is None else out

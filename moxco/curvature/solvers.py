@@ -220,21 +220,17 @@ def power(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: Op
     for k in range(iters):
         loss, hv = op(v)
         hvps += 1
-        if shift:  # iterate on (M − σI); its squared norm joins the same collective
-            w = tensors.add_scaled(hv, v, -shift)
-            lam, hv_sq, w_sq, loss_value = reduced(
-                [tensors.dot(v, hv), tensors.norm_sq(hv), tensors.norm_sq(w), loss.to(ACCUMULATE_DTYPE)], reduce)
-        else:
-            w = hv
-            lam, hv_sq, loss_value = reduced([tensors.dot(v, hv), tensors.norm_sq(hv), loss.to(ACCUMULATE_DTYPE)],
-                                             reduce)
-            w_sq = hv_sq
+        # vᵀMv, ‖Mv‖² and ‖(M − σI)v‖² in one pass, the loss in the same collective
+        lam, hv_sq, w_sq, loss_value = reduced([tensors.power_sums(v, hv, shift), loss], reduce)
         if not (math.isfinite(loss_value) and math.isfinite(lam) and math.isfinite(hv_sq)):
             return EigenResult(math.nan, v, hvps, False, math.nan), None
         residual = math.sqrt(max(hv_sq - lam * lam, 0.0))  # ‖Mv − λv‖² = ‖Mv‖² − λ² for a unit v
         if w_sq == 0.0:  # (M − σI)v = 0: v is an exact eigenvector (e.g. M = 0)
             return EigenResult(lam, v, hvps, True, residual), v
-        nxt = tensors.scale(w, 1.0 / math.sqrt(w_sq))
+        scale = 1.0 / math.sqrt(w_sq)  # the next iterate (M − σI)v / ‖(M − σI)v‖, formed once
+        nxt = list(torch._foreach_mul(hv, scale))
+        if shift:
+            torch._foreach_add_(nxt, v, alpha=-shift * scale)
         if prev is not None and tol is not None and abs(lam - prev) <= tol * abs(lam):
             converged = True
             break

@@ -76,6 +76,28 @@ def test_norms_and_distance_equal_float64_ground_truth(threads):
         assert float(native.dist_sq(x, g, scale, threads=threads)) == pytest.approx(exact, rel=1e-11 if scale == 1 else 1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_power_sums_equal_float64_ground_truth_and_the_eager_path(dtype, threads):
+    """A power step's ``[⟨v, h⟩, ‖h‖², ‖h − σv‖²]`` in one pass, against float64 (the shifted difference
+    formed in the tensors' type) and against the eager path ``tensors.power_sums`` takes elsewhere."""
+    v, h, _, _ = _lists(dtype, seed=3)
+    before = [t.clone() for t in v + h]
+    for shift in (0.0, -2.5):
+        s = torch.tensor(shift, dtype=dtype)
+        exact = [sum(float((a.double() * b.double()).sum()) for a, b in zip(v, h)),
+                 sum(float((b.double() ** 2).sum()) for b in h),
+                 sum(float(((b - s * a).double() ** 2).sum()) for a, b in zip(v, h))]
+        sums = native.power_sums(v, h, shift, threads=threads)
+        assert sums.dtype == torch.float64 and sums.shape == (3,)
+        # h − σv may be one fused multiply-add in the kernel, where torch rounds twice
+        assert [float(x) for x in sums] == [pytest.approx(e, rel=1e-11 if shift == 0 else 1e-9) for e in exact]
+        with native.disabled():
+            eager = tensors.power_sums(v, h, shift)
+        assert [float(x) for x in eager] == [pytest.approx(e, rel=1e-6) for e in exact]
+    assert all(torch.equal(a, b) for a, b in zip(v + h, before))  # nothing written
+
+
 def test_a_given_thread_count_gives_the_same_bits_every_time():
     g, x, p, o = _lists(torch.float32, seed=2)
     for threads in (1, 2, 4):
