@@ -395,6 +395,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
            run: Optional[str] = _D.run, reeval_every: int = _D.reeval_every, probe_every: int = _D.probe_every,
            reference: Any = _D.reference, random_scaling: bool = _D.random_scaling, criterion: Any = _D.criterion,
            loss_fn: Any = _D.loss_fn, sharpness_iters: int = _D.sharpness_iters,
+           sharpness_refine: Optional[float] = _D.sharpness_refine,
            sharpness_hvp: str = _D.sharpness_hvp, sharpness_precond: Optional[bool] = _D.sharpness_precond,
            hessian_trace: Any = _D.hessian_trace, probe_data: Any = _D.probe_data,
            probe_batches: int = _D.probe_batches, goodness: Any = _D.goodness,
@@ -437,7 +438,10 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
       ``inst_smooth_ref``, ``convexity_ratio``.
     * ``track_distance`` (True): keep ``x_0`` for ``distance`` (one parameter copy).
     * ``sharpness_iters`` (1): Hessian-vector products per probe for each tracked eigenvalue (the
-      first probe runs a Lanczos of at least 20).
+      first probe runs a Lanczos until converged, at most 20).
+    * ``sharpness_refine`` (0.05): with one product a probe, the relative residual ``‖Hv − ρv‖/|ρ|``
+      of the estimate above which the probe continues as Lanczos until its estimate fits within it
+      (the error of a one-product estimate is about ``(‖Hv − ρv‖/ρ)²``); None: one product always.
     * ``sharpness_hvp`` ("auto"): ``"autograd"`` (double backward), ``"finite_difference"`` (two
       gradient replays); "auto" uses finite differences under FSDP, and from the first probe on which
       autograd reports that the model cannot be differentiated twice (fused kernels).

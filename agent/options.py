@@ -133,6 +133,7 @@ class AgentOptions:
     criterion: Optional[nn.Module] = None
     loss_fn: Optional[Callable[..., Any]] = None
     sharpness_iters: int = 1
+    sharpness_refine: Optional[float] = 0.05
     sharpness_hvp: str = "auto"
     sharpness_precond: Optional[bool] = None
     hessian_trace: Any = False
@@ -165,6 +166,12 @@ class AgentOptions:
             raise ValueError(f"resume must be False, True or 'must', got {self.resume!r}")
         if not _integer(self.sharpness_iters) or self.sharpness_iters < 1:
             raise ValueError(f"sharpness_iters must be a positive integer, got {self.sharpness_iters!r}")
+        refine = self.sharpness_refine
+        if refine is not None and not (isinstance(refine, (int, float)) and not isinstance(refine, bool)
+                                       and 0 < refine <= 1):
+            raise ValueError(f"sharpness_refine must be None or a number in (0, 1], got {refine!r}")
+        if refine is not None:
+            object.__setattr__(self, "sharpness_refine", float(refine))
         if self.seed is not None and not _integer(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not _integer(self.probe_batches) or self.probe_batches < 1:

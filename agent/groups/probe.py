@@ -58,9 +58,10 @@ from moxco.goodness import adaptive_eos_sharpness, eos_sharpness
 
 log = logging.getLogger("moxco.agent")
 
-# a tracker's cold start: Lanczos from a random vector until its estimate moves by ≤ 1e-5 relative
-# (7-16 products on small MLPs, within 1e-5 of the explicit Hessian's λ_max), at most 20
-COLD_ITERS, COLD_TOL = 20, 1e-5
+# a tracker's cold start (and a probe continued from a vector that no longer fits): Lanczos until its
+# estimate moves by ≤ 1e-6 relative (7-18 products on small MLPs; within 1e-6 of the explicit
+# Hessian's λ_max), at most 20
+COLD_ITERS, COLD_TOL = 20, 1e-6
 SPLIT_FALLBACK = "goodness's gradient term is the raw ‖g_t‖² (biased up by the gradient noise) from now on"
 PRECOND_NEEDS_ADAM = ("sharpness_precond needs an Adam-family optimizer (torch.optim.Adam, AdamW, or "
                       "moxco.optim.MoXCo over one): its P = √v̂ + ε is the optimizer's own second moments")
@@ -124,7 +125,8 @@ class Probe:
         # draws its shards' independently; elsewhere every rank draws the same (replicated parameters)
         self.generator = torch.Generator().manual_seed(seed + 1 + (replays.group.rank if shards is not None else 0))
         self._settings = dict(iters_per_call=o.sharpness_iters, cold_iters=max(o.sharpness_iters, COLD_ITERS),
-                              cold_tol=COLD_TOL, generator=self.generator, reduce=shards.reduce if shards is not None else None)
+                              cold_tol=COLD_TOL, refine=o.sharpness_refine if o.sharpness_iters == 1 else None,
+                              generator=self.generator, reduce=shards.reduce if shards is not None else None)
         self.adam = adam_family(optimizer)
         precond = o.sharpness_precond if o.sharpness_precond is not None else self.adam is not None
         self._precond = precond
@@ -178,6 +180,7 @@ class Probe:
             "probe_set": self.probe_set.describe() if self.probe_set is not None else dict(STEP_BATCH),
             "curvature": {"hvp": "finite_difference" if self.finite_difference else "autograd",
                           "sharpness_iters": self.sharpness.iters_per_call,
+                          "sharpness_refine": self.sharpness.refine,
                           "sharpness_precond": self.sharpness_precond is not None and self.adam is not None,
                           "hessian_trace_samples": self.trace_samples},
         }

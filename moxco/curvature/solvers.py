@@ -100,7 +100,7 @@ def _combination(coefficients, vectors: List[List[Tensor]]) -> List[Tensor]:
 
 def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: Optional[torch.Generator] = None,
             max_basis: Optional[int] = None, keep_vector: bool = True, unit_start: bool = False,
-            min_iters: int = 1) -> EigenResult:
+            min_iters: int = 1, first=None) -> EigenResult:
     """Extreme eigenvalues of the symmetric operator ``op`` by Lanczos with full reorthogonalisation.
 
     From the unit ``q₁`` (``v0`` normalised, else standard normal from ``generator``), each product
@@ -112,7 +112,9 @@ def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: 
     ``λ_min``'s estimate the same way (``which="LA"`` and ``"SA"`` of hessian-eigenthings, from one run).
     Stops after ``iters`` products, when the largest Ritz value moves by ``≤ tol`` relative between two
     products once ``min_iters`` are done (``tol=None``: never), or at a breakdown (``‖w‖`` at rounding
-    level: the Krylov space is invariant and the Ritz values exact).
+    level: the Krylov space is invariant and the Ritz values exact). ``first``: ``(loss, M q₁)``, the start vector's
+    product already computed (a tracker's one-product probe continued; it counts in ``hvps``, and its
+    tensors are overwritten).
 
     Memory: the basis, at most ``max_basis`` (≥ 3; default ``iters``) parameter-sized vectors. When it
     is full the run restarts thick (Wu & Simon 2000): it keeps the Ritz vectors of ``λ_max`` and
@@ -140,10 +142,13 @@ def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: 
     theta = s = None
     while True:
         k = len(basis) - 1
-        loss, w = op(basis[k])
+        if first is not None and hvps == 0:
+            loss, w = first[0], list(first[1])
+        else:
+            loss, w = op(basis[k])
         hvps += 1
-        first = reduced([tensors.dot(b, w) for b in basis] + [loss.to(ACCUMULATE_DTYPE)], reduce)
-        coeffs, loss_value = first[:-1], first[-1]
+        sums = reduced([tensors.dot(b, w) for b in basis] + [loss.to(ACCUMULATE_DTYPE)], reduce)
+        coeffs, loss_value = sums[:-1], sums[-1]
         if not (math.isfinite(loss_value) and all(math.isfinite(c) for c in coeffs)):
             return EigenResult(math.nan, None, hvps, False, math.nan)
         torch._foreach_sub_(w, _combination(coeffs, basis))

@@ -17,7 +17,11 @@ its largest magnitude:
   (where an unshifted iteration, ``σ = 0``, converges to ``λ_min`` instead). ``λ̂_min`` is the last
   Lanczos estimate of ``λ_min`` minus its residual, lowered further whenever a Rayleigh quotient falls
   below it (every Rayleigh quotient is ``≥ λ_min``). Near a minimum ``λ_min ≈ 0`` and this is the
-  paper's unshifted iteration.
+  paper's unshifted iteration. The product also gives the residual ``r = ‖Hv − ρv‖`` of the estimate
+  ``ρ`` for free: the error of ``ρ`` below ``λ_max`` is about ``r²/gap`` (measured ≈ ``(r/ρ)²·ρ`` on
+  MLPs), so with ``refine=τ`` a probe whose ``r > τ|ρ|`` (the vector no longer fits: the parameters or
+  the batch moved too far since the last probe) continues from ``v`` as a cold probe runs: Lanczos, its
+  first product reused, until the estimate moves by ``≤ cold_tol``, at most ``cold_iters`` products.
 
 The operator is the autograd Hessian (``hvp="autograd"``), or the central finite difference of two
 gradients (``hvp="finite_difference"``, no double backward: FSDP), optionally preconditioned:
@@ -45,11 +49,22 @@ HVP_METHODS = ("autograd", "finite_difference")
 DEFAULT_MAX_BASIS = 10  # Lanczos vectors held during a probe (thick restarts beyond)
 
 
+class _KeptProduct:
+    """An operator that keeps its last ``(loss, M v)`` (a one-product probe continued by Lanczos)."""
+
+    def __init__(self, op) -> None:
+        self.op, self.params, self.reduce, self.product = op, op.params, op.reduce, None
+
+    def __call__(self, vs):
+        self.product = self.op(vs)
+        return self.product
+
+
 class Sharpness:
     """Tracks ``λ_max(∇²f(θ_t))`` (or ``λ_max(P⁻¹∇²f)``) along training with warm-started probes.
 
     ``Sharpness(params, iters_per_call=1, tol=None, generator=None, *, cold_iters=None, cold_tol=None,
-    reuse_graph=False, reduce=None, hv_mean=None, hvp="autograd", fd_eps=None, preconditioner=None,
+    refine=None, reuse_graph=False, reduce=None, hv_mean=None, hvp="autograd", fd_eps=None, preconditioner=None,
     max_basis=None)``; each call ``sharpness(loss_fn)`` runs one probe on the current parameters and
     returns the estimate of the algebraic top eigenvalue (NaN if the loss or a product is not finite).
 
@@ -59,7 +74,9 @@ class Sharpness:
       ``generator``; default ``max(iters_per_call, 20)``). ``tol``: a probe stops early once its estimate
       moves by ``≤ tol`` relative between two products; ``cold_tol`` (default ``tol``) is that test for
       the cold probes only, after at least the products of a warm probe (Lanczos from a random vector
-      passes ``1e-5`` in 7-16 products on small MLPs, within 1e-5 of ``λ_max``).
+      passes ``1e-6`` in 7-18 products on small MLPs, within 1e-6 of ``λ_max``).
+    * ``refine``: with ``iters_per_call = 1``, the relative residual above which a probe continues as
+      Lanczos (module docstring; ``None``: never, exactly one product a probe).
     * ``loss_fn`` may draw a new minibatch per call (stochastic HVPs) with the autograd operator;
       ``reuse_graph=True`` evaluates it once per probe (deterministic ``loss_fn`` only).
     * ``hvp="finite_difference"``: ``(∇f(θ+εv) − ∇f(θ−εv)) / 2ε``, ``ε = fd_eps`` or ``fd_epsilon(dtype)``.
@@ -74,8 +91,10 @@ class Sharpness:
     Attributes: ``eigenvalue`` (latest ``λ_max`` estimate, NaN before the first call),
     ``eigenvalue_min`` (the last probe's ``λ_min`` estimate when it came free with the probe's products,
     i.e. a Lanczos probe whose smallest Ritz pair has a residual ``≤ 1e-3·|θ_min|``: an eigenvalue lies
-    within the residual of the Ritz value, so the report is within 1e-3 relative; NaN otherwise), ``shift`` (``σ`` of the next one-product probe), ``eigenvector``, ``hvps`` (total products),
-    ``calls``, ``last`` (the last probe's ``EigenResult``, without its vector).
+        within the residual of the Ritz value, so the report is within 1e-3 relative; NaN otherwise),
+    ``shift`` (``σ`` of the next one-product probe), ``eigenvector``, ``hvps`` (total products),
+    ``calls``, ``refined`` (the last probe continued past its one product), ``last`` (the last probe's
+    ``EigenResult``, without its vector; ``residual`` is its estimate's).
     """
 
     MIN_RESIDUAL = 1e-3  # λ_min is reported when its Ritz residual is ≤ this × |θ_min| (its relative error bound)
@@ -89,6 +108,7 @@ class Sharpness:
         *,
         cold_iters: int | None = None,
         cold_tol: float | None = None,
+        refine: float | None = None,
         reuse_graph: bool = False,
         reduce: Reduce = None,
         hv_mean: HvMean = None,
@@ -103,6 +123,8 @@ class Sharpness:
                            else check_iters(cold_iters, "cold_iters"))
         self.tol = check_tol(tol)
         self.cold_tol = self.tol if cold_tol is None else check_tol(cold_tol)
+        self.refine = check_tol(refine)
+        self.refined = False
         self.generator = generator
         self.reuse_graph = bool(reuse_graph)
         self.reduce = reduce
@@ -155,10 +177,20 @@ class Sharpness:
         """Run one probe on ``loss_fn`` and return the current ``λ_max`` estimate (NaN if diverged)."""
         cold = self._vector is None
         iters = self.cold_iters if cold else self.iters_per_call
+        self.refined = False
         with self.operator(loss_fn) as op:
             v = start_vector(None, self.params, self.generator, self.reduce) if cold else self._vector
             if iters == 1:
-                result, nxt = power(op, iters=1, v0=v, shift=self.shift, unit_start=True)
+                kept = _KeptProduct(op)
+                result, nxt = power(kept, iters=1, v0=v, shift=self.shift, unit_start=True)
+                if (not cold and self.refine is not None and math.isfinite(result.eigenvalue)
+                        and result.residual > self.refine * abs(result.eigenvalue)):
+                    # the kept vector no longer fits this Hessian: continue from it (its product
+                    # reused) as a cold probe runs
+                    result = lanczos(op, iters=max(self.cold_iters, 2), tol=self.cold_tol, v0=v,
+                                     max_basis=self.max_basis, unit_start=True, first=kept.product)
+                    nxt = result.eigenvector
+                    self.refined = True
             else:
                 # a cold probe is at least a warm one: its iters_per_call products (when tol does not
                 # cut those short), then up to cold_iters until cold_tol
