@@ -440,7 +440,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, url: Optional[
     * ``sharpness_iters`` (1): Hessian-vector products per probe for each tracked eigenvalue (the
       first probe runs a Lanczos until converged, at most 20).
     * ``sharpness_refine`` (0.05): with one product a probe, the relative residual ``‖Hv − ρv‖/|ρ|``
-      of the estimate above which the probe continues as Lanczos until its estimate fits within it
+      of the estimate above which the probe continues as Lanczos until its estimate moves by ≤ 1e-3
       (the error of a one-product estimate is about ``(‖Hv − ρv‖/ρ)²``); None: one product always.
     * ``sharpness_hvp`` ("auto"): ``"autograd"`` (double backward), ``"finite_difference"`` (two
       gradient replays); "auto" uses finite differences under FSDP, and from the first probe on which

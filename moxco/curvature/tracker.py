@@ -20,8 +20,9 @@ its largest magnitude:
   paper's unshifted iteration. The product also gives the residual ``r = ‖Hv − ρv‖`` of the estimate
   ``ρ`` for free: the error of ``ρ`` below ``λ_max`` is about ``r²/gap`` (measured ≈ ``(r/ρ)²·ρ`` on
   MLPs), so with ``refine=τ`` a probe whose ``r > τ|ρ|`` (the vector no longer fits: the parameters or
-  the batch moved too far since the last probe) continues from ``v`` as a cold probe runs: Lanczos, its
-  first product reused, until the estimate moves by ``≤ cold_tol``, at most ``cold_iters`` products.
+  the batch moved too far since the last probe) continues from ``v`` as Lanczos, its first product
+  reused, until the estimate moves by ``≤ refine_tol`` (1e-3: about the accuracy the gate itself lets
+  through, ``τ² = 0.25 %`` for ``τ = 0.05``), at most ``cold_iters`` products.
 
 The operator is the autograd Hessian (``hvp="autograd"``), or the central finite difference of two
 gradients (``hvp="finite_difference"``, no double backward: FSDP), optionally preconditioned:
@@ -64,9 +65,9 @@ class Sharpness:
     """Tracks ``λ_max(∇²f(θ_t))`` (or ``λ_max(P⁻¹∇²f)``) along training with warm-started probes.
 
     ``Sharpness(params, iters_per_call=1, tol=None, generator=None, *, cold_iters=None, cold_tol=None,
-    refine=None, reuse_graph=False, reduce=None, hv_mean=None, hvp="autograd", fd_eps=None, preconditioner=None,
-    max_basis=None)``; each call ``sharpness(loss_fn)`` runs one probe on the current parameters and
-    returns the estimate of the algebraic top eigenvalue (NaN if the loss or a product is not finite).
+    refine=None, refine_tol=1e-3, reuse_graph=False, reduce=None, hv_mean=None, hvp="autograd",
+    fd_eps=None, preconditioner=None, max_basis=None)``; each call ``sharpness(loss_fn)`` runs one probe
+    on the current parameters and returns the estimate of the algebraic top eigenvalue (NaN if the loss or a product is not finite).
 
     * ``iters_per_call``: products per tracked probe (1: the shifted power step of the module
       docstring; ≥ 2: Lanczos from the kept vector, which also gives ``λ_min``'s estimate).
@@ -76,7 +77,8 @@ class Sharpness:
       the cold probes only, after at least the products of a warm probe (Lanczos from a random vector
       passes ``1e-6`` in 7-18 products on small MLPs, within 1e-6 of ``λ_max``).
     * ``refine``: with ``iters_per_call = 1``, the relative residual above which a probe continues as
-      Lanczos (module docstring; ``None``: never, exactly one product a probe).
+      Lanczos until its estimate moves by ``≤ refine_tol`` (module docstring; ``None``: never, exactly
+      one product a probe).
     * ``loss_fn`` may draw a new minibatch per call (stochastic HVPs) with the autograd operator;
       ``reuse_graph=True`` evaluates it once per probe (deterministic ``loss_fn`` only).
     * ``hvp="finite_difference"``: ``(∇f(θ+εv) − ∇f(θ−εv)) / 2ε``, ``ε = fd_eps`` or ``fd_epsilon(dtype)``.
@@ -109,6 +111,7 @@ class Sharpness:
         cold_iters: int | None = None,
         cold_tol: float | None = None,
         refine: float | None = None,
+        refine_tol: float = 1e-3,
         reuse_graph: bool = False,
         reduce: Reduce = None,
         hv_mean: HvMean = None,
@@ -124,6 +127,7 @@ class Sharpness:
         self.tol = check_tol(tol)
         self.cold_tol = self.tol if cold_tol is None else check_tol(cold_tol)
         self.refine = check_tol(refine)
+        self.refine_tol = check_tol(refine_tol)
         self.refined = False
         self.generator = generator
         self.reuse_graph = bool(reuse_graph)
@@ -185,9 +189,9 @@ class Sharpness:
                 result, nxt = power(kept, iters=1, v0=v, shift=self.shift, unit_start=True)
                 if (not cold and self.refine is not None and math.isfinite(result.eigenvalue)
                         and result.residual > self.refine * abs(result.eigenvalue)):
-                    # the kept vector no longer fits this Hessian: continue from it (its product
-                    # reused) as a cold probe runs
-                    result = lanczos(op, iters=max(self.cold_iters, 2), tol=self.cold_tol, v0=v,
+                    # the kept vector no longer fits this Hessian: continue from it as Lanczos (its
+                    # product reused) until the estimate settles to refine_tol
+                    result = lanczos(op, iters=max(self.cold_iters, 2), tol=self.refine_tol, v0=v,
                                      max_basis=self.max_basis, unit_start=True, first=kept.product)
                     nxt = result.eigenvector
                     self.refined = True

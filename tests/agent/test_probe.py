@@ -153,7 +153,7 @@ def test_the_default_cold_probe_stops_once_converged_at_the_explicit_top_eigenva
 def test_sharpness_on_the_steps_changing_batch_is_the_top_eigenvalue_of_that_batchs_hessian(url):
     """Without a probe set every probe has a new batch, whose Hessian's top eigenvector the kept vector
     does not fit: one product a probe (``sharpness_refine=None``) was 30-45 % below ``λ_max`` here; by
-    default such a probe continues as Lanczos and reports ``eigvalsh(H)[-1]`` of its batch within 1e-6,
+    default such a probe continues as Lanczos and reports ``eigvalsh(H)[-1]`` of its batch within 1e-3,
     and the run's config says so."""
     worst = {}
     for refine, run in ((None, "one"), (0.05, "refined")):
@@ -172,7 +172,7 @@ def test_sharpness_on_the_steps_changing_batch_is_the_top_eigenvalue_of_that_bat
             exact = float(torch.linalg.eigvalsh(explicit_hessian(model, xs[int(step)], [batches[int(step)]]))[-1])
             errors.append(abs(top - exact) / exact)
         worst[refine] = max(errors)
-    assert worst[0.05] < 1e-6
+    assert worst[0.05] < 1e-3
     assert worst[None] > 0.1
 
 
