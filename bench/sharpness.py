@@ -293,8 +293,8 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
         "eigenthings at 1 %": "hessian-eigenthings `lanczos(which=\"LA\")`, fewest iterations within 1 % (oracle), cold",
         "cold Lanczos": "`extreme_eigenvalues(tol=1e-3)` (Lanczos), cold",
         "cold power, reuse_graph": "`power_iteration(tol=1e-3, reuse_graph=True)`, cold",
-        "warm default": f"the agent's tracker: 1 HVP, continued while its residual > {AgentOptions.sharpness_refine:g}·λ̂ "
-                        f"(`refine`), warm",
+        "warm default": (f"the agent's tracker: 1 HVP, continued while its residual > "
+                         f"{AgentOptions.sharpness_refine:g}·λ̂ (`refine`), warm"),
         "warm 1 HVP": "`Sharpness(iters_per_call=1)`, warm: one HVP always",
         "warm 3 HVPs": "`Sharpness(iters_per_call=3, tol=1e-3)`, warm",
         "bare HVP": "one bare autograd HVP on the 1-HVP probe's vector (`S + D`, no solver): the floor",
@@ -320,8 +320,9 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
     verdict += (
         f"\n\nFloor: one bare exact HVP (S + D = {s_time * 1e3:.2f} + {d_time * 1e3:.2f} ms) takes {floor:.3f} × the "
         f"reference, the least any exact one-product probe can take; the probe's bookkeeping (start, reductions, "
-        f"next vector, shift) adds {medians['warm 1 HVP'] / medians['bare HVP'] - 1:.0%} to it. PyHessian reuses one graph "
-        f"for its {n_ph:g} products at 1 %: (S + D)/(S + {n_ph:g}·D) = {(s_time + d_time) / (s_time + n_ph * d_time):.3f}."
+        f"next vector, shift) adds {medians['warm 1 HVP'] / medians['bare HVP'] - 1:.0%} to it. PyHessian reuses "
+        f"one graph for its {n_ph:g} products at 1 %: (S + D)/(S + {n_ph:g}·D) = "
+        f"{(s_time + d_time) / (s_time + n_ph * d_time):.3f}."
     )
     heading = (
         f"**After {pretrain} SGD steps** (probe-batch loss {start_loss:.4f} before the warm-up probes; "

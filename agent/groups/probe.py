@@ -58,9 +58,8 @@ from moxco.goodness import adaptive_eos_sharpness, eos_sharpness
 
 log = logging.getLogger("moxco.agent")
 
-# a tracker's cold start (and a probe continued from a vector that no longer fits): Lanczos until its
-# estimate moves by ≤ 1e-6 relative (7-18 products on small MLPs; within 1e-6 of the explicit
-# Hessian's λ_max), at most 20
+# a tracker's cold start: Lanczos from a random vector until its estimate moves by ≤ 1e-6 relative
+# (7-18 products on small MLPs; within 1e-6 of the explicit Hessian's λ_max), at most 20
 COLD_ITERS, COLD_TOL = 20, 1e-6
 SPLIT_FALLBACK = "goodness's gradient term is the raw ‖g_t‖² (biased up by the gradient noise) from now on"
 PRECOND_NEEDS_ADAM = ("sharpness_precond needs an Adam-family optimizer (torch.optim.Adam, AdamW, or "

@@ -112,9 +112,9 @@ def lanczos(op, *, iters: int, tol: Optional[float] = None, v0=None, generator: 
     ``λ_min``'s estimate the same way (``which="LA"`` and ``"SA"`` of hessian-eigenthings, from one run).
     Stops after ``iters`` products, when the largest Ritz value moves by ``≤ tol`` relative between two
     products once ``min_iters`` are done (``tol=None``: never), or at a breakdown (``‖w‖`` at rounding
-    level: the Krylov space is invariant and the Ritz values exact). ``first``: ``(loss, M q₁)``, the start vector's
-    product already computed (a tracker's one-product probe continued; it counts in ``hvps``, and its
-    tensors are overwritten).
+    level: the Krylov space is invariant and the Ritz values exact). ``first``: ``(loss, M q₁)``, the
+    start vector's product already computed (a tracker's one-product probe continued; it counts in
+    ``hvps``, and its tensors are overwritten).
 
     Memory: the basis, at most ``max_basis`` (≥ 3; default ``iters``) parameter-sized vectors. When it
     is full the run restarts thick (Wu & Simon 2000): it keeps the Ritz vectors of ``λ_max`` and

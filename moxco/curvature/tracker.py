@@ -67,7 +67,8 @@ class Sharpness:
     ``Sharpness(params, iters_per_call=1, tol=None, generator=None, *, cold_iters=None, cold_tol=None,
     refine=None, refine_tol=1e-3, reuse_graph=False, reduce=None, hv_mean=None, hvp="autograd",
     fd_eps=None, preconditioner=None, max_basis=None)``; each call ``sharpness(loss_fn)`` runs one probe
-    on the current parameters and returns the estimate of the algebraic top eigenvalue (NaN if the loss or a product is not finite).
+    on the current parameters and returns the estimate of the algebraic top eigenvalue (NaN if the
+    loss or a product is not finite).
 
     * ``iters_per_call``: products per tracked probe (1: the shifted power step of the module
       docstring; ≥ 2: Lanczos from the kept vector, which also gives ``λ_min``'s estimate).
@@ -93,7 +94,7 @@ class Sharpness:
     Attributes: ``eigenvalue`` (latest ``λ_max`` estimate, NaN before the first call),
     ``eigenvalue_min`` (the last probe's ``λ_min`` estimate when it came free with the probe's products,
     i.e. a Lanczos probe whose smallest Ritz pair has a residual ``≤ 1e-3·|θ_min|``: an eigenvalue lies
-        within the residual of the Ritz value, so the report is within 1e-3 relative; NaN otherwise),
+    within the residual of the Ritz value, so the report is within 1e-3 relative; NaN otherwise),
     ``shift`` (``σ`` of the next one-product probe), ``eigenvector``, ``hvps`` (total products),
     ``calls``, ``refined`` (the last probe continued past its one product), ``last`` (the last probe's
     ``EigenResult``, without its vector; ``residual`` is its estimate's).
