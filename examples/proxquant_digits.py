@@ -141,9 +141,11 @@ def finetune(fp: nn.Module, data, *, method: str, seed: int, steps: int, goodnes
         import moxco.agent
 
         loss_target, sharpness_target = goodness_targets
+        # the probe set is the training set the targets were measured on: goodness then compares
+        # λ_max and F of one function with their FP values (a minibatch's λ_max is larger than F's)
         agent = moxco.agent.attach(
             model, opt, url=url, run=f"{method}-seed{seed}", reeval_every=0, probe_every=20, seed=seed,
-            criterion=loss_fn,
+            criterion=loss_fn, probe_data=(x, y),
             goodness={"tau": TAU, "sharpness_target": sharpness_target, "loss_target": loss_target},
             policy={"threshold": THRESHOLD, "consecutive": 3, "action": RESTART},
             config={"example": "proxquant_digits", "dtype": "float32"})
