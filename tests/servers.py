@@ -156,6 +156,18 @@ class CollectorProcess:
         return open_store(self.db)
 
 
+def serving(db: str, store, *extra: str):
+    """A module fixture's body: a collector serving ``db`` without auth while the test holds ``store``
+    open; yields ``(collector, store)``, then stops the one and closes the other
+    (``yield from serving(url, store)``)."""
+    collector = CollectorProcess(db, "--no-auth", *extra).start()
+    try:
+        yield collector, store
+    finally:
+        collector.stop()
+        store.close()
+
+
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
 

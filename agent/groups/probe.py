@@ -124,8 +124,8 @@ class Probe:
         # draws its shards' independently; elsewhere every rank draws the same (replicated parameters)
         self.generator = torch.Generator().manual_seed(seed + 1 + (replays.group.rank if shards is not None else 0))
         self._settings = dict(iters_per_call=o.sharpness_iters, cold_iters=max(o.sharpness_iters, COLD_ITERS),
-                              cold_tol=COLD_TOL, refine=o.sharpness_refine if o.sharpness_iters == 1 else None,
-                              generator=self.generator, reduce=shards.reduce if shards is not None else None)
+                              cold_tol=COLD_TOL, refine=o.sharpness_refine, generator=self.generator,
+                              reduce=shards.reduce if shards is not None else None)
         self.adam = adam_family(optimizer)
         precond = o.sharpness_precond if o.sharpness_precond is not None else self.adam is not None
         self._precond = precond

@@ -79,7 +79,7 @@ class Sharpness:
       passes ``1e-6`` in 7-18 products on small MLPs, within 1e-6 of ``λ_max``).
     * ``refine``: with ``iters_per_call = 1``, the relative residual above which a probe continues as
       Lanczos until its estimate moves by ``≤ refine_tol`` (module docstring; ``None``: never, exactly
-      one product a probe).
+      one product a probe). Ignored (``None``) with ``iters_per_call ≥ 2``.
     * ``loss_fn`` may draw a new minibatch per call (stochastic HVPs) with the autograd operator;
       ``reuse_graph=True`` evaluates it once per probe (deterministic ``loss_fn`` only).
     * ``hvp="finite_difference"``: ``(∇f(θ+εv) − ∇f(θ−εv)) / 2ε``, ``ε = fd_eps`` or ``fd_epsilon(dtype)``.
@@ -127,7 +127,7 @@ class Sharpness:
                            else check_iters(cold_iters, "cold_iters"))
         self.tol = check_tol(tol)
         self.cold_tol = self.tol if cold_tol is None else check_tol(cold_tol)
-        self.refine = check_tol(refine)
+        self.refine = check_tol(refine) if self.iters_per_call == 1 else None  # Lanczos probes need none
         self.refine_tol = check_tol(refine_tol)
         self.refined = False
         self.generator = generator

@@ -12,6 +12,7 @@ from torch import nn
 
 import moxco.agent
 from moxco.collector import open_store
+from tests.training import full_batch
 
 
 def standardized(x: np.ndarray) -> torch.Tensor:
@@ -22,13 +23,7 @@ def standardized(x: np.ndarray) -> torch.Tensor:
 def run_full_batch(tmp_path, model, criterion, x, y, lr, steps, run):
     url = f"sqlite:///{tmp_path / 'convex.db'}"
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    agent = moxco.agent.attach(model, opt, url=url, run=run, reeval_every=1, probe_every=10, criterion=criterion)
-    for _ in range(steps):
-        criterion(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    agent.close()
-    assert agent.errors == {}
+    full_batch(model, opt, criterion, x, y, steps, url=url, run=run, reeval_every=1, probe_every=10)
     return open_store(url)
 
 

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-import moxco.agent
 from moxco.collector import open_store
 from moxco.collector.audit.analysis import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, RunData, audit_smoothness
 from moxco.collector.audit.stability import EOS_BAND, MIN_PROBES
 from moxco.collector.audit.stats import median_interval
 from tests.audit.browser import render, unreadable
 from tests.audit.test_misreports import cli_audit, no_nan, store_run
+from tests.training import full_batch
 
 BETA1, LR = 0.9, 0.01
 
@@ -81,15 +81,8 @@ def adam_run(url, run, steps=45, probe_every=3):
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
     opt = torch.optim.Adam(model.parameters(), lr=LR, betas=(BETA1, 0.999))
 
-    criterion = torch.nn.MSELoss()
-    agent = moxco.agent.attach(model, opt, url=url, run=run, reeval_every=1, probe_every=probe_every,
-                               criterion=criterion, seed=0)
-    for _ in range(steps):
-        criterion(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    agent.close()
-    assert agent.errors == {}
+    full_batch(model, opt, torch.nn.MSELoss(), x, y, steps, url=url, run=run, reeval_every=1, probe_every=probe_every,
+               seed=0)
 
 
 def test_an_adam_run_reports_the_preconditioned_pair_beside_the_plain_one(tmp_path, capsys):

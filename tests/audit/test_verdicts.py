@@ -18,6 +18,7 @@ from moxco.collector.audit.analysis import (
     DEGRADED, FAILS, HOLDS, NOT_APPLICABLE, NOT_MEASURED, RunData, StoreSource, audit, audit_descent,
     audit_global_convexity, audit_path_convexity, audit_smoothness, rank_correlation,
 )
+from tests.training import full_batch
 
 
 def standardized(x: np.ndarray) -> torch.Tensor:
@@ -26,14 +27,8 @@ def standardized(x: np.ndarray) -> torch.Tensor:
 
 def train(url, run, model, criterion, x, y, lr, steps, reference=None, probe_every=5):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    agent = moxco.agent.attach(model, opt, url=url, run=run, reeval_every=1, probe_every=probe_every,
-                               criterion=criterion, reference=reference, seed=0, config={"dtype": "float64"})
-    for _ in range(steps):
-        criterion(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    agent.close()
-    assert agent.errors == {}
+    full_batch(model, opt, criterion, x, y, steps, url=url, run=run, reeval_every=1, probe_every=probe_every,
+               reference=reference, seed=0, config={"dtype": "float64"})
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -34,7 +34,7 @@ from moxco.dashboards import build
 from moxco.dashboards.validate import promql_metric_names
 from moxco.optim import MoXCo
 from tests.collector.pagekit import browser, page, run_url, screenshot, wait_loaded  # noqa: F401 (fixtures)
-from tests.servers import CollectorProcess
+from tests.servers import CollectorProcess, serving
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "pages-demo"
@@ -81,12 +81,7 @@ def served(tmp_path_factory):
     store.set_status(FINISHED_RUN, "finished")
     store.put_run(XSS_RUN, config=XSS_CONFIG)
     store.ingest(XSS_RUN, [(s, "loss", 2.0 - 0.1 * s, time.time()) for s in range(4)])
-    collector = CollectorProcess(url, "--no-auth").start()
-    try:
-        yield collector, store
-    finally:
-        collector.stop()
-        store.close()
+    yield from serving(url, store)
 
 
 # --- the pages ---------------------------------------------------------------------------------

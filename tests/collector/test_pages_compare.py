@@ -15,7 +15,7 @@ import pytest
 from moxco.collector.store import Store
 from tests.collector.pagekit import (browser, compare_url, page, screenshot, synthetic_run,  # noqa: F401 (fixtures)
                                      wait_loaded)
-from tests.servers import CollectorProcess
+from tests.servers import CollectorProcess, serving
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = {"sgd-lr0.1": 0.1, "moxco-lr0.05": 0.05, "moxco-lr0.02": 0.02}
@@ -31,12 +31,7 @@ def served(tmp_path_factory):
                       note="plain SGD baseline" if k == 0 else None, start=1.7e9 + 3600 * k,
                       status="running" if k == 2 else "finished")
     store.put_run("sgd-lr0.1", config={"optimizer": "SGD"})
-    collector = CollectorProcess(url, "--no-auth").start()
-    try:
-        yield collector, store
-    finally:
-        collector.stop()
-        store.close()
+    yield from serving(url, store)
 
 
 def test_the_runs_list_shows_hyperparameters_tags_and_notes_and_searches_them(served, page):

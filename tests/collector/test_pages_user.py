@@ -17,7 +17,7 @@ from moxco import catalogue
 from moxco.collector.store import Store
 from moxco.decision import Decision
 from tests.collector.pagekit import browser, compare_url, page, run_url, wait_loaded  # noqa: F401 (fixtures)
-from tests.servers import CollectorProcess
+from tests.servers import serving
 
 OWN = "own-series"  # val_loss every 5th step, accuracy every step (one NaN), through agent.log
 PLAIN = "no-own-series"  # the same loop, nothing logged by the user
@@ -52,12 +52,7 @@ def served(tmp_path_factory):
     _feed(url, PLAIN, log=False)
     store = Store(url)
     store.add_decision(OWN, Decision(20, {"phase": 2}, source="operator"))
-    collector = CollectorProcess(url, "--no-auth").start()
-    try:
-        yield collector, store
-    finally:
-        collector.stop()
-        store.close()
+    yield from serving(url, store)
 
 
 def _chart(metric: str) -> str:

@@ -5,7 +5,6 @@ with no change to the page)."""
 
 from __future__ import annotations
 
-import io
 import math
 import threading
 import time
@@ -19,7 +18,7 @@ from moxco import catalogue
 from moxco.collector.api import create_app
 from moxco.collector.store import Store
 from tests.collector.pagekit import browser, page, run_url, screenshot, synthetic_run, wait_loaded  # noqa: F401
-from tests.servers import CollectorProcess, free_port, wait_until
+from tests.servers import free_port, serving, wait_until
 
 PARTIAL = "partial"  # loss and goodness only: most panels stay empty
 SIGNED = "signed"  # every synthetic metric, update correlations of both signs
@@ -37,12 +36,7 @@ def served(tmp_path_factory):
     synthetic_run(store, BROKEN, steps=50, metrics={"loss", "update_norm", "distance"}, status="running",
                   config={"reeval_every": 0, "reference": True})
     store.put_run(BROKEN, config={"errors": ERRORS}, status="failed")
-    collector = CollectorProcess(url, "--no-auth").start()
-    try:
-        yield collector, store
-    finally:
-        collector.stop()
-        store.close()
+    yield from serving(url, store)
 
 
 def _drag(page, chart: str, start: float, end: float) -> None:
