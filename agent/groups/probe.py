@@ -28,7 +28,8 @@ failure drops:
 * ``sharpness_target``: ``λ_target``, the user's or ``k · λ_EOS`` with the optimizer's η, α, β
   (MoXCo Theorem 2), read here because the optimizer may change its lr every step.
 
-The Hessian-vector products are autograd's double backward, call by call (``Replays.hessian``), or,
+The Hessian-vector products are autograd's double backward, call by call (``Replays.hessian``;
+one call's gradient graph kept for all of a probe's products), or,
 under FSDP (or ``sharpness_hvp="finite_difference"``, or where autograd reports that the model
 cannot be differentiated twice), central finite differences of two gradient replays. ``phase`` is recorded on this cadence too (``agent.step.StepState.phase_point``).
 """

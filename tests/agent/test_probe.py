@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 import moxco.agent
 from moxco.collector import open_store
-from moxco.curvature import extreme_eigenvalues
+from moxco.curvature import extreme_eigenvalues, operators
 from moxco.optim import MoXCo
 
 
@@ -148,6 +148,25 @@ def test_the_default_cold_probe_stops_once_converged_at_the_explicit_top_eigenva
     assert tracker.calls == 2 and tracker.hvps - 1 < 20
     (top,) = [v for s, v in zip(*open_store(url).series("cold", "sharpness")) if s == 0]
     assert top == pytest.approx(float(torch.linalg.eigvalsh(explicit_hessian(model, xs[0], probe))[-1]), rel=1e-6)
+
+
+def test_a_probe_on_one_batch_builds_its_gradient_graph_once_whatever_its_products(url, monkeypatch):
+    """A probe of one batch keeps that batch's gradient graph for all its products (``S + k·D``;
+    the replay is deterministic); a probe set of two batches replays each batch at every product,
+    so that one batch's graph is alive at a time (``k·2·(S + D)``)."""
+    graphs = []
+    built = operators._gradient_graph
+    monkeypatch.setattr(operators, "_gradient_graph", lambda *a: graphs.append(1) or built(*a))
+    for batches, run in ((1, "one"), (2, "two")):
+        graphs.clear()
+        model = tanh_mlp(0)
+        probe = [data(40 + b, 12) for b in range(batches)]
+        agent, _, _ = train(model, torch.optim.SGD(model.parameters(), lr=0.05), [data(400 + t, 8) for t in range(5)],
+                            dict(probe_every=2, reeval_every=0, probe_data=probe, seed=0), url, run)
+        assert agent.errors == {}
+        tracker = agent.probe.sharpness
+        assert tracker.calls == 3 and tracker.hvps > 2 * tracker.calls  # the cold probe's Lanczos
+        assert len(graphs) == (tracker.calls if batches == 1 else batches * tracker.hvps)
 
 
 def test_sharpness_on_the_steps_changing_batch_is_the_top_eigenvalue_of_that_batchs_hessian(url):
