@@ -2,6 +2,7 @@
 prints markdown tables (docs/audit.md, "Reproductions", shows them with these commands).
 
     python bench/audit_claims.py eos       --out DIR   # audit paper fig. 5: smoothness vs sharpness at the EOS
+    python bench/audit_claims.py first50   --out DIR   # the first 50 steps of GPT-2 / BERT, with x* (8 runs)
     python bench/audit_claims.py pretrain  --out DIR   # 2,000-step GPT-2 / BERT audits (8 runs, CPU-heavy)
     python bench/audit_claims.py proxquant --out DIR   # MoXCo Table 2 in miniature (ProxQuant on digits)
 
@@ -43,6 +44,14 @@ PRETRAIN_ARGS = ["--hidden", "32", "--seq-len", "32", "--batch-size", "8", "--vo
 PRETRAIN_ENV = {"OMP_NUM_THREADS": "1"}
 
 
+def _run_example(command: list, what: str) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **PRETRAIN_ENV})
+    if result.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{result.stdout}\n{result.stderr}")
+    return round(time.perf_counter() - started, 1)
+
+
 def pretrain(out: Path, steps: int, extra: list) -> None:
     """Run the eight example runs one after the other into ``out/pretrain.db``; wall times to
     ``out/pretrain-times.json`` (kept between invocations, so an interrupted sweep resumes)."""
@@ -54,15 +63,71 @@ def pretrain(out: Path, steps: int, extra: list) -> None:
             continue
         command = [sys.executable, str(ROOT / "examples" / script), "--optimizer", opt, "--steps", str(steps),
                    *PRETRAIN_ARGS, *extra, "--url", db, "--run", run] + (["--random-scaling"] if rs else [])
-        started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **PRETRAIN_ENV})
-        if result.returncode != 0:
-            raise SystemExit(f"{run} failed:\n{result.stdout}\n{result.stderr}")
-        times[run] = {"seconds": round(time.perf_counter() - started, 1),
+        times[run] = {"seconds": _run_example(command, run),
                       "command": " ".join([*(f"{k}={v}" for k, v in PRETRAIN_ENV.items()), "python",
                                            f"examples/{script}", *command[2:]])}
         times_path.write_text(json.dumps(times, indent=1))
         print(f"{run}: {times[run]['seconds']} s", file=sys.stderr, flush=True)
+
+
+# --- the first 50 steps, with a reference x* ------------------------------------------------------
+
+#: the examples' defaults (2 layers of width 64, 2,048-token vocabulary, batches of 16 × 64 tokens)
+FIRST_ARGS = ["--reeval-every", "1", "--probe-every", "5", "--device", "cpu", "--quiet"]
+#: (run name, model, optimizer, random scaling, x*): x* "seed 1" is the final weights of a 50-step run
+#: with --seed 1 (another initialisation and data order), "same seed" those of a 100-step run with the
+#: audited run's seed 0 (the continuation of the audited path)
+FIRST_RUNS = [(f"{model}-{opt}{suffix}", model, opt, rs, ref)
+              for model in ("gpt2", "bert")
+              for opt, suffix, rs, ref in (("adamw", "", False, "seed 1"), ("adamw", "-xsame", False, "same seed"),
+                                           ("sgdm", "", False, "seed 1"), ("sgdm", "-rs", True, "seed 1"))]
+FIRST_REFERENCES = {"seed 1": ["--seed", "1", "--steps", "50"], "same seed": ["--seed", "0", "--steps", "100"]}
+
+
+def first50(out: Path, steps: int) -> None:
+    """The references x* (no agent), then the eight 50-step runs into ``out/first50.db``."""
+    db = f"sqlite:///{out / 'first50.db'}"
+    for run, model, opt, rs, ref in FIRST_RUNS:
+        script = str(ROOT / "examples" / f"pretrain_{model}.py")
+        xstar = out / f"xstar-{model}-{opt}-{ref.replace(' ', '')}.pt"
+        ref_args = [*FIRST_REFERENCES[ref][:-1], str(steps * int(FIRST_REFERENCES[ref][-1]) // 50)]  # --quick scales them
+        if not xstar.exists():
+            _run_example([sys.executable, script, "--optimizer", opt, *ref_args, *FIRST_ARGS, "--no-agent",
+                          "--save-final", str(xstar)], f"x* of {run}")
+        seconds = _run_example([sys.executable, script, "--optimizer", opt, "--steps", str(steps), *FIRST_ARGS,
+                                "--reference", str(xstar), "--url", db, "--run", run]
+                               + (["--random-scaling"] if rs else []), run)
+        print(f"{run}: {seconds} s", file=sys.stderr, flush=True)
+
+
+def first50_table(out: Path, steps: int) -> str:
+    """Audit the eight 50-step runs: docs/audit.md's table "the first 50 steps"."""
+    from moxco.collector.audit.analysis import audit
+    from moxco.collector.audit.source import open_source
+
+    with open_source(f"sqlite:///{out / 'first50.db'}") as source:
+        results = [(audit(source.load(run)), ref) for run, _, _, _, ref in FIRST_RUNS]
+    lines = ["| run | x* | non-convex steps (path) | final avg_gap | convexity_ratio → verdict | "
+             "mean update_corr (± s/√n) | Σ update_corr_rs vs Σ loss_diff (eq. 12) | smooth/sharpness (ρ) | "
+             "sharpness: first → last probe |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r, ref in results:
+        path, ratio = r.section("path_convexity").numbers, r.section("global_convexity")
+        d = r.section("descent_lemma")
+        rs = d.extra_verdicts["random_scaling_identity"]
+        smooth = r.section("smoothness").numbers
+        _, sharp = r.run.finite("sharpness")
+        sums = (f"{rs['sum_update_corr_rs']:.2f} vs {rs['sum_loss_diff']:.2f}" if rs.get("random_scaling")
+                else "(no random scaling)")
+        lines.append(
+            f"| `{r.run.name}` | {ref}, {steps * int(FIRST_REFERENCES[ref][-1]) // 50} steps | {path.get('nonconvex_steps')}/"
+            f"{path.get('measured_steps')} | {r.run.last('avg_gap'):.1e} | "
+            f"{ratio.numbers.get('convexity_ratio', float('nan')):.3g} → {ratio.verdict} | "
+            f"{d.numbers['mean_update_corr']:+.3f} ± {d.numbers['standard_error']:.3f} | {sums} | "
+            f"{smooth.get('median_smooth_over_sharpness', float('nan')):.2g} "
+            f"({smooth.get('rank_correlation', float('nan')):+.2f}) | "
+            f"{sharp[0]:.3g} → {sharp[-1]:.3g} |")
+    return "\n".join(lines)
 
 
 def _se(mean: float, se: float, z: float) -> str:
@@ -115,7 +180,7 @@ def pretrain_table(out: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("claim", choices=("eos", "pretrain", "proxquant"))
+    p.add_argument("claim", choices=("eos", "first50", "pretrain", "proxquant"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -125,6 +190,11 @@ def main(argv=None) -> int:
         text = pretrain_table(args.out)
         print(text)
         (args.out / "pretrain.md").write_text(text + "\n")
+    elif args.claim == "first50":
+        first50(args.out, 10 if args.quick else 50)
+        text = first50_table(args.out, 10 if args.quick else 50)
+        print(text)
+        (args.out / "first50.md").write_text(text + "\n")
     elif args.claim == "eos":
         import smoothness_at_eos
 

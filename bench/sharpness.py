@@ -17,7 +17,8 @@ times, interleaved, each of:
 * ``moxco.curvature.extreme_eigenvalues`` cold (Lanczos from a random vector, ``tol=1e-3``) and
   ``power_iteration`` cold with ``reuse_graph=True`` (PyHessian's trick);
 * the warm ``Sharpness`` tracker: the agent's (one HVP, the shifted power step, continued as Lanczos
-  while the estimate's residual exceeds ``sharpness_refine`` of it), one HVP always, and up to 3
+  while the estimate's residual exceeds ``sharpness_refine`` of it, its gradient graph kept for the
+  probe's products as the agent keeps a one-batch probe's), one HVP always, and up to 3
   (Lanczos from the kept vector, ``tol=1e-3``), each warm-started from its previous probe's vector;
 * the floor of any exact one-product probe: one bare autograd HVP on the 1-HVP tracker's kept vector
   (``S``: forward and backward with ``create_graph``; ``D``: the double backward; no solver), whose
@@ -222,8 +223,9 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
         generator = torch.Generator().manual_seed(args.seed)
         return Sharpness(params, iters_per_call=iters_per_call, tol=TOL, cold_iters=100, generator=generator)
 
-    # the agent's: one product, continued where its residual says the kept vector no longer fits
-    default = Sharpness(params, iters_per_call=1, cold_iters=COLD_ITERS, cold_tol=COLD_TOL,
+    # the agent's: one product, continued where its residual says the kept vector no longer fits; a
+    # one-batch probe keeps its gradient graph for the probe's products, as the agent's does
+    default = Sharpness(params, iters_per_call=1, cold_iters=COLD_ITERS, cold_tol=COLD_TOL, reuse_graph=True,
                         refine=AgentOptions.sharpness_refine, generator=torch.Generator().manual_seed(args.seed))
     trackers = {"1 HVP": tracker(1), "3 HVPs": tracker(3), "default": default}
 
@@ -294,7 +296,7 @@ def run(args, pretrain: int, pyhessian: PyHessianRunner, eigenthings: Eigenthing
         "cold Lanczos": "`extreme_eigenvalues(tol=1e-3)` (Lanczos), cold",
         "cold power, reuse_graph": "`power_iteration(tol=1e-3, reuse_graph=True)`, cold",
         "warm default": (f"the agent's tracker: 1 HVP, continued while its residual > "
-                         f"{AgentOptions.sharpness_refine:g}·λ̂ (`refine`), warm"),
+                         f"{AgentOptions.sharpness_refine:g}·λ̂ (`refine`; graph kept), warm"),
         "warm 1 HVP": "`Sharpness(iters_per_call=1)`, warm: one HVP always",
         "warm 3 HVPs": "`Sharpness(iters_per_call=3, tol=1e-3)`, warm",
         "bare HVP": "one bare autograd HVP on the 1-HVP probe's vector (`S + D`, no solver): the floor",

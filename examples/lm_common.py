@@ -50,8 +50,12 @@ def stdlib_text(max_bytes: int = DEFAULT_CORPUS_BYTES) -> List[str]:
     return texts
 
 
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
 def train_tokenizer(kind: str, texts: List[str], vocab_size: int):
-    """A tokenizer trained on ``texts``: byte-level BPE (``kind="gpt2"``) or WordPiece (``"bert"``)."""
+    """A tokenizer trained on ``texts``: byte-level BPE (``kind="gpt2"``) or WordPiece (``"bert"``),
+    both the same on every run and machine for the same text."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     if kind == "gpt2":
@@ -60,20 +64,47 @@ def train_tokenizer(kind: str, texts: List[str], vocab_size: int):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    elif kind == "bert":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
-                                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    else:
+        tok.train_from_iterator(texts, trainer=trainer)
+        return tok
+    if kind != "bert":
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    tok.train_from_iterator(texts, trainer=trainer)
-    if kind == "bert":
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    names = wordpiece_vocabulary(tok, texts, vocab_size)
+    tok.model = models.WordPiece({token: i for i, token in enumerate(names)}, unk_token="[UNK]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     return tok
+
+
+def wordpiece_vocabulary(tok, texts: List[str], vocab_size: int) -> List[str]:
+    """WordPiece's vocabulary as ``tokenizers``' ``WordPieceTrainer`` learns it (BPE merges over
+    words whose non-initial characters are ``##``-prefixed symbols), made deterministic: that
+    trainer numbers the ``##`` symbols in a hash map's order, which breaks ties between equally
+    frequent pairs differently from process to process (huggingface/tokenizers#1794), so the same
+    text gave different vocabularies. Here each ``##c`` is a private-use character, so the byte-pair
+    trainer, whose alphabet is numbered in sorted order, runs the same merges every time. Returns
+    the tokens, specials first, then sorted (ids do not change how WordPiece splits a word: the
+    longest match in the vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = [[word for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))]
+             for text in texts]
+    chars = sorted({c for text in words for word in text for c in word[1:]})
+    base = 0xF0000  # plane 15's private-use area: ##c is chr(base + rank of c)
+    if len(chars) > 0xFFFFD - base or any(ord(c) >= base for c in chars):
+        raise ValueError("the corpus uses private-use characters, which this WordPiece training reserves")
+    continuing = {c: chr(base + i) for i, c in enumerate(chars)}
+    plain = {v: k for k, v in continuing.items()}
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator((" ".join(w[0] + "".join(continuing[c] for c in w[1:]) for w in text) for text in words),
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False))
+    learned = {("##" if t[0] in plain else "") + "".join(plain.get(c, c) for c in t)
+               for t in bpe.get_vocab() if t not in BERT_SPECIALS}
+    return BERT_SPECIALS + sorted(learned)
 
 
 class TokenStream:
