@@ -123,7 +123,7 @@ def first50_table(out: Path, steps: int) -> str:
             f"| `{r.run.name}` | {ref}, {steps * int(FIRST_REFERENCES[ref][-1]) // 50} steps | {path.get('nonconvex_steps')}/"
             f"{path.get('measured_steps')} | {r.run.last('avg_gap'):.1e} | "
             f"{ratio.numbers.get('convexity_ratio', float('nan')):.3g} → {ratio.verdict} | "
-            f"{d.numbers['mean_update_corr']:+.3f} ± {d.numbers['standard_error']:.3f} | {sums} | "
+            f"{d.numbers['mean_update_corr']:+.3f} ± {d.numbers['standard_error']:.1e} | {sums} | "
             f"{smooth.get('median_smooth_over_sharpness', float('nan')):.2g} "
             f"({smooth.get('rank_correlation', float('nan')):+.2f}) | "
             f"{sharp[0]:.3g} → {sharp[-1]:.3g} |")
