@@ -94,7 +94,7 @@ def wordpiece_vocabulary(tok, texts: List[str], vocab_size: int) -> List[str]:
              for text in texts]
     chars = sorted({c for text in words for word in text for c in word[1:]})
     base = 0xF0000  # plane 15's private-use area: ##c is chr(base + rank of c)
-    if len(chars) > 0xFFFFD - base or any(ord(c) >= base for c in chars):
+    if len(chars) > 0xFFFFD - base or any(ord(c) >= base for text in words for word in text for c in word):
         raise ValueError("the corpus uses private-use characters, which this WordPiece training reserves")
     continuing = {c: chr(base + i) for i, c in enumerate(chars)}
     plain = {v: k for k, v in continuing.items()}
