@@ -11,14 +11,14 @@ averages the gradient. Rank-local failures become NaN values of the same shapes
 ``calls`` (every method): the forward calls to replay, the step's (``ctx.calls``) by default, or the
 probe set's (``agent.probe_set``). ``hessian`` gives the curvature operator of the mean loss of
 ``calls`` at ``x_t`` (``moxco.curvature``): autograd products summed call by call (one call's
-gradient graph kept for a whole probe), or the central
+gradient graph built once a probe), or the central
 finite difference of two replays (the only way under FSDP).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -91,13 +91,13 @@ class Replays:
         return self.group.mean_scalar(loss)
 
     def hessian(self, ctx: StepContext, part: str, calls: Optional[Sequence[ForwardCall]] = None, *,
-                finite_difference: bool = False):
+                finite_difference: bool = False, shared: Optional[Dict[str, Any]] = None):
         """The Hessian of the mean loss of ``calls`` at ``x_t`` as a ``moxco.curvature`` operator.
 
         * autograd (one process, DDP): ``H v = (1/n) Σ_c ∇²f_c v``, one call's graph alive at a time
           (as in the user's accumulation loop, so a probe set of several batches costs the memory of
           one), averaged over DDP ranks (``hv_mean``); a rank-local failure gives a NaN curvature,
-          which turns every rank's product into NaN;
+          which turns every rank's product into NaN; ``shared``: see ``CallsHessian``;
         * ``finite_difference``: ``(∇f(x_t + εv) − ∇f(x_t − εv)) / 2ε`` from two gradient replays:
           in one process and under DDP on the live parameters (moved in place and restored bit for
           bit), under FSDP through the user's FSDP module on this rank's local shards (no double
@@ -133,7 +133,7 @@ class Replays:
             return lambda: self.failures.local(part, replay, nan_curvature)
 
         return CallsHessian([loss_of(call) for call in calls], list(ctx.params),
-                            hv_mean=self.group.mean if self.group.active else None)
+                            hv_mean=self.group.mean if self.group.active else None, shared=shared)
 
     def compute_dtype(self, params: Sequence[Tensor], calls: Sequence[ForwardCall]) -> torch.dtype:
         """The least precise floating dtype the gradient is computed in: the parameters', the calls'
@@ -175,20 +175,30 @@ class CallsHessian:
     peak memory is one call's graph. A single call keeps its gradient graph for every product until
     ``close()`` (the replay is deterministic: same batch, same dropout masks), so a probe's further
     products cost only the double backward, ``S + k·D`` instead of ``k·(S + D)``; several calls
-    are replayed at each product, so that only one call's graph is ever alive. ``hv_mean``
-    averages the sum over data-parallel ranks."""
+    are replayed at each product, so that only one call's graph is ever alive. ``shared`` (a dict
+    that lives for one probe) passes that single call's graph on to the next operator of the same
+    probe (the plain and the preconditioned sharpness, the trace): one ``S`` a probe; a graph
+    whose loss is not finite (a rank-local failure's NaN stand-in) is not passed on, so each
+    metric replays and reports its own failure. ``hv_mean`` averages the sum over data-parallel
+    ranks."""
 
     reduce = None  # replicated parameters: inner products are complete on every rank
 
     def __init__(self, loss_fns: Sequence[Callable[[], Tensor]], params: List[Tensor], *,
-                 hv_mean: Optional[Callable[[List[Tensor]], List[Tensor]]] = None) -> None:
-        self.ops = [AutogradHessian(fn, params, reuse_graph=len(loss_fns) == 1) for fn in loss_fns]
+                 hv_mean: Optional[Callable[[List[Tensor]], List[Tensor]]] = None,
+                 shared: Optional[Dict[str, Any]] = None) -> None:
+        single = len(loss_fns) == 1
+        self.shared = shared if single else None
+        graph = self.shared.get("graph") if self.shared is not None else None
+        self.ops = [AutogradHessian(fn, params, reuse_graph=single, graph=graph) for fn in loss_fns]
         self.params = params
         self.hv_mean = hv_mean
         self.hvps = 0
 
     def __call__(self, vs) -> Tuple[Tensor, List[Tensor]]:
         loss, total = self.ops[0](vs)
+        if self.shared is not None and "graph" not in self.shared and bool(torch.isfinite(loss)):
+            self.shared["graph"] = self.ops[0].graph
         for op in self.ops[1:]:
             more, hv = op(vs)
             loss = loss + more

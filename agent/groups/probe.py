@@ -29,7 +29,7 @@ failure drops:
   (MoXCo Theorem 2), read here because the optimizer may change its lr every step.
 
 The Hessian-vector products are autograd's double backward, call by call (``Replays.hessian``;
-one call's gradient graph kept for all of a probe's products), or,
+one call's gradient graph built once for all of a probe's products, every curvature metric's), or,
 under FSDP (or ``sharpness_hvp="finite_difference"``, or where autograd reports that the model
 cannot be differentiated twice), central finite differences of two gradient replays. ``phase`` is recorded on this cadence too (``agent.step.StepState.phase_point``).
 """
@@ -133,6 +133,7 @@ class Probe:
         self.rebind(shards.owners if shards is not None else params)
         self.trace_samples = o.hessian_trace
         self.pending_errors: List[Tuple[str, BaseException]] = []  # recorded once the run is registered
+        self._graph: Optional[Dict[str, Any]] = None  # during a probe: its gradient graph (CallsHessian)
 
         failures.declare("sharpness", self.name, ["sharpness", "sharpness_min"])
         if precond:
@@ -193,11 +194,15 @@ class Probe:
         else:
             calls = list(ctx.calls) if ctx.has_batch else None
         if calls:
-            self.failures.run("sharpness", self._sharpness, ctx, calls)
-            if self.sharpness_precond is not None:
-                self.failures.run("sharpness_precond", self._sharpness_precond, ctx, calls)
-            if self.trace_samples:
-                self.failures.run("hessian_trace", self._trace, ctx, calls)
+            self._graph = {}  # the probe batch's gradient graph, built once for the curvature metrics
+            try:
+                self.failures.run("sharpness", self._sharpness, ctx, calls)
+                if self.sharpness_precond is not None:
+                    self.failures.run("sharpness_precond", self._sharpness_precond, ctx, calls)
+                if self.trace_samples:
+                    self.failures.run("hessian_trace", self._trace, ctx, calls)
+            finally:
+                self._graph = None  # freed before the other replays
             self.failures.run("split", self._split, ctx, calls)
             at_x = self.failures.run("probe_loss", self._probe_loss, ctx, calls) if self.probe_set else None
             if self.reference is not None:
@@ -214,7 +219,7 @@ class Probe:
     # --- curvature ---------------------------------------------------------------------------------
 
     def _hessian(self, ctx: StepContext, part: str, calls: List[ForwardCall]):
-        return self.replays.hessian(ctx, part, calls, finite_difference=self.finite_difference)
+        return self.replays.hessian(ctx, part, calls, finite_difference=self.finite_difference, shared=self._graph)
 
     def _products(self, ctx: StepContext, part: str, calls: List[ForwardCall], solve: Callable[[Any], Any]) -> Any:
         """``solve(operator)``; with ``sharpness_hvp="auto"``, a model autograd cannot differentiate

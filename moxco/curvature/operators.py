@@ -157,7 +157,9 @@ class AutogradHessian:
     graph: about 2-3 gradient evaluations), so a ``loss_fn`` that draws a new minibatch per call gives
     stochastic HVPs ``∇²f̂(θ) v`` (MoXCo A.2.1 trick 1). ``reuse_graph=True`` evaluates ``loss_fn`` once
     and keeps its gradient graph for every product until ``close()`` (PyHessian's trick: each further
-    product is only the double backward), for a deterministic ``loss_fn`` only. Uses
+    product is only the double backward), for a deterministic ``loss_fn`` only; ``graph`` starts
+    from the gradient graph another such operator kept (its ``graph``: the same loss at the same
+    parameters), so that several solvers on one Hessian build it once. Uses
     ``torch.autograd.grad`` only: the parameters' ``.grad`` are never touched, and nothing returned
     carries a graph. ``hv_mean``: see the module docstring. Use it as a context manager, or call
     ``close()``, to free a kept graph. A loss whose gradient passes through a ``@once_differentiable``
@@ -166,15 +168,21 @@ class AutogradHessian:
     """
 
     def __init__(self, loss_fn: LossFn, params, *, reuse_graph: bool = False, hv_mean: HvMean = None,
-                 reduce: Reduce = None) -> None:
+                 reduce: Reduce = None, graph: Optional[tuple] = None) -> None:
         self.params = check_params(params)
         self.loss_fn = loss_fn
-        self.reuse_graph = bool(reuse_graph)
+        self.reuse_graph = bool(reuse_graph) or graph is not None
         self.hv_mean = hv_mean
         self.reduce = reduce
         self.hvps = 0
-        self._graph = None  # (loss, grads) kept by reuse_graph
-        self._checked = False  # the gradient graph was walked for once-differentiable nodes
+        self._graph = graph  # (loss, grads) kept by reuse_graph
+        self._checked = graph is not None  # the gradient graph was walked for once-differentiable nodes
+
+    @property
+    def graph(self) -> Optional[tuple]:
+        """The gradient graph ``(loss, ∇f)`` kept by ``reuse_graph`` (None before the first product
+        or after ``close()``)."""
+        return self._graph
 
     def _gradient(self):
         loss, grads = _gradient_graph(self.loss_fn, self.params)

@@ -151,21 +151,27 @@ def test_the_default_cold_probe_stops_once_converged_at_the_explicit_top_eigenva
 
 
 def test_a_probe_on_one_batch_builds_its_gradient_graph_once_whatever_its_products(url, monkeypatch):
-    """A probe of one batch keeps that batch's gradient graph for all its products (``S + k·D``;
-    the replay is deterministic); a probe set of two batches replays each batch at every product,
-    so that one batch's graph is alive at a time (``k·2·(S + D)``)."""
+    """A probe of one batch builds that batch's gradient graph once for all its products, those of
+    the plain and the preconditioned sharpness and of the trace (``S + k·D``; the replay is
+    deterministic); a probe set of two batches replays each batch at every product, so that one
+    batch's graph is alive at a time (``k·2·(S + D)``)."""
     graphs = []
     built = operators._gradient_graph
     monkeypatch.setattr(operators, "_gradient_graph", lambda *a: graphs.append(1) or built(*a))
-    for batches, run in ((1, "one"), (2, "two")):
+    for batches, adam, run in ((1, False, "one"), (2, False, "two"), (1, True, "adam")):
         graphs.clear()
         model = tanh_mlp(0)
         probe = [data(40 + b, 12) for b in range(batches)]
-        agent, _, _ = train(model, torch.optim.SGD(model.parameters(), lr=0.05), [data(400 + t, 8) for t in range(5)],
-                            dict(probe_every=2, reeval_every=0, probe_data=probe, seed=0), url, run)
+        opt = (torch.optim.AdamW if adam else torch.optim.SGD)(model.parameters(), lr=0.05)
+        agent, _, _ = train(model, opt, [data(400 + t, 8) for t in range(5)],
+                            dict(probe_every=2, reeval_every=0, probe_data=probe, seed=0, hessian_trace=3 if adam else 0),
+                            url, run)
         assert agent.errors == {}
         tracker = agent.probe.sharpness
         assert tracker.calls == 3 and tracker.hvps > 2 * tracker.calls  # the cold probe's Lanczos
+        if adam:  # every probe measured three metrics, the last two from the first's graph
+            assert agent.probe.sharpness_precond.calls == 2
+            assert len(open_store(url).series(run, "hessian_trace")[0]) == 3
         assert len(graphs) == (tracker.calls if batches == 1 else batches * tracker.hvps)
 
 

@@ -82,6 +82,28 @@ def test_reused_graph_gives_the_same_products_and_is_freed_on_close():
         torch.testing.assert_close(flat(a), flat(b), rtol=1e-12, atol=1e-14)
 
 
+def test_a_graph_kept_by_one_operator_serves_another_without_evaluating_the_loss_again():
+    mlp = MLP(1)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return mlp.loss()
+
+    v, w = (tensors.random_like([p.detach() for p in mlp.params], generator=gen(i)) for i in (5, 6))
+    with AutogradHessian(loss_fn, mlp.params, reuse_graph=True) as first:
+        assert first.graph is None
+        loss, hv = first(v)
+        graph = first.graph
+    assert first.graph is None and graph is not None  # close() drops the operator's own reference
+    with AutogradHessian(loss_fn, mlp.params, graph=graph) as second:
+        loss2, hw = second(w)
+    assert len(calls) == 1 and float(loss2) == float(loss)
+    h = mlp.explicit_hessian()
+    torch.testing.assert_close(flat(hw), h @ flat(w), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat(hv), h @ flat(v), rtol=1e-10, atol=1e-12)
+
+
 class _OnceDifferentiableTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
