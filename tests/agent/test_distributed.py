@@ -11,7 +11,7 @@ from torch import nn
 
 import moxco.agent
 from moxco.collector import open_store
-from tests.agent.gloo import gloo_group
+from tests.agent.gloo import in_gloo_group
 
 GLOBAL_BATCH, STEPS = 32, 12
 COMPARED = ("loss", "grad_norm_sq", "distance", "update_norm", "update_corr", "update_corr_rs", "loss_diff",
@@ -72,7 +72,7 @@ def train_on_a_probe_set(model, batches, url, run, reference, rank=0, world=1):
 
 
 def _worker(rank, world, init_file, url):
-    with gloo_group(rank, world, init_file):
+    def work():
         model, batches, reference = make_model_and_data()
         ddp = nn.parallel.DistributedDataParallel(model)
         errors = train(ddp, batches, url, "ddp", reference, rank, world)
@@ -81,6 +81,8 @@ def _worker(rank, world, init_file, url):
         errors = train_on_a_probe_set(nn.parallel.DistributedDataParallel(model), batches, url, "ddp-probe",
                                       reference, rank, world)
         assert errors == {}, errors
+
+    in_gloo_group(rank, world, init_file, work)
 
 
 @pytest.mark.timeout(300)
@@ -108,7 +110,7 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
 
 
 def _faulty_worker(rank, world, init_file, url):
-    with gloo_group(rank, world, init_file):
+    def work():
         model, batches, _ = make_model_and_data()
         ddp = nn.parallel.DistributedDataParallel(model)
         criterion = nn.MSELoss()
@@ -130,6 +132,8 @@ def _faulty_worker(rank, world, init_file, url):
         if rank == 1:
             assert set(agent.errors) == {"reeval (rank 1)", "sharpness (rank 1)", "split (rank 1)"}, agent.errors
 
+    in_gloo_group(rank, world, init_file, work)
+
 
 @pytest.mark.timeout(300)
 def test_a_failure_on_one_rank_neither_hangs_nor_hides(tmp_path):
@@ -146,7 +150,7 @@ def test_a_failure_on_one_rank_neither_hangs_nor_hides(tmp_path):
 def _deciding_worker(rank, world, init_file, url, out):
     import json
 
-    with gloo_group(rank, world, init_file):
+    def work():
         model, batches, _ = make_model_and_data()
         ddp = nn.parallel.DistributedDataParallel(model)
         criterion = nn.MSELoss()
@@ -164,6 +168,8 @@ def _deciding_worker(rank, world, init_file, url, out):
         agent.close()
         with open(f"{out}-{rank}.json", "w") as f:
             json.dump({"applied": applied, "errors": agent.errors}, f)
+
+    in_gloo_group(rank, world, init_file, work)
 
 
 @pytest.mark.timeout(300)

@@ -21,7 +21,7 @@ from torch import nn
 import moxco.agent
 from moxco.aligator import split_terms
 from moxco.collector import open_store
-from tests.agent.gloo import gloo_group
+from tests.agent.gloo import in_gloo_group
 
 from torch.distributed.fsdp import fully_shard  # FSDP2: torch ≥ 2.6 (the project installs 2.13)
 
@@ -114,7 +114,7 @@ def _faulty_run(rank, world, url):
 
 
 def _worker(rank, world, init_file, url, out):
-    with gloo_group(rank, world, init_file):
+    def work():
         model, batches, reference = make_model_and_data()
         plain, _, _ = train(shard(model), batches, rank=rank, world=world)
         model, batches, reference = make_model_and_data()
@@ -142,6 +142,8 @@ def _worker(rank, world, init_file, url, out):
         legacy = FullyShardedDataParallel(make_model_and_data()[0], device_id=torch.device("cpu"), use_orig_params=True)
         with pytest.raises(NotImplementedError, match="fully_shard"):
             moxco.agent.attach(legacy, torch.optim.SGD(legacy.parameters(), lr=0.1), url=url, run="fsdp1")
+
+    in_gloo_group(rank, world, init_file, work)
 
 
 @pytest.fixture(scope="module")
