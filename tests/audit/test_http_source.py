@@ -19,12 +19,12 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from torch import nn
 
-import moxco.agent
 from moxco.cli import main
 from moxco.collector import open_store
 from moxco.collector.audit import source as source_module
 from moxco.collector.audit.source import HttpSource, StoreSource
 from tests.servers import wait_until
+from tests.training import full_batch
 
 STEPS = 40
 
@@ -37,15 +37,8 @@ def train(url, token, run, optimizer, tmp_path):
     model = nn.Sequential(nn.Linear(30, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = optimizer(model.parameters())
     criterion = nn.BCEWithLogitsLoss()
-    agent = moxco.agent.attach(model, opt, url=url, token=token, run=run, reeval_every=1, probe_every=5,
-                               criterion=criterion, seed=0, random_scaling=run.endswith("rs"),
-                               transport={"spool_dir": str(tmp_path / f"spool-{run}")})
-    for _ in range(STEPS):
-        criterion(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    agent.close()
-    assert agent.errors == {}
+    full_batch(model, opt, criterion, x, y, STEPS, url=url, token=token, run=run, reeval_every=1, probe_every=5,
+               seed=0, random_scaling=run.endswith("rs"), transport={"spool_dir": str(tmp_path / f"spool-{run}")})
 
 
 def post(url, path, token, body):
